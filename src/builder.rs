@@ -1,0 +1,210 @@
+//! Configuring a registry handle before opening it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::probe::{BindProbe, PortProbe, ProcessProbe, SystemProcessProbe};
+use crate::range::PortRange;
+use crate::registry::PortDaddy;
+
+/// How long a write waits for another process's transaction, by default.
+pub(crate) const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Configures and opens a [`PortDaddy`]. Made by [`PortDaddy::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use portdaddy::PortDaddy;
+///
+/// let dir = tempfile::tempdir()?;
+/// let registry = PortDaddy::builder()
+///     .path(dir.path().join("ports.sqlite3"))
+///     .range(21000..=21999)
+///     .reserve([21080])
+///     .lock_timeout(Duration::from_secs(2))
+///     .open()?;
+/// let guard = registry.acquire("api")?;
+/// assert!((21000..=21999).contains(&guard.port()) && guard.port() != 21080);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use]
+#[derive(Default)]
+pub struct Builder {
+    opts: Options,
+}
+
+/// What the builder collects; the builder only fills it.
+#[derive(Default)]
+struct Options {
+    target: Target,
+    range: Option<(u16, u16)>,
+    reserved: BTreeSet<u16>,
+    processes: Option<Arc<dyn ProcessProbe>>,
+    ports: Option<Arc<dyn PortProbe>>,
+    clock: Option<Arc<dyn Clock>>,
+    lock_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default)]
+enum Target {
+    #[default]
+    DefaultPath,
+    Path(PathBuf),
+    Memory,
+}
+
+/// The settings an opened registry keeps.
+pub(crate) struct Settings {
+    pub(crate) range: PortRange,
+    pub(crate) reserved: BTreeSet<u16>,
+    pub(crate) processes: Arc<dyn ProcessProbe>,
+    pub(crate) ports: Arc<dyn PortProbe>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl Builder {
+    /// A builder with every setting at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Where the registry file lives. It is created (with its directories) if missing.
+    ///
+    /// Default: `$PORTDADDY_DB`, else the per-user default of [`PortDaddy::default_path`].
+    pub fn path(mut self, path: impl AsRef<Path>) -> Self {
+        self.opts.target = Target::Path(path.as_ref().to_owned());
+        self
+    }
+
+    /// Keeps the registry in memory instead of a file: a new registry, private to the returned
+    /// handle and its clones, that coordinates threads but not processes.
+    ///
+    /// Default: a file.
+    pub fn in_memory(mut self) -> Self {
+        self.opts.target = Target::Memory;
+        self
+    }
+
+    /// The ports automatic choices come from (both ends included). A range that overlaps the
+    /// kernel's ephemeral range is allowed but logged as a warning, since the kernel hands
+    /// those ports to `bind(0)` and outgoing connections.
+    ///
+    /// Default: [`PortRange::default_for_host`], outside the ephemeral range.
+    pub fn range(mut self, range: std::ops::RangeInclusive<u16>) -> Self {
+        self.opts.range = Some((*range.start(), *range.end()));
+        self
+    }
+
+    /// Ports never handed out, not even when preferred. May be called repeatedly.
+    ///
+    /// Default: none.
+    pub fn reserve(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.opts.reserved.extend(ports);
+        self
+    }
+
+    /// How to tell whether a lease's owner is alive.
+    ///
+    /// Default: [`SystemProcessProbe`].
+    pub fn process_probe(mut self, probe: impl ProcessProbe + 'static) -> Self {
+        self.opts.processes = Some(Arc::new(probe));
+        self
+    }
+
+    /// How to tell whether a port is free on the host.
+    ///
+    /// Default: [`BindProbe`].
+    pub fn port_probe(mut self, probe: impl PortProbe + 'static) -> Self {
+        self.opts.ports = Some(Arc::new(probe));
+        self
+    }
+
+    /// Where the current time comes from (lease stamps and TTL expiry).
+    ///
+    /// Default: [`SystemClock`].
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.opts.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// How long a call waits for another process that holds the registry's write lock before
+    /// failing with [`Error::LockTimeout`]. Transactions last microseconds; a long wait means
+    /// a holder is stopped or hung.
+    ///
+    /// Default: 10 seconds.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.lock_timeout = Some(timeout);
+        self
+    }
+
+    /// Opens the registry.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRange`] for an empty or reversed range or one made only of reserved
+    /// ports; for a file registry, [`Error::Open`], [`Error::Corrupt`],
+    /// [`Error::SchemaTooNew`] or [`Error::LockTimeout`]. A file that cannot be used is left
+    /// exactly as it was.
+    pub fn open(self) -> Result<PortDaddy> {
+        let opts = self.opts;
+        let range = match opts.range {
+            Some((start, end)) => {
+                let range = PortRange::new(start, end)?;
+                let ephemeral = PortRange::ephemeral();
+                if range.overlaps(&ephemeral) {
+                    tracing::warn!(
+                        %range,
+                        %ephemeral,
+                        "the port range overlaps the kernel's ephemeral range; ports there may \
+                         be taken by outgoing connections at any moment"
+                    );
+                }
+                range
+            }
+            None => PortRange::default_for_host(),
+        };
+        if (range.start()..=range.end()).all(|p| opts.reserved.contains(&p)) {
+            return Err(Error::InvalidRange {
+                start: range.start(),
+                end: range.end(),
+                reason: "every port of the range is reserved; widen the range or reserve fewer",
+            });
+        }
+        let settings = Settings {
+            range,
+            reserved: opts.reserved,
+            processes: opts.processes.unwrap_or_else(|| Arc::new(SystemProcessProbe)),
+            ports: opts.ports.unwrap_or_else(|| Arc::new(BindProbe)),
+            clock: opts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+        };
+        let timeout = opts.lock_timeout.unwrap_or(DEFAULT_LOCK_TIMEOUT);
+        match opts.target {
+            Target::Memory => Ok(PortDaddy::memory(settings)),
+            Target::Path(path) => PortDaddy::file(&path, false, timeout, settings),
+            Target::DefaultPath => {
+                let (path, shared_tmp) = crate::paths::default_location();
+                PortDaddy::file(&path, shared_tmp, timeout, settings)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.opts;
+        f.debug_struct("Builder")
+            .field("target", &o.target)
+            .field("range", &o.range)
+            .field("reserved", &o.reserved)
+            .field("custom_process_probe", &o.processes.is_some())
+            .field("custom_port_probe", &o.ports.is_some())
+            .field("custom_clock", &o.clock.is_some())
+            .field("lock_timeout", &o.lock_timeout)
+            .finish()
+    }
+}

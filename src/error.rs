@@ -1,0 +1,194 @@
+//! The one error type of the crate.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::guard::PortGuard;
+use crate::range::PortRange;
+
+/// A specialised `Result` whose error is [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A boxed error from a layer below (SQLite, the operating system).
+type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong while handing out ports.
+///
+/// Every variant names what was wrong and carries the context needed to fix it: the registry
+/// path, the port, the range. Match on the variant to react; print it (`Display`) to tell a
+/// person. New variants may be added in minor releases.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No port of the range is free: every one is leased, reserved or bound by another program.
+    #[error(
+        "no free port in {range}: {held} leased by live holders; release ports, run a reap, \
+         or widen the range"
+    )]
+    Exhausted {
+        /// The range that was searched.
+        range: PortRange,
+        /// How many ports of the range are leased by holders that are still alive.
+        held: usize,
+    },
+
+    /// A lease name breaks the naming rule (see [`Request::new`](crate::Request::new)).
+    #[error("invalid lease name {name}: {reason}")]
+    InvalidName {
+        /// The offending name, quoted and shortened for display.
+        name: String,
+        /// Which part of the rule it breaks.
+        reason: &'static str,
+    },
+
+    /// A port range is empty, reversed, or leaves no usable port.
+    #[error("invalid port range {start}-{end}: {reason}")]
+    InvalidRange {
+        /// First port of the range as given.
+        start: u16,
+        /// Last port of the range as given.
+        end: u16,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
+
+    /// A request carries a value that cannot be honoured (port 0, a zero TTL, …).
+    #[error("invalid request: {reason}")]
+    InvalidRequest {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A port asked for with [`Request::require`](crate::Request::require) is not available.
+    #[error("port {port} is not available: {reason}")]
+    PortUnavailable {
+        /// The port that was required.
+        port: u16,
+        /// Who or what holds it.
+        reason: String,
+    },
+
+    /// The registry file or its directory cannot be opened or created.
+    #[error("cannot open the port registry at {}: {source}", path.display())]
+    Open {
+        /// The registry path.
+        path: PathBuf,
+        /// What the operating system or SQLite said.
+        #[source]
+        source: Source,
+    },
+
+    /// The file at the registry path is not a portdaddy registry, or is damaged.
+    ///
+    /// The file is left exactly as it was so that it can be inspected; move it away or point
+    /// `PORTDADDY_DB` elsewhere to start afresh.
+    #[error(
+        "{} is not a usable port registry ({detail}); it was left untouched: move it away or \
+         set PORTDADDY_DB to another path",
+        path.display()
+    )]
+    Corrupt {
+        /// The registry path.
+        path: PathBuf,
+        /// What is wrong with the file.
+        detail: String,
+    },
+
+    /// The registry was written by a newer portdaddy whose schema this version does not know.
+    #[error(
+        "the port registry at {} has schema version {found}, newer than the {supported} this \
+         version of portdaddy understands; upgrade portdaddy or use another registry path",
+        path.display()
+    )]
+    SchemaTooNew {
+        /// The registry path.
+        path: PathBuf,
+        /// The schema version found in the file.
+        found: u32,
+        /// The newest schema version this build understands.
+        supported: u32,
+    },
+
+    /// Another process kept the registry locked for longer than the configured lock timeout.
+    #[error(
+        "timed out after {waited:?} waiting for the lock on the port registry at {}; another \
+         process holds it (is one stopped in a debugger?)",
+        path.display()
+    )]
+    LockTimeout {
+        /// The registry path.
+        path: PathBuf,
+        /// How long this call waited.
+        waited: Duration,
+    },
+
+    /// The lease behind a guard is gone: it expired and was reclaimed, or it was released by
+    /// port from elsewhere.
+    #[error("the lease on port {port} is no longer in the registry (expired or released elsewhere)")]
+    LeaseLost {
+        /// The port the lease was for.
+        port: u16,
+    },
+
+    /// A process that a lease should belong to does not exist.
+    #[error("no process with pid {pid} is running")]
+    NoSuchProcess {
+        /// The pid that was looked up.
+        pid: u32,
+    },
+
+    /// Reading or writing the registry failed.
+    #[error("port registry at {} failed: {source}", path.display())]
+    Registry {
+        /// The registry path.
+        path: PathBuf,
+        /// What SQLite or the operating system said.
+        #[source]
+        source: Source,
+    },
+}
+
+/// An explicit operation on a [`PortGuard`] failed; the guard is handed back.
+///
+/// Returned by [`PortGuard::release`] and [`PortGuard::keep`]. The lease is still in the
+/// registry: retry with [`into_guard`](GuardError::into_guard), or drop this error, which drops
+/// the guard and releases quietly. Converts into [`enum@Error`] with `?`.
+#[derive(Debug)]
+pub struct GuardError {
+    error: Error,
+    guard: PortGuard,
+}
+
+impl GuardError {
+    pub(crate) fn new(error: Error, guard: PortGuard) -> Self {
+        Self { error, guard }
+    }
+
+    /// The error that occurred.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// Takes the guard back to retry.
+    pub fn into_guard(self) -> PortGuard {
+        self.guard
+    }
+}
+
+impl std::fmt::Display for GuardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for GuardError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<GuardError> for Error {
+    fn from(e: GuardError) -> Self {
+        e.error
+    }
+}

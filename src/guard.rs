@@ -1,0 +1,152 @@
+//! [`PortGuard`]: a lease that ends when the guard drops.
+
+use std::fmt;
+
+use crate::error::{Error, GuardError};
+use crate::lease::{Choice, Lease};
+use crate::registry::PortDaddy;
+
+/// A leased port, released when the guard is dropped.
+///
+/// No other participant of the registry gets the port while the guard lives. Dropping it
+/// deletes exactly this lease: if the lease was reclaimed meanwhile (its TTL passed) and the
+/// port went to someone else, their lease is left alone.
+///
+/// ```
+/// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+/// let guard = registry.acquire("postgres")?;
+/// let port = guard.port();
+/// // start_server(port) ...
+/// guard.release()?; // or just let it drop
+/// assert!(registry.list()?.iter().all(|l| l.port() != port));
+/// # Ok::<(), portdaddy::Error>(())
+/// ```
+///
+/// # Resource Leaking
+///
+/// `Drop` does not run when the process is killed (`SIGKILL`, a crash, power loss) or ends
+/// through [`std::process::exit`]. The lease then stays in the registry until someone needs
+/// it: the next claim that finds it in its way sees that the owner is dead and reclaims it.
+/// Nothing has to be run by hand. A guard dropped in a child made by `fork` releases nothing,
+/// since the lease belongs to the parent.
+#[must_use = "dropping a PortGuard releases its port at once; keep the guard alive while the port is in use"]
+pub struct PortGuard {
+    registry: PortDaddy,
+    lease: Lease,
+    choice: Choice,
+    /// The process that took the lease; a forked child must not release it.
+    creator: u32,
+    armed: bool,
+}
+
+impl PortGuard {
+    pub(crate) fn new(registry: PortDaddy, lease: Lease, choice: Choice) -> Self {
+        Self { registry, lease, choice, creator: std::process::id(), armed: true }
+    }
+
+    /// The leased port.
+    pub fn port(&self) -> u16 {
+        self.lease.port()
+    }
+
+    /// The name the port was leased under.
+    pub fn name(&self) -> &str {
+        self.lease.name()
+    }
+
+    /// The lease as it was recorded.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// How the port was chosen: the preferred port, the name's remembered one, or a search.
+    pub fn choice(&self) -> Choice {
+        self.choice
+    }
+
+    /// Detaches the lease from this process and returns it: it now outlives the process and
+    /// lasts until released by port ([`PortDaddy::release`]) or until its TTL, if it has one,
+    /// runs out. This is what a build script wants.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use portdaddy::{PortDaddy, Request};
+    ///
+    /// let registry = PortDaddy::builder().in_memory().open()?;
+    /// let request = Request::new("build-server").ttl(Duration::from_secs(3600));
+    /// let lease = registry.acquire_with(&request)?.keep()?;
+    /// assert!(lease.is_detached());
+    /// assert!(registry.list()?.contains(&lease));
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A registry error, with the guard given back; or [`Error::LeaseLost`] if the lease was
+    /// reclaimed meanwhile.
+    pub fn keep(mut self) -> Result<Lease, GuardError> {
+        match self.registry.detach_lease(self.lease.port, self.lease.id) {
+            Ok(true) => {
+                self.armed = false;
+                let mut lease = self.lease.clone();
+                lease.owner = None;
+                Ok(lease)
+            }
+            Ok(false) => {
+                self.armed = false;
+                let port = self.lease.port;
+                Err(GuardError::new(Error::LeaseLost { port }, self))
+            }
+            Err(error) => Err(GuardError::new(error, self)),
+        }
+    }
+
+    /// Releases the lease now and reports failure, which dropping cannot do.
+    ///
+    /// # Errors
+    ///
+    /// A registry error, with the guard given back to retry. A lease that is already gone
+    /// (reclaimed after its TTL, or released by port) is not an error.
+    pub fn release(mut self) -> Result<(), GuardError> {
+        match self.registry.release_lease(self.lease.port, self.lease.id) {
+            Ok(found) => {
+                if !found {
+                    tracing::debug!(port = self.lease.port, "lease was already gone at release");
+                }
+                self.armed = false;
+                Ok(())
+            }
+            Err(error) => Err(GuardError::new(error, self)),
+        }
+    }
+}
+
+impl Drop for PortGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if std::process::id() != self.creator {
+            tracing::debug!(port = self.lease.port, "guard dropped in a forked child; not releasing");
+            return;
+        }
+        if let Err(error) = self.registry.release_lease(self.lease.port, self.lease.id) {
+            tracing::warn!(
+                port = self.lease.port,
+                name = %self.lease.name,
+                %error,
+                "could not release a port lease; it will be reclaimed once this process exits"
+            );
+        }
+    }
+}
+
+impl fmt::Debug for PortGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PortGuard")
+            .field("port", &self.lease.port)
+            .field("name", &self.lease.name)
+            .field("choice", &self.choice)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,245 @@
+//! What the registry records: leases, their owners, and the protocols they cover.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Which transport protocols a port must be free for.
+///
+/// A lease always holds the port number for every protocol in the registry; the protocol only
+/// decides which kinds of socket the [`PortProbe`](crate::PortProbe) tries before handing the
+/// port out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Protocol {
+    /// TCP only. The default.
+    #[default]
+    Tcp,
+    /// UDP only.
+    Udp,
+    /// Both TCP and UDP.
+    Both,
+}
+
+impl Protocol {
+    /// Whether TCP must be free.
+    pub fn tcp(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Both)
+    }
+
+    /// Whether UDP must be free.
+    pub fn udp(self) -> bool {
+        matches!(self, Protocol::Udp | Protocol::Both)
+    }
+
+    pub(crate) fn code(self) -> i64 {
+        match self {
+            Protocol::Tcp => 1,
+            Protocol::Udp => 2,
+            Protocol::Both => 3,
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> Option<Self> {
+        match code {
+            1 => Some(Protocol::Tcp),
+            2 => Some(Protocol::Udp),
+            3 => Some(Protocol::Both),
+            _ => None,
+        }
+    }
+}
+
+/// The process a lease belongs to, identified beyond its pid.
+///
+/// A pid alone is ambiguous: the kernel reuses pids, and a reboot starts them afresh. An owner
+/// is therefore a pid plus that process's start time plus the identity of the boot it runs
+/// in; a lease whose recorded owner differs from the live process in any of them belongs to a
+/// dead process. The values are opaque tokens produced by the system: compare them, do not
+/// interpret them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner {
+    pid: u32,
+    start_time: u64,
+    boot_id: String,
+}
+
+impl Owner {
+    /// An owner with the given identity; for tests and custom [`ProcessProbe`]s.
+    ///
+    /// [`ProcessProbe`]: crate::ProcessProbe
+    pub fn new(pid: u32, start_time: u64, boot_id: impl Into<String>) -> Self {
+        Self { pid, start_time, boot_id: boot_id.into() }
+    }
+
+    /// The calling process.
+    ///
+    /// # Errors
+    ///
+    /// Fails only when the system cannot describe its own process (for instance `/proc` is
+    /// not mounted on Linux).
+    pub fn current() -> crate::Result<Owner> {
+        crate::probe::system::current_owner()
+    }
+
+    /// The running process with this pid, for handing a lease to another process (for
+    /// instance the shell that started a command).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchProcess`](crate::Error::NoSuchProcess) when no such process runs.
+    pub fn of_pid(pid: u32) -> crate::Result<Owner> {
+        crate::probe::system::owner_of(pid)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// When the process started, in the system's own unit (clock ticks since boot on Linux,
+    /// seconds since the epoch elsewhere).
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// The identity of the boot the process runs in.
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+}
+
+/// One port held in the registry.
+///
+/// A lease is *owned* while it records an [`Owner`]: it lasts until released or until that
+/// process dies. A *detached* lease (from [`PortGuard::keep`](crate::PortGuard::keep)) has no
+/// owner and lasts until released by port or until its expiry passes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub(crate) id: u64,
+    pub(crate) port: u16,
+    pub(crate) name: String,
+    pub(crate) protocol: Protocol,
+    pub(crate) owner: Option<Owner>,
+    pub(crate) acquired_at: SystemTime,
+    pub(crate) expires_at: Option<SystemTime>,
+}
+
+impl Lease {
+    /// The leased port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The name the lease was taken under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The protocols the port was checked for.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The pid of the owning process, or `None` for a detached lease.
+    pub fn pid(&self) -> Option<u32> {
+        self.owner.as_ref().map(Owner::pid)
+    }
+
+    /// The owning process, or `None` for a detached lease.
+    pub fn owner(&self) -> Option<&Owner> {
+        self.owner.as_ref()
+    }
+
+    /// When the lease was taken.
+    pub fn acquired_at(&self) -> SystemTime {
+        self.acquired_at
+    }
+
+    /// When the lease expires, if it was given a TTL.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
+    }
+
+    /// Whether the lease has no owner process (see [`PortGuard::keep`](crate::PortGuard::keep)).
+    pub fn is_detached(&self) -> bool {
+        self.owner.is_none()
+    }
+
+    /// Whether the expiry has passed at `now`.
+    pub fn is_expired_at(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// A unique identifier of this lease: two leases never share it, even on the same port.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// How a guard's port was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Choice {
+    /// The port asked for with [`Request::preferred`](crate::Request::preferred) or
+    /// [`Request::require`](crate::Request::require).
+    Preferred,
+    /// The port this name had last time.
+    Remembered,
+    /// A port found by searching the range (the preferred or remembered one, if any, was taken).
+    Searched,
+}
+
+/// Milliseconds since the Unix epoch, saturating, for storage.
+pub(crate) fn to_millis(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+pub(crate) fn from_millis(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+/// A fresh lease identifier: random, never 0, and below 2^63 so that SQLite stores it as a
+/// positive integer.
+pub(crate) fn new_lease_id() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        let id = h.finish() >> 1;
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_round_trip() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(from_millis(to_millis(t)), t);
+    }
+
+    #[test]
+    fn lease_ids_are_distinct_and_positive() {
+        let ids: std::collections::HashSet<u64> = (0..10_000).map(|_| new_lease_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        assert!(ids.iter().all(|&i| i > 0 && i < (1 << 63)));
+    }
+}

@@ -1,0 +1,215 @@
+//! The allocation policy: which port a request gets, and which leases may be reclaimed.
+//!
+//! Plain Rust over the [`Tx`] interface and the probe traits: no SQL, no syscalls, so the
+//! same rules run over the SQLite store and the in-memory store and can be tested with fakes.
+//!
+//! # How a port is chosen
+//!
+//! 1. The preferred port, if the request names one and it is *available*: not reserved, no
+//!    lease that still counts on it, and the port probe says the host has it free.
+//! 2. Otherwise the name's remembered port (the port it got last), if it lies in the range
+//!    and is available.
+//! 3. Otherwise a search of the range from a persisted cursor (next-fit, wrapping around), so
+//!    that recently released ports are not handed out again at once. The search skips ports
+//!    that other names remember, to keep their stickiness, unless nothing else is left.
+//! 4. Otherwise the range is full of leases: the ones whose owner is dead or whose expiry has
+//!    passed are reclaimed, and the search runs once more.
+//! 5. Otherwise [`Error::Exhausted`].
+//!
+//! A lease "still counts" unless it has expired or its owner is dead; a lease met in step 1
+//! or 2 that no longer counts is reclaimed on the spot. Everything happens in the caller's
+//! single transaction, so no other participant sees a half-made choice.
+//!
+//! # Remembered ports
+//!
+//! A name remembers the port of its latest claim, except when its remembered port was taken
+//! by a live holder *of the same name* (a second instance of a service): the first instance
+//! keeps its port for next time and the second gets another without moving it. A port is
+//! remembered by at most one name.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::SystemTime;
+
+use crate::error::{Error, Result};
+use crate::lease::{new_lease_id, Choice, Lease, Owner, Protocol};
+use crate::probe::{PortProbe, ProcessProbe};
+use crate::range::PortRange;
+use crate::request::Request;
+use crate::store::Tx;
+
+/// What the policy needs to know besides the store.
+pub(crate) struct Env<'a> {
+    pub(crate) range: PortRange,
+    pub(crate) reserved: &'a BTreeSet<u16>,
+    pub(crate) ports: &'a dyn PortProbe,
+    pub(crate) processes: &'a dyn ProcessProbe,
+    /// The calling process: its own leases are alive without asking the probe.
+    pub(crate) me: &'a Owner,
+    pub(crate) now: SystemTime,
+}
+
+/// Why a port cannot be handed out.
+enum Blocked {
+    Reserved,
+    Leased(Lease),
+    Foreign,
+}
+
+impl Blocked {
+    fn describe(&self) -> String {
+        match self {
+            Blocked::Reserved => "it is reserved in this registry".into(),
+            Blocked::Leased(l) => match l.pid() {
+                Some(pid) => format!("leased as {:?} by pid {pid}", l.name),
+                None => format!("leased as {:?} (detached)", l.name),
+            },
+            Blocked::Foreign => "a program outside the registry has it bound".into(),
+        }
+    }
+}
+
+impl Env<'_> {
+    /// Whether a lease no longer counts: expired, or owned by a dead process.
+    pub(crate) fn is_reclaimable(&self, lease: &Lease) -> bool {
+        lease.is_expired_at(self.now) || lease.owner.as_ref().is_some_and(|o| !self.owner_alive(o))
+    }
+
+    fn owner_alive(&self, owner: &Owner) -> bool {
+        owner == self.me || self.processes.is_alive(owner)
+    }
+
+    /// Checks one port, reclaiming a lease on it that no longer counts.
+    fn check(&self, tx: &mut dyn Tx, port: u16, protocol: Protocol) -> Result<Option<Blocked>> {
+        if self.reserved.contains(&port) {
+            return Ok(Some(Blocked::Reserved));
+        }
+        if let Some(lease) = tx.lease_on(port)? {
+            if !self.is_reclaimable(&lease) {
+                return Ok(Some(Blocked::Leased(lease)));
+            }
+            tx.delete_lease(lease.port, lease.id)?;
+            log_reclaimed(&lease);
+        }
+        if !self.ports.is_free(port, protocol) {
+            return Ok(Some(Blocked::Foreign));
+        }
+        Ok(None)
+    }
+
+    /// Next-fit search from the cursor, wrapping around once.
+    fn search(&self, tx: &mut dyn Tx, protocol: Protocol, avoid: bool) -> Result<Option<u16>> {
+        let (lo, hi) = (self.range.start(), self.range.end());
+        let start = tx.cursor()?.filter(|c| self.range.contains(*c)).unwrap_or(lo);
+        let mut segments = vec![(start, hi)];
+        if start > lo {
+            segments.push((lo, start - 1));
+        }
+        for (from, to) in segments {
+            let mut from = u32::from(from);
+            while from <= u32::from(to) {
+                let Some(port) = tx.first_vacant(from as u16, to, avoid)? else { break };
+                if !self.reserved.contains(&port) && self.ports.is_free(port, protocol) {
+                    return Ok(Some(port));
+                }
+                from = u32::from(port) + 1;
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Claims one port for `request`.
+pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Choice)> {
+    request.validate()?;
+    let protocol = request.protocol;
+    let mut keep_memory = false;
+
+    let found = 'choose: {
+        if let Some(port) = request.preferred {
+            match env.check(tx, port, protocol)? {
+                None => break 'choose Some((port, Choice::Preferred)),
+                Some(blocked) if request.strict => {
+                    return Err(Error::PortUnavailable { port, reason: blocked.describe() });
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(port) = tx.remembered_port(&request.name)? {
+            if env.range.contains(port) {
+                match env.check(tx, port, protocol)? {
+                    None => break 'choose Some((port, Choice::Remembered)),
+                    Some(Blocked::Leased(l)) if l.name == request.name => keep_memory = true,
+                    Some(_) => {}
+                }
+            }
+        }
+        None
+    };
+
+    let (port, choice) = match found {
+        Some(found) => found,
+        None => {
+            let port = match env.search(tx, protocol, true)? {
+                Some(port) => port,
+                None => match env.search(tx, protocol, false)? {
+                    Some(port) => port,
+                    None if reap(tx, env, Some(env.range))? > 0 => env
+                        .search(tx, protocol, false)?
+                        .ok_or_else(|| exhausted(tx, env))?,
+                    None => return Err(exhausted(tx, env)),
+                },
+            };
+            tx.set_cursor(if port == env.range.end() { env.range.start() } else { port + 1 })?;
+            (port, Choice::Searched)
+        }
+    };
+
+    let lease = Lease {
+        id: new_lease_id(),
+        port,
+        name: request.name.clone(),
+        protocol,
+        owner: Some(request.owner.clone().unwrap_or_else(|| env.me.clone())),
+        acquired_at: env.now,
+        expires_at: request.ttl.map(|ttl| env.now + ttl),
+    };
+    tx.insert_lease(&lease)?;
+    if !keep_memory {
+        tx.remember(&request.name, port, env.now)?;
+    }
+    tracing::debug!(port, name = %lease.name, ?choice, "port leased");
+    Ok((lease, choice))
+}
+
+/// The error for a full range; counts what is held (by now, only live holders).
+fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Error {
+    let held = tx.leases(Some(env.range)).map(|l| l.len()).unwrap_or(0);
+    Error::Exhausted { range: env.range, held }
+}
+
+/// Reclaims every lease (in `range`, if given) that has expired or whose owner is dead.
+pub(crate) fn reap(tx: &mut dyn Tx, env: &Env<'_>, range: Option<PortRange>) -> Result<usize> {
+    // Many leases often share one owner: ask the probe once per owner.
+    let mut alive: HashMap<Owner, bool> = HashMap::new();
+    let mut reaped = 0;
+    for lease in tx.leases(range)? {
+        let dead = lease.is_expired_at(env.now)
+            || lease.owner.as_ref().is_some_and(|owner| {
+                !*alive.entry(owner.clone()).or_insert_with(|| env.owner_alive(owner))
+            });
+        if dead && tx.delete_lease(lease.port, lease.id)? {
+            log_reclaimed(&lease);
+            reaped += 1;
+        }
+    }
+    Ok(reaped)
+}
+
+fn log_reclaimed(lease: &Lease) {
+    tracing::info!(
+        port = lease.port,
+        name = %lease.name,
+        pid = ?lease.pid(),
+        "reclaimed a lease whose owner is gone or whose expiry passed"
+    );
+}

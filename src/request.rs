@@ -1,0 +1,186 @@
+//! What a caller asks for: a name, and optionally a port, a TTL, a protocol, an owner.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::lease::{Owner, Protocol};
+
+/// The longest name accepted, in bytes of UTF-8.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A request for one port.
+///
+/// ```
+/// use std::time::Duration;
+/// use portdaddy::{PortDaddy, Protocol, Request};
+///
+/// let registry = PortDaddy::in_process();
+/// let request = Request::new("metrics")
+///     .preferred(19090)
+///     .protocol(Protocol::Both)
+///     .ttl(Duration::from_secs(600));
+/// let guard = registry.acquire_with(&request)?;
+/// assert!(guard.port() > 0);
+/// # Ok::<(), portdaddy::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Request {
+    pub(crate) name: String,
+    pub(crate) preferred: Option<u16>,
+    pub(crate) strict: bool,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) protocol: Protocol,
+    pub(crate) owner: Option<Owner>,
+}
+
+impl Request {
+    /// A request for a port under `name`.
+    ///
+    /// The name is a label shown in listings and a sticky preference: a name gets its last
+    /// port back when that port is free. Names are not unique; two holders of `"db"` get two
+    /// ports. A name is 1 to [`MAX_NAME_LEN`] bytes of UTF-8 without control characters;
+    /// anything else fails at acquire time with [`Error::InvalidName`].
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            preferred: None,
+            strict: false,
+            ttl: None,
+            protocol: Protocol::Tcp,
+            owner: None,
+        }
+    }
+
+    /// Asks for `port` if it is free; otherwise the normal choice is made.
+    /// [`PortGuard::choice`](crate::PortGuard::choice) tells which happened. The port may lie
+    /// outside the registry's range, but never on a reserved port.
+    ///
+    /// Default: no preference.
+    pub fn preferred(mut self, port: u16) -> Self {
+        self.preferred = Some(port);
+        self.strict = false;
+        self
+    }
+
+    /// Asks for exactly `port`, failing with [`Error::PortUnavailable`] if it is taken.
+    ///
+    /// Default: no required port.
+    pub fn require(mut self, port: u16) -> Self {
+        self.preferred = Some(port);
+        self.strict = true;
+        self
+    }
+
+    /// Gives the lease an expiry: once `ttl` has passed since it was taken, the lease can be
+    /// reclaimed even if its owner is still alive. Pair with
+    /// [`PortGuard::keep`](crate::PortGuard::keep) for a lease that outlives the process.
+    ///
+    /// Default: no expiry.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// The protocols the port must be free for on the host.
+    ///
+    /// Default: [`Protocol::Tcp`].
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Records another process as the lease's owner, for tools that take a port on behalf of
+    /// their caller (see [`Owner::of_pid`]). The lease is then reclaimed when *that* process
+    /// dies. The guard still releases on drop, unless it is detached.
+    ///
+    /// Default: the calling process.
+    pub fn owner(mut self, owner: Owner) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    /// The requested name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        validate_name(&self.name)?;
+        if self.preferred == Some(0) {
+            return Err(Error::InvalidRequest {
+                reason: "port 0 cannot be preferred or required (it means \"any port\"); \
+                         leave the preference out instead"
+                    .into(),
+            });
+        }
+        if self.ttl == Some(Duration::ZERO) {
+            return Err(Error::InvalidRequest {
+                reason: "a TTL of zero would expire the lease at once; give a positive TTL or none"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl From<&str> for Request {
+    fn from(name: &str) -> Self {
+        Request::new(name)
+    }
+}
+
+impl From<String> for Request {
+    fn from(name: String) -> Self {
+        Request::new(name)
+    }
+}
+
+/// Checks the naming rule: 1 to [`MAX_NAME_LEN`] bytes, no control characters.
+pub(crate) fn validate_name(name: &str) -> Result<()> {
+    let invalid = |reason| Err(Error::InvalidName { name: quote(name), reason });
+    if name.is_empty() {
+        return invalid("a name must not be empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return invalid("a name must be at most 128 bytes long");
+    }
+    if name.chars().any(char::is_control) {
+        return invalid("a name must not contain control characters (newlines, escapes, NUL)");
+    }
+    Ok(())
+}
+
+/// The name as a quoted, escaped string short enough for an error message.
+fn quote(name: &str) -> String {
+    const SHOWN: usize = 40;
+    let head: String = name.chars().take(SHOWN).collect();
+    if head.len() < name.len() {
+        format!("{head:?}… ({} bytes)", name.len())
+    } else {
+        format!("{head:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_rule() {
+        assert!(validate_name("db").is_ok());
+        assert!(validate_name("ünïcødé service #2").is_ok());
+        assert!(validate_name(&"x".repeat(MAX_NAME_LEN)).is_ok());
+        for bad in ["", "a\nb", "nul\0", "\u{1b}[31mred", &"x".repeat(MAX_NAME_LEN + 1)] {
+            assert!(matches!(validate_name(bad), Err(Error::InvalidName { .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn error_message_shortens_huge_names() {
+        let err = validate_name(&"y".repeat(1 << 20)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.len() < 200, "{text}");
+        assert!(text.contains("1048576 bytes"), "{text}");
+    }
+}

@@ -1,0 +1,165 @@
+//! The in-memory store: a map behind a mutex, for threads of one process.
+//!
+//! A transaction works on the live maps and keeps an undo log; if the policy fails (or
+//! panics) half-way, the log is replayed backwards, so a batch is all or nothing here too.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use super::{first_gap, Tx};
+use crate::error::Result;
+use crate::lease::Lease;
+use crate::range::PortRange;
+
+#[derive(Debug, Default)]
+pub(crate) struct MemoryStore {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    leases: BTreeMap<u16, Lease>,
+    name_port: HashMap<String, u16>,
+    port_name: BTreeMap<u16, String>,
+    cursor: Option<u16>,
+}
+
+type Undo = Box<dyn FnOnce(&mut State)>;
+
+struct MemTx<'a> {
+    state: &'a mut State,
+    undo: Vec<Undo>,
+    committed: bool,
+}
+
+impl Drop for MemTx<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            while let Some(undo) = self.undo.pop() {
+                undo(self.state);
+            }
+        }
+    }
+}
+
+impl MemoryStore {
+    /// Runs `f` as one transaction: its changes stay only if it returns `Ok`.
+    pub(crate) fn transact<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tx = MemTx { state: &mut state, undo: Vec::new(), committed: false };
+        let result = f(&mut tx);
+        tx.committed = result.is_ok();
+        result
+    }
+}
+
+impl MemTx<'_> {
+    fn forget_port(&mut self, port: u16) {
+        if let Some(old) = self.state.port_name.remove(&port) {
+            self.state.name_port.remove(&old);
+            self.undo.push(Box::new(move |s| {
+                s.name_port.insert(old.clone(), port);
+                s.port_name.insert(port, old);
+            }));
+        }
+    }
+
+    fn remove_lease(&mut self, port: u16) -> Option<Lease> {
+        let lease = self.state.leases.remove(&port)?;
+        let restore = lease.clone();
+        self.undo.push(Box::new(move |s| {
+            s.leases.insert(port, restore);
+        }));
+        Some(lease)
+    }
+}
+
+impl Tx for MemTx<'_> {
+    fn lease_on(&mut self, port: u16) -> Result<Option<Lease>> {
+        Ok(self.state.leases.get(&port).cloned())
+    }
+
+    fn remembered_port(&mut self, name: &str) -> Result<Option<u16>> {
+        Ok(self.state.name_port.get(name).copied())
+    }
+
+    fn first_vacant(&mut self, from: u16, to: u16, avoid_remembered: bool) -> Result<Option<u16>> {
+        let leased = self.state.leases.range(from..=to).map(|(p, _)| Ok(*p));
+        let remembered =
+            self.state.port_name.range(from..=to).filter(|_| avoid_remembered).map(|(p, _)| Ok(*p));
+        first_gap(from, to, leased, remembered)
+    }
+
+    fn insert_lease(&mut self, lease: &Lease) -> Result<()> {
+        let port = lease.port;
+        if let Some(old) = self.state.leases.insert(port, lease.clone()) {
+            // The policy only inserts on vacant ports; keep the store consistent regardless.
+            self.state.leases.insert(port, old);
+            return Err(crate::Error::PortUnavailable {
+                port,
+                reason: "already leased (store invariant)".into(),
+            });
+        }
+        self.undo.push(Box::new(move |s| {
+            s.leases.remove(&port);
+        }));
+        Ok(())
+    }
+
+    fn remember(&mut self, name: &str, port: u16, _at: SystemTime) -> Result<()> {
+        self.forget_port(port);
+        if let Some(old_port) = self.state.name_port.get(name).copied() {
+            self.forget_port(old_port);
+        }
+        self.state.name_port.insert(name.to_owned(), port);
+        self.state.port_name.insert(port, name.to_owned());
+        let name = name.to_owned();
+        self.undo.push(Box::new(move |s| {
+            s.name_port.remove(&name);
+            s.port_name.remove(&port);
+        }));
+        Ok(())
+    }
+
+    fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool> {
+        if !self.state.leases.get(&port).is_some_and(|l| l.id == id) {
+            return Ok(false);
+        }
+        Ok(self.remove_lease(port).is_some())
+    }
+
+    fn delete_port(&mut self, port: u16) -> Result<bool> {
+        Ok(self.remove_lease(port).is_some())
+    }
+
+    fn detach(&mut self, port: u16, id: u64) -> Result<bool> {
+        let Some(lease) = self.state.leases.get_mut(&port).filter(|l| l.id == id) else {
+            return Ok(false);
+        };
+        let owner = lease.owner.take();
+        self.undo.push(Box::new(move |s| {
+            if let Some(l) = s.leases.get_mut(&port) {
+                l.owner = owner;
+            }
+        }));
+        Ok(true)
+    }
+
+    fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
+        let (lo, hi) = range.map_or((0, u16::MAX), |r| (r.start(), r.end()));
+        let mut out: Vec<Lease> = self.state.leases.range(lo..=hi).map(|(_, l)| l.clone()).collect();
+        out.sort_by_key(|l| (l.acquired_at, l.id));
+        Ok(out)
+    }
+
+    fn cursor(&mut self) -> Result<Option<u16>> {
+        Ok(self.state.cursor)
+    }
+
+    fn set_cursor(&mut self, port: u16) -> Result<()> {
+        let old = self.state.cursor.replace(port);
+        self.undo.push(Box::new(move |s| s.cursor = old));
+        Ok(())
+    }
+}

@@ -1,0 +1,464 @@
+//! The SQLite store: one registry file shared by every process of the user.
+//!
+//! # Open sequence
+//!
+//! 1. The path is checked before SQLite sees it: a directory, a file we cannot read and write,
+//!    or a non-empty file without the SQLite header is refused, and nothing is written.
+//! 2. A missing file is created empty with mode `0600` (its directory `0700`), together with
+//!    the lock file `<registry>.lock`.
+//! 3. Under the write lock, the database is inspected read-only: it must be empty (new) or
+//!    carry our `application_id`; its `user_version` must not be newer than this build knows;
+//!    `PRAGMA quick_check` must pass. Only then is anything written: WAL mode, and the pending
+//!    migrations in one transaction.
+//!
+//! # Locking and durability
+//!
+//! Every write transaction first takes an exclusive `flock` on `<registry>.lock` (see the
+//! `lock` module), then runs `BEGIN IMMEDIATE … COMMIT`. The file lock queues writers in the
+//! kernel, so no process starves, and SQLite's busy handler is left for the rare moments
+//! when a reader meets a checkpoint. Reads (listing) take no file lock: in WAL mode they see
+//! a consistent snapshot while a writer works.
+//!
+//! The journal is WAL with `synchronous=NORMAL`: a commit is atomic and survives a crash of
+//! any process, but the last transactions before a power loss or kernel crash may be lost.
+//! Leases are ephemeral (a reboot kills every owner anyway), so the fsync per claim that
+//! `synchronous=FULL` costs buys nothing here.
+//!
+//! WAL needs shared memory that works across processes, so the registry must live on a local
+//! filesystem, not on NFS or another network mount.
+//!
+//! # Schema
+//!
+//! [`MIGRATIONS`] is an append-only list; `PRAGMA user_version` counts how many have run.
+//! Never edit or reorder an entry: add a new one.
+
+use std::fs::OpenOptions;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+
+use super::{first_gap, Tx};
+use crate::error::{Error, Result};
+use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
+use crate::lock::FileLock;
+use crate::paths;
+use crate::range::PortRange;
+
+/// Marks a database as a portdaddy registry (`PRAGMA application_id`): ASCII "PtDy".
+const APPLICATION_ID: i32 = 0x5074_4479;
+
+/// The schema, one migration per entry; entry `i` takes `user_version` from `i` to `i + 1`.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: leases, the sticky port of each name, and small settings such as the search cursor.
+    "CREATE TABLE leases (
+        id          INTEGER PRIMARY KEY,
+        port        INTEGER NOT NULL UNIQUE CHECK (port BETWEEN 1 AND 65535),
+        name        TEXT    NOT NULL,
+        protocol    INTEGER NOT NULL,
+        owner_pid   INTEGER,
+        owner_start INTEGER,
+        owner_boot  TEXT,
+        acquired_at INTEGER NOT NULL,
+        expires_at  INTEGER
+    ) STRICT;
+    CREATE TABLE names (
+        name    TEXT PRIMARY KEY,
+        port    INTEGER NOT NULL,
+        used_at INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX names_port ON names (port);
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;",
+];
+
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+const LEASE_COLUMNS: &str =
+    "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at";
+
+#[derive(Debug)]
+pub(crate) struct SqliteStore {
+    path: PathBuf,
+    conn: Connection,
+    lock: FileLock,
+    timeout: Duration,
+}
+
+impl SqliteStore {
+    pub(crate) fn open(path: &Path, shared_tmp: bool, timeout: Duration) -> Result<Self> {
+        let open_err = |e: io::Error| Error::Open { path: path.to_owned(), source: e.into() };
+        if path.is_dir() {
+            return Err(open_err(io::Error::other("the path is a directory; give a file path")));
+        }
+        paths::prepare_parent(path, shared_tmp)?;
+        check_existing_file(path)?;
+        paths::create_private_file(path).map_err(open_err)?;
+        let mut lock = FileLock::open(&lock_path(path)).map_err(open_err)?;
+
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(|e| open_sql_err(path, e))?;
+        conn.busy_timeout(timeout).map_err(|e| open_sql_err(path, e))?;
+        {
+            let _held = lock
+                .lock(timeout)
+                .map_err(open_err)?
+                .ok_or_else(|| Error::LockTimeout { path: path.to_owned(), waited: timeout })?;
+            inspect(&conn, path)?;
+            let mode: String = conn
+                .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+                .map_err(|e| open_sql_err(path, e))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(path = %path.display(), %mode, "the registry could not switch to WAL mode");
+            }
+            migrate(&mut conn).map_err(|e| open_sql_err(path, e))?;
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| open_sql_err(path, e))?;
+        tracing::debug!(path = %path.display(), "opened port registry");
+        Ok(Self { path: path.to_owned(), conn, lock, timeout })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` as one write transaction under the file lock.
+    pub(crate) fn write<R>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        let Self { path, conn, lock, timeout } = self;
+        let _held = lock
+            .lock(*timeout)
+            .map_err(|e| Error::Registry { path: path.clone(), source: e.into() })?
+            .ok_or_else(|| Error::LockTimeout { path: path.clone(), waited: *timeout })?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| sql_err(path, *timeout, e))?;
+        let value = f(&mut SqlTx { tx: &tx, path, timeout: *timeout })?;
+        tx.commit().map_err(|e| sql_err(path, *timeout, e))?;
+        Ok(value)
+    }
+
+    /// Runs `f` on a consistent snapshot, without the file lock.
+    pub(crate) fn read<R>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        let Self { path, conn, timeout, .. } = self;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(|e| sql_err(path, *timeout, e))?;
+        f(&mut SqlTx { tx: &tx, path, timeout: *timeout })
+    }
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Refuses an existing file we cannot read and write, or one that is not SQLite at all,
+/// without letting SQLite touch it.
+fn check_existing_file(path: &Path) -> Result<()> {
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::Open { path: path.to_owned(), source: e.into() }),
+    };
+    let mut header = Vec::with_capacity(SQLITE_MAGIC.len());
+    (&mut file)
+        .take(SQLITE_MAGIC.len() as u64)
+        .read_to_end(&mut header)
+        .map_err(|e| Error::Open { path: path.to_owned(), source: e.into() })?;
+    if !header.is_empty() && header != SQLITE_MAGIC {
+        return Err(Error::Corrupt {
+            path: path.to_owned(),
+            detail: "the file is not an SQLite database".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Read-only checks: is this an empty database or one of ours, of a schema we know, intact?
+fn inspect(conn: &Connection, path: &Path) -> Result<()> {
+    let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
+    let query = |sql: &str| -> Result<i64> {
+        conn.query_row(sql, [], |r| r.get(0)).map_err(|e| open_sql_err(path, e))
+    };
+    let tables = query("SELECT count(*) FROM sqlite_schema")?;
+    let app_id = query("PRAGMA application_id")?;
+    let version = query("PRAGMA user_version")?;
+    let fresh = tables == 0 && app_id == 0 && version == 0;
+    if !fresh && app_id != i64::from(APPLICATION_ID) {
+        return Err(corrupt(format!(
+            "an SQLite database of another application (application_id {app_id:#x})"
+        )));
+    }
+    let supported = MIGRATIONS.len() as u32;
+    let found = u32::try_from(version).unwrap_or(u32::MAX);
+    if found > supported {
+        return Err(Error::SchemaTooNew { path: path.to_owned(), found, supported });
+    }
+    let check: String = conn
+        .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+        .map_err(|e| open_sql_err(path, e))?;
+    if check != "ok" {
+        return Err(corrupt(format!("integrity check failed: {check}")));
+    }
+    Ok(())
+}
+
+/// Applies the pending migrations in one transaction.
+pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version < MIGRATIONS.len() {
+        for migration in &MIGRATIONS[version..] {
+            tx.execute_batch(migration)?;
+        }
+        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+    }
+    tx.commit()
+}
+
+/// Maps an SQLite error met while opening.
+fn open_sql_err(path: &Path, e: rusqlite::Error) -> Error {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+            Error::Corrupt { path: path.to_owned(), detail: e.to_string() }
+        }
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            Error::LockTimeout { path: path.to_owned(), waited: Duration::ZERO }
+        }
+        _ => Error::Open { path: path.to_owned(), source: e.into() },
+    }
+}
+
+/// Maps an SQLite error met while using an open registry.
+fn sql_err(path: &Path, timeout: Duration, e: rusqlite::Error) -> Error {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+            Error::Corrupt { path: path.to_owned(), detail: e.to_string() }
+        }
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            Error::LockTimeout { path: path.to_owned(), waited: timeout }
+        }
+        _ => Error::Registry { path: path.to_owned(), source: e.into() },
+    }
+}
+
+struct SqlTx<'a> {
+    tx: &'a rusqlite::Transaction<'a>,
+    path: &'a Path,
+    timeout: Duration,
+}
+
+impl SqlTx<'_> {
+    fn err(&self, e: rusqlite::Error) -> Error {
+        sql_err(self.path, self.timeout, e)
+    }
+
+    fn lease_from_row(&self, row: &Row<'_>) -> rusqlite::Result<Result<Lease>> {
+        let id: i64 = row.get(0)?;
+        let port: i64 = row.get(1)?;
+        let protocol: i64 = row.get(3)?;
+        let pid: Option<i64> = row.get(4)?;
+        let start: Option<i64> = row.get(5)?;
+        let boot: Option<String> = row.get(6)?;
+        let expires: Option<i64> = row.get(8)?;
+        let bad = |what: &str| Error::Corrupt {
+            path: self.path.to_owned(),
+            detail: format!("lease {id} has an invalid {what}"),
+        };
+        let port = match u16::try_from(port) {
+            Ok(p) => p,
+            Err(_) => return Ok(Err(bad("port"))),
+        };
+        let Some(protocol) = Protocol::from_code(protocol) else {
+            return Ok(Err(bad("protocol")));
+        };
+        let owner = match (pid, start) {
+            (Some(pid), Some(start)) => match (u32::try_from(pid), u64::try_from(start)) {
+                (Ok(pid), Ok(start)) => Some(Owner::new(pid, start, boot.unwrap_or_default())),
+                _ => return Ok(Err(bad("owner"))),
+            },
+            _ => None,
+        };
+        Ok(Ok(Lease {
+            id: id as u64,
+            port,
+            name: row.get(2)?,
+            protocol,
+            owner,
+            acquired_at: from_millis(row.get(7)?),
+            expires_at: expires.map(from_millis),
+        }))
+    }
+}
+
+impl Tx for SqlTx<'_> {
+    fn lease_on(&mut self, port: u16) -> Result<Option<Lease>> {
+        let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE port = ?1");
+        let mut stmt = self.tx.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        stmt.query_row([port], |row| self.lease_from_row(row))
+            .optional()
+            .map_err(|e| self.err(e))?
+            .transpose()
+    }
+
+    fn remembered_port(&mut self, name: &str) -> Result<Option<u16>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT port FROM names WHERE name = ?1")
+            .map_err(|e| self.err(e))?;
+        stmt.query_row([name], |r| r.get(0)).optional().map_err(|e| self.err(e))
+    }
+
+    fn first_vacant(&mut self, from: u16, to: u16, avoid_remembered: bool) -> Result<Option<u16>> {
+        let mut leased = self
+            .tx
+            .prepare_cached("SELECT port FROM leases WHERE port BETWEEN ?1 AND ?2 ORDER BY port")
+            .map_err(|e| self.err(e))?;
+        let mut leased_rows = leased.query(params![from, to]).map_err(|e| self.err(e))?;
+        let leased_iter = std::iter::from_fn(|| match leased_rows.next() {
+            Ok(Some(row)) => Some(row.get::<_, u16>(0).map_err(|e| self.err(e))),
+            Ok(None) => None,
+            Err(e) => Some(Err(self.err(e))),
+        });
+        if !avoid_remembered {
+            return first_gap(from, to, leased_iter, std::iter::empty());
+        }
+        let mut named = self
+            .tx
+            .prepare_cached("SELECT port FROM names WHERE port BETWEEN ?1 AND ?2 ORDER BY port")
+            .map_err(|e| self.err(e))?;
+        let mut named_rows = named.query(params![from, to]).map_err(|e| self.err(e))?;
+        let named_iter = std::iter::from_fn(|| match named_rows.next() {
+            Ok(Some(row)) => Some(row.get::<_, u16>(0).map_err(|e| self.err(e))),
+            Ok(None) => None,
+            Err(e) => Some(Err(self.err(e))),
+        });
+        first_gap(from, to, leased_iter, named_iter)
+    }
+
+    fn insert_lease(&mut self, lease: &Lease) -> Result<()> {
+        let sql = format!(
+            "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        );
+        let mut stmt = self.tx.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let owner = lease.owner.as_ref();
+        stmt.execute(params![
+            lease.id as i64,
+            lease.port,
+            lease.name,
+            lease.protocol.code(),
+            owner.map(Owner::pid),
+            owner.map(|o| o.start_time() as i64),
+            owner.map(Owner::boot_id),
+            to_millis(lease.acquired_at),
+            lease.expires_at.map(to_millis),
+        ])
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn remember(&mut self, name: &str, port: u16, at: SystemTime) -> Result<()> {
+        let mut forget = self
+            .tx
+            .prepare_cached("DELETE FROM names WHERE port = ?1 AND name <> ?2")
+            .map_err(|e| self.err(e))?;
+        forget.execute(params![port, name]).map_err(|e| self.err(e))?;
+        let mut upsert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO names (name, port, used_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET port = excluded.port, used_at = excluded.used_at",
+            )
+            .map_err(|e| self.err(e))?;
+        upsert.execute(params![name, port, to_millis(at)]).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("DELETE FROM leases WHERE port = ?1 AND id = ?2")
+            .map_err(|e| self.err(e))?;
+        Ok(stmt.execute(params![port, id as i64]).map_err(|e| self.err(e))? > 0)
+    }
+
+    fn delete_port(&mut self, port: u16) -> Result<bool> {
+        let mut stmt =
+            self.tx.prepare_cached("DELETE FROM leases WHERE port = ?1").map_err(|e| self.err(e))?;
+        Ok(stmt.execute([port]).map_err(|e| self.err(e))? > 0)
+    }
+
+    fn detach(&mut self, port: u16, id: u64) -> Result<bool> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "UPDATE leases SET owner_pid = NULL, owner_start = NULL, owner_boot = NULL
+                 WHERE port = ?1 AND id = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(stmt.execute(params![port, id as i64]).map_err(|e| self.err(e))? > 0)
+    }
+
+    fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
+        let (lo, hi) = range.map_or((0, u16::MAX), |r| (r.start(), r.end()));
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM leases WHERE port BETWEEN ?1 AND ?2
+             ORDER BY acquired_at, id"
+        );
+        let mut stmt = self.tx.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![lo, hi], |row| self.lease_from_row(row))
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| r.map_err(|e| self.err(e))?).collect()
+    }
+
+    fn cursor(&mut self) -> Result<Option<u16>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT value FROM meta WHERE key = 'cursor'")
+            .map_err(|e| self.err(e))?;
+        let value: Option<i64> = stmt.query_row([], |r| r.get(0)).optional().map_err(|e| self.err(e))?;
+        Ok(value.and_then(|v| u16::try_from(v).ok()))
+    }
+
+    fn set_cursor(&mut self, port: u16) -> Result<()> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?1)")
+            .map_err(|e| self.err(e))?;
+        stmt.execute([port]).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrating_twice_is_a_no_op() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let app: i32 = conn.pragma_query_value(None, "application_id", |r| r.get(0)).unwrap();
+        assert_eq!(app, APPLICATION_ID);
+    }
+
+    #[test]
+    fn the_schema_refuses_two_leases_on_one_port() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let insert = "INSERT INTO leases (id, port, name, protocol, acquired_at)
+                      VALUES (?1, 20000, 'x', 1, 0)";
+        conn.execute(insert, [1]).unwrap();
+        assert!(conn.execute(insert, [2]).is_err());
+    }
+}
