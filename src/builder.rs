@@ -178,7 +178,9 @@ impl Builder {
         let settings = Settings {
             range,
             reserved: opts.reserved,
-            processes: opts.processes.unwrap_or_else(|| Arc::new(SystemProcessProbe)),
+            processes: opts
+                .processes
+                .unwrap_or_else(|| Arc::new(SystemProcessProbe)),
             ports: opts.ports.unwrap_or_else(|| Arc::new(BindProbe)),
             clock: opts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         };

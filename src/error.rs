@@ -124,7 +124,9 @@ pub enum Error {
 
     /// The lease behind a guard is gone: it expired and was reclaimed, or it was released by
     /// port from elsewhere.
-    #[error("the lease on port {port} is no longer in the registry (expired or released elsewhere)")]
+    #[error(
+        "the lease on port {port} is no longer in the registry (expired or released elsewhere)"
+    )]
     LeaseLost {
         /// The port the lease was for.
         port: u16,

@@ -41,7 +41,13 @@ pub struct PortGuard {
 
 impl PortGuard {
     pub(crate) fn new(registry: PortDaddy, lease: Lease, choice: Choice) -> Self {
-        Self { registry, lease, choice, creator: std::process::id(), armed: true }
+        Self {
+            registry,
+            lease,
+            choice,
+            creator: std::process::id(),
+            armed: true,
+        }
     }
 
     /// The leased port.
@@ -127,7 +133,10 @@ impl Drop for PortGuard {
             return;
         }
         if std::process::id() != self.creator {
-            tracing::debug!(port = self.lease.port, "guard dropped in a forked child; not releasing");
+            tracing::debug!(
+                port = self.lease.port,
+                "guard dropped in a forked child; not releasing"
+            );
             return;
         }
         if let Err(error) = self.registry.release_lease(self.lease.port, self.lease.id) {

@@ -70,7 +70,11 @@ impl Owner {
     ///
     /// [`ProcessProbe`]: crate::ProcessProbe
     pub fn new(pid: u32, start_time: u64, boot_id: impl Into<String>) -> Self {
-        Self { pid, start_time, boot_id: boot_id.into() }
+        Self {
+            pid,
+            start_time,
+            boot_id: boot_id.into(),
+        }
     }
 
     /// The calling process.
@@ -199,6 +203,12 @@ pub(crate) fn to_millis(t: SystemTime) -> i64 {
     }
 }
 
+/// `t` at the precision the registry stores (milliseconds), so a lease in hand equals the
+/// same lease read back.
+pub(crate) fn at_storage_precision(t: SystemTime) -> SystemTime {
+    from_millis(to_millis(t))
+}
+
 pub(crate) fn from_millis(ms: i64) -> SystemTime {
     if ms >= 0 {
         UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs())
@@ -218,7 +228,11 @@ pub(crate) fn new_lease_id() -> u64 {
         let mut h = RandomState::new().build_hasher();
         h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
         h.write_u32(std::process::id());
-        h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
         let id = h.finish() >> 1;
         if id != 0 {
             return id;

@@ -65,7 +65,12 @@ impl FileLock {
     pub(crate) fn lock(&mut self, timeout: Duration) -> io::Result<Option<Held<'_>>> {
         // Disjoint field borrows let the fast path return its guard while the slow path
         // uses the other fields.
-        let Self { path, fast, waiter, generation } = self;
+        let Self {
+            path,
+            fast,
+            waiter,
+            generation,
+        } = self;
         match fast.try_write() {
             Ok(guard) => Ok(Some(Held::Fast(guard))),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -92,7 +97,10 @@ fn wait<'a>(
     *generation += 1;
     let generation = *generation;
     let gone = || io::Error::other("the lock helper thread stopped");
-    waiter.requests.send(Message::Lock(generation)).map_err(|_| gone())?;
+    waiter
+        .requests
+        .send(Message::Lock(generation))
+        .map_err(|_| gone())?;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match waiter.granted.recv_timeout(left) {
@@ -110,7 +118,9 @@ fn wait<'a>(
 
 impl std::fmt::Debug for FileLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileLock").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("FileLock")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -142,7 +152,11 @@ impl Waiter {
                 drop(guard);
             }
         })?;
-        Ok(Self { requests, granted, thread })
+        Ok(Self {
+            requests,
+            granted,
+            thread,
+        })
     }
 }
 

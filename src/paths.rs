@@ -22,7 +22,11 @@ pub(crate) fn default_location() -> (PathBuf, bool) {
     if let Some(p) = std::env::var_os(ENV_VAR).filter(|v| !v.is_empty()) {
         return (PathBuf::from(p), false);
     }
-    let absolute = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_absolute());
+    let absolute = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
     if let Some(state) = absolute("XDG_STATE_HOME") {
         return (state.join("portdaddy").join(FILE_NAME), false);
     }
@@ -31,7 +35,13 @@ pub(crate) fn default_location() -> (PathBuf, bool) {
             return (local.join("portdaddy").join(FILE_NAME), false);
         }
     } else if let Some(home) = absolute("HOME") {
-        return (home.join(".local").join("state").join("portdaddy").join(FILE_NAME), false);
+        return (
+            home.join(".local")
+                .join("state")
+                .join("portdaddy")
+                .join(FILE_NAME),
+            false,
+        );
     }
     let dir = std::env::temp_dir().join(format!("portdaddy-{}", user_tag()));
     (dir.join(FILE_NAME), true)
@@ -50,7 +60,10 @@ fn user_tag() -> String {
 
 /// Makes sure the directory that will hold `path` exists and is ours.
 pub(crate) fn prepare_parent(path: &Path, shared_tmp: bool) -> Result<()> {
-    let open_err = |source: io::Error| Error::Open { path: path.to_owned(), source: source.into() };
+    let open_err = |source: io::Error| Error::Open {
+        path: path.to_owned(),
+        source: source.into(),
+    };
     let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
     };
@@ -83,7 +96,10 @@ fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
     let refuse = |why: &str| {
         Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("refusing to use {}: {why}; remove it or set {ENV_VAR}", dir.display()),
+            format!(
+                "refusing to use {}: {why}; remove it or set {ENV_VAR}",
+                dir.display()
+            ),
         ))
     };
     if meta.file_type().is_symlink() {
@@ -171,6 +187,9 @@ mod tests {
         let dir = tmp.path().join("portdaddy-x");
         prepare_parent(&dir.join(FILE_NAME), true).unwrap();
         prepare_parent(&dir.join(FILE_NAME), true).unwrap();
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
     }
 }

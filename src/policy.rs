@@ -5,6 +5,8 @@
 //!
 //! # How a port is chosen
 //!
+//! 0. With [`Request::reuse_detached`], the name's own unexpired detached lease on its
+//!    remembered port is taken over: same port, no probe.
 //! 1. The preferred port, if the request names one and it is *available*: not reserved, no
 //!    lease that still counts on it, and the port probe says the host has it free.
 //! 2. Otherwise the name's remembered port (the port it got last), if it lies in the range
@@ -31,7 +33,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use crate::error::{Error, Result};
-use crate::lease::{new_lease_id, Choice, Lease, Owner, Protocol};
+use crate::lease::{at_storage_precision, new_lease_id, Choice, Lease, Owner, Protocol};
 use crate::probe::{PortProbe, ProcessProbe};
 use crate::range::PortRange;
 use crate::request::Request;
@@ -99,7 +101,10 @@ impl Env<'_> {
     /// Next-fit search from the cursor, wrapping around once.
     fn search(&self, tx: &mut dyn Tx, protocol: Protocol, avoid: bool) -> Result<Option<u16>> {
         let (lo, hi) = (self.range.start(), self.range.end());
-        let start = tx.cursor()?.filter(|c| self.range.contains(*c)).unwrap_or(lo);
+        let start = tx
+            .cursor()?
+            .filter(|c| self.range.contains(*c))
+            .unwrap_or(lo);
         let mut segments = vec![(start, hi)];
         if start > lo {
             segments.push((lo, start - 1));
@@ -107,7 +112,9 @@ impl Env<'_> {
         for (from, to) in segments {
             let mut from = u32::from(from);
             while from <= u32::from(to) {
-                let Some(port) = tx.first_vacant(from as u16, to, avoid)? else { break };
+                let Some(port) = tx.first_vacant(from as u16, to, avoid)? else {
+                    break;
+                };
                 if !self.reserved.contains(&port) && self.ports.is_free(port, protocol) {
                     return Ok(Some(port));
                 }
@@ -125,11 +132,20 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
     let mut keep_memory = false;
 
     let found = 'choose: {
+        if request.reuse_detached {
+            if let Some(lease) = detached_lease_of(tx, env, &request.name)? {
+                tx.delete_lease(lease.port, lease.id)?;
+                break 'choose Some((lease.port, Choice::Remembered));
+            }
+        }
         if let Some(port) = request.preferred {
             match env.check(tx, port, protocol)? {
                 None => break 'choose Some((port, Choice::Preferred)),
                 Some(blocked) if request.strict => {
-                    return Err(Error::PortUnavailable { port, reason: blocked.describe() });
+                    return Err(Error::PortUnavailable {
+                        port,
+                        reason: blocked.describe(),
+                    });
                 }
                 Some(_) => {}
             }
@@ -159,7 +175,11 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
                     None => return Err(exhausted(tx, env)),
                 },
             };
-            tx.set_cursor(if port == env.range.end() { env.range.start() } else { port + 1 })?;
+            tx.set_cursor(if port == env.range.end() {
+                env.range.start()
+            } else {
+                port + 1
+            })?;
             (port, Choice::Searched)
         }
     };
@@ -170,8 +190,8 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         name: request.name.clone(),
         protocol,
         owner: Some(request.owner.clone().unwrap_or_else(|| env.me.clone())),
-        acquired_at: env.now,
-        expires_at: request.ttl.map(|ttl| env.now + ttl),
+        acquired_at: at_storage_precision(env.now),
+        expires_at: request.ttl.map(|ttl| at_storage_precision(env.now + ttl)),
     };
     tx.insert_lease(&lease)?;
     if !keep_memory {
@@ -181,10 +201,26 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
     Ok((lease, choice))
 }
 
+/// The unexpired detached lease on `name`'s remembered port, if it is `name`'s.
+fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, name: &str) -> Result<Option<Lease>> {
+    let Some(port) = tx.remembered_port(name)? else {
+        return Ok(None);
+    };
+    if env.reserved.contains(&port) {
+        return Ok(None);
+    }
+    Ok(tx
+        .lease_on(port)?
+        .filter(|l| l.name == name && l.is_detached() && !l.is_expired_at(env.now)))
+}
+
 /// The error for a full range; counts what is held (by now, only live holders).
 fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Error {
     let held = tx.leases(Some(env.range)).map(|l| l.len()).unwrap_or(0);
-    Error::Exhausted { range: env.range, held }
+    Error::Exhausted {
+        range: env.range,
+        held,
+    }
 }
 
 /// Reclaims every lease (in `range`, if given) that has expired or whose owner is dead.
@@ -195,7 +231,9 @@ pub(crate) fn reap(tx: &mut dyn Tx, env: &Env<'_>, range: Option<PortRange>) -> 
     for lease in tx.leases(range)? {
         let dead = lease.is_expired_at(env.now)
             || lease.owner.as_ref().is_some_and(|owner| {
-                !*alive.entry(owner.clone()).or_insert_with(|| env.owner_alive(owner))
+                !*alive
+                    .entry(owner.clone())
+                    .or_insert_with(|| env.owner_alive(owner))
             });
         if dead && tx.delete_lease(lease.port, lease.id)? {
             log_reclaimed(&lease);

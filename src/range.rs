@@ -33,7 +33,8 @@ impl PortRange {
             return Err(Error::InvalidRange {
                 start,
                 end,
-                reason: "port 0 is not a port (it asks the kernel for any port); start at 1 or above",
+                reason:
+                    "port 0 is not a port (it asks the kernel for any port); start at 1 or above",
             });
         }
         if start > end {
@@ -85,7 +86,10 @@ impl PortRange {
             .filter(|r| r.len() >= 1024)
             .or_else(|| Self::largest_outside(1024, eph))
             // The ephemeral range covers every unprivileged port: overlap cannot be avoided.
-            .unwrap_or(PortRange { start: 15000, end: 65535 })
+            .unwrap_or(PortRange {
+                start: 15000,
+                end: 65535,
+            })
     }
 
     /// The range from which the kernel picks ports for `bind(0)` and outgoing connections.
@@ -94,7 +98,10 @@ impl PortRange {
     /// that file cannot be read, it is the IANA range `49152-65535` that macOS, the BSDs and
     /// Windows use by default.
     pub fn ephemeral() -> PortRange {
-        const IANA: PortRange = PortRange { start: 49152, end: 65535 };
+        const IANA: PortRange = PortRange {
+            start: 49152,
+            end: 65535,
+        };
         #[cfg(target_os = "linux")]
         {
             if let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
@@ -116,10 +123,19 @@ impl PortRange {
 
     /// The largest run of `floor..=65535` that does not overlap `avoid`.
     fn largest_outside(floor: u16, avoid: PortRange) -> Option<PortRange> {
-        let below = (avoid.start > floor).then(|| PortRange { start: floor, end: avoid.start - 1 });
+        let below = (avoid.start > floor).then(|| PortRange {
+            start: floor,
+            end: avoid.start - 1,
+        });
         let above_start = avoid.end.checked_add(1).map(|s| s.max(floor));
-        let above = above_start.map(|start| PortRange { start, end: u16::MAX });
-        [below, above].into_iter().flatten().max_by_key(PortRange::len)
+        let above = above_start.map(|start| PortRange {
+            start,
+            end: u16::MAX,
+        });
+        [below, above]
+            .into_iter()
+            .flatten()
+            .max_by_key(PortRange::len)
     }
 }
 
@@ -143,8 +159,14 @@ mod tests {
 
     #[test]
     fn rejects_reversed_and_zero() {
-        assert!(matches!(PortRange::new(10, 9), Err(Error::InvalidRange { .. })));
-        assert!(matches!(PortRange::new(0, 9), Err(Error::InvalidRange { .. })));
+        assert!(matches!(
+            PortRange::new(10, 9),
+            Err(Error::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            PortRange::new(0, 9),
+            Err(Error::InvalidRange { .. })
+        ));
         assert_eq!(PortRange::new(9, 9).unwrap().len(), 1);
     }
 
@@ -173,7 +195,10 @@ mod tests {
 
     #[test]
     fn parses_proc_format() {
-        assert_eq!(PortRange::parse_pair("32768\t60999\n"), PortRange::new(32768, 60999).ok());
+        assert_eq!(
+            PortRange::parse_pair("32768\t60999\n"),
+            PortRange::new(32768, 60999).ok()
+        );
         assert_eq!(PortRange::parse_pair("garbage"), None);
     }
 }

@@ -86,7 +86,9 @@ impl PortDaddy {
     /// ```
     pub fn in_process() -> Self {
         static SHARED: OnceLock<PortDaddy> = OnceLock::new();
-        SHARED.get_or_init(|| PortDaddy::memory(Settings::defaults())).clone()
+        SHARED
+            .get_or_init(|| PortDaddy::memory(Settings::defaults()))
+            .clone()
     }
 
     /// A builder to choose the path, range, reserved ports, probes, clock and lock timeout.
@@ -107,7 +109,12 @@ impl PortDaddy {
         // In memory, only this process's identity matters; a placeholder serves if the
         // system cannot describe it.
         let me = Owner::current().unwrap_or_else(|_| Owner::new(pid, 0, ""));
-        Self::from_inner(Inner { backend: Backend::Memory(MemoryStore::default()), settings, me, path: None })
+        Self::from_inner(Inner {
+            backend: Backend::Memory(MemoryStore::default()),
+            settings,
+            me,
+            path: None,
+        })
     }
 
     pub(crate) fn file(
@@ -120,11 +127,18 @@ impl PortDaddy {
         let me = Owner::current()?;
         let store = SqliteStore::open(path, shared_tmp, timeout)?;
         let path = Some(store.path().to_owned());
-        Ok(Self::from_inner(Inner { backend: Backend::File(Mutex::new(store)), settings, me, path }))
+        Ok(Self::from_inner(Inner {
+            backend: Backend::File(Mutex::new(store)),
+            settings,
+            me,
+            path,
+        }))
     }
 
     fn from_inner(inner: Inner) -> Self {
-        Self { inner: Arc::new(inner) }
+        Self {
+            inner: Arc::new(inner),
+        }
     }
 
     /// Leases a port under `name`: its remembered port if free, else a free port of the range.
@@ -180,9 +194,15 @@ impl PortDaddy {
     /// As [`acquire_with`](Self::acquire_with); on any error no port is leased.
     pub fn acquire_many_with(&self, requests: &[Request]) -> Result<Vec<PortGuard>> {
         let claims = self.write(|tx, env| {
-            requests.iter().map(|request| policy::claim(tx, env, request)).collect::<Result<Vec<_>>>()
+            requests
+                .iter()
+                .map(|request| policy::claim(tx, env, request))
+                .collect::<Result<Vec<_>>>()
         })?;
-        Ok(claims.into_iter().map(|(lease, choice)| PortGuard::new(self.clone(), lease, choice)).collect())
+        Ok(claims
+            .into_iter()
+            .map(|(lease, choice)| PortGuard::new(self.clone(), lease, choice))
+            .collect())
     }
 
     /// Releases whatever lease is on `port`, whoever holds it; whether there was one.
@@ -250,9 +270,10 @@ impl PortDaddy {
             now: s.clock.now(),
         };
         match &inner.backend {
-            Backend::File(store) => {
-                store.lock().unwrap_or_else(|p| p.into_inner()).write(|tx| f(tx, &env))
-            }
+            Backend::File(store) => store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write(|tx| f(tx, &env)),
             Backend::Memory(store) => store.transact(|tx| f(tx, &env)),
         }
     }

@@ -32,6 +32,7 @@ pub struct Request {
     pub(crate) ttl: Option<Duration>,
     pub(crate) protocol: Protocol,
     pub(crate) owner: Option<Owner>,
+    pub(crate) reuse_detached: bool,
 }
 
 impl Request {
@@ -49,6 +50,7 @@ impl Request {
             ttl: None,
             protocol: Protocol::Tcp,
             owner: None,
+            reuse_detached: false,
         }
     }
 
@@ -100,6 +102,20 @@ impl Request {
         self
     }
 
+    /// Takes over this name's detached lease, if one holds the name's remembered port and has
+    /// not expired: the claim gets that same port (without probing it, since the previous
+    /// holder's server may still be listening there) and replaces the old lease.
+    ///
+    /// This is what a build script wants: each build re-claims its port with a fresh TTL and
+    /// [`keep`](crate::PortGuard::keep)s it again, and the port never changes, so nothing
+    /// that bakes it in is rebuilt.
+    ///
+    /// Default: off; a detached lease blocks its port like any other.
+    pub fn reuse_detached(mut self) -> Self {
+        self.reuse_detached = true;
+        self
+    }
+
     /// The requested name.
     pub fn name(&self) -> &str {
         &self.name
@@ -138,7 +154,12 @@ impl From<String> for Request {
 
 /// Checks the naming rule: 1 to [`MAX_NAME_LEN`] bytes, no control characters.
 pub(crate) fn validate_name(name: &str) -> Result<()> {
-    let invalid = |reason| Err(Error::InvalidName { name: quote(name), reason });
+    let invalid = |reason| {
+        Err(Error::InvalidName {
+            name: quote(name),
+            reason,
+        })
+    };
     if name.is_empty() {
         return invalid("a name must not be empty");
     }
@@ -171,8 +192,17 @@ mod tests {
         assert!(validate_name("db").is_ok());
         assert!(validate_name("ünïcødé service #2").is_ok());
         assert!(validate_name(&"x".repeat(MAX_NAME_LEN)).is_ok());
-        for bad in ["", "a\nb", "nul\0", "\u{1b}[31mred", &"x".repeat(MAX_NAME_LEN + 1)] {
-            assert!(matches!(validate_name(bad), Err(Error::InvalidName { .. })), "{bad:?}");
+        for bad in [
+            "",
+            "a\nb",
+            "nul\0",
+            "\u{1b}[31mred",
+            &"x".repeat(MAX_NAME_LEN + 1),
+        ] {
+            assert!(
+                matches!(validate_name(bad), Err(Error::InvalidName { .. })),
+                "{bad:?}"
+            );
         }
     }
 

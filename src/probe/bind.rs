@@ -25,7 +25,8 @@ impl PortProbe for BindProbe {
 }
 
 fn all_bind(port: u16, bind: impl Fn(SocketAddr) -> io::Result<()>) -> bool {
-    V4.iter().all(|ip| bind(SocketAddr::from((*ip, port))).is_ok())
+    V4.iter()
+        .all(|ip| bind(SocketAddr::from((*ip, port))).is_ok())
         && match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
             Ok(()) => true,
             // Only "in use" counts against the port; other errors mean no IPv6 here.

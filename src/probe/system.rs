@@ -42,7 +42,9 @@ impl ProcessProbe for SystemProcessProbe {
 /// What the system says about one pid.
 #[derive(Debug, PartialEq, Eq)]
 enum ProcState {
-    Running { start_time: u64 },
+    Running {
+        start_time: u64,
+    },
     /// No such process, or a zombie.
     Gone,
     /// The process may exist, but cannot be inspected.
@@ -141,7 +143,9 @@ mod portable {
             Some(p) if matches!(p.status(), ProcessStatus::Zombie | ProcessStatus::Dead) => {
                 ProcState::Gone
             }
-            Some(p) => ProcState::Running { start_time: p.start_time() },
+            Some(p) => ProcState::Running {
+                start_time: p.start_time(),
+            },
             None => ProcState::Gone,
         }
     }
@@ -152,7 +156,10 @@ mod portable {
 
         #[test]
         fn sees_itself_and_not_a_missing_pid() {
-            assert!(matches!(state_of(std::process::id()), ProcState::Running { .. }));
+            assert!(matches!(
+                state_of(std::process::id()),
+                ProcState::Running { .. }
+            ));
             assert_eq!(state_of(u32::MAX - 7), ProcState::Gone);
         }
     }
@@ -165,7 +172,10 @@ mod tests {
     #[test]
     fn parses_stat_with_awkward_command_names() {
         let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 777 1000 10";
-        assert_eq!(parse_stat(stat), Some(ProcState::Running { start_time: 777 }));
+        assert_eq!(
+            parse_stat(stat),
+            Some(ProcState::Running { start_time: 777 })
+        );
         let zombie = "42 (z) Z 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 777 0 0";
         assert_eq!(parse_stat(zombie), Some(ProcState::Gone));
         assert_eq!(parse_stat("garbage"), None);
@@ -185,12 +195,18 @@ mod tests {
     fn a_missing_pid_is_dead() {
         let ghost = Owner::new(u32::MAX - 7, 1, boot_id());
         assert!(!SystemProcessProbe.is_alive(&ghost));
-        assert!(matches!(owner_of(u32::MAX - 7), Err(Error::NoSuchProcess { .. })));
+        assert!(matches!(
+            owner_of(u32::MAX - 7),
+            Err(Error::NoSuchProcess { .. })
+        ));
     }
 
     #[test]
     fn a_waited_child_is_dead_and_a_running_one_alive() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let owner = owner_of(child.id()).unwrap();
         assert!(SystemProcessProbe.is_alive(&owner));
         child.kill().unwrap();

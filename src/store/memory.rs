@@ -47,7 +47,11 @@ impl MemoryStore {
     /// Runs `f` as one transaction: its changes stay only if it returns `Ok`.
     pub(crate) fn transact<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut tx = MemTx { state: &mut state, undo: Vec::new(), committed: false };
+        let mut tx = MemTx {
+            state: &mut state,
+            undo: Vec::new(),
+            committed: false,
+        };
         let result = f(&mut tx);
         tx.committed = result.is_ok();
         result
@@ -86,8 +90,12 @@ impl Tx for MemTx<'_> {
 
     fn first_vacant(&mut self, from: u16, to: u16, avoid_remembered: bool) -> Result<Option<u16>> {
         let leased = self.state.leases.range(from..=to).map(|(p, _)| Ok(*p));
-        let remembered =
-            self.state.port_name.range(from..=to).filter(|_| avoid_remembered).map(|(p, _)| Ok(*p));
+        let remembered = self
+            .state
+            .port_name
+            .range(from..=to)
+            .filter(|_| avoid_remembered)
+            .map(|(p, _)| Ok(*p));
         first_gap(from, to, leased, remembered)
     }
 
@@ -148,7 +156,12 @@ impl Tx for MemTx<'_> {
 
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
         let (lo, hi) = range.map_or((0, u16::MAX), |r| (r.start(), r.end()));
-        let mut out: Vec<Lease> = self.state.leases.range(lo..=hi).map(|(_, l)| l.clone()).collect();
+        let mut out: Vec<Lease> = self
+            .state
+            .leases
+            .range(lo..=hi)
+            .map(|(_, l)| l.clone())
+            .collect();
         out.sort_by_key(|l| (l.acquired_at, l.id));
         Ok(out)
     }

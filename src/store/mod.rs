@@ -82,7 +82,13 @@ mod tests {
     use super::*;
 
     fn gap(from: u16, to: u16, a: &[u16], b: &[u16]) -> Option<u16> {
-        first_gap(from, to, a.iter().copied().map(Ok), b.iter().copied().map(Ok)).unwrap()
+        first_gap(
+            from,
+            to,
+            a.iter().copied().map(Ok),
+            b.iter().copied().map(Ok),
+        )
+        .unwrap()
     }
 
     #[test]

@@ -37,7 +37,9 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{
+    params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior,
+};
 
 use super::{first_gap, Tx};
 use crate::error::{Error, Result};
@@ -90,9 +92,14 @@ pub(crate) struct SqliteStore {
 
 impl SqliteStore {
     pub(crate) fn open(path: &Path, shared_tmp: bool, timeout: Duration) -> Result<Self> {
-        let open_err = |e: io::Error| Error::Open { path: path.to_owned(), source: e.into() };
+        let open_err = |e: io::Error| Error::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        };
         if path.is_dir() {
-            return Err(open_err(io::Error::other("the path is a directory; give a file path")));
+            return Err(open_err(io::Error::other(
+                "the path is a directory; give a file path",
+            )));
         }
         paths::prepare_parent(path, shared_tmp)?;
         check_existing_file(path)?;
@@ -100,13 +107,18 @@ impl SqliteStore {
         let mut lock = FileLock::open(&lock_path(path)).map_err(open_err)?;
 
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn = Connection::open_with_flags(path, flags).map_err(|e| open_sql_err(path, e))?;
-        conn.busy_timeout(timeout).map_err(|e| open_sql_err(path, e))?;
+        let mut conn =
+            Connection::open_with_flags(path, flags).map_err(|e| open_sql_err(path, e))?;
+        conn.busy_timeout(timeout)
+            .map_err(|e| open_sql_err(path, e))?;
         {
-            let _held = lock
-                .lock(timeout)
-                .map_err(open_err)?
-                .ok_or_else(|| Error::LockTimeout { path: path.to_owned(), waited: timeout })?;
+            let _held =
+                lock.lock(timeout)
+                    .map_err(open_err)?
+                    .ok_or_else(|| Error::LockTimeout {
+                        path: path.to_owned(),
+                        waited: timeout,
+                    })?;
             inspect(&conn, path)?;
             let mode: String = conn
                 .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -116,9 +128,15 @@ impl SqliteStore {
             }
             migrate(&mut conn).map_err(|e| open_sql_err(path, e))?;
         }
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| open_sql_err(path, e))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| open_sql_err(path, e))?;
         tracing::debug!(path = %path.display(), "opened port registry");
-        Ok(Self { path: path.to_owned(), conn, lock, timeout })
+        Ok(Self {
+            path: path.to_owned(),
+            conn,
+            lock,
+            timeout,
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -127,26 +145,50 @@ impl SqliteStore {
 
     /// Runs `f` as one write transaction under the file lock.
     pub(crate) fn write<R>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
-        let Self { path, conn, lock, timeout } = self;
+        let Self {
+            path,
+            conn,
+            lock,
+            timeout,
+        } = self;
         let _held = lock
             .lock(*timeout)
-            .map_err(|e| Error::Registry { path: path.clone(), source: e.into() })?
-            .ok_or_else(|| Error::LockTimeout { path: path.clone(), waited: *timeout })?;
+            .map_err(|e| Error::Registry {
+                path: path.clone(),
+                source: e.into(),
+            })?
+            .ok_or_else(|| Error::LockTimeout {
+                path: path.clone(),
+                waited: *timeout,
+            })?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| sql_err(path, *timeout, e))?;
-        let value = f(&mut SqlTx { tx: &tx, path, timeout: *timeout })?;
+        let value = f(&mut SqlTx {
+            tx: &tx,
+            path,
+            timeout: *timeout,
+        })?;
         tx.commit().map_err(|e| sql_err(path, *timeout, e))?;
         Ok(value)
     }
 
     /// Runs `f` on a consistent snapshot, without the file lock.
     pub(crate) fn read<R>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
-        let Self { path, conn, timeout, .. } = self;
+        let Self {
+            path,
+            conn,
+            timeout,
+            ..
+        } = self;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Deferred)
             .map_err(|e| sql_err(path, *timeout, e))?;
-        f(&mut SqlTx { tx: &tx, path, timeout: *timeout })
+        f(&mut SqlTx {
+            tx: &tx,
+            path,
+            timeout: *timeout,
+        })
     }
 }
 
@@ -162,13 +204,21 @@ fn check_existing_file(path: &Path) -> Result<()> {
     let mut file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::Open { path: path.to_owned(), source: e.into() }),
+        Err(e) => {
+            return Err(Error::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            })
+        }
     };
     let mut header = Vec::with_capacity(SQLITE_MAGIC.len());
     (&mut file)
         .take(SQLITE_MAGIC.len() as u64)
         .read_to_end(&mut header)
-        .map_err(|e| Error::Open { path: path.to_owned(), source: e.into() })?;
+        .map_err(|e| Error::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
     if !header.is_empty() && header != SQLITE_MAGIC {
         return Err(Error::Corrupt {
             path: path.to_owned(),
@@ -180,9 +230,13 @@ fn check_existing_file(path: &Path) -> Result<()> {
 
 /// Read-only checks: is this an empty database or one of ours, of a schema we know, intact?
 fn inspect(conn: &Connection, path: &Path) -> Result<()> {
-    let corrupt = |detail: String| Error::Corrupt { path: path.to_owned(), detail };
+    let corrupt = |detail: String| Error::Corrupt {
+        path: path.to_owned(),
+        detail,
+    };
     let query = |sql: &str| -> Result<i64> {
-        conn.query_row(sql, [], |r| r.get(0)).map_err(|e| open_sql_err(path, e))
+        conn.query_row(sql, [], |r| r.get(0))
+            .map_err(|e| open_sql_err(path, e))
     };
     let tables = query("SELECT count(*) FROM sqlite_schema")?;
     let app_id = query("PRAGMA application_id")?;
@@ -196,7 +250,11 @@ fn inspect(conn: &Connection, path: &Path) -> Result<()> {
     let supported = MIGRATIONS.len() as u32;
     let found = u32::try_from(version).unwrap_or(u32::MAX);
     if found > supported {
-        return Err(Error::SchemaTooNew { path: path.to_owned(), found, supported });
+        return Err(Error::SchemaTooNew {
+            path: path.to_owned(),
+            found,
+            supported,
+        });
     }
     let check: String = conn
         .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
@@ -225,26 +283,36 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 /// Maps an SQLite error met while opening.
 fn open_sql_err(path: &Path, e: rusqlite::Error) -> Error {
     match e.sqlite_error_code() {
-        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
-            Error::Corrupt { path: path.to_owned(), detail: e.to_string() }
-        }
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-            Error::LockTimeout { path: path.to_owned(), waited: Duration::ZERO }
-        }
-        _ => Error::Open { path: path.to_owned(), source: e.into() },
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::LockTimeout {
+            path: path.to_owned(),
+            waited: Duration::ZERO,
+        },
+        _ => Error::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        },
     }
 }
 
 /// Maps an SQLite error met while using an open registry.
 fn sql_err(path: &Path, timeout: Duration, e: rusqlite::Error) -> Error {
     match e.sqlite_error_code() {
-        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
-            Error::Corrupt { path: path.to_owned(), detail: e.to_string() }
-        }
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-            Error::LockTimeout { path: path.to_owned(), waited: timeout }
-        }
-        _ => Error::Registry { path: path.to_owned(), source: e.into() },
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::LockTimeout {
+            path: path.to_owned(),
+            waited: timeout,
+        },
+        _ => Error::Registry {
+            path: path.to_owned(),
+            source: e.into(),
+        },
     }
 }
 
@@ -312,7 +380,9 @@ impl Tx for SqlTx<'_> {
             .tx
             .prepare_cached("SELECT port FROM names WHERE name = ?1")
             .map_err(|e| self.err(e))?;
-        stmt.query_row([name], |r| r.get(0)).optional().map_err(|e| self.err(e))
+        stmt.query_row([name], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     fn first_vacant(&mut self, from: u16, to: u16, avoid_remembered: bool) -> Result<Option<u16>> {
@@ -368,7 +438,9 @@ impl Tx for SqlTx<'_> {
             .tx
             .prepare_cached("DELETE FROM names WHERE port = ?1 AND name <> ?2")
             .map_err(|e| self.err(e))?;
-        forget.execute(params![port, name]).map_err(|e| self.err(e))?;
+        forget
+            .execute(params![port, name])
+            .map_err(|e| self.err(e))?;
         let mut upsert = self
             .tx
             .prepare_cached(
@@ -376,7 +448,9 @@ impl Tx for SqlTx<'_> {
                  ON CONFLICT (name) DO UPDATE SET port = excluded.port, used_at = excluded.used_at",
             )
             .map_err(|e| self.err(e))?;
-        upsert.execute(params![name, port, to_millis(at)]).map_err(|e| self.err(e))?;
+        upsert
+            .execute(params![name, port, to_millis(at)])
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -385,12 +459,17 @@ impl Tx for SqlTx<'_> {
             .tx
             .prepare_cached("DELETE FROM leases WHERE port = ?1 AND id = ?2")
             .map_err(|e| self.err(e))?;
-        Ok(stmt.execute(params![port, id as i64]).map_err(|e| self.err(e))? > 0)
+        Ok(stmt
+            .execute(params![port, id as i64])
+            .map_err(|e| self.err(e))?
+            > 0)
     }
 
     fn delete_port(&mut self, port: u16) -> Result<bool> {
-        let mut stmt =
-            self.tx.prepare_cached("DELETE FROM leases WHERE port = ?1").map_err(|e| self.err(e))?;
+        let mut stmt = self
+            .tx
+            .prepare_cached("DELETE FROM leases WHERE port = ?1")
+            .map_err(|e| self.err(e))?;
         Ok(stmt.execute([port]).map_err(|e| self.err(e))? > 0)
     }
 
@@ -402,7 +481,10 @@ impl Tx for SqlTx<'_> {
                  WHERE port = ?1 AND id = ?2",
             )
             .map_err(|e| self.err(e))?;
-        Ok(stmt.execute(params![port, id as i64]).map_err(|e| self.err(e))? > 0)
+        Ok(stmt
+            .execute(params![port, id as i64])
+            .map_err(|e| self.err(e))?
+            > 0)
     }
 
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
@@ -423,7 +505,10 @@ impl Tx for SqlTx<'_> {
             .tx
             .prepare_cached("SELECT value FROM meta WHERE key = 'cursor'")
             .map_err(|e| self.err(e))?;
-        let value: Option<i64> = stmt.query_row([], |r| r.get(0)).optional().map_err(|e| self.err(e))?;
+        let value: Option<i64> = stmt
+            .query_row([], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
         Ok(value.and_then(|v| u16::try_from(v).ok()))
     }
 
@@ -446,9 +531,13 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
         migrate(&mut conn).unwrap();
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
-        let app: i32 = conn.pragma_query_value(None, "application_id", |r| r.get(0)).unwrap();
+        let app: i32 = conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .unwrap();
         assert_eq!(app, APPLICATION_ID);
     }
 
