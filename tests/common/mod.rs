@@ -1,0 +1,95 @@
+//! Helpers shared by the integration tests.
+//!
+//! Tests that bind real ports use a block of ports of their own, so that test files running
+//! at the same time (nextest runs each test in its own process) never probe each other's
+//! ports:
+//!
+//! | file           | ports         |
+//! |----------------|---------------|
+//! | api.rs         | 23000-23499   |
+//! | bad_input.rs   | 23500-23999   |
+//! | processes.rs   | 24000-24999   |
+//! | model.rs       | 25000-25499   |
+//! | examples       | 15000-22999 (default registry range, temp registries) |
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use portdaddy::{Owner, PortDaddy};
+
+/// A registry path in a fresh temporary directory (removed when the `TempDir` drops).
+pub fn temp_registry() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("create a temp dir");
+    let path = dir.path().join("registry.sqlite3");
+    (dir, path)
+}
+
+/// A port probe that says every port is free (for tests that never bind).
+pub fn all_free(_port: u16, _protocol: portdaddy::Protocol) -> bool {
+    true
+}
+
+/// A clock that only moves when told to.
+#[derive(Clone)]
+pub struct FakeClock(Arc<Mutex<SystemTime>>);
+
+impl FakeClock {
+    pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        )))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+
+    pub fn as_fn(&self) -> impl Fn() -> SystemTime + Send + Sync + 'static {
+        let inner = self.0.clone();
+        move || *inner.lock().unwrap()
+    }
+}
+
+/// A fake process table: owners are alive until killed.
+#[derive(Clone, Default)]
+pub struct FakeProcesses(Arc<Mutex<Vec<Owner>>>);
+
+impl FakeProcesses {
+    /// A new fake process with a pid no real process has.
+    pub fn spawn(&self, pid: u32) -> Owner {
+        let owner = Owner::new(pid, 1000 + u64::from(pid), "fake-boot");
+        self.0.lock().unwrap().push(owner.clone());
+        owner
+    }
+
+    pub fn kill(&self, owner: &Owner) {
+        self.0.lock().unwrap().retain(|o| o != owner);
+    }
+
+    pub fn probe(&self) -> impl Fn(&Owner) -> bool + Send + Sync + 'static {
+        let table = self.0.clone();
+        move |owner: &Owner| table.lock().unwrap().contains(owner)
+    }
+}
+
+/// A switch a test flips to make a probe answer differently.
+pub fn flag(initial: bool) -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(initial))
+}
+
+pub fn get(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::SeqCst)
+}
+
+/// An in-memory registry over `range` whose port probe says every port is free.
+pub fn memory(range: std::ops::RangeInclusive<u16>) -> PortDaddy {
+    PortDaddy::builder()
+        .in_memory()
+        .range(range)
+        .port_probe(all_free)
+        .open()
+        .expect("open")
+}
