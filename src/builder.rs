@@ -67,6 +67,19 @@ pub(crate) struct Settings {
     pub(crate) clock: Arc<dyn Clock>,
 }
 
+impl Settings {
+    /// Every setting at its default.
+    pub(crate) fn defaults() -> Self {
+        Settings {
+            range: PortRange::default_for_host(),
+            reserved: BTreeSet::new(),
+            processes: Arc::new(SystemProcessProbe),
+            ports: Arc::new(BindProbe),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
 impl Builder {
     /// A builder with every setting at its default.
     pub fn new() -> Self {
@@ -175,14 +188,13 @@ impl Builder {
                 reason: "every port of the range is reserved; widen the range or reserve fewer",
             });
         }
+        let defaults = Settings::defaults();
         let settings = Settings {
             range,
             reserved: opts.reserved,
-            processes: opts
-                .processes
-                .unwrap_or_else(|| Arc::new(SystemProcessProbe)),
-            ports: opts.ports.unwrap_or_else(|| Arc::new(BindProbe)),
-            clock: opts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            processes: opts.processes.unwrap_or(defaults.processes),
+            ports: opts.ports.unwrap_or(defaults.ports),
+            clock: opts.clock.unwrap_or(defaults.clock),
         };
         let timeout = opts.lock_timeout.unwrap_or(DEFAULT_LOCK_TIMEOUT);
         match opts.target {

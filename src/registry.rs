@@ -295,15 +295,3 @@ impl fmt::Debug for PortDaddy {
             .finish_non_exhaustive()
     }
 }
-
-impl Settings {
-    fn defaults() -> Self {
-        Settings {
-            range: PortRange::default_for_host(),
-            reserved: Default::default(),
-            processes: Arc::new(crate::probe::SystemProcessProbe),
-            ports: Arc::new(crate::probe::BindProbe),
-            clock: Arc::new(crate::clock::SystemClock),
-        }
-    }
-}

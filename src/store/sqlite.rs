@@ -108,9 +108,9 @@ impl SqliteStore {
 
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn =
-            Connection::open_with_flags(path, flags).map_err(|e| open_sql_err(path, e))?;
+            Connection::open_with_flags(path, flags).map_err(|e| open_sql_err(path, timeout, e))?;
         conn.busy_timeout(timeout)
-            .map_err(|e| open_sql_err(path, e))?;
+            .map_err(|e| open_sql_err(path, timeout, e))?;
         {
             let _held =
                 lock.lock(timeout)
@@ -119,17 +119,17 @@ impl SqliteStore {
                         path: path.to_owned(),
                         waited: timeout,
                     })?;
-            inspect(&conn, path)?;
+            inspect(&conn, path, timeout)?;
             let mode: String = conn
                 .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-                .map_err(|e| open_sql_err(path, e))?;
+                .map_err(|e| open_sql_err(path, timeout, e))?;
             if !mode.eq_ignore_ascii_case("wal") {
                 tracing::warn!(path = %path.display(), %mode, "the registry could not switch to WAL mode");
             }
-            migrate(&mut conn).map_err(|e| open_sql_err(path, e))?;
+            migrate(&mut conn).map_err(|e| open_sql_err(path, timeout, e))?;
         }
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| open_sql_err(path, e))?;
+            .map_err(|e| open_sql_err(path, timeout, e))?;
         tracing::debug!(path = %path.display(), "opened port registry");
         Ok(Self {
             path: path.to_owned(),
@@ -229,14 +229,14 @@ fn check_existing_file(path: &Path) -> Result<()> {
 }
 
 /// Read-only checks: is this an empty database or one of ours, of a schema we know, intact?
-fn inspect(conn: &Connection, path: &Path) -> Result<()> {
+fn inspect(conn: &Connection, path: &Path, timeout: Duration) -> Result<()> {
     let corrupt = |detail: String| Error::Corrupt {
         path: path.to_owned(),
         detail,
     };
     let query = |sql: &str| -> Result<i64> {
         conn.query_row(sql, [], |r| r.get(0))
-            .map_err(|e| open_sql_err(path, e))
+            .map_err(|e| open_sql_err(path, timeout, e))
     };
     let tables = query("SELECT count(*) FROM sqlite_schema")?;
     let app_id = query("PRAGMA application_id")?;
@@ -258,7 +258,7 @@ fn inspect(conn: &Connection, path: &Path) -> Result<()> {
     }
     let check: String = conn
         .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-        .map_err(|e| open_sql_err(path, e))?;
+        .map_err(|e| open_sql_err(path, timeout, e))?;
     if check != "ok" {
         return Err(corrupt(format!("integrity check failed: {check}")));
     }
@@ -280,21 +280,12 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// Maps an SQLite error met while opening.
-fn open_sql_err(path: &Path, e: rusqlite::Error) -> Error {
-    match e.sqlite_error_code() {
-        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        },
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::LockTimeout {
-            path: path.to_owned(),
-            waited: Duration::ZERO,
-        },
-        _ => Error::Open {
-            path: path.to_owned(),
-            source: e.into(),
-        },
+/// Maps an SQLite error met while opening: as [`sql_err`], except that other failures mean
+/// the registry could not be opened.
+fn open_sql_err(path: &Path, timeout: Duration, e: rusqlite::Error) -> Error {
+    match sql_err(path, timeout, e) {
+        Error::Registry { path, source } => Error::Open { path, source },
+        other => other,
     }
 }
 
