@@ -158,12 +158,15 @@ pub enum Error {
 #[derive(Debug)]
 pub struct GuardError {
     error: Error,
-    guard: PortGuard,
+    guard: Box<PortGuard>,
 }
 
 impl GuardError {
     pub(crate) fn new(error: Error, guard: PortGuard) -> Self {
-        Self { error, guard }
+        Self {
+            error,
+            guard: Box::new(guard),
+        }
     }
 
     /// The error that occurred.
@@ -173,7 +176,7 @@ impl GuardError {
 
     /// Takes the guard back to retry.
     pub fn into_guard(self) -> PortGuard {
-        self.guard
+        *self.guard
     }
 }
 

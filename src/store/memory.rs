@@ -131,7 +131,7 @@ impl Tx for MemTx<'_> {
     }
 
     fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool> {
-        if !self.state.leases.get(&port).is_some_and(|l| l.id == id) {
+        if self.state.leases.get(&port).is_none_or(|l| l.id != id) {
             return Ok(false);
         }
         Ok(self.remove_lease(port).is_some())
