@@ -40,8 +40,9 @@ impl Request {
     ///
     /// The name is a label shown in listings and a sticky preference: a name gets its last
     /// port back when that port is free. Names are not unique; two holders of `"db"` get two
-    /// ports. A name is 1 to [`MAX_NAME_LEN`] bytes of UTF-8 without control characters;
-    /// anything else fails at acquire time with [`Error::InvalidName`].
+    /// ports. A name is 1 to [`MAX_NAME_LEN`] bytes of UTF-8 without control characters
+    /// and without the characters that reorder or break lines (bidirectional controls, line
+    /// separators); anything else fails at acquire time with [`Error::InvalidName`].
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -166,10 +167,25 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
     if name.len() > MAX_NAME_LEN {
         return invalid("a name must be at most 128 bytes long");
     }
-    if name.chars().any(char::is_control) {
-        return invalid("a name must not contain control characters (newlines, escapes, NUL)");
+    if name.chars().any(|c| c.is_control() || is_layout_char(c)) {
+        return invalid(
+            "a name must not contain control characters (newlines, escapes, NUL) or \
+             characters that reorder or break lines of text (U+2028, U+202E, …)",
+        );
     }
     Ok(())
+}
+
+/// Characters that are not control characters but still change how text around them is
+/// laid out: line and paragraph separators and the bidirectional controls, with which a
+/// name could disguise itself or the text after it in a listing.
+fn is_layout_char(c: char) -> bool {
+    matches!(c,
+        '\u{2028}' | '\u{2029}'                       // line and paragraph separators
+        | '\u{061C}' | '\u{200E}' | '\u{200F}'         // bidi marks
+        | '\u{202A}'..='\u{202E}'                      // bidi embeddings and overrides
+        | '\u{2066}'..='\u{2069}'                      // bidi isolates
+    )
 }
 
 /// The name as a quoted, escaped string short enough for an error message.

@@ -37,6 +37,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior,
 };
@@ -79,6 +80,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
+/// Length of the SQLite file header.
+const HEADER_LEN: usize = 100;
+
 const LEASE_COLUMNS: &str =
     "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at";
 
@@ -119,7 +123,20 @@ impl SqliteStore {
                         path: path.to_owned(),
                         waited: timeout,
                     })?;
+            // Closing the last connection checkpoints the WAL into the file: not before we
+            // know the file is ours.
+            let guard_wal = sibling(path, "-wal").exists();
+            let no_checkpoint = |on| {
+                conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, on)
+                    .map_err(|e| open_sql_err(path, timeout, e))
+            };
+            if guard_wal {
+                no_checkpoint(true)?;
+            }
             inspect(&conn, path, timeout)?;
+            if guard_wal {
+                no_checkpoint(false)?;
+            }
             let mode: String = conn
                 .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
                 .map_err(|e| open_sql_err(path, timeout, e))?;
@@ -193,39 +210,72 @@ impl SqliteStore {
 }
 
 fn lock_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".lock");
-    PathBuf::from(name)
+    sibling(path, ".lock")
 }
 
-/// Refuses an existing file we cannot read and write, or one that is not SQLite at all,
-/// without letting SQLite touch it.
+/// Refuses, without letting SQLite touch it, an existing path that is not a regular file
+/// we can read and write, is not SQLite at all, or is plainly another application's database.
+///
+/// The last check matters because SQLite repairs as it reads: it rolls a hot journal back
+/// into the file, so a foreign database must be turned away before SQLite opens it.
 fn check_existing_file(path: &Path) -> Result<()> {
-    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+    let open_err = |e: io::Error| Error::Open {
+        path: path.to_owned(),
+        source: e.into(),
+    };
+    let corrupt = |detail: String| Error::Corrupt {
+        path: path.to_owned(),
+        detail,
+    };
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    // Non-blocking, so that a FIFO at the path cannot hang the open or the read.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = match options.open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => {
-            return Err(Error::Open {
-                path: path.to_owned(),
-                source: e.into(),
-            })
-        }
+        Err(e) => return Err(open_err(e)),
     };
-    let mut header = Vec::with_capacity(SQLITE_MAGIC.len());
-    (&mut file)
-        .take(SQLITE_MAGIC.len() as u64)
+    if !file.metadata().map_err(open_err)?.is_file() {
+        return Err(open_err(io::Error::other(
+            "the path is not a regular file; give the path of a registry file",
+        )));
+    }
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    file.take(HEADER_LEN as u64)
         .read_to_end(&mut header)
-        .map_err(|e| Error::Open {
-            path: path.to_owned(),
-            source: e.into(),
-        })?;
-    if !header.is_empty() && header != SQLITE_MAGIC {
-        return Err(Error::Corrupt {
-            path: path.to_owned(),
-            detail: "the file is not an SQLite database".into(),
-        });
+        .map_err(open_err)?;
+    if header.is_empty() {
+        return Ok(());
+    }
+    if !header.starts_with(SQLITE_MAGIC) {
+        return Err(corrupt("the file is not an SQLite database".into()));
+    }
+    if header.len() < HEADER_LEN {
+        return Err(corrupt("the SQLite header is cut short".into()));
+    }
+    let app_id = i32::from_be_bytes([header[68], header[69], header[70], header[71]]);
+    if app_id != 0 && app_id != APPLICATION_ID {
+        return Err(corrupt(format!(
+            "an SQLite database of another application (application_id {app_id:#x})"
+        )));
+    }
+    // A registry is only ever written in WAL mode, so a rollback journal beside a file that
+    // does not yet say it is ours belongs to someone else.
+    if app_id == 0 && sibling(path, "-journal").exists() {
+        return Err(corrupt(
+            "an SQLite database of another application (it has a rollback journal)".into(),
+        ));
     }
     Ok(())
+}
+
+/// `<path><suffix>`, as SQLite names its side files.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// Read-only checks: is this an empty database or one of ours, of a schema we know, intact?
@@ -248,13 +298,26 @@ fn inspect(conn: &Connection, path: &Path, timeout: Duration) -> Result<()> {
         )));
     }
     let supported = MIGRATIONS.len() as u32;
-    let found = u32::try_from(version).unwrap_or(u32::MAX);
+    let Ok(found) = u32::try_from(version) else {
+        return Err(corrupt(format!(
+            "its schema version {version} is not valid"
+        )));
+    };
     if found > supported {
         return Err(Error::SchemaTooNew {
             path: path.to_owned(),
             found,
             supported,
         });
+    }
+    if found > 0 {
+        let ours = query(
+            "SELECT count(*) FROM sqlite_schema
+             WHERE type = 'table' AND name IN ('leases', 'names', 'meta')",
+        )?;
+        if ours != 3 {
+            return Err(corrupt("tables of the registry are missing".into()));
+        }
     }
     let check: String = conn
         .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
