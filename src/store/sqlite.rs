@@ -2,11 +2,14 @@
 //!
 //! # Open sequence
 //!
-//! 1. The path is checked before SQLite sees it: a directory, a file we cannot read and write,
-//!    or a non-empty file without the SQLite header is refused, and nothing is written.
-//! 2. A missing file is created empty with mode `0600` (its directory `0700`), together with
-//!    the lock file `<registry>.lock`.
-//! 3. Under the write lock, the database is inspected read-only: it must be empty (new) or
+//! Everything after creating the lock file `<registry>.lock` (mode `0600`, its directory
+//! `0700`) happens under the write lock, so no process sees a registry half created.
+//!
+//! 1. The path is checked before SQLite sees it: anything but a regular file we can read and
+//!    write, a non-empty file without the SQLite header, or one whose header names another
+//!    application is refused, and nothing is written.
+//! 2. A missing file is created empty with mode `0600`.
+//! 3. The database is inspected read-only: it must be empty (new) or
 //!    carry our `application_id`; its `user_version` must not be newer than this build knows;
 //!    `PRAGMA quick_check` must pass. Only then is anything written: WAL mode, and the pending
 //!    migrations in one transaction.
@@ -106,16 +109,10 @@ impl SqliteStore {
             )));
         }
         paths::prepare_parent(path, shared_tmp)?;
-        check_existing_file(path)?;
-        paths::create_private_file(path).map_err(open_err)?;
         let mut lock = FileLock::open(&lock_path(path)).map_err(open_err)?;
-
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn =
-            Connection::open_with_flags(path, flags).map_err(|e| open_sql_err(path, timeout, e))?;
-        conn.busy_timeout(timeout)
-            .map_err(|e| open_sql_err(path, timeout, e))?;
-        {
+        let conn = {
+            // The whole sequence runs under the write lock, so no process ever inspects a
+            // registry that another is still creating or migrating.
             let _held =
                 lock.lock(timeout)
                     .map_err(open_err)?
@@ -123,28 +120,10 @@ impl SqliteStore {
                         path: path.to_owned(),
                         waited: timeout,
                     })?;
-            // Closing the last connection checkpoints the WAL into the file: not before we
-            // know the file is ours.
-            let guard_wal = sibling(path, "-wal").exists();
-            let no_checkpoint = |on| {
-                conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, on)
-                    .map_err(|e| open_sql_err(path, timeout, e))
-            };
-            if guard_wal {
-                no_checkpoint(true)?;
-            }
-            inspect(&conn, path, timeout)?;
-            if guard_wal {
-                no_checkpoint(false)?;
-            }
-            let mode: String = conn
-                .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-                .map_err(|e| open_sql_err(path, timeout, e))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                tracing::warn!(path = %path.display(), %mode, "the registry could not switch to WAL mode");
-            }
-            migrate(&mut conn).map_err(|e| open_sql_err(path, timeout, e))?;
-        }
+            check_existing_file(path)?;
+            paths::create_private_file(path).map_err(open_err)?;
+            open_checked(path, timeout)?
+        };
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| open_sql_err(path, timeout, e))?;
         tracing::debug!(path = %path.display(), "opened port registry");
@@ -207,6 +186,35 @@ impl SqliteStore {
             timeout: *timeout,
         })
     }
+}
+
+/// Opens the connection, inspects the file read-only, then sets WAL mode and migrates.
+/// The caller holds the write lock.
+fn open_checked(path: &Path, timeout: Duration) -> Result<Connection> {
+    let sql = |e| open_sql_err(path, timeout, e);
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(sql)?;
+    conn.busy_timeout(timeout).map_err(sql)?;
+    // Closing the last connection checkpoints the WAL into the file: not before we know the
+    // file is ours.
+    let guard_wal = sibling(path, "-wal").exists();
+    if guard_wal {
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(sql)?;
+    }
+    inspect(&conn, path, timeout)?;
+    if guard_wal {
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
+            .map_err(sql)?;
+    }
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(sql)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(path = %path.display(), %mode, "the registry could not switch to WAL mode");
+    }
+    migrate(&mut conn).map_err(sql)?;
+    Ok(conn)
 }
 
 fn lock_path(path: &Path) -> PathBuf {
