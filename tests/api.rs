@@ -567,7 +567,7 @@ fn the_registry_directory_and_file_are_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("new/sub/registry.sqlite3");
-    file(&path, 23000..=23009).acquire("x").unwrap();
+    let _guard = file(&path, 23000..=23009).acquire("x").unwrap();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir.path().join("new")), 0o700);
     assert_eq!(mode(&dir.path().join("new/sub")), 0o700);
