@@ -7,7 +7,8 @@
 //!
 //! 1. The path is checked before SQLite sees it: anything but a regular file we can read and
 //!    write, a non-empty file without the SQLite header, or one whose header names another
-//!    application is refused, and nothing is written.
+//!    application is refused, and nothing is written. (The plainest of these are refused
+//!    even before the lock file is created.)
 //! 2. A missing file is created empty with mode `0600`.
 //! 3. The database is inspected read-only: it must be empty (new) or
 //!    carry our `application_id`; its `user_version` must not be newer than this build knows;
@@ -109,6 +110,9 @@ impl SqliteStore {
             )));
         }
         paths::prepare_parent(path, shared_tmp)?;
+        // What a registry being created by another process cannot look like is refused at
+        // once, without even a lock file beside it.
+        check_existing_file(path, false)?;
         let mut lock = FileLock::open(&lock_path(path)).map_err(open_err)?;
         let conn = {
             // The whole sequence runs under the write lock, so no process ever inspects a
@@ -120,7 +124,7 @@ impl SqliteStore {
                         path: path.to_owned(),
                         waited: timeout,
                     })?;
-            check_existing_file(path)?;
+            check_existing_file(path, true)?;
             paths::create_private_file(path).map_err(open_err)?;
             open_checked(path, timeout)?
         };
@@ -226,7 +230,9 @@ fn lock_path(path: &Path) -> PathBuf {
 ///
 /// The last check matters because SQLite repairs as it reads: it rolls a hot journal back
 /// into the file, so a foreign database must be turned away before SQLite opens it.
-fn check_existing_file(path: &Path) -> Result<()> {
+/// `locked` says whether the caller holds the write lock: only then can a rollback journal
+/// be told from the transient one of a registry that another process is creating.
+fn check_existing_file(path: &Path, locked: bool) -> Result<()> {
     let open_err = |e: io::Error| Error::Open {
         path: path.to_owned(),
         source: e.into(),
@@ -271,7 +277,7 @@ fn check_existing_file(path: &Path) -> Result<()> {
     }
     // A registry is only ever written in WAL mode, so a rollback journal beside a file that
     // does not yet say it is ours belongs to someone else.
-    if app_id == 0 && sibling(path, "-journal").exists() {
+    if locked && app_id == 0 && sibling(path, "-journal").exists() {
         return Err(corrupt(
             "an SQLite database of another application (it has a rollback journal)".into(),
         ));
