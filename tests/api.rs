@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{all_free, memory, temp_registry, FakeClock, FakeProcesses};
+use common::{all_free, memory, memory_with, temp_registry, FakeClock, FakeProcesses};
 use portdaddy::{Choice, Error, Lease, Owner, PortDaddy, PortGuard, Protocol, Request};
 
 fn file(path: &std::path::Path, range: std::ops::RangeInclusive<u16>) -> PortDaddy {
@@ -217,13 +217,7 @@ fn a_foreign_udp_socket_blocks_udp_requests_only() {
 #[test]
 fn a_dead_owners_lease_is_reclaimed_when_the_range_is_full() {
     let procs = FakeProcesses::default();
-    let registry = PortDaddy::builder()
-        .in_memory()
-        .range(23000..=23001)
-        .port_probe(all_free)
-        .process_probe(procs.probe())
-        .open()
-        .unwrap();
+    let registry = memory_with(23000..=23001, &procs);
     let alive = procs.spawn(1_000_001);
     let doomed = procs.spawn(1_000_002);
     let kept = registry
@@ -253,13 +247,7 @@ fn a_dead_owners_lease_is_reclaimed_when_the_range_is_full() {
 #[test]
 fn a_dead_owners_lease_is_reclaimed_for_its_sticky_name() {
     let procs = FakeProcesses::default();
-    let registry = PortDaddy::builder()
-        .in_memory()
-        .range(23000..=23099)
-        .port_probe(all_free)
-        .process_probe(procs.probe())
-        .open()
-        .unwrap();
+    let registry = memory_with(23000..=23099, &procs);
     let server = procs.spawn(1_000_003);
     let first = registry
         .acquire_with(&Request::new("dev").owner(server.clone()))
@@ -278,12 +266,7 @@ fn a_dead_owners_lease_is_reclaimed_for_its_sticky_name() {
 fn a_reused_pid_with_another_start_time_counts_as_dead() {
     let me = Owner::current().unwrap();
     let impostor = Owner::new(me.pid(), me.start_time() + 1, me.boot_id());
-    let registry = PortDaddy::builder()
-        .in_memory()
-        .range(23000..=23000)
-        .port_probe(all_free)
-        .open()
-        .unwrap();
+    let registry = memory(23000..=23000);
     let stale = registry
         .acquire_with(&Request::new("old").owner(impostor))
         .unwrap();
@@ -295,12 +278,7 @@ fn a_reused_pid_with_another_start_time_counts_as_dead() {
 fn a_lease_from_another_boot_counts_as_dead() {
     let me = Owner::current().unwrap();
     let earlier = Owner::new(me.pid(), me.start_time(), "some-earlier-boot");
-    let registry = PortDaddy::builder()
-        .in_memory()
-        .range(23000..=23000)
-        .port_probe(all_free)
-        .open()
-        .unwrap();
+    let registry = memory(23000..=23000);
     std::mem::forget(
         registry
             .acquire_with(&Request::new("old").owner(earlier))
@@ -312,13 +290,7 @@ fn a_lease_from_another_boot_counts_as_dead() {
 #[test]
 fn live_owners_leases_are_never_reaped() {
     let procs = FakeProcesses::default();
-    let registry = PortDaddy::builder()
-        .in_memory()
-        .range(23000..=23009)
-        .port_probe(all_free)
-        .process_probe(procs.probe())
-        .open()
-        .unwrap();
+    let registry = memory_with(23000..=23009, &procs);
     let live = procs.spawn(1_000_004);
     let guards: Vec<_> = (0..5)
         .map(|i| {

@@ -93,3 +93,15 @@ pub fn memory(range: std::ops::RangeInclusive<u16>) -> PortDaddy {
         .open()
         .expect("open")
 }
+
+/// An in-memory registry over `range` whose owners live and die in `procs`, and whose port
+/// probe says every port is free.
+pub fn memory_with(range: std::ops::RangeInclusive<u16>, procs: &FakeProcesses) -> PortDaddy {
+    PortDaddy::builder()
+        .in_memory()
+        .range(range)
+        .port_probe(all_free)
+        .process_probe(procs.probe())
+        .open()
+        .expect("open")
+}
