@@ -652,6 +652,13 @@ fn a_path_where_even_root_cannot_create_files_is_an_open_error() {
 fn an_empty_path_is_an_open_error() {
     let err = open_err(Path::new(""));
     assert!(matches!(err, Error::Open { .. }), "{err:?}");
+    assert!(err.to_string().contains("names no file"), "{err}");
+    // Refused before anything was created: a lock file for "" would land in the working
+    // directory.
+    assert!(
+        !Path::new(".lock").exists(),
+        "a lock file appeared in the working directory"
+    );
     assert!(std::error::Error::source(&err).is_some());
     assert!(!err.to_string().contains('\n'));
 }

@@ -104,6 +104,11 @@ impl SqliteStore {
             path: path.to_owned(),
             source: e.into(),
         };
+        if path.file_name().is_none() {
+            return Err(open_err(io::Error::other(
+                "the path names no file; give the path of a registry file",
+            )));
+        }
         if path.is_dir() {
             return Err(open_err(io::Error::other(
                 "the path is a directory; give a file path",
