@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 /// # Ok::<(), portdaddy::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "RawRange")]
 pub struct PortRange {
     start: u16,
     end: u16,
@@ -139,6 +140,21 @@ impl PortRange {
     }
 }
 
+/// The serialized form, validated through [`PortRange::new`] on the way in.
+#[derive(Deserialize)]
+struct RawRange {
+    start: u16,
+    end: u16,
+}
+
+impl TryFrom<RawRange> for PortRange {
+    type Error = Error;
+
+    fn try_from(raw: RawRange) -> Result<Self> {
+        PortRange::new(raw.start, raw.end)
+    }
+}
+
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.start, self.end)
@@ -191,6 +207,14 @@ mod tests {
         let r = PortRange::default_for_host();
         assert!(r.start() >= 1024);
         assert!(!r.overlaps(&PortRange::ephemeral()) || PortRange::ephemeral().start() <= 1025);
+    }
+
+    #[test]
+    fn deserializing_validates_like_new() {
+        let ok: PortRange = serde_json::from_str(r#"{"start":3,"end":9}"#).unwrap();
+        assert_eq!(ok.len(), 7);
+        assert!(serde_json::from_str::<PortRange>(r#"{"start":9,"end":3}"#).is_err());
+        assert!(serde_json::from_str::<PortRange>(r#"{"start":0,"end":3}"#).is_err());
     }
 
     #[test]
