@@ -68,12 +68,18 @@ pub(crate) fn prepare_parent(path: &Path, shared_tmp: bool) -> Result<()> {
         return Ok(());
     };
     if shared_tmp {
-        match fs::symlink_metadata(dir) {
-            Ok(meta) => check_private_dir(dir, &meta).map_err(open_err)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => create_dirs(dir).map_err(open_err)?,
+        // Create without `recursive`, so that a directory someone else made first (between
+        // a check and the creation) fails with AlreadyExists and is inspected, not adopted.
+        let mut builder = fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        match builder.create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(open_err(e)),
         }
-        return Ok(());
+        let meta = fs::symlink_metadata(dir).map_err(open_err)?;
+        return check_private_dir(dir, &meta).map_err(open_err);
     }
     if !dir.is_dir() {
         create_dirs(dir).map_err(open_err)?;
