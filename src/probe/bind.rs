@@ -29,8 +29,12 @@ fn all_bind(port: u16, bind: impl Fn(SocketAddr) -> io::Result<()>) -> bool {
         .all(|ip| bind(SocketAddr::from((*ip, port))).is_ok())
         && match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
             Ok(()) => true,
-            // Only "in use" counts against the port; other errors mean no IPv6 here.
-            Err(e) => e.kind() != io::ErrorKind::AddrInUse,
+            // "In use" and "not allowed" count against the port; any other error means this
+            // host has no IPv6.
+            Err(e) => !matches!(
+                e.kind(),
+                io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
+            ),
         }
 }
 
