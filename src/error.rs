@@ -22,8 +22,8 @@ type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum Error {
     /// No port of the range is free: every one is leased, reserved or bound by another program.
     #[error(
-        "no free port in {range}: {held} leased by live holders; release ports, run a reap, \
-         or widen the range"
+        "no free port in {range}: {held} leased by live holders, the rest reserved or bound \
+         by other programs; release ports or widen the range"
     )]
     Exhausted {
         /// The range that was searched.
@@ -132,9 +132,36 @@ pub enum Error {
         port: u16,
     },
 
+    /// A file registry handle was used in a child process made by `fork` (without `exec`).
+    ///
+    /// Its SQLite connection and lock belong to the parent; open a new handle in the child.
+    /// [`portdaddy::acquire`](crate::acquire) does that by itself.
+    #[error(
+        "this port registry handle was opened by process {parent} and cannot be used in its \
+         forked child {child}; open a new handle in the child"
+    )]
+    ForkedHandle {
+        /// The process that opened the handle.
+        parent: u32,
+        /// The forked child that tried to use it.
+        child: u32,
+    },
+
     /// A process that a lease should belong to does not exist.
     #[error("no process with pid {pid} is running")]
     NoSuchProcess {
+        /// The pid that was looked up.
+        pid: u32,
+    },
+
+    /// A process exists but its identity (start time) cannot be read, so it cannot own
+    /// leases: it belongs to another user on a system that hides other users' processes, or
+    /// `/proc` is not mounted.
+    #[error(
+        "cannot read the start time of process {pid} (another user's process hidden by \
+         hidepid, or /proc not mounted), so it cannot own port leases"
+    )]
+    ProcessUnreadable {
         /// The pid that was looked up.
         pid: u32,
     },
@@ -150,22 +177,24 @@ pub enum Error {
     },
 }
 
-/// An explicit operation on a [`PortGuard`] failed; the guard is handed back.
+/// An explicit operation on a [`PortGuard`] failed.
 ///
-/// Returned by [`PortGuard::release`] and [`PortGuard::keep`]. The lease is still in the
-/// registry: retry with [`into_guard`](GuardError::into_guard), or drop this error, which drops
-/// the guard and releases quietly. Converts into [`enum@Error`] with `?`.
+/// Returned by [`PortGuard::release`] and [`PortGuard::keep`]. When the registry could not be
+/// reached, the lease is still there and the guard is handed back to retry
+/// ([`into_guard`](GuardError::into_guard)); dropping the error drops the guard, which then
+/// releases quietly. When the lease itself is gone ([`Error::LeaseLost`]) there is no guard
+/// to give back. Converts into [`enum@Error`] with `?`.
 #[derive(Debug)]
 pub struct GuardError {
     error: Error,
-    guard: Box<PortGuard>,
+    guard: Option<Box<PortGuard>>,
 }
 
 impl GuardError {
-    pub(crate) fn new(error: Error, guard: PortGuard) -> Self {
+    pub(crate) fn new(error: Error, guard: Option<PortGuard>) -> Self {
         Self {
             error,
-            guard: Box::new(guard),
+            guard: guard.map(Box::new),
         }
     }
 
@@ -174,9 +203,9 @@ impl GuardError {
         &self.error
     }
 
-    /// Takes the guard back to retry.
-    pub fn into_guard(self) -> PortGuard {
-        *self.guard
+    /// Takes the guard back to retry, if it still holds a lease.
+    pub fn into_guard(self) -> Option<PortGuard> {
+        self.guard.map(|g| *g)
     }
 }
 

@@ -8,9 +8,13 @@ use crate::registry::PortDaddy;
 
 /// A leased port, released when the guard is dropped.
 ///
-/// No other participant of the registry gets the port while the guard lives. Dropping it
-/// deletes exactly this lease: if the lease was reclaimed meanwhile (its TTL passed) and the
-/// port went to someone else, their lease is left alone.
+/// No other participant of the registry gets the port while the guard lives, with two
+/// exceptions that someone has to ask for: a lease taken with a [`Request::ttl`] can be
+/// reclaimed once the TTL has passed, and [`PortDaddy::release`] frees a port whoever holds
+/// it. Dropping the guard deletes exactly this lease: if the port went to someone else in
+/// one of those ways, their lease is left alone.
+///
+/// [`Request::ttl`]: crate::Request::ttl
 ///
 /// ```
 /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
@@ -88,10 +92,10 @@ impl PortGuard {
     ///
     /// # Errors
     ///
-    /// A registry error, with the guard given back; or [`Error::LeaseLost`] if the lease was
-    /// reclaimed meanwhile.
+    /// A registry error, with the guard given back; or [`Error::LeaseLost`], without a guard,
+    /// if the lease was reclaimed or released by port meanwhile.
     pub fn keep(mut self) -> Result<Lease, GuardError> {
-        match self.registry.detach_lease(self.lease.port, self.lease.id) {
+        match self.registry.detach_exact(self.lease.port, self.lease.id) {
             Ok(true) => {
                 self.armed = false;
                 let mut lease = self.lease.clone();
@@ -101,9 +105,9 @@ impl PortGuard {
             Ok(false) => {
                 self.armed = false;
                 let port = self.lease.port;
-                Err(GuardError::new(Error::LeaseLost { port }, self))
+                Err(GuardError::new(Error::LeaseLost { port }, None))
             }
-            Err(error) => Err(GuardError::new(error, self)),
+            Err(error) => Err(GuardError::new(error, Some(self))),
         }
     }
 
@@ -114,7 +118,7 @@ impl PortGuard {
     /// A registry error, with the guard given back to retry. A lease that is already gone
     /// (reclaimed after its TTL, or released by port) is not an error.
     pub fn release(mut self) -> Result<(), GuardError> {
-        match self.registry.release_lease(self.lease.port, self.lease.id) {
+        match self.registry.delete_exact(self.lease.port, self.lease.id) {
             Ok(found) => {
                 if !found {
                     tracing::debug!(port = self.lease.port, "lease was already gone at release");
@@ -122,7 +126,7 @@ impl PortGuard {
                 self.armed = false;
                 Ok(())
             }
-            Err(error) => Err(GuardError::new(error, self)),
+            Err(error) => Err(GuardError::new(error, Some(self))),
         }
     }
 }
@@ -139,7 +143,7 @@ impl Drop for PortGuard {
             );
             return;
         }
-        if let Err(error) = self.registry.release_lease(self.lease.port, self.lease.id) {
+        if let Err(error) = self.registry.delete_exact(self.lease.port, self.lease.id) {
             tracing::warn!(
                 port = self.lease.port,
                 name = %self.lease.name,

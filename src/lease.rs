@@ -210,11 +210,15 @@ pub(crate) fn at_storage_precision(t: SystemTime) -> SystemTime {
 }
 
 pub(crate) fn from_millis(ms: i64) -> SystemTime {
-    if ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs())
+    let offset = Duration::from_millis(ms.unsigned_abs());
+    let t = if ms >= 0 {
+        UNIX_EPOCH.checked_add(offset)
     } else {
-        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
-    }
+        UNIX_EPOCH.checked_sub(offset)
+    };
+    // A value no clock of this platform can show came from a damaged row; the epoch is as
+    // good a stand-in as any, and never panics.
+    t.unwrap_or(UNIX_EPOCH)
 }
 
 /// A fresh lease identifier: random, never 0, and below 2^63 so that SQLite stores it as a

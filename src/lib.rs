@@ -44,8 +44,6 @@ mod registry;
 mod request;
 mod store;
 
-use std::sync::Mutex;
-
 pub use builder::Builder;
 pub use clock::{Clock, SystemClock};
 pub use error::{Error, GuardError, Result};
@@ -67,20 +65,5 @@ pub use request::{Request, MAX_NAME_LEN};
 /// [`Error::InvalidName`], [`Error::Exhausted`], or an error opening the registry (which is
 /// tried again on the next call).
 pub fn acquire(name: &str) -> Result<PortGuard> {
-    default_registry()?.acquire(name)
-}
-
-/// The process-wide default registry, reopened in a forked child.
-fn default_registry() -> Result<PortDaddy> {
-    static DEFAULT: Mutex<Option<(u32, PortDaddy)>> = Mutex::new(None);
-    let pid = std::process::id();
-    let mut slot = DEFAULT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((owner, registry)) = slot.as_ref() {
-        if *owner == pid {
-            return Ok(registry.clone());
-        }
-    }
-    let registry = PortDaddy::open_default()?;
-    *slot = Some((pid, registry.clone()));
-    Ok(registry)
+    registry::default_registry()?.acquire(name)
 }

@@ -16,6 +16,36 @@ use std::time::{Duration, Instant};
 
 use fd_lock::{RwLock, RwLockWriteGuard};
 
+/// When a call gives up waiting: fixed when the call starts, so every wait inside it (for
+/// the handle, the file lock, SQLite) shares one bound.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadline {
+    start: Instant,
+    /// `None` when the timeout is too large to represent: wait for ever.
+    end: Option<Instant>,
+}
+
+impl Deadline {
+    pub(crate) fn after(timeout: Duration) -> Self {
+        let start = Instant::now();
+        Self {
+            start,
+            end: start.checked_add(timeout),
+        }
+    }
+
+    /// Time left, or `None` for no limit.
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        self.end
+            .map(|end| end.saturating_duration_since(Instant::now()))
+    }
+
+    /// How long the call has waited so far.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
 /// The lock file beside one registry, as used by one process.
 pub(crate) struct FileLock {
     path: PathBuf,
@@ -61,8 +91,8 @@ impl FileLock {
         })
     }
 
-    /// Takes the lock, waiting at most `timeout`; `Ok(None)` when the wait timed out.
-    pub(crate) fn lock(&mut self, timeout: Duration) -> io::Result<Option<Held<'_>>> {
+    /// Takes the lock, waiting until `deadline` at most; `Ok(None)` when it passed.
+    pub(crate) fn lock(&mut self, deadline: Deadline) -> io::Result<Option<Held<'_>>> {
         // Disjoint field borrows let the fast path return its guard while the slow path
         // uses the other fields.
         let Self {
@@ -74,7 +104,7 @@ impl FileLock {
         match fast.try_write() {
             Ok(guard) => Ok(Some(Held::Fast(guard))),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait(path, waiter, generation, timeout)
+                wait(path, waiter, generation, deadline)
             }
             Err(e) => Err(e),
         }
@@ -87,9 +117,8 @@ fn wait<'a>(
     path: &Path,
     slot: &'a mut Option<Waiter>,
     generation: &mut u64,
-    timeout: Duration,
+    deadline: Deadline,
 ) -> io::Result<Option<Held<'a>>> {
-    let deadline = Instant::now() + timeout;
     if slot.as_ref().is_none_or(|w| w.thread.is_finished()) {
         *slot = Some(Waiter::spawn(path)?);
     }
@@ -102,8 +131,14 @@ fn wait<'a>(
         .send(Message::Lock(generation))
         .map_err(|_| gone())?;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match waiter.granted.recv_timeout(left) {
+        let received = match deadline.remaining() {
+            Some(left) => waiter.granted.recv_timeout(left),
+            None => waiter
+                .granted
+                .recv()
+                .map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match received {
             Ok(g) if g == generation => return Ok(Some(Held::Waiter(&waiter.requests, g))),
             Ok(_stale) => continue,
             Err(RecvTimeoutError::Timeout) => {
@@ -178,13 +213,31 @@ mod tests {
         let path = dir.path().join("r.lock");
         let mut a = FileLock::open(&path).unwrap();
         let mut b = FileLock::open(&path).unwrap();
-        let held = a.lock(Duration::from_secs(1)).unwrap().expect("free lock");
-        assert!(b.lock(Duration::from_millis(50)).unwrap().is_none());
+        let held = a
+            .lock(Deadline::after(Duration::from_secs(1)))
+            .unwrap()
+            .expect("free lock");
+        assert!(b
+            .lock(Deadline::after(Duration::from_millis(50)))
+            .unwrap()
+            .is_none());
         drop(held);
-        let held_b = b.lock(Duration::from_secs(5)).unwrap();
+        let held_b = b.lock(Deadline::after(Duration::from_secs(5))).unwrap();
         assert!(held_b.is_some(), "released lock must be granted");
         drop(held_b);
-        assert!(a.lock(Duration::from_secs(5)).unwrap().is_some());
+        assert!(a
+            .lock(Deadline::after(Duration::from_secs(5)))
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn an_unrepresentable_timeout_means_no_limit() {
+        let deadline = Deadline::after(Duration::MAX);
+        assert_eq!(deadline.remaining(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = FileLock::open(&dir.path().join("r.lock")).unwrap();
+        assert!(a.lock(deadline).unwrap().is_some());
     }
 
     #[test]
@@ -192,13 +245,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.lock");
         let mut a = FileLock::open(&path).unwrap();
-        let held = a.lock(Duration::from_secs(1)).unwrap().unwrap();
+        let held = a
+            .lock(Deadline::after(Duration::from_secs(1)))
+            .unwrap()
+            .unwrap();
         let (tx, rx) = mpsc::channel();
         let p = path.clone();
         let t = std::thread::spawn(move || {
             let mut b = FileLock::open(&p).unwrap();
             tx.send(()).unwrap();
-            let granted = b.lock(Duration::from_secs(30)).unwrap().is_some();
+            let granted = b
+                .lock(Deadline::after(Duration::from_secs(30)))
+                .unwrap()
+                .is_some();
             granted
         });
         rx.recv().unwrap();

@@ -6,7 +6,9 @@
 //! # How a port is chosen
 //!
 //! 0. With [`Request::reuse_detached`], the name's own unexpired detached lease on its
-//!    remembered port is taken over: same port, no probe.
+//!    remembered port is taken over (same port, no probe), if that port is the preferred one
+//!    or, without a preference, lies in the range, and the lease covers the protocols asked
+//!    for.
 //! 1. The preferred port, if the request names one and it is *available*: not reserved, no
 //!    lease that still counts on it, and the port probe says the host has it free.
 //! 2. Otherwise the name's remembered port (the port it got last), if it lies in the range
@@ -33,7 +35,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use crate::error::{Error, Result};
-use crate::lease::{at_storage_precision, new_lease_id, Choice, Lease, Owner, Protocol};
+use crate::lease::{at_storage_precision, new_lease_id, to_millis, Choice, Lease, Owner, Protocol};
 use crate::probe::{PortProbe, ProcessProbe};
 use crate::range::PortRange;
 use crate::request::Request;
@@ -133,7 +135,7 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
 
     let found = 'choose: {
         if request.reuse_detached {
-            if let Some(lease) = detached_lease_of(tx, env, &request.name)? {
+            if let Some(lease) = detached_lease_of(tx, env, request)? {
                 tx.delete_lease(lease.port, lease.id)?;
                 break 'choose Some((lease.port, Choice::Remembered));
             }
@@ -165,15 +167,9 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
     let (port, choice) = match found {
         Some(found) => found,
         None => {
-            let port = match env.search(tx, protocol, true)? {
+            let port = match search_range(tx, env, protocol)? {
                 Some(port) => port,
-                None => match env.search(tx, protocol, false)? {
-                    Some(port) => port,
-                    None if reap(tx, env, Some(env.range))? > 0 => env
-                        .search(tx, protocol, false)?
-                        .ok_or_else(|| exhausted(tx, env))?,
-                    None => return Err(exhausted(tx, env)),
-                },
+                None => return Err(exhausted(tx, env)?),
             };
             tx.set_cursor(if port == env.range.end() {
                 env.range.start()
@@ -184,6 +180,10 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         }
     };
 
+    let expires_at = match request.ttl {
+        None => None,
+        Some(ttl) => Some(at_storage_precision(expiry(env.now, ttl)?)),
+    };
     let lease = Lease {
         id: new_lease_id(),
         port,
@@ -191,7 +191,7 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         protocol,
         owner: Some(request.owner.clone().unwrap_or_else(|| env.me.clone())),
         acquired_at: at_storage_precision(env.now),
-        expires_at: request.ttl.map(|ttl| at_storage_precision(env.now + ttl)),
+        expires_at,
     };
     tx.insert_lease(&lease)?;
     if !keep_memory {
@@ -201,26 +201,62 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
     Ok((lease, choice))
 }
 
-/// The unexpired detached lease on `name`'s remembered port, if it is `name`'s.
-fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, name: &str) -> Result<Option<Lease>> {
-    let Some(port) = tx.remembered_port(name)? else {
+/// Steps 3 and 4: search the range, then search again lending out remembered ports, then
+/// reclaim dead and expired leases and search once more.
+fn search_range(tx: &mut dyn Tx, env: &Env<'_>, protocol: Protocol) -> Result<Option<u16>> {
+    if let Some(port) = env.search(tx, protocol, true)? {
+        return Ok(Some(port));
+    }
+    if let Some(port) = env.search(tx, protocol, false)? {
+        return Ok(Some(port));
+    }
+    if reap(tx, env, Some(env.range))? > 0 {
+        return env.search(tx, protocol, false);
+    }
+    Ok(None)
+}
+
+/// `now + ttl`, if the registry can store it.
+fn expiry(now: SystemTime, ttl: std::time::Duration) -> Result<SystemTime> {
+    now.checked_add(ttl)
+        .filter(|t| to_millis(*t) < i64::MAX)
+        .ok_or_else(|| Error::InvalidRequest {
+            reason: format!(
+                "a TTL of {ttl:?} ends beyond the dates the registry can store; give a shorter \
+                 TTL, or none for a lease without expiry"
+            ),
+        })
+}
+
+/// The name's own unexpired detached lease on its remembered port, if the request would
+/// accept that port: the preferred port when one is asked for (so `require` stays strict),
+/// else a port of the range; and checked for at least the requested protocols.
+fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<Option<Lease>> {
+    let Some(port) = tx.remembered_port(&request.name)? else {
         return Ok(None);
     };
-    if env.reserved.contains(&port) {
+    let wanted = match request.preferred {
+        Some(preferred) => preferred == port,
+        None => env.range.contains(port),
+    };
+    if !wanted || env.reserved.contains(&port) {
         return Ok(None);
     }
-    Ok(tx
-        .lease_on(port)?
-        .filter(|l| l.name == name && l.is_detached() && !l.is_expired_at(env.now)))
+    Ok(tx.lease_on(port)?.filter(|l| {
+        l.name == request.name
+            && l.is_detached()
+            && !l.is_expired_at(env.now)
+            && (l.protocol == request.protocol || l.protocol == Protocol::Both)
+    }))
 }
 
 /// The error for a full range; counts what is held (by now, only live holders).
-fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Error {
-    let held = tx.leases(Some(env.range)).map(|l| l.len()).unwrap_or(0);
-    Error::Exhausted {
+fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Result<Error> {
+    let held = tx.leases(Some(env.range))?.len();
+    Ok(Error::Exhausted {
         range: env.range,
         held,
-    }
+    })
 }
 
 /// Reclaims every lease (in `range`, if given) that has expired or whose owner is dead.

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::builder::{Builder, Settings};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::guard::PortGuard;
 use crate::lease::{Lease, Owner};
+use crate::lock::Deadline;
 use crate::policy::{self, Env};
 use crate::range::PortRange;
 use crate::request::Request;
@@ -35,10 +36,24 @@ use crate::store::Tx;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 ///
+/// # Who can share a registry
+///
+/// Every participant of a file registry must see the same processes: liveness is judged by
+/// pid, so processes in another PID namespace (a container sharing the file with the host)
+/// would take each other's leases for dead. They must also agree on the time; a
+/// [`Clock`](crate::Clock) other than the system clock is for in-memory registries in tests.
+///
+/// # Security
+///
+/// The registry is private to its user (`0700` directory, `0600` files), and portdaddy
+/// trusts every process that can write it: anyone who can write the file can hand out or
+/// free any port in it. Share it with other users only if you trust them that far.
+///
 /// # Forking
 ///
-/// A handle must not be used in a child created by `fork` without `exec`: open a new one
-/// there. [`portdaddy::acquire`](crate::acquire) does that by itself.
+/// A file registry handle refuses to work in a child created by `fork` without `exec`
+/// ([`Error::ForkedHandle`]): open a new one there. [`portdaddy::acquire`](crate::acquire)
+/// does that by itself.
 #[derive(Clone)]
 pub struct PortDaddy {
     inner: Arc<Inner>,
@@ -52,7 +67,10 @@ struct Inner {
 }
 
 enum Backend {
-    File(Mutex<SqliteStore>),
+    File {
+        store: Mutex<SqliteStore>,
+        timeout: Duration,
+    },
     Memory(MemoryStore),
 }
 
@@ -75,9 +93,13 @@ impl PortDaddy {
         Builder::new().open()
     }
 
-    /// The process-wide in-memory registry: every call returns a handle to the same one. It
-    /// coordinates the threads of this process and touches no file. For a separate
-    /// in-memory registry use `PortDaddy::builder().in_memory().open()`.
+    /// The process-wide in-memory registry: every call returns a handle to the same one, with
+    /// default settings. It coordinates the threads of this process and touches no file.
+    ///
+    /// It does not coordinate processes: under `cargo nextest`, which runs each test in a
+    /// process of its own, only the port probe keeps two tests apart. Use
+    /// [`crate::acquire`] (the per-user file registry) there. For a separate in-memory
+    /// registry with settings of its own use `PortDaddy::builder().in_memory().open()`.
     ///
     /// ```
     /// let guard = portdaddy::PortDaddy::in_process().acquire("worker")?;
@@ -128,7 +150,10 @@ impl PortDaddy {
         let store = SqliteStore::open(path, shared_tmp, timeout)?;
         let path = Some(store.path().to_owned());
         Ok(Self::from_inner(Inner {
-            backend: Backend::File(Mutex::new(store)),
+            backend: Backend::File {
+                store: Mutex::new(store),
+                timeout,
+            },
             settings,
             me,
             path,
@@ -207,7 +232,8 @@ impl PortDaddy {
 
     /// Releases whatever lease is on `port`, whoever holds it; whether there was one.
     ///
-    /// A guard of that lease then releases nothing when it drops.
+    /// A guard of that lease then releases nothing when it drops. To end a lease you hold
+    /// without any risk of freeing someone else's, use [`release_lease`](Self::release_lease).
     ///
     /// # Errors
     ///
@@ -248,42 +274,112 @@ impl PortDaddy {
         self.inner.settings.range
     }
 
+    /// Releases exactly `lease`: unlike [`release`](Self::release), nothing happens if the
+    /// port has meanwhile gone to another holder (say, after the lease expired). The way to
+    /// end a detached lease from [`PortGuard::keep`](crate::PortGuard::keep).
+    ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let lease = registry.acquire("job")?.keep()?;
+    /// assert!(registry.release_lease(&lease)?);
+    /// assert!(!registry.release_lease(&lease)?, "already gone");
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A registry error.
+    pub fn release_lease(&self, lease: &Lease) -> Result<bool> {
+        self.delete_exact(lease.port(), lease.id())
+    }
+
     /// Deletes exactly the lease `id` on `port`.
-    pub(crate) fn release_lease(&self, port: u16, id: u64) -> Result<bool> {
+    pub(crate) fn delete_exact(&self, port: u16, id: u64) -> Result<bool> {
         self.write(|tx, _| tx.delete_lease(port, id))
     }
 
     /// Removes the owner of exactly the lease `id` on `port`.
-    pub(crate) fn detach_lease(&self, port: u16, id: u64) -> Result<bool> {
+    pub(crate) fn detach_exact(&self, port: u16, id: u64) -> Result<bool> {
         self.write(|tx, _| tx.detach(port, id))
     }
 
+    /// Runs `f` as one write transaction; the policy's view of the world (the time above
+    /// all) is taken once the transaction holds the lock.
     fn write<R>(&self, f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>) -> Result<R> {
         let inner = &*self.inner;
-        let s = &inner.settings;
-        let env = Env {
-            range: s.range,
-            reserved: &s.reserved,
-            ports: &*s.ports,
-            processes: &*s.processes,
-            me: &inner.me,
-            now: s.clock.now(),
-        };
+        let run = |tx: &mut dyn Tx| f(tx, &inner.env());
         match &inner.backend {
-            Backend::File(store) => store
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write(|tx| f(tx, &env)),
-            Backend::Memory(store) => store.transact(|tx| f(tx, &env)),
+            Backend::File { store, timeout } => {
+                // One bound for the whole call, waiting for the handle included.
+                let deadline = Deadline::after(*timeout);
+                inner.check_not_forked()?;
+                store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(deadline, run)
+            }
+            Backend::Memory(store) => store.transact(run),
         }
     }
 
     fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
         match &self.inner.backend {
-            Backend::File(store) => store.lock().unwrap_or_else(|p| p.into_inner()).read(f),
+            Backend::File { store, timeout } => {
+                let deadline = Deadline::after(*timeout);
+                self.inner.check_not_forked()?;
+                store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(deadline, f)
+            }
             Backend::Memory(store) => store.transact(f),
         }
     }
+}
+
+impl Inner {
+    fn env(&self) -> Env<'_> {
+        let s = &self.settings;
+        Env {
+            range: s.range,
+            reserved: &s.reserved,
+            ports: &*s.ports,
+            processes: &*s.processes,
+            me: &self.me,
+            now: s.clock.now(),
+        }
+    }
+
+    /// A file handle holds a SQLite connection and a lock that must not be shared with a
+    /// child made by `fork`: using them there could corrupt the registry or let parent and
+    /// child write at once.
+    fn check_not_forked(&self) -> Result<()> {
+        let child = std::process::id();
+        if child != self.me.pid() {
+            return Err(Error::ForkedHandle {
+                parent: self.me.pid(),
+                child,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The handle behind [`crate::acquire`]: opened on first use, and again in a forked child.
+pub(crate) fn default_registry() -> Result<PortDaddy> {
+    static DEFAULT: Mutex<Option<PortDaddy>> = Mutex::new(None);
+    let mut slot = DEFAULT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(registry) = slot.as_ref() {
+        if registry.inner.me.pid() == std::process::id() {
+            return Ok(registry.clone());
+        }
+        // Inherited from the parent across fork: closing its connection here could
+        // checkpoint or delete the parent's WAL, so leak it instead.
+        std::mem::forget(slot.take());
+    }
+    let registry = PortDaddy::open_default()?;
+    *slot = Some(registry.clone());
+    Ok(registry)
 }
 
 impl fmt::Debug for PortDaddy {

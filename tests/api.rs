@@ -384,6 +384,10 @@ fn keep_of_a_lost_lease_reports_it() {
     registry.release(guard.port()).unwrap();
     let err = guard.keep().unwrap_err();
     assert!(matches!(err.error(), Error::LeaseLost { port: 23000 }));
+    assert!(
+        err.into_guard().is_none(),
+        "a lost lease has no guard to give back"
+    );
 }
 
 #[test]
@@ -594,7 +598,10 @@ fn a_lock_held_by_another_handle_times_out_with_the_path_named() {
     match waiter.open() {
         Err(Error::LockTimeout { path: p, waited }) => {
             assert_eq!(p, path);
-            assert_eq!(waited, Duration::from_millis(100));
+            assert!(
+                waited >= Duration::from_millis(100),
+                "reported wait {waited:?}"
+            );
         }
         other => panic!("expected LockTimeout, got {other:?}"),
     }
@@ -653,4 +660,120 @@ fn reuse_detached_gives_a_build_script_the_same_port_every_build() {
     // Without the option a detached lease blocks its port like any other.
     let plain = registry.acquire("my-crate/server").unwrap();
     assert_ne!(plain.port(), first.port());
+}
+
+#[test]
+fn a_ttl_too_large_to_store_is_a_typed_error_not_a_panic() {
+    let (_dir, path) = temp_registry();
+    for registry in [memory(23000..=23009), file(&path, 23000..=23009)] {
+        let request = Request::new("forever").ttl(Duration::MAX);
+        match registry.acquire_with(&request) {
+            Err(Error::InvalidRequest { reason }) => assert!(reason.contains("TTL"), "{reason}"),
+            other => panic!("expected InvalidRequest, got {other:?}"),
+        }
+        assert!(registry.list().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn an_unrepresentable_lock_timeout_means_waiting_without_limit() {
+    let (_dir, path) = temp_registry();
+    let registry = PortDaddy::builder()
+        .path(&path)
+        .range(23000..=23009)
+        .port_probe(all_free)
+        .lock_timeout(Duration::MAX)
+        .open()
+        .unwrap();
+    assert!(registry.acquire("x").is_ok());
+}
+
+#[test]
+fn reuse_detached_never_overrides_a_required_port() {
+    let registry = memory(23000..=23099);
+    let kept = registry.acquire("build").unwrap().keep().unwrap();
+    let other_port = if kept.port() == 23050 { 23051 } else { 23050 };
+    let request = Request::new("build").require(other_port).reuse_detached();
+    let guard = registry.acquire_with(&request).unwrap();
+    assert_eq!(
+        (guard.port(), guard.choice()),
+        (other_port, Choice::Preferred)
+    );
+    assert!(
+        registry.list().unwrap().contains(&kept),
+        "the detached lease is untouched"
+    );
+}
+
+#[test]
+fn reuse_detached_needs_the_lease_to_cover_the_protocols_asked_for() {
+    let registry = memory(23000..=23099);
+    let kept = registry.acquire("svc").unwrap().keep().unwrap();
+    let udp = Request::new("svc").protocol(Protocol::Udp).reuse_detached();
+    let guard = registry.acquire_with(&udp).unwrap();
+    assert_ne!(
+        guard.port(),
+        kept.port(),
+        "a TCP-probed lease is not taken for UDP"
+    );
+}
+
+#[test]
+fn release_lease_never_frees_a_port_that_changed_hands() {
+    let clock = FakeClock::new();
+    let registry = PortDaddy::builder()
+        .in_memory()
+        .range(23000..=23000)
+        .port_probe(all_free)
+        .clock(clock.as_fn())
+        .open()
+        .unwrap();
+    let request = Request::new("build").ttl(Duration::from_secs(60));
+    let old = registry.acquire_with(&request).unwrap().keep().unwrap();
+    clock.advance(Duration::from_secs(61));
+    let new = registry.acquire("next").unwrap();
+    assert_eq!(new.port(), old.port());
+    assert!(!registry.release_lease(&old).unwrap());
+    assert_eq!(registry.list().unwrap(), vec![new.lease().clone()]);
+}
+
+#[cfg(unix)]
+#[test]
+fn threads_sharing_a_handle_each_give_up_when_their_own_timeout_ends() {
+    let (_dir, path) = temp_registry();
+    let timeout = Duration::from_millis(300);
+    let registry = PortDaddy::builder()
+        .path(&path)
+        .range(23000..=23009)
+        .port_probe(all_free)
+        .lock_timeout(timeout)
+        .open()
+        .unwrap();
+    let _outside = fd_lock_free::hold(&path.with_extension("sqlite3.lock"));
+    // Four calls start together on one handle. Each must give up when *its* timeout ends,
+    // not wait for the calls before it to time out in turn (which took 4x the timeout).
+    let calls: Vec<(Duration, Duration)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let start = std::time::Instant::now();
+                    match registry.acquire("x") {
+                        Err(Error::LockTimeout { waited, .. }) => (waited, start.elapsed()),
+                        other => panic!("expected LockTimeout, got {other:?}"),
+                    }
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for &(waited, elapsed) in &calls {
+        assert!(waited >= timeout, "gave up early: {calls:?}");
+        assert!(waited <= elapsed, "reported more than it waited: {calls:?}");
+        // Queued one after another, the last call took 4x the timeout; the margin is wide
+        // enough for a busy machine.
+        assert!(
+            elapsed < timeout * 5 / 2,
+            "waited past its timeout: {calls:?}"
+        );
+    }
 }

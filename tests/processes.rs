@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use portdaddy::{Error, PortDaddy};
+use portdaddy::{Error, PortDaddy, PortGuard};
 
 /// The test that a worker process runs.
 const WORKER_TEST: &str = "worker_entry";
@@ -459,13 +459,14 @@ fn port_of(leases: &[portdaddy::Lease], pid: u32) -> u16 {
 
 const FORK_RANGE: RangeInclusive<u16> = 24200..=24201;
 
-/// A worker takes a lease, forks, and the child drops its copy of the guard and `_exit`s.
+/// A worker takes a lease, forks, and the child tries to release and to keep its copy of the
+/// guard (both refused), drops it and `_exit`s.
 /// The lease must still be listed, owned by the worker, and its port must stay taken.
 ///
 /// The fork happens in a worker process rather than in this multi-threaded test binary, whose
 /// other tests may hold locks at the moment of the fork.
 #[test]
-fn guard_dropped_in_a_forked_child_keeps_the_parents_lease() {
+fn a_guard_dropped_released_or_kept_in_a_forked_child_keeps_the_parents_lease() {
     let _ports = lock_ports(&FORK_RANGE);
     let (_dir, path) = common::temp_registry();
     let deadline = Instant::now() + DEADLINE;
@@ -481,7 +482,8 @@ fn guard_dropped_in_a_forked_child_keeps_the_parents_lease() {
     };
     assert_eq!(
         child_status, "exited-0",
-        "the forked child did not exit cleanly after the drop"
+        "the forked child's release or keep was not refused with ForkedHandle (codes: 1 \
+         released, 2 other error, 3 no guard back, 4 kept, 5 other error on keep)"
     );
 
     let registry = open(&path, &FORK_RANGE);
@@ -778,9 +780,24 @@ fn fork_worker(registry: &PortDaddy) {
     // runs no destructors or exit handlers.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        drop(guard);
+        // An explicit release and a keep in the child are refused (the handle belongs to
+        // the parent) and hand the guard back; the drop then does nothing. Exit code 0 means
+        // all of that happened.
+        let code = match guard.release() {
+            Ok(()) => 1,
+            Err(e) if !matches!(e.error(), Error::ForkedHandle { .. }) => 2,
+            Err(e) => match e.into_guard().map(PortGuard::keep) {
+                None => 3,
+                Some(Ok(_)) => 4,
+                Some(Err(e)) if !matches!(e.error(), Error::ForkedHandle { .. }) => 5,
+                Some(Err(e)) => {
+                    drop(e);
+                    0
+                }
+            },
+        };
         // SAFETY: ends the child without touching anything shared with the parent.
-        unsafe { libc::_exit(0) }
+        unsafe { libc::_exit(code) }
     }
     assert!(pid > 0, "fork failed: {}", io::Error::last_os_error());
     let status = wait_child(pid);

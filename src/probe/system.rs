@@ -68,7 +68,8 @@ pub(crate) fn current_owner() -> Result<Owner> {
 pub(crate) fn owner_of(pid: u32) -> Result<Owner> {
     match state_of(pid) {
         ProcState::Running { start_time } => Ok(Owner::new(pid, start_time, boot_id())),
-        ProcState::Gone | ProcState::Unknown => Err(Error::NoSuchProcess { pid }),
+        ProcState::Gone => Err(Error::NoSuchProcess { pid }),
+        ProcState::Unknown => Err(Error::ProcessUnreadable { pid }),
     }
 }
 

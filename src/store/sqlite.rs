@@ -18,9 +18,12 @@
 //! # Locking and durability
 //!
 //! Every write transaction first takes an exclusive `flock` on `<registry>.lock` (see the
-//! `lock` module), then runs `BEGIN IMMEDIATE … COMMIT`. The file lock queues writers in the
-//! kernel, so no process starves, and SQLite's busy handler is left for the rare moments
-//! when a reader meets a checkpoint. Reads (listing) take no file lock: in WAL mode they see
+//! `lock` module), then runs `BEGIN IMMEDIATE … COMMIT`. Waiting writers block in the
+//! kernel's lock queue and are woken the moment the lock is free, instead of sleeping in
+//! whole milliseconds as SQLite's busy handler does, which let one busy writer starve the
+//! others. (The kernel does not promise first-come-first-served; it promises no sleeping
+//! through free moments.) SQLite's busy handler is left for the rare moments when a reader
+//! meets a checkpoint. Reads (listing) take no file lock: in WAL mode they see
 //! a consistent snapshot while a writer works.
 //!
 //! The journal is WAL with `synchronous=NORMAL`: a commit is atomic and survives a crash of
@@ -49,7 +52,7 @@ use rusqlite::{
 use super::{first_gap, Tx};
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
-use crate::lock::FileLock;
+use crate::lock::{Deadline, FileLock};
 use crate::paths;
 use crate::range::PortRange;
 
@@ -95,11 +98,11 @@ pub(crate) struct SqliteStore {
     path: PathBuf,
     conn: Connection,
     lock: FileLock,
-    timeout: Duration,
 }
 
 impl SqliteStore {
     pub(crate) fn open(path: &Path, shared_tmp: bool, timeout: Duration) -> Result<Self> {
+        let deadline = Deadline::after(timeout);
         let open_err = |e: io::Error| Error::Open {
             path: path.to_owned(),
             source: e.into(),
@@ -123,24 +126,23 @@ impl SqliteStore {
             // The whole sequence runs under the write lock, so no process ever inspects a
             // registry that another is still creating or migrating.
             let _held =
-                lock.lock(timeout)
+                lock.lock(deadline)
                     .map_err(open_err)?
                     .ok_or_else(|| Error::LockTimeout {
                         path: path.to_owned(),
-                        waited: timeout,
+                        waited: deadline.elapsed(),
                     })?;
             check_existing_file(path, true)?;
             paths::create_private_file(path).map_err(open_err)?;
-            open_checked(path, timeout)?
+            open_checked(path, deadline)?
         };
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| open_sql_err(path, timeout, e))?;
+            .map_err(|e| open_sql_err(path, deadline, e))?;
         tracing::debug!(path = %path.display(), "opened port registry");
         Ok(Self {
             path: path.to_owned(),
             conn,
             lock,
-            timeout,
         })
     }
 
@@ -148,62 +150,71 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `f` as one write transaction under the file lock.
-    pub(crate) fn write<R>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
-        let Self {
-            path,
-            conn,
-            lock,
-            timeout,
-        } = self;
+    /// Runs `f` as one write transaction under the file lock, giving up at `deadline`.
+    pub(crate) fn write<R>(
+        &mut self,
+        deadline: Deadline,
+        f: impl FnOnce(&mut dyn Tx) -> Result<R>,
+    ) -> Result<R> {
+        let Self { path, conn, lock } = self;
         let _held = lock
-            .lock(*timeout)
+            .lock(deadline)
             .map_err(|e| Error::Registry {
                 path: path.clone(),
                 source: e.into(),
             })?
             .ok_or_else(|| Error::LockTimeout {
                 path: path.clone(),
-                waited: *timeout,
+                waited: deadline.elapsed(),
             })?;
+        let sql = |e| sql_err(path, deadline, e);
+        conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| sql_err(path, *timeout, e))?;
+            .map_err(sql)?;
         let value = f(&mut SqlTx {
             tx: &tx,
             path,
-            timeout: *timeout,
+            deadline,
         })?;
-        tx.commit().map_err(|e| sql_err(path, *timeout, e))?;
+        tx.commit().map_err(sql)?;
         Ok(value)
     }
 
     /// Runs `f` on a consistent snapshot, without the file lock.
-    pub(crate) fn read<R>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
-        let Self {
-            path,
-            conn,
-            timeout,
-            ..
-        } = self;
+    pub(crate) fn read<R>(
+        &mut self,
+        deadline: Deadline,
+        f: impl FnOnce(&mut dyn Tx) -> Result<R>,
+    ) -> Result<R> {
+        let Self { path, conn, .. } = self;
+        let sql = |e| sql_err(path, deadline, e);
+        conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Deferred)
-            .map_err(|e| sql_err(path, *timeout, e))?;
+            .map_err(sql)?;
         f(&mut SqlTx {
             tx: &tx,
             path,
-            timeout: *timeout,
+            deadline,
         })
     }
 }
 
+/// What is left of `deadline`, as far as SQLite's busy timeout (an `int` of milliseconds)
+/// can express it.
+fn busy_timeout(deadline: Deadline) -> Duration {
+    let most = Duration::from_millis(i32::MAX as u64);
+    deadline.remaining().map_or(most, |left| left.min(most))
+}
+
 /// Opens the connection, inspects the file read-only, then sets WAL mode and migrates.
 /// The caller holds the write lock.
-fn open_checked(path: &Path, timeout: Duration) -> Result<Connection> {
-    let sql = |e| open_sql_err(path, timeout, e);
+fn open_checked(path: &Path, deadline: Deadline) -> Result<Connection> {
+    let sql = |e| open_sql_err(path, deadline, e);
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(path, flags).map_err(sql)?;
-    conn.busy_timeout(timeout).map_err(sql)?;
+    conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
     // Closing the last connection checkpoints the WAL into the file: not before we know the
     // file is ours.
     let guard_wal = sibling(path, "-wal").exists();
@@ -211,7 +222,7 @@ fn open_checked(path: &Path, timeout: Duration) -> Result<Connection> {
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(sql)?;
     }
-    inspect(&conn, path, timeout)?;
+    inspect(&conn, path, deadline)?;
     if guard_wal {
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
             .map_err(sql)?;
@@ -298,14 +309,14 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Read-only checks: is this an empty database or one of ours, of a schema we know, intact?
-fn inspect(conn: &Connection, path: &Path, timeout: Duration) -> Result<()> {
+fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Result<()> {
     let corrupt = |detail: String| Error::Corrupt {
         path: path.to_owned(),
         detail,
     };
     let query = |sql: &str| -> Result<i64> {
         conn.query_row(sql, [], |r| r.get(0))
-            .map_err(|e| open_sql_err(path, timeout, e))
+            .map_err(|e| open_sql_err(path, deadline, e))
     };
     let tables = query("SELECT count(*) FROM sqlite_schema")?;
     let app_id = query("PRAGMA application_id")?;
@@ -340,7 +351,7 @@ fn inspect(conn: &Connection, path: &Path, timeout: Duration) -> Result<()> {
     }
     let check: String = conn
         .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-        .map_err(|e| open_sql_err(path, timeout, e))?;
+        .map_err(|e| open_sql_err(path, deadline, e))?;
     if check != "ok" {
         return Err(corrupt(format!("integrity check failed: {check}")));
     }
@@ -364,15 +375,15 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 /// Maps an SQLite error met while opening: as [`sql_err`], except that other failures mean
 /// the registry could not be opened.
-fn open_sql_err(path: &Path, timeout: Duration, e: rusqlite::Error) -> Error {
-    match sql_err(path, timeout, e) {
+fn open_sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
+    match sql_err(path, deadline, e) {
         Error::Registry { path, source } => Error::Open { path, source },
         other => other,
     }
 }
 
 /// Maps an SQLite error met while using an open registry.
-fn sql_err(path: &Path, timeout: Duration, e: rusqlite::Error) -> Error {
+fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
             path: path.to_owned(),
@@ -380,7 +391,7 @@ fn sql_err(path: &Path, timeout: Duration, e: rusqlite::Error) -> Error {
         },
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::LockTimeout {
             path: path.to_owned(),
-            waited: timeout,
+            waited: deadline.elapsed(),
         },
         _ => Error::Registry {
             path: path.to_owned(),
@@ -392,12 +403,12 @@ fn sql_err(path: &Path, timeout: Duration, e: rusqlite::Error) -> Error {
 struct SqlTx<'a> {
     tx: &'a rusqlite::Transaction<'a>,
     path: &'a Path,
-    timeout: Duration,
+    deadline: Deadline,
 }
 
 impl SqlTx<'_> {
     fn err(&self, e: rusqlite::Error) -> Error {
-        sql_err(self.path, self.timeout, e)
+        sql_err(self.path, self.deadline, e)
     }
 
     fn lease_from_row(&self, row: &Row<'_>) -> rusqlite::Result<Result<Lease>> {
