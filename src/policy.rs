@@ -194,7 +194,8 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         expires_at,
     };
     tx.insert_lease(&lease)?;
-    if !keep_memory {
+    // A remembered port handed out again is remembered already.
+    if !keep_memory && choice != Choice::Remembered {
         tx.remember(&request.name, port, env.now)?;
     }
     tracing::debug!(port, name = %lease.name, ?choice, "port leased");

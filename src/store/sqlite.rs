@@ -90,8 +90,25 @@ const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 /// Length of the SQLite file header.
 const HEADER_LEN: usize = 100;
 
-const LEASE_COLUMNS: &str =
-    "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at";
+/// The columns of a lease, in the order [`SqlTx::lease_from_row`] reads them.
+macro_rules! lease_columns {
+    () => {
+        "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at"
+    };
+}
+
+const SELECT_LEASE_ON_PORT: &str =
+    concat!("SELECT ", lease_columns!(), " FROM leases WHERE port = ?1");
+const SELECT_LEASES_IN: &str = concat!(
+    "SELECT ",
+    lease_columns!(),
+    " FROM leases WHERE port BETWEEN ?1 AND ?2 ORDER BY acquired_at, id"
+);
+const INSERT_LEASE: &str = concat!(
+    "INSERT INTO leases (",
+    lease_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+);
 
 #[derive(Debug)]
 pub(crate) struct SqliteStore {
@@ -451,8 +468,10 @@ impl SqlTx<'_> {
 
 impl Tx for SqlTx<'_> {
     fn lease_on(&mut self, port: u16) -> Result<Option<Lease>> {
-        let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE port = ?1");
-        let mut stmt = self.tx.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let mut stmt = self
+            .tx
+            .prepare_cached(SELECT_LEASE_ON_PORT)
+            .map_err(|e| self.err(e))?;
         stmt.query_row([port], |row| self.lease_from_row(row))
             .optional()
             .map_err(|e| self.err(e))?
@@ -497,10 +516,10 @@ impl Tx for SqlTx<'_> {
     }
 
     fn insert_lease(&mut self, lease: &Lease) -> Result<()> {
-        let sql = format!(
-            "INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-        );
-        let mut stmt = self.tx.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let mut stmt = self
+            .tx
+            .prepare_cached(INSERT_LEASE)
+            .map_err(|e| self.err(e))?;
         let owner = lease.owner.as_ref();
         stmt.execute(params![
             lease.id as i64,
@@ -573,11 +592,10 @@ impl Tx for SqlTx<'_> {
 
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
         let (lo, hi) = range.map_or((0, u16::MAX), |r| (r.start(), r.end()));
-        let sql = format!(
-            "SELECT {LEASE_COLUMNS} FROM leases WHERE port BETWEEN ?1 AND ?2
-             ORDER BY acquired_at, id"
-        );
-        let mut stmt = self.tx.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let mut stmt = self
+            .tx
+            .prepare_cached(SELECT_LEASES_IN)
+            .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params![lo, hi], |row| self.lease_from_row(row))
             .map_err(|e| self.err(e))?;
