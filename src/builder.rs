@@ -89,6 +89,14 @@ impl Builder {
     /// Where the registry file lives. It is created (with its directories) if missing.
     ///
     /// Default: `$PORTDADDY_DB`, else the per-user default of [`PortDaddy::default_path`].
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("ci/ports.sqlite3");
+    /// let registry = portdaddy::PortDaddy::builder().path(&path).open()?;
+    /// assert_eq!(registry.path(), Some(path.as_path()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn path(mut self, path: impl AsRef<Path>) -> Self {
         self.opts.target = Target::Path(path.as_ref().to_owned());
         self
@@ -98,6 +106,12 @@ impl Builder {
     /// handle and its clones, that coordinates threads but not processes.
     ///
     /// Default: a file.
+    ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// assert_eq!(registry.path(), None);
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
     pub fn in_memory(mut self) -> Self {
         self.opts.target = Target::Memory;
         self
@@ -108,6 +122,15 @@ impl Builder {
     /// those ports to `bind(0)` and outgoing connections.
     ///
     /// Default: [`PortRange::default_for_host`], outside the ephemeral range.
+    ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().range(20000..=20099).open()?;
+    /// assert_eq!(registry.range().len(), 100);
+    /// // An empty or reversed range is an error, not a panic.
+    /// let reversed = portdaddy::PortDaddy::builder().in_memory().range(9..=3).open();
+    /// assert!(matches!(reversed, Err(portdaddy::Error::InvalidRange { .. })));
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
     pub fn range(mut self, range: std::ops::RangeInclusive<u16>) -> Self {
         self.opts.range = Some((*range.start(), *range.end()));
         self
@@ -116,6 +139,17 @@ impl Builder {
     /// Ports never handed out, not even when preferred. May be called repeatedly.
     ///
     /// Default: none.
+    ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder()
+    ///     .in_memory()
+    ///     .range(20000..=20001)
+    ///     .reserve([20000])
+    ///     .port_probe(|_, _| true)
+    ///     .open()?;
+    /// assert_eq!(registry.acquire("svc")?.port(), 20001);
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
     pub fn reserve(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
         self.opts.reserved.extend(ports);
         self
@@ -124,6 +158,22 @@ impl Builder {
     /// How to tell whether a lease's owner is alive.
     ///
     /// Default: [`SystemProcessProbe`].
+    ///
+    /// ```
+    /// use portdaddy::{Owner, PortDaddy, Request};
+    ///
+    /// // Every other process counts as dead, so its leases are reclaimed when in the way.
+    /// let registry = PortDaddy::builder()
+    ///     .in_memory()
+    ///     .range(20000..=20000)
+    ///     .port_probe(|_, _| true)
+    ///     .process_probe(|_: &Owner| false)
+    ///     .open()?;
+    /// let ghost = Owner::new(4_000_000, 1, "another-boot");
+    /// std::mem::forget(registry.acquire_with(&Request::new("old").owner(ghost))?);
+    /// assert_eq!(registry.acquire("new")?.port(), 20000);
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
     pub fn process_probe(mut self, probe: impl ProcessProbe + 'static) -> Self {
         self.opts.processes = Some(Arc::new(probe));
         self
@@ -132,6 +182,18 @@ impl Builder {
     /// How to tell whether a port is free on the host.
     ///
     /// Default: [`BindProbe`].
+    ///
+    /// ```
+    /// use portdaddy::{PortDaddy, Protocol};
+    ///
+    /// let registry = PortDaddy::builder()
+    ///     .in_memory()
+    ///     .range(20000..=20001)
+    ///     .port_probe(|port: u16, _: Protocol| port % 2 == 1)
+    ///     .open()?;
+    /// assert_eq!(registry.acquire("odd")?.port(), 20001);
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
     pub fn port_probe(mut self, probe: impl PortProbe + 'static) -> Self {
         self.opts.ports = Some(Arc::new(probe));
         self
@@ -140,6 +202,15 @@ impl Builder {
     /// Where the current time comes from (lease stamps and TTL expiry).
     ///
     /// Default: [`SystemClock`].
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let epoch = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().clock(move || epoch).open()?;
+    /// assert_eq!(registry.acquire("stamped")?.lease().acquired_at(), epoch);
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
     pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
         self.opts.clock = Some(Arc::new(clock));
         self
@@ -150,6 +221,18 @@ impl Builder {
     /// a holder is stopped or hung.
     ///
     /// Default: 10 seconds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let registry = portdaddy::PortDaddy::builder()
+    ///     .path(dir.path().join("ports.sqlite3"))
+    ///     .lock_timeout(Duration::from_millis(500))
+    ///     .open()?;
+    /// # drop(registry);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.opts.lock_timeout = Some(timeout);
         self
