@@ -202,6 +202,33 @@ mod tests {
         ));
     }
 
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_killed_child_not_yet_waited_for_is_dead() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let owner = owner_of(child.id()).unwrap();
+        child.kill().unwrap();
+        // The kernel turns the child into a zombie asynchronously: watch /proc until it is
+        // one, without reaping it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let stat = format!("/proc/{}/stat", child.id());
+        while !std::fs::read_to_string(&stat).unwrap().contains(") Z ") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never became a zombie"
+            );
+            std::thread::yield_now();
+        }
+        assert!(
+            !SystemProcessProbe.is_alive(&owner),
+            "a zombie holds no ports"
+        );
+        child.wait().unwrap();
+    }
+
     #[test]
     fn a_waited_child_is_dead_and_a_running_one_alive() {
         let mut child = std::process::Command::new("sleep")

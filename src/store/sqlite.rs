@@ -644,6 +644,22 @@ mod tests {
     }
 
     #[test]
+    fn an_open_registry_runs_wal_with_synchronous_normal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("r.sqlite3"), false, Duration::from_secs(5))
+            .unwrap();
+        let pragma = |name| -> String {
+            store
+                .conn
+                .pragma_query_value(None, name, |r| r.get::<_, rusqlite::types::Value>(0))
+                .map(|v| format!("{v:?}"))
+                .unwrap()
+        };
+        assert_eq!(pragma("journal_mode"), "Text(\"wal\")");
+        assert_eq!(pragma("synchronous"), "Integer(1)", "1 is NORMAL");
+    }
+
+    #[test]
     fn the_schema_refuses_two_leases_on_one_port() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
