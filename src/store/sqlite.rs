@@ -423,7 +423,20 @@ struct SqlTx<'a> {
     deadline: Deadline,
 }
 
-impl SqlTx<'_> {
+impl<'t> SqlTx<'t> {
+    /// The first column of `rows` as ports, read lazily so that a search stops at the first
+    /// gap instead of loading every row.
+    fn port_column<'a, 'r>(
+        &'a self,
+        rows: &'a mut rusqlite::Rows<'r>,
+    ) -> impl Iterator<Item = Result<u16>> + use<'a, 'r, 't> {
+        std::iter::from_fn(move || match rows.next() {
+            Ok(Some(row)) => Some(row.get::<_, u16>(0).map_err(|e| self.err(e))),
+            Ok(None) => None,
+            Err(e) => Some(Err(self.err(e))),
+        })
+    }
+
     fn err(&self, e: rusqlite::Error) -> Error {
         sql_err(self.path, self.deadline, e)
     }
@@ -494,11 +507,7 @@ impl Tx for SqlTx<'_> {
             .prepare_cached("SELECT port FROM leases WHERE port BETWEEN ?1 AND ?2 ORDER BY port")
             .map_err(|e| self.err(e))?;
         let mut leased_rows = leased.query(params![from, to]).map_err(|e| self.err(e))?;
-        let leased_iter = std::iter::from_fn(|| match leased_rows.next() {
-            Ok(Some(row)) => Some(row.get::<_, u16>(0).map_err(|e| self.err(e))),
-            Ok(None) => None,
-            Err(e) => Some(Err(self.err(e))),
-        });
+        let leased_iter = self.port_column(&mut leased_rows);
         if !avoid_remembered {
             return first_gap(from, to, leased_iter, std::iter::empty());
         }
@@ -507,11 +516,7 @@ impl Tx for SqlTx<'_> {
             .prepare_cached("SELECT port FROM names WHERE port BETWEEN ?1 AND ?2 ORDER BY port")
             .map_err(|e| self.err(e))?;
         let mut named_rows = named.query(params![from, to]).map_err(|e| self.err(e))?;
-        let named_iter = std::iter::from_fn(|| match named_rows.next() {
-            Ok(Some(row)) => Some(row.get::<_, u16>(0).map_err(|e| self.err(e))),
-            Ok(None) => None,
-            Err(e) => Some(Err(self.err(e))),
-        });
+        let named_iter = self.port_column(&mut named_rows);
         first_gap(from, to, leased_iter, named_iter)
     }
 
