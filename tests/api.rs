@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{all_free, memory, memory_with, temp_registry, FakeClock, FakeProcesses};
+use common::{all_free, memory, memory_at, memory_with, temp_registry, FakeClock, FakeProcesses};
 use portdaddy::{Choice, Error, Lease, Owner, PortDaddy, PortGuard, Protocol, Request};
 
 fn file(path: &std::path::Path, range: std::ops::RangeInclusive<u16>) -> PortDaddy {
@@ -308,13 +308,7 @@ fn live_owners_leases_are_never_reaped() {
 #[test]
 fn an_expired_lease_is_reclaimed_even_while_its_owner_lives() {
     let clock = FakeClock::new();
-    let registry = PortDaddy::builder()
-        .in_memory()
-        .range(23000..=23000)
-        .port_probe(all_free)
-        .clock(clock.as_fn())
-        .open()
-        .unwrap();
+    let registry = memory_at(23000..=23000, &clock);
     let short = registry
         .acquire_with(&Request::new("short").ttl(Duration::from_secs(60)))
         .unwrap();
@@ -721,13 +715,7 @@ fn reuse_detached_needs_the_lease_to_cover_the_protocols_asked_for() {
 #[test]
 fn release_lease_never_frees_a_port_that_changed_hands() {
     let clock = FakeClock::new();
-    let registry = PortDaddy::builder()
-        .in_memory()
-        .range(23000..=23000)
-        .port_probe(all_free)
-        .clock(clock.as_fn())
-        .open()
-        .unwrap();
+    let registry = memory_at(23000..=23000, &clock);
     let request = Request::new("build").ttl(Duration::from_secs(60));
     let old = registry.acquire_with(&request).unwrap().keep().unwrap();
     clock.advance(Duration::from_secs(61));

@@ -105,3 +105,15 @@ pub fn memory_with(range: std::ops::RangeInclusive<u16>, procs: &FakeProcesses) 
         .open()
         .expect("open")
 }
+
+/// An in-memory registry over `range` that tells time by `clock`, and whose port probe says
+/// every port is free.
+pub fn memory_at(range: std::ops::RangeInclusive<u16>, clock: &FakeClock) -> PortDaddy {
+    PortDaddy::builder()
+        .in_memory()
+        .range(range)
+        .port_probe(all_free)
+        .clock(clock.as_fn())
+        .open()
+        .expect("open")
+}
