@@ -531,12 +531,10 @@ const CREATE_REGISTRIES: usize = 50;
 /// files, one after the other, in lockstep); every open, and a claim on the opened handle,
 /// must succeed.
 ///
-/// KNOWN BUG (fails at commit 7123482): `check_existing_file` in `src/store/sqlite.rs` runs
-/// *before* the registry lock is taken. While one process is creating the registry (the file
-/// exists, `application_id` is still 0, and SQLite has a `-journal` beside it during the
-/// switch to WAL), another process's check takes it for "an SQLite database of another
-/// application (it has a rollback journal)" and refuses with `Error::Corrupt`. Reproduce with
-/// `cargo test --test processes processes_creating`.
+/// This guards a race that once failed almost every run: when the file checks ran before the
+/// registry lock, a process opening a registry that another was still creating (the file
+/// exists, `application_id` is still 0, and SQLite has a `-journal` beside it during the switch
+/// to WAL) took it for another application's database and refused it with `Error::Corrupt`.
 #[test]
 fn processes_creating_a_registry_at_once_all_open_it() {
     let _ports = lock_ports(&CREATE_RANGE);
