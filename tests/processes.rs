@@ -590,7 +590,7 @@ fn processes_creating_a_registry_at_once_all_open_it() {
     }
     assert!(
         failures.is_empty(),
-        "{} of {} concurrent opens failed (see the KNOWN BUG note on this test):\n{}",
+        "{} of {} concurrent opens failed:\n{}",
         failures.len(),
         CREATE_WORKERS * CREATE_REGISTRIES,
         failures.join("\n")
