@@ -202,14 +202,21 @@ mod tests {
         ));
     }
 
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn a_killed_child_not_yet_waited_for_is_dead() {
-        let mut child = std::process::Command::new("sleep")
+    /// A child that sleeps until killed, and its identity.
+    #[cfg(unix)]
+    fn sleeping_child() -> (std::process::Child, Owner) {
+        let child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
         let owner = owner_of(child.id()).unwrap();
+        (child, owner)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_killed_child_not_yet_waited_for_is_dead() {
+        let (mut child, owner) = sleeping_child();
         child.kill().unwrap();
         // The kernel turns the child into a zombie asynchronously: watch /proc until it is
         // one, without reaping it.
@@ -229,13 +236,10 @@ mod tests {
         child.wait().unwrap();
     }
 
+    #[cfg(unix)]
     #[test]
     fn a_waited_child_is_dead_and_a_running_one_alive() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let owner = owner_of(child.id()).unwrap();
+        let (mut child, owner) = sleeping_child();
         assert!(SystemProcessProbe.is_alive(&owner));
         child.kill().unwrap();
         child.wait().unwrap();
