@@ -1,9 +1,13 @@
 //! [`PortGuard`]: a lease that ends when the guard drops.
 
 use std::fmt;
+use std::mem;
+use std::net::{TcpListener, UdpSocket};
+use std::ops::RangeInclusive;
 
 use crate::error::{Error, GuardError};
 use crate::lease::{Choice, Lease};
+use crate::probe::handover::Sockets;
 use crate::registry::PortDaddy;
 
 /// A leased port, released when the guard is dropped.
@@ -38,17 +42,20 @@ pub struct PortGuard {
     registry: PortDaddy,
     lease: Lease,
     choice: Choice,
+    /// Sockets bound for [`Request::listen_on`](crate::Request::listen_on), until taken.
+    sockets: Sockets,
     /// The process that took the lease; a forked child must not release it.
     creator: u32,
     armed: bool,
 }
 
 impl PortGuard {
-    pub(crate) fn new(registry: PortDaddy, lease: Lease, choice: Choice) -> Self {
+    pub(crate) fn new(registry: PortDaddy, lease: Lease, choice: Choice, sockets: Sockets) -> Self {
         Self {
             registry,
             lease,
             choice,
+            sockets,
             creator: std::process::id(),
             armed: true,
         }
@@ -57,6 +64,42 @@ impl PortGuard {
     /// The leased port.
     pub fn port(&self) -> u16 {
         self.lease.port()
+    }
+
+    /// Every port of the lease: just [`port`](Self::port), unless it is a block
+    /// ([`Request::block`](crate::Request::block)).
+    pub fn ports(&self) -> RangeInclusive<u16> {
+        self.lease.ports()
+    }
+
+    /// Takes the TCP listeners bound for [`Request::listen_on`](crate::Request::listen_on),
+    /// one per port of the lease in port order; empty if none were asked for or they were
+    /// taken already.
+    ///
+    /// The listeners and the lease are independent once taken: the lease still ends when the
+    /// guard drops, so keep the guard as long as the server runs.
+    ///
+    /// ```
+    /// use std::net::Ipv4Addr;
+    /// use portdaddy::{PortDaddy, Request};
+    ///
+    /// let registry = PortDaddy::builder().in_memory().open()?;
+    /// let request = Request::new("cluster").block(2).listen_on(Ipv4Addr::LOCALHOST.into());
+    /// let mut guard = registry.acquire_with(&request)?;
+    /// let listeners = guard.take_tcp_listeners();
+    /// assert_eq!(listeners.len(), 2);
+    /// assert_eq!(listeners[1].local_addr()?.port(), guard.port() + 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn take_tcp_listeners(&mut self) -> Vec<TcpListener> {
+        mem::take(&mut self.sockets.tcp)
+    }
+
+    /// Takes the UDP sockets bound for [`Request::listen_on`](crate::Request::listen_on)
+    /// with a protocol that includes UDP, one per port in port order; empty if none were
+    /// asked for or they were taken already.
+    pub fn take_udp_sockets(&mut self) -> Vec<UdpSocket> {
+        mem::take(&mut self.sockets.udp)
     }
 
     /// The name the port was leased under.
@@ -159,6 +202,7 @@ impl fmt::Debug for PortGuard {
         f.debug_struct("PortGuard")
             .field("port", &self.lease.port)
             .field("name", &self.lease.name)
+            .field("ports", &self.lease.ports())
             .field("choice", &self.choice)
             .finish_non_exhaustive()
     }

@@ -1,5 +1,6 @@
 //! What the registry records: leases, their owners, and the protocols they cover.
 
+use std::ops::RangeInclusive;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -114,7 +115,7 @@ impl Owner {
     }
 }
 
-/// One port held in the registry.
+/// One port, or one block of consecutive ports, held in the registry.
 ///
 /// A lease is *owned* while it records an [`Owner`]: it lasts until released or until that
 /// process dies. A *detached* lease (from [`PortGuard::keep`](crate::PortGuard::keep)) has no
@@ -123,6 +124,9 @@ impl Owner {
 pub struct Lease {
     pub(crate) id: u64,
     pub(crate) port: u16,
+    /// How many consecutive ports, from `port` on, the lease holds.
+    #[serde(default = "one_port")]
+    pub(crate) block_len: u16,
     pub(crate) name: String,
     pub(crate) protocol: Protocol,
     pub(crate) owner: Option<Owner>,
@@ -130,10 +134,37 @@ pub struct Lease {
     pub(crate) expires_at: Option<SystemTime>,
 }
 
+fn one_port() -> u16 {
+    1
+}
+
 impl Lease {
-    /// The leased port.
+    /// The leased port: the first one, for a block (see [`Request::block`]).
+    ///
+    /// [`Request::block`]: crate::Request::block
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Every port the lease holds: `port()..=port()` unless it is a block.
+    pub fn ports(&self) -> RangeInclusive<u16> {
+        self.port..=self.last_port()
+    }
+
+    /// How many consecutive ports the lease holds (1 unless it is a block).
+    pub fn block_len(&self) -> u16 {
+        self.block_len
+    }
+
+    /// The last port the lease holds.
+    pub(crate) fn last_port(&self) -> u16 {
+        // The policy never stores a block that runs past 65535; saturate regardless.
+        self.port.saturating_add(self.block_len.saturating_sub(1))
+    }
+
+    /// Whether the lease holds `port`.
+    pub(crate) fn covers(&self, port: u16) -> bool {
+        self.ports().contains(&port)
     }
 
     /// The name the lease was taken under.

@@ -100,14 +100,42 @@ impl Env<'_> {
         Ok(None)
     }
 
-    /// Next-fit search from the cursor, wrapping around once.
-    fn search(&self, tx: &mut dyn Tx, protocol: Protocol, avoid: bool) -> Result<Option<u16>> {
+    /// Checks the `len` ports from `first` on; the first port that cannot be had, and why.
+    fn check_block(
+        &self,
+        tx: &mut dyn Tx,
+        first: u16,
+        len: u16,
+        protocol: Protocol,
+    ) -> Result<Option<(u16, Blocked)>> {
+        for port in block_ports(first, len) {
+            if let Some(blocked) = self.check(tx, port, protocol)? {
+                return Ok(Some((port, blocked)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Next-fit search from the cursor, wrapping around once, for `len` consecutive ports
+    /// that lie wholly inside the range.
+    fn search(
+        &self,
+        tx: &mut dyn Tx,
+        protocol: Protocol,
+        len: u16,
+        avoid: bool,
+    ) -> Result<Option<u16>> {
         let (lo, hi) = (self.range.start(), self.range.end());
+        if usize::from(len) > self.range.len() {
+            return Ok(None);
+        }
+        // The last port a block may start on.
+        let last_start = hi - (len - 1);
         let start = tx
             .cursor()?
-            .filter(|c| self.range.contains(*c))
+            .filter(|c| (lo..=last_start).contains(c))
             .unwrap_or(lo);
-        let mut segments = vec![(start, hi)];
+        let mut segments = vec![(start, last_start)];
         if start > lo {
             segments.push((lo, start - 1));
         }
@@ -117,20 +145,55 @@ impl Env<'_> {
                 let Some(port) = tx.first_vacant(from as u16, to, avoid)? else {
                     break;
                 };
-                if !self.reserved.contains(&port) && self.ports.is_free(port, protocol) {
-                    return Ok(Some(port));
+                match self.run_fits(tx, port, len, protocol, avoid)? {
+                    None => return Ok(Some(port)),
+                    Some(taken) => from = u32::from(taken) + 1,
                 }
-                from = u32::from(port) + 1;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the `len` ports from the vacant port `first` on can all be had: vacant,
+    /// not reserved, free on the host. If not, the first one that cannot.
+    fn run_fits(
+        &self,
+        tx: &mut dyn Tx,
+        first: u16,
+        len: u16,
+        protocol: Protocol,
+        avoid: bool,
+    ) -> Result<Option<u16>> {
+        for port in block_ports(first, len) {
+            let vacant = port == first || tx.first_vacant(port, port, avoid)? == Some(port);
+            if !vacant || self.reserved.contains(&port) || !self.ports.is_free(port, protocol) {
+                return Ok(Some(port));
             }
         }
         Ok(None)
     }
 }
 
+/// The `len` ports from `first` on (the caller made sure they do not run past 65535).
+fn block_ports(first: u16, len: u16) -> impl Iterator<Item = u16> {
+    (u32::from(first)..u32::from(first) + u32::from(len)).map(|p| p as u16)
+}
+
 /// Claims one port for `request`.
 pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Choice)> {
     request.validate()?;
     let protocol = request.protocol;
+    let len = request.block_len;
+    if usize::from(len) > env.range.len() && request.preferred.is_none() {
+        return Err(Error::InvalidRequest {
+            reason: format!(
+                "a block of {len} ports does not fit in the range {} ({} ports); ask for a \
+                 shorter block, prefer a first port, or widen the range",
+                env.range,
+                env.range.len()
+            ),
+        });
+    }
     let mut keep_memory = false;
 
     let found = 'choose: {
@@ -141,11 +204,11 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
             }
         }
         if let Some(port) = request.preferred {
-            match env.check(tx, port, protocol)? {
+            match env.check_block(tx, port, len, protocol)? {
                 None => break 'choose Some((port, Choice::Preferred)),
-                Some(blocked) if request.strict => {
+                Some((taken, blocked)) if request.strict => {
                     return Err(Error::PortUnavailable {
-                        port,
+                        port: taken,
                         reason: blocked.describe(),
                     });
                 }
@@ -153,8 +216,8 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
             }
         }
         if let Some(port) = tx.remembered_port(&request.name)? {
-            if env.range.contains(port) {
-                match env.check(tx, port, protocol)? {
+            if fits_range(env.range, port, len) {
+                match env.check_block(tx, port, len, protocol)?.map(|(_, b)| b) {
                     None => break 'choose Some((port, Choice::Remembered)),
                     Some(Blocked::Leased(l)) if l.name == request.name => keep_memory = true,
                     Some(_) => {}
@@ -167,14 +230,15 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
     let (port, choice) = match found {
         Some(found) => found,
         None => {
-            let port = match search_range(tx, env, protocol)? {
+            let port = match search_range(tx, env, protocol, len)? {
                 Some(port) => port,
                 None => return Err(exhausted(tx, env)?),
             };
-            tx.set_cursor(if port == env.range.end() {
+            let next = u32::from(port) + u32::from(len);
+            tx.set_cursor(if next > u32::from(env.range.end()) {
                 env.range.start()
             } else {
-                port + 1
+                next as u16
             })?;
             (port, Choice::Searched)
         }
@@ -187,6 +251,7 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
     let lease = Lease {
         id: new_lease_id(),
         port,
+        block_len: len,
         name: request.name.clone(),
         protocol,
         owner: Some(request.owner.clone().unwrap_or_else(|| env.me.clone())),
@@ -204,17 +269,27 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
 
 /// Steps 3 and 4: search the range, then search again lending out remembered ports, then
 /// reclaim dead and expired leases and search once more.
-fn search_range(tx: &mut dyn Tx, env: &Env<'_>, protocol: Protocol) -> Result<Option<u16>> {
-    if let Some(port) = env.search(tx, protocol, true)? {
+fn search_range(
+    tx: &mut dyn Tx,
+    env: &Env<'_>,
+    protocol: Protocol,
+    len: u16,
+) -> Result<Option<u16>> {
+    if let Some(port) = env.search(tx, protocol, len, true)? {
         return Ok(Some(port));
     }
-    if let Some(port) = env.search(tx, protocol, false)? {
+    if let Some(port) = env.search(tx, protocol, len, false)? {
         return Ok(Some(port));
     }
     if reap(tx, env, Some(env.range))? > 0 {
-        return env.search(tx, protocol, false);
+        return env.search(tx, protocol, len, false);
     }
     Ok(None)
+}
+
+/// Whether the block of `len` ports from `first` lies wholly inside `range`.
+fn fits_range(range: PortRange, first: u16, len: u16) -> bool {
+    range.contains(first) && u32::from(first) + u32::from(len) - 1 <= u32::from(range.end())
 }
 
 /// `now + ttl`, if the registry can store it.
@@ -238,7 +313,7 @@ fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Resul
     };
     let wanted = match request.preferred {
         Some(preferred) => preferred == port,
-        None => env.range.contains(port),
+        None => fits_range(env.range, port, request.block_len),
     };
     if !wanted || env.reserved.contains(&port) {
         return Ok(None);
@@ -247,6 +322,7 @@ fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Resul
         l.name == request.name
             && l.is_detached()
             && !l.is_expired_at(env.now)
+            && l.block_len == request.block_len
             && (l.protocol == request.protocol || l.protocol == Protocol::Both)
     }))
 }

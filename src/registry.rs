@@ -1,6 +1,7 @@
 //! The registry handle: [`PortDaddy`].
 
 use std::fmt;
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -8,9 +9,10 @@ use std::time::Duration;
 use crate::builder::{Builder, Settings};
 use crate::error::{Error, Result};
 use crate::guard::PortGuard;
-use crate::lease::{Lease, Owner};
+use crate::lease::{Choice, Lease, Owner, Protocol};
 use crate::lock::Deadline;
 use crate::policy::{self, Env};
+use crate::probe::handover::{Handover, Sockets};
 use crate::range::PortRange;
 use crate::request::Request;
 use crate::store::memory::MemoryStore;
@@ -191,8 +193,58 @@ impl PortDaddy {
     /// [`Error::PortUnavailable`](crate::Error::PortUnavailable) for a required port that is
     /// taken and [`Error::InvalidRequest`](crate::Error::InvalidRequest).
     pub fn acquire_with(&self, request: &Request) -> Result<PortGuard> {
-        let (lease, choice) = self.write(|tx, env| policy::claim(tx, env, request))?;
-        Ok(PortGuard::new(self.clone(), lease, choice))
+        let (lease, choice, sockets) = self.write(|tx, env| claim(tx, env, request))?;
+        Ok(PortGuard::new(self.clone(), lease, choice, sockets))
+    }
+
+    /// Leases a port under `name` together with the TCP listener, bound on `127.0.0.1`, that
+    /// proved it free: give the listener to the server, and no other program can take the
+    /// port between the check and the server's start.
+    ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let (guard, listener) = registry.acquire_listener("api")?;
+    /// assert_eq!(listener.local_addr()?.port(), guard.port());
+    /// // serve(listener) while `guard` lives
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// For another address, or more than one port, use [`Request::listen_on`] and
+    /// [`PortGuard::take_tcp_listeners`].
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Self::acquire).
+    pub fn acquire_listener(&self, name: &str) -> Result<(PortGuard, TcpListener)> {
+        let request = Request::new(name).listen_on(Ipv4Addr::LOCALHOST.into());
+        let mut guard = self.acquire_with(&request)?;
+        let listener = guard
+            .take_tcp_listeners()
+            .pop()
+            .ok_or_else(missing_socket)?;
+        Ok((guard, listener))
+    }
+
+    /// Leases a port under `name` together with the UDP socket, bound on `127.0.0.1`, that
+    /// proved it free. The UDP twin of [`acquire_listener`](Self::acquire_listener).
+    ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let (guard, socket) = registry.acquire_udp_socket("dns")?;
+    /// assert_eq!(socket.local_addr()?.port(), guard.port());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Self::acquire).
+    pub fn acquire_udp_socket(&self, name: &str) -> Result<(PortGuard, UdpSocket)> {
+        let request = Request::new(name)
+            .protocol(Protocol::Udp)
+            .listen_on(Ipv4Addr::LOCALHOST.into());
+        let mut guard = self.acquire_with(&request)?;
+        let socket = guard.take_udp_sockets().pop().ok_or_else(missing_socket)?;
+        Ok((guard, socket))
     }
 
     /// Leases one port per name in a single transaction: all of them, or none.
@@ -221,12 +273,12 @@ impl PortDaddy {
         let claims = self.write(|tx, env| {
             requests
                 .iter()
-                .map(|request| policy::claim(tx, env, request))
+                .map(|request| claim(tx, env, request))
                 .collect::<Result<Vec<_>>>()
         })?;
         Ok(claims
             .into_iter()
-            .map(|(lease, choice)| PortGuard::new(self.clone(), lease, choice))
+            .map(|(lease, choice, sockets)| PortGuard::new(self.clone(), lease, choice, sockets))
             .collect())
     }
 
@@ -334,6 +386,36 @@ impl PortDaddy {
             }
             Backend::Memory(store) => store.transact(f),
         }
+    }
+}
+
+/// Claims one port for `request`; with [`Request::listen_on`], the probe keeps the sockets
+/// it binds and they come back with the lease.
+fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Choice, Sockets)> {
+    let Some(ip) = request.listen_on else {
+        let (lease, choice) = policy::claim(tx, env, request)?;
+        return Ok((lease, choice, Sockets::default()));
+    };
+    let handover = Handover::new(env.ports, ip);
+    let env = Env {
+        ports: &handover,
+        ..*env
+    };
+    let (lease, choice) = policy::claim(tx, &env, request)?;
+    let sockets = handover
+        .take(lease.ports(), request.protocol)
+        .map_err(|(port, e)| Error::PortUnavailable {
+            port,
+            reason: format!("it cannot be bound on {ip} to be handed over ({e})"),
+        })?;
+    Ok((lease, choice, sockets))
+}
+
+/// A handover that returned no socket: cannot happen, since a claim with
+/// [`Request::listen_on`] binds every port of its lease or fails.
+fn missing_socket() -> Error {
+    Error::InvalidRequest {
+        reason: "the claim bound no socket to hand over".into(),
     }
 }
 

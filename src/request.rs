@@ -1,5 +1,6 @@
 //! What a caller asks for: a name, and optionally a port, a TTL, a protocol, an owner.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -33,6 +34,8 @@ pub struct Request {
     pub(crate) protocol: Protocol,
     pub(crate) owner: Option<Owner>,
     pub(crate) reuse_detached: bool,
+    pub(crate) block_len: u16,
+    pub(crate) listen_on: Option<IpAddr>,
 }
 
 impl Request {
@@ -52,6 +55,8 @@ impl Request {
             protocol: Protocol::Tcp,
             owner: None,
             reuse_detached: false,
+            block_len: 1,
+            listen_on: None,
         }
     }
 
@@ -117,6 +122,45 @@ impl Request {
         self
     }
 
+    /// Asks for `len` consecutive ports in one lease, for servers that use `port`,
+    /// `port + 1`, …: all of them are free and probed, and all are released together.
+    /// [`PortGuard::port`](crate::PortGuard::port) is the first, and
+    /// [`PortGuard::ports`](crate::PortGuard::ports) all of them. A preferred or required
+    /// port is the first of the block; a searched block lies wholly inside the range.
+    ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let guard = registry.acquire_with(&portdaddy::Request::new("raft").block(3))?;
+    /// let ports: Vec<u16> = guard.ports().collect();
+    /// assert_eq!(ports, [guard.port(), guard.port() + 1, guard.port() + 2]);
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
+    ///
+    /// Default: 1 (a single port). A length of 0, or a block that runs past port 65535 or
+    /// does not fit in the range, fails with [`Error::InvalidRequest`].
+    pub fn block(mut self, len: u16) -> Self {
+        self.block_len = len;
+        self
+    }
+
+    /// Hands over the sockets that checked the port: the claim binds each port of the lease
+    /// on `ip` (a TCP listener if the [`protocol`](Self::protocol) includes TCP, a UDP
+    /// socket if it includes UDP) while it holds the registry, and the guard keeps them for
+    /// [`PortGuard::take_tcp_listeners`](crate::PortGuard::take_tcp_listeners) and
+    /// [`PortGuard::take_udp_sockets`](crate::PortGuard::take_udp_sockets). A server that
+    /// takes such a socket leaves no moment in which another program could bind its port.
+    ///
+    /// A port that cannot be bound on `ip` counts as taken. With
+    /// [`reuse_detached`](Self::reuse_detached), the port of the detached lease is bound as
+    /// well, and the claim fails with [`Error::PortUnavailable`] if that is impossible (the
+    /// previous server still listening, say).
+    ///
+    /// Default: no sockets; the guard holds only the port number.
+    pub fn listen_on(mut self, ip: IpAddr) -> Self {
+        self.listen_on = Some(ip);
+        self
+    }
+
     /// The requested name.
     pub fn name(&self) -> &str {
         &self.name
@@ -130,6 +174,22 @@ impl Request {
                          leave the preference out instead"
                     .into(),
             });
+        }
+        if self.block_len == 0 {
+            return Err(Error::InvalidRequest {
+                reason: "a block of 0 ports holds nothing; ask for a length of at least 1".into(),
+            });
+        }
+        if let Some(port) = self.preferred {
+            if u32::from(port) + u32::from(self.block_len) - 1 > u32::from(u16::MAX) {
+                return Err(Error::InvalidRequest {
+                    reason: format!(
+                        "a block of {} ports from {port} runs past port 65535; prefer a lower \
+                         first port or a shorter block",
+                        self.block_len
+                    ),
+                });
+            }
         }
         if self.ttl == Some(Duration::ZERO) {
             return Err(Error::InvalidRequest {

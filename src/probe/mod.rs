@@ -4,6 +4,7 @@
 //! "can this port be bound right now?". The defaults ask the system; tests pass closures.
 
 mod bind;
+pub(crate) mod handover;
 pub(crate) mod system;
 
 pub use bind::BindProbe;

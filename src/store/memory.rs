@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use super::{first_gap, Tx};
+use super::{first_gap, held_ports, Tx};
 use crate::error::Result;
 use crate::lease::Lease;
 use crate::range::PortRange;
@@ -59,6 +59,16 @@ impl MemoryStore {
 }
 
 impl MemTx<'_> {
+    /// The lease holding `port`: the nearest one starting at or below it, if it reaches.
+    fn holder_of(&self, port: u16) -> Option<&Lease> {
+        self.state
+            .leases
+            .range(..=port)
+            .next_back()
+            .map(|(_, l)| l)
+            .filter(|l| l.covers(port))
+    }
+
     fn forget_port(&mut self, port: u16) {
         if let Some(old) = self.state.port_name.remove(&port) {
             self.state.name_port.remove(&old);
@@ -81,7 +91,7 @@ impl MemTx<'_> {
 
 impl Tx for MemTx<'_> {
     fn lease_on(&mut self, port: u16) -> Result<Option<Lease>> {
-        Ok(self.state.leases.get(&port).cloned())
+        Ok(self.holder_of(port).cloned())
     }
 
     fn remembered_port(&mut self, name: &str) -> Result<Option<u16>> {
@@ -89,7 +99,14 @@ impl Tx for MemTx<'_> {
     }
 
     fn first_vacant(&mut self, from: u16, to: u16, avoid_remembered: bool) -> Result<Option<u16>> {
-        let leased = self.state.leases.range(from..=to).map(|(p, _)| Ok(*p));
+        // A block starting below `from` may still hold it.
+        let first = self.holder_of(from).map_or(from, |l| l.port);
+        let leased = held_ports(
+            self.state
+                .leases
+                .range(first..=to)
+                .map(|(p, l)| Ok((*p, l.block_len))),
+        );
         let remembered = self
             .state
             .port_name
@@ -101,14 +118,21 @@ impl Tx for MemTx<'_> {
 
     fn insert_lease(&mut self, lease: &Lease) -> Result<()> {
         let port = lease.port;
-        if let Some(old) = self.state.leases.insert(port, lease.clone()) {
-            // The policy only inserts on vacant ports; keep the store consistent regardless.
-            self.state.leases.insert(port, old);
+        // The policy only inserts on vacant ports; keep the store consistent regardless.
+        let overlaps = self.holder_of(port).is_some()
+            || self
+                .state
+                .leases
+                .range(port..=lease.last_port())
+                .next()
+                .is_some();
+        if overlaps {
             return Err(crate::Error::PortUnavailable {
                 port,
                 reason: "already leased (store invariant)".into(),
             });
         }
+        self.state.leases.insert(port, lease.clone());
         self.undo.push(Box::new(move |s| {
             s.leases.remove(&port);
         }));
@@ -138,7 +162,10 @@ impl Tx for MemTx<'_> {
     }
 
     fn delete_port(&mut self, port: u16) -> Result<bool> {
-        Ok(self.remove_lease(port).is_some())
+        let Some(first) = self.holder_of(port).map(|l| l.port) else {
+            return Ok(false);
+        };
+        Ok(self.remove_lease(first).is_some())
     }
 
     fn detach(&mut self, port: u16, id: u64) -> Result<bool> {
@@ -156,10 +183,11 @@ impl Tx for MemTx<'_> {
 
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
         let (lo, hi) = range.map_or((0, u16::MAX), |r| (r.start(), r.end()));
+        let first = self.holder_of(lo).map_or(lo, |l| l.port);
         let mut out: Vec<Lease> = self
             .state
             .leases
-            .range(lo..=hi)
+            .range(first..=hi)
             .map(|(_, l)| l.clone())
             .collect();
         out.sort_by_key(|l| (l.acquired_at, l.id));

@@ -15,17 +15,18 @@ use crate::range::PortRange;
 
 /// One transaction on a store.
 pub(crate) trait Tx {
-    /// The lease on `port`, if any (live or not).
+    /// The lease that holds `port`, if any (live or not): one on that port, or a block
+    /// that starts below it and runs over it.
     fn lease_on(&mut self, port: u16) -> Result<Option<Lease>>;
 
     /// The port `name` had last.
     fn remembered_port(&mut self, name: &str) -> Result<Option<u16>>;
 
-    /// The lowest port in `from..=to` with no lease on it and, when `avoid_remembered`, no
-    /// name remembering it.
+    /// The lowest port in `from..=to` that no lease holds and, when `avoid_remembered`, no
+    /// name remembers.
     fn first_vacant(&mut self, from: u16, to: u16, avoid_remembered: bool) -> Result<Option<u16>>;
 
-    /// Adds a lease; its port must be vacant.
+    /// Adds a lease; its ports must be vacant.
     fn insert_lease(&mut self, lease: &Lease) -> Result<()>;
 
     /// Records `port` as the last port of `name`; other names that remembered it forget it.
@@ -34,13 +35,13 @@ pub(crate) trait Tx {
     /// Deletes the lease on `port` if its id is `id`; whether there was one.
     fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool>;
 
-    /// Deletes the lease on `port`; whether there was one.
+    /// Deletes the lease that holds `port`; whether there was one.
     fn delete_port(&mut self, port: u16) -> Result<bool>;
 
     /// Removes the owner of the lease on `port` if its id is `id`; whether there was one.
     fn detach(&mut self, port: u16, id: u64) -> Result<bool>;
 
-    /// All leases, or those in `range`, oldest first.
+    /// All leases, or those holding a port of `range`, oldest first.
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>>;
 
     /// Where the next search of the range starts.
@@ -48,6 +49,30 @@ pub(crate) trait Tx {
 
     /// Moves the search start.
     fn set_cursor(&mut self, port: u16) -> Result<()>;
+}
+
+/// Every port held by leases given as ascending, non-overlapping `(first port, length)`
+/// pairs, in ascending order.
+pub(crate) fn held_ports<I>(mut blocks: I) -> impl Iterator<Item = Result<u16>>
+where
+    I: Iterator<Item = Result<(u16, u16)>>,
+{
+    // The ports `next..=last` of the current block are still to come.
+    let (mut next, mut last) = (1u32, 0u32);
+    std::iter::from_fn(move || {
+        while next > last {
+            match blocks.next()? {
+                Ok((first, len)) => {
+                    next = u32::from(first);
+                    last = (next + u32::from(len.max(1)) - 1).min(u32::from(u16::MAX));
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        let port = next as u16;
+        next += 1;
+        Some(Ok(port))
+    })
 }
 
 /// The lowest port of `from..=to` that neither ascending stream of occupied ports contains.
@@ -89,6 +114,25 @@ mod tests {
             b.iter().copied().map(Ok),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn blocks_expand_to_every_port_they_hold() {
+        let ports: Vec<u16> = held_ports([Ok((10, 1)), Ok((12, 3)), Ok((65534, 2))].into_iter())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ports, [10, 12, 13, 14, 65534, 65535]);
+        assert_eq!(
+            gap(
+                10,
+                20,
+                &held_ports([Ok((10, 4))].into_iter())
+                    .map(Result::unwrap)
+                    .collect::<Vec<_>>(),
+                &[]
+            ),
+            Some(14)
+        );
     }
 
     #[test]

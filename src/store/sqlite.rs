@@ -49,7 +49,7 @@ use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior,
 };
 
-use super::{first_gap, Tx};
+use super::{first_gap, held_ports, Tx};
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
 use crate::lock::{Deadline, FileLock};
@@ -83,6 +83,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         key   TEXT PRIMARY KEY,
         value INTEGER NOT NULL
     ) STRICT, WITHOUT ROWID;",
+    // 2: blocks of consecutive ports; a lease holds `block_len` ports from `port` on.
+    "ALTER TABLE leases ADD COLUMN block_len INTEGER NOT NULL DEFAULT 1
+        CHECK (block_len BETWEEN 1 AND 65535);",
 ];
 
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
@@ -93,21 +96,27 @@ const HEADER_LEN: usize = 100;
 /// The columns of a lease, in the order [`SqlTx::lease_from_row`] reads them.
 macro_rules! lease_columns {
     () => {
-        "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at"
+        "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at, \
+         block_len"
     };
 }
 
-const SELECT_LEASE_ON_PORT: &str =
-    concat!("SELECT ", lease_columns!(), " FROM leases WHERE port = ?1");
+/// The lease starting nearest at or below `?1`: the only one that can hold port `?1`, since
+/// leases never overlap.
+const SELECT_LEASE_AT_OR_BELOW: &str = concat!(
+    "SELECT ",
+    lease_columns!(),
+    " FROM leases WHERE port <= ?1 ORDER BY port DESC LIMIT 1"
+);
 const SELECT_LEASES_IN: &str = concat!(
     "SELECT ",
     lease_columns!(),
-    " FROM leases WHERE port BETWEEN ?1 AND ?2 ORDER BY acquired_at, id"
+    " FROM leases WHERE port <= ?2 AND port + block_len > ?1 ORDER BY acquired_at, id"
 );
 const INSERT_LEASE: &str = concat!(
     "INSERT INTO leases (",
     lease_columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
 );
 
 #[derive(Debug)]
@@ -437,6 +446,22 @@ impl<'t> SqlTx<'t> {
         })
     }
 
+    /// The first two columns of `rows` as `(first port, block length)`, read lazily.
+    fn block_column<'a, 'r>(
+        &'a self,
+        rows: &'a mut rusqlite::Rows<'r>,
+    ) -> impl Iterator<Item = Result<(u16, u16)>> + use<'a, 'r, 't> {
+        std::iter::from_fn(move || match rows.next() {
+            Ok(Some(row)) => Some(
+                row.get::<_, u16>(0)
+                    .and_then(|port| Ok((port, row.get::<_, u16>(1)?)))
+                    .map_err(|e| self.err(e)),
+            ),
+            Ok(None) => None,
+            Err(e) => Some(Err(self.err(e))),
+        })
+    }
+
     fn err(&self, e: rusqlite::Error) -> Error {
         sql_err(self.path, self.deadline, e)
     }
@@ -449,6 +474,7 @@ impl<'t> SqlTx<'t> {
         let start: Option<i64> = row.get(5)?;
         let boot: Option<String> = row.get(6)?;
         let expires: Option<i64> = row.get(8)?;
+        let block_len: i64 = row.get(9)?;
         let bad = |what: &str| Error::Corrupt {
             path: self.path.to_owned(),
             detail: format!("lease {id} has an invalid {what}"),
@@ -460,6 +486,10 @@ impl<'t> SqlTx<'t> {
         let Some(protocol) = Protocol::from_code(protocol) else {
             return Ok(Err(bad("protocol")));
         };
+        let block_len = match u16::try_from(block_len) {
+            Ok(n) if n >= 1 && u32::from(port) + u32::from(n) - 1 <= u32::from(u16::MAX) => n,
+            _ => return Ok(Err(bad("block length"))),
+        };
         let owner = match (pid, start) {
             (Some(pid), Some(start)) => match (u32::try_from(pid), u64::try_from(start)) {
                 (Ok(pid), Ok(start)) => Some(Owner::new(pid, start, boot.unwrap_or_default())),
@@ -470,6 +500,7 @@ impl<'t> SqlTx<'t> {
         Ok(Ok(Lease {
             id: id as u64,
             port,
+            block_len,
             name: row.get(2)?,
             protocol,
             owner,
@@ -483,12 +514,14 @@ impl Tx for SqlTx<'_> {
     fn lease_on(&mut self, port: u16) -> Result<Option<Lease>> {
         let mut stmt = self
             .tx
-            .prepare_cached(SELECT_LEASE_ON_PORT)
+            .prepare_cached(SELECT_LEASE_AT_OR_BELOW)
             .map_err(|e| self.err(e))?;
-        stmt.query_row([port], |row| self.lease_from_row(row))
+        let nearest = stmt
+            .query_row([port], |row| self.lease_from_row(row))
             .optional()
             .map_err(|e| self.err(e))?
-            .transpose()
+            .transpose()?;
+        Ok(nearest.filter(|l| l.covers(port)))
     }
 
     fn remembered_port(&mut self, name: &str) -> Result<Option<u16>> {
@@ -502,12 +535,18 @@ impl Tx for SqlTx<'_> {
     }
 
     fn first_vacant(&mut self, from: u16, to: u16, avoid_remembered: bool) -> Result<Option<u16>> {
+        // From the lease starting nearest at or below `from`, which may be a block holding it.
         let mut leased = self
             .tx
-            .prepare_cached("SELECT port FROM leases WHERE port BETWEEN ?1 AND ?2 ORDER BY port")
+            .prepare_cached(
+                "SELECT port, block_len FROM leases
+                 WHERE port >= coalesce((SELECT max(port) FROM leases WHERE port <= ?1), 0)
+                   AND port <= ?2
+                 ORDER BY port",
+            )
             .map_err(|e| self.err(e))?;
         let mut leased_rows = leased.query(params![from, to]).map_err(|e| self.err(e))?;
-        let leased_iter = self.port_column(&mut leased_rows);
+        let leased_iter = held_ports(self.block_column(&mut leased_rows));
         if !avoid_remembered {
             return first_gap(from, to, leased_iter, std::iter::empty());
         }
@@ -536,6 +575,7 @@ impl Tx for SqlTx<'_> {
             owner.map(Owner::boot_id),
             to_millis(lease.acquired_at),
             lease.expires_at.map(to_millis),
+            lease.block_len,
         ])
         .map_err(|e| self.err(e))?;
         Ok(())
@@ -576,7 +616,11 @@ impl Tx for SqlTx<'_> {
     fn delete_port(&mut self, port: u16) -> Result<bool> {
         let mut stmt = self
             .tx
-            .prepare_cached("DELETE FROM leases WHERE port = ?1")
+            .prepare_cached(
+                "DELETE FROM leases
+                 WHERE port = (SELECT max(port) FROM leases WHERE port <= ?1)
+                   AND port + block_len > ?1",
+            )
             .map_err(|e| self.err(e))?;
         Ok(stmt.execute([port]).map_err(|e| self.err(e))? > 0)
     }
@@ -662,6 +706,25 @@ mod tests {
         };
         assert_eq!(pragma("journal_mode"), "Text(\"wal\")");
         assert_eq!(pragma("synchronous"), "Integer(1)", "1 is NORMAL");
+    }
+
+    #[test]
+    fn leases_written_before_blocks_existed_hold_one_port() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO leases (id, port, name, protocol, acquired_at) VALUES (7, 20000, 'x', 1, 0)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let len: i64 = conn
+            .query_row("SELECT block_len FROM leases WHERE id = 7", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(len, 1);
     }
 
     #[test]
