@@ -1,0 +1,1069 @@
+//! Faults injected for real into processes that share a registry: `SIGKILL` at random moments,
+//! a process stopped while it holds the write lock, a file size limit that makes writes fail,
+//! a registry of the first schema opened while others claim, and owners in another PID
+//! namespace. `RELIABILITY.md` says what the registry promises under each.
+//!
+//! # Workers
+//!
+//! As in `tests/processes.rs`, a worker is this test binary run again as
+//! `<binary> worker_entry --exact --nocapture` with [`MODE`] set; it talks through `@pd` lines
+//! on stdout and reads stdin (a line, or end-of-file to finish). Every wait on a worker is
+//! bounded by [`DEADLINE`], and [`Worker`]'s `Drop` kills and reaps it.
+//!
+//! # Ports
+//!
+//! This file owns 26500-26999 (see `tests/common/mod.rs`), each test its own part, and each
+//! test first takes a host-wide lock on its part ([`lock_ports`]) so that two runs of this
+//! file on one host take turns instead of binding each other's ports.
+#![cfg(unix)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::ops::RangeInclusive;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::all_free;
+use portdaddy::{Error, Owner, PortDaddy, ProcessProbe, SystemProcessProbe};
+
+/// The test that a worker process runs.
+const WORKER_TEST: &str = "worker_entry";
+/// Selects worker mode and the worker's part.
+const MODE: &str = "PORTDADDY_FAULTS_WORKER";
+/// The registry file a worker opens.
+const REGISTRY: &str = "PORTDADDY_FAULTS_REGISTRY";
+/// The registry range a worker uses, as `start-end`.
+const RANGE: &str = "PORTDADDY_FAULTS_RANGE";
+/// A worker's number, for its lease names.
+const ID: &str = "PORTDADDY_FAULTS_ID";
+/// Marks a protocol line on a worker's stdout.
+const PREFIX: &str = "@pd ";
+
+/// The longest any single wait on a worker may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// 1. SIGKILL at random moments, hundreds of times.
+// ---------------------------------------------------------------------------------------------
+
+const CRASH_RANGE: RangeInclusive<u16> = 26500..=26509;
+const CRASH_ROUNDS: usize = 30;
+const CRASH_WORKERS: usize = 8;
+/// The longest a churn worker runs before it is killed.
+const CRASH_MAX_LIFE: Duration = Duration::from_millis(60);
+
+/// Rounds of eight processes that claim, bind and release ports of a range of ten as fast as
+/// they can, each killed with `SIGKILL` at a random moment of its run (240 kills in all),
+/// while a steady holder keeps one lease through every round.
+///
+/// The churn workers probe no port (their port probe says every port is free), so only the
+/// registry keeps them apart; each binds a real listener on every port it gets, and a bind
+/// that fails means the registry handed out a port that a live process held. After each
+/// round, with every churn worker dead:
+///
+/// - `PRAGMA integrity_check` on the file, before any handle touches it, says `ok`;
+/// - every lease but the steady holder's belongs to a dead process, and `reap` removes
+///   exactly those;
+/// - a fresh handle (with the real bind probe) gets every other port of the range, and no
+///   more: the steady holder's port is never handed out.
+#[test]
+fn processes_killed_at_random_moments_never_corrupt_or_double_book() {
+    let _ports = lock_ports(&CRASH_RANGE);
+    let (_dir, path) = common::temp_registry();
+    let mut steady = Worker::spawn("steady holder", "hold", &path, &CRASH_RANGE, &[]);
+    let (steady_port, steady_pid) = parse_held(&steady.expect_line("HELD", deadline()));
+    assert_eq!(steady_pid, steady.pid());
+    let mut rng = XorShift::new(0x5eed_cafe);
+    let (mut kills, mut reaped, mut leftover_rounds, mut ops) = (0usize, 0, 0, 0);
+    for round in 0..CRASH_ROUNDS {
+        let mut workers: Vec<Worker> = (0..CRASH_WORKERS)
+            .map(|id| {
+                Worker::spawn(
+                    &format!("round {round} churn worker {id}"),
+                    "churn",
+                    &path,
+                    &CRASH_RANGE,
+                    &[(ID, id.to_string())],
+                )
+            })
+            .collect();
+        for worker in &workers {
+            assert_eq!(
+                worker.expect_line("GO", deadline()),
+                "GO",
+                "{}",
+                worker.label
+            );
+        }
+        let started = Instant::now();
+        // Each worker dies at its own random moment, while the others keep working.
+        let mut schedule: Vec<(Duration, usize)> = (0..CRASH_WORKERS)
+            .map(|i| (rng.below(CRASH_MAX_LIFE), i))
+            .collect();
+        schedule.sort();
+        for (at, i) in schedule {
+            if let Some(wait) = at.checked_sub(started.elapsed()) {
+                thread::sleep(wait);
+            }
+            let status = workers[i].kill();
+            assert_eq!(
+                status.signal(),
+                Some(libc::SIGKILL),
+                "{} ended before it was killed ({status}); stderr:\n{}",
+                workers[i].label,
+                workers[i].stderr()
+            );
+            kills += 1;
+        }
+        let mut anomalies = Vec::new();
+        for worker in &workers {
+            anomalies.extend(
+                worker
+                    .drain()
+                    .into_iter()
+                    .filter(|l| match l.strip_prefix("OPS ") {
+                        Some(n) => {
+                            ops += n.parse::<usize>().map_or(0, |_| 16);
+                            false
+                        }
+                        None => l != "GO",
+                    })
+                    .map(|l| format!("{}: {l}", worker.label)),
+            );
+        }
+        assert!(
+            anomalies.is_empty(),
+            "round {round}: a port was handed out while a live process held it:\n{}",
+            anomalies.join("\n")
+        );
+
+        assert_eq!(
+            integrity_check(&path),
+            "ok",
+            "round {round}: the file is damaged"
+        );
+        let registry = open_probing(&path, &CRASH_RANGE);
+        let leases = registry.list().expect("list");
+        let dead: Vec<_> = leases.iter().filter(|l| l.port() != steady_port).collect();
+        for lease in &dead {
+            let owner = lease.owner().expect("churn workers take owned leases");
+            assert!(
+                !SystemProcessProbe.is_alive(owner),
+                "round {round}: {lease:?} belongs to a live process"
+            );
+        }
+        let steady_lease = leases
+            .iter()
+            .find(|l| l.port() == steady_port)
+            .unwrap_or_else(|| panic!("round {round}: the steady holder's lease is gone"));
+        assert_eq!(steady_lease.pid(), Some(steady_pid));
+        let n = registry.reap().expect("reap");
+        assert_eq!(n, dead.len(), "round {round}: reap removed {n} of {dead:?}");
+        reaped += n;
+        leftover_rounds += usize::from(n > 0);
+
+        let others = CRASH_RANGE.count() - 1;
+        let names: Vec<String> = (0..others).map(|i| format!("fresh-{i}")).collect();
+        let guards = registry
+            .acquire_many(&names)
+            .unwrap_or_else(|e| panic!("round {round}: a fresh handle cannot fill the range: {e}"));
+        let got: BTreeSet<u16> = guards.iter().map(|g| g.port()).collect();
+        let expected: BTreeSet<u16> = CRASH_RANGE.filter(|p| *p != steady_port).collect();
+        assert_eq!(got, expected, "round {round}");
+        match registry.acquire("one-too-many") {
+            Err(Error::Exhausted { held, .. }) => assert_eq!(held, others + 1),
+            other => panic!("round {round}: expected Exhausted, got {other:?}"),
+        }
+        drop(guards);
+    }
+    steady.close_stdin();
+    let (lines, status) = steady.finish(deadline());
+    assert!(
+        status.success(),
+        "steady holder: {status}\n{}",
+        steady.stderr()
+    );
+    assert_eq!(lines, ["RELEASED"]);
+    eprintln!(
+        "{kills} kills in {CRASH_ROUNDS} rounds after at least {ops} claims; {reaped} leases of killed processes reaped \
+         afterwards, in {leftover_rounds} rounds"
+    );
+}
+
+/// Claims and releases for ever: single claims and pairs, binding every port it gets, and
+/// reporting `DUP <port> <error>` when a bind fails. Says `GO` once the registry is open.
+fn churn_worker(registry: &PortDaddy) {
+    let id = var(ID);
+    say("GO");
+    let mut n = 0u64;
+    loop {
+        n += 1;
+        if n.is_multiple_of(16) {
+            say(&format!("OPS {n}"));
+        }
+        let names = if n.is_multiple_of(3) {
+            vec![format!("w{id}-a"), format!("w{id}-b")]
+        } else {
+            vec![format!("w{id}-{}", n % 4)]
+        };
+        let guards = match registry.acquire_many(&names) {
+            Ok(guards) => guards,
+            Err(Error::Exhausted { .. }) => continue,
+            Err(e) => panic!("churn worker: {e}"),
+        };
+        let listeners: Vec<_> = guards
+            .iter()
+            .filter_map(
+                |g| match TcpListener::bind((Ipv4Addr::LOCALHOST, g.port())) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        say(&format!("DUP {} {e}", g.port()));
+                        None
+                    }
+                },
+            )
+            .collect();
+        // Hold the ports for a moment, as a server would, so that a port handed out twice
+        // meets its live holder's listener.
+        thread::sleep(Duration::from_micros(500));
+        drop(listeners);
+        drop(guards);
+    }
+}
+
+/// `PRAGMA integrity_check` of the file at `path`, opened by plain SQLite.
+fn integrity_check(path: &Path) -> String {
+    let conn = rusqlite::Connection::open(path).expect("open with SQLite");
+    let rows: Vec<String> = conn
+        .prepare("PRAGMA integrity_check")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    rows.join("; ")
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A process stopped while it holds the write lock.
+// ---------------------------------------------------------------------------------------------
+
+const STALL_RANGE: RangeInclusive<u16> = 26600..=26609;
+
+/// How long the stalled claim waits before it gives up.
+const STALL_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Another process takes the registry's file lock and is stopped with `SIGSTOP`: a claim fails
+/// with `Error::LockTimeout` naming the registry after the configured wait; a claim that
+/// waits longer completes once the process is continued (`SIGCONT`) and lets go.
+#[test]
+fn a_stopped_process_holding_the_file_lock_times_out_claims_until_it_continues() {
+    stalled_lock_holder("flock");
+}
+
+/// The same with an open SQLite write transaction (`BEGIN IMMEDIATE`) instead of the file
+/// lock, as a tool such as the `sqlite3` shell would hold it.
+#[test]
+fn a_stopped_process_in_a_write_transaction_times_out_claims_until_it_continues() {
+    stalled_lock_holder("sqlite");
+}
+
+fn stalled_lock_holder(how: &str) {
+    let _ports = lock_ports(&STALL_RANGE);
+    let (_dir, path) = common::temp_registry();
+    let with_timeout = |timeout| {
+        PortDaddy::builder()
+            .path(&path)
+            .range(STALL_RANGE)
+            .port_probe(all_free)
+            .lock_timeout(timeout)
+            .open()
+            .expect("open")
+    };
+    let impatient = with_timeout(STALL_TIMEOUT);
+    let patient = with_timeout(DEADLINE);
+
+    let mut holder = Worker::spawn(
+        "lock holder",
+        "stall",
+        &path,
+        &STALL_RANGE,
+        &[(HOW, how.into())],
+    );
+    assert_eq!(holder.expect_line("LOCKED", deadline()), "LOCKED");
+    holder.signal(libc::SIGSTOP);
+    wait_for_state(holder.pid(), 'T');
+
+    let started = Instant::now();
+    match impatient.acquire("impatient") {
+        Err(err @ Error::LockTimeout { .. }) => {
+            let Error::LockTimeout { path: p, waited } = &err else {
+                unreachable!()
+            };
+            assert_eq!(p, &path);
+            assert!(*waited >= STALL_TIMEOUT, "reported wait {waited:?}");
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+        }
+        other => panic!("expected LockTimeout while the holder is stopped, got {other:?}"),
+    }
+    assert!(started.elapsed() >= STALL_TIMEOUT);
+
+    // A patient claim queues behind the stopped holder, and gets its port once it lets go.
+    let (sender, result) = mpsc::channel();
+    let waiter = thread::spawn(move || {
+        // The lease is kept so that its port stays taken for the claim below.
+        let _ = sender.send(
+            patient
+                .acquire("patient")
+                .and_then(|g| Ok(g.keep()?.port())),
+        );
+    });
+    holder.signal(libc::SIGCONT);
+    holder.close_stdin();
+    let (lines, status) = holder.finish(deadline());
+    assert!(status.success(), "{status}; stderr:\n{}", holder.stderr());
+    assert_eq!(lines, ["RELEASED"]);
+    let port = result
+        .recv_timeout(DEADLINE)
+        .expect("the patient claim never finished")
+        .expect("the patient claim failed after the holder let go");
+    waiter.join().unwrap();
+    assert!(STALL_RANGE.contains(&port));
+    let guard = impatient
+        .acquire("impatient")
+        .expect("a claim after the holder let go");
+    assert_ne!(guard.port(), port, "the patient claim's port is still held");
+}
+
+/// How a `stall` worker holds the registry: `flock` or `sqlite`.
+const HOW: &str = "PORTDADDY_FAULTS_HOW";
+
+/// Holds the registry's file lock, or an SQLite write transaction on it, reports `LOCKED`,
+/// and lets go when stdin ends, reporting `RELEASED`.
+fn stall_worker(path: &Path) {
+    match var(HOW).as_str() {
+        "flock" => {
+            let mut lock_path = path.as_os_str().to_owned();
+            lock_path.push(".lock");
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&lock_path)
+                .expect("open the lock file");
+            let mut lock = fd_lock::RwLock::new(file);
+            let held = lock.write().expect("flock the lock file");
+            say("LOCKED");
+            wait_for_eof();
+            drop(held);
+        }
+        "sqlite" => {
+            let conn = rusqlite::Connection::open(path).expect("open with SQLite");
+            conn.execute_batch("BEGIN IMMEDIATE; DELETE FROM meta WHERE key = 'nothing';")
+                .expect("begin a write transaction");
+            say("LOCKED");
+            wait_for_eof();
+            conn.execute_batch("COMMIT").expect("commit");
+        }
+        other => panic!("unknown way to hold the lock: {other}"),
+    }
+    say("RELEASED");
+}
+
+/// Waits (bounded) until `/proc/<pid>/stat` shows the process in `state` (`T`: stopped).
+fn wait_for_state(pid: u32, state: char) {
+    let give_up = deadline();
+    let stat = format!("/proc/{pid}/stat");
+    loop {
+        let text = std::fs::read_to_string(&stat).unwrap_or_default();
+        let now = text
+            .rfind(')')
+            .and_then(|i| text[i + 1..].split_whitespace().next());
+        if now == Some(state.encode_utf8(&mut [0; 4])) {
+            return;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "process {pid} never reached state {state}: {text}"
+        );
+        thread::yield_now();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Writes that fail: a file size limit stands in for a full disk.
+// ---------------------------------------------------------------------------------------------
+
+const FULL_RANGE: RangeInclusive<u16> = 26610..=26999;
+
+/// The file size limit of the filling worker: a little more than the registry it starts with.
+const FULL_LIMIT: u64 = 96 * 1024;
+
+/// A process whose file size is limited (`RLIMIT_FSIZE`, with `SIGXFSZ` ignored, as a full
+/// disk would refuse writes) claims and keeps ports until a write fails. The failure is a
+/// typed error naming the registry, the file stays intact with every lease that was
+/// confirmed, and once the limit is lifted the same handle claims again.
+#[test]
+fn a_write_that_fails_for_lack_of_space_is_a_typed_error_and_leaves_the_registry_intact() {
+    let _ports = lock_ports(&FULL_RANGE);
+    let (_dir, path) = common::temp_registry();
+    drop(open_unprobed(&path, &FULL_RANGE));
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(size < FULL_LIMIT / 2, "a new registry of {size} bytes");
+
+    let mut filler = Worker::spawn_with("filler", "fill", &path, &FULL_RANGE, &[], |command| {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: FULL_LIMIT as libc::rlim_t,
+                    rlim_max: libc::RLIM_INFINITY,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let failed = filler.expect_line("FAILED", deadline());
+    let recovered = filler.expect_line("RECOVERED", deadline());
+    filler.close_stdin();
+    let (lines, status) = filler.finish(deadline());
+    assert!(status.success(), "{status}; stderr:\n{}", filler.stderr());
+    assert!(lines.is_empty(), "{lines:?}");
+    eprintln!("{failed}\n{recovered}");
+
+    let fields: Vec<&str> = failed.splitn(5, ' ').collect();
+    let ["FAILED", kept_before, _step, variant, message] = fields[..] else {
+        panic!("expected FAILED <kept> <step> <variant> <message>, got {failed:?}");
+    };
+    assert!(
+        kept_before.parse::<usize>().unwrap() > 0,
+        "not one claim fitted under the limit"
+    );
+    assert_eq!(variant, "Registry", "{failed}");
+    assert!(message.contains(&path.display().to_string()), "{message}");
+
+    assert_eq!(integrity_check(&path), "ok");
+    let registry = open_unprobed(&path, &FULL_RANGE);
+    let leases = registry.list().expect("list");
+    let (kept, recovered_port) = match recovered.split(' ').collect::<Vec<_>>()[..] {
+        ["RECOVERED", kept, port] => (kept.parse::<usize>().unwrap(), port.parse::<u16>().unwrap()),
+        _ => panic!("expected RECOVERED <kept> <port>, got {recovered:?}"),
+    };
+    assert_eq!(
+        leases.len(),
+        kept + 1,
+        "every confirmed lease and the one after recovery, nothing else: {leases:#?}"
+    );
+    assert!(leases.iter().any(|l| l.port() == recovered_port));
+    assert!(leases.iter().all(|l| l.is_detached()), "{leases:#?}");
+    let ports: BTreeSet<u16> = leases.iter().map(|l| l.port()).collect();
+    assert_eq!(ports.len(), leases.len(), "two leases share a port");
+}
+
+/// Keeps claiming and detaching ports (long names, so that the file grows) until a write
+/// fails; reports `FAILED <leases kept> <step> <variant> <message>`, lifts its file size
+/// limit, finishes on the same handle what failed (a detach is retried on the guard that the
+/// error handed back) and reports `RECOVERED <leases kept> <port of one more claim>`; exits at
+/// end of stdin.
+fn fill_worker(registry: &PortDaddy) {
+    let mut kept = 0usize;
+    let (err, step, pending) = loop {
+        assert!(kept < 10_000, "the file size limit never stopped a write");
+        let guard = match registry.acquire(&format!("{kept:0>128}")) {
+            Ok(guard) => guard,
+            Err(e) => break (e, "acquire", None),
+        };
+        match guard.keep() {
+            Ok(_) => kept += 1,
+            Err(e) => {
+                let shown = format!("{:?}|{}", e.error(), e.error());
+                let guard = e
+                    .into_guard()
+                    .expect("a failed detach hands the guard back");
+                let (debug, display) = shown.split_once('|').unwrap();
+                let variant = debug.split([' ', '{', '(']).next().unwrap_or_default();
+                say(&format!("FAILED {kept} keep {variant} {display}"));
+                break (Error::LeaseLost { port: 0 }, "keep", Some(guard));
+            }
+        }
+    };
+    if step == "acquire" {
+        let variant = format!("{err:?}");
+        let variant = variant.split([' ', '{', '(']).next().unwrap_or_default();
+        say(&format!("FAILED {kept} acquire {variant} {err}"));
+    }
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid pointer.
+    assert_eq!(
+        unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &unlimited) },
+        0
+    );
+    if let Some(guard) = pending {
+        guard
+            .keep()
+            .unwrap_or_else(|e| panic!("detach again once space returned: {e}"));
+        kept += 1;
+    }
+    let lease = registry
+        .acquire("after the limit")
+        .and_then(|g| Ok(g.keep()?))
+        .unwrap_or_else(|e| panic!("a claim once space returned: {e}"));
+    say(&format!("RECOVERED {kept} {}", lease.port()));
+    wait_for_eof();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A registry of the first schema, opened by this build while others claim.
+// ---------------------------------------------------------------------------------------------
+
+const MIXED_RANGE: RangeInclusive<u16> = 26700..=26799;
+const MIXED_WORKERS: usize = 4;
+const MIXED_CLAIMS: usize = 25;
+
+/// The first schema, as the first release wrote it (migration 1; migrations are append-only,
+/// so this text never changes).
+const SCHEMA_V1: &str = "CREATE TABLE leases (
+        id          INTEGER PRIMARY KEY,
+        port        INTEGER NOT NULL UNIQUE CHECK (port BETWEEN 1 AND 65535),
+        name        TEXT    NOT NULL,
+        protocol    INTEGER NOT NULL,
+        owner_pid   INTEGER,
+        owner_start INTEGER,
+        owner_boot  TEXT,
+        acquired_at INTEGER NOT NULL,
+        expires_at  INTEGER
+    ) STRICT;
+    CREATE TABLE names (
+        name    TEXT PRIMARY KEY,
+        port    INTEGER NOT NULL,
+        used_at INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX names_port ON names (port);
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;";
+
+/// A registry written by the first schema, with leases of a live owner, detached leases and
+/// remembered names, is opened by four processes at once that claim as soon as they have it
+/// open. Whichever migrates it, every lease and every remembered name survives: the live
+/// owner's leases are unchanged and never handed out, the detached leases are still there,
+/// and each remembered name gets its port back.
+#[test]
+fn a_first_schema_registry_keeps_its_leases_and_names_while_others_claim() {
+    let _ports = lock_ports(&MIXED_RANGE);
+    let (_dir, path) = common::temp_registry();
+    let me = Owner::current().unwrap();
+    let at = 1_700_000_000_000i64;
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute_batch("PRAGMA application_id = 1349796985; PRAGMA user_version = 1;")
+            .unwrap();
+        let mut insert = conn
+            .prepare(
+                "INSERT INTO leases (id, port, name, protocol, owner_pid, owner_start, owner_boot,
+                                     acquired_at, expires_at)
+                 VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, NULL)",
+            )
+            .unwrap();
+        for i in 0..4u16 {
+            insert
+                .execute(rusqlite::params![
+                    1000 + i64::from(i),
+                    26700 + i,
+                    format!("live-{i}"),
+                    me.pid(),
+                    me.start_time() as i64,
+                    me.boot_id(),
+                    at,
+                ])
+                .unwrap();
+        }
+        for i in 0..2u16 {
+            insert
+                .execute(rusqlite::params![
+                    2000 + i64::from(i),
+                    26704 + i,
+                    format!("kept-{i}"),
+                    None::<i64>,
+                    None::<i64>,
+                    None::<String>,
+                    at,
+                ])
+                .unwrap();
+        }
+        for i in 0..5u16 {
+            conn.execute(
+                "INSERT INTO names (name, port, used_at) VALUES (?1, ?2, ?3)",
+                rusqlite::params![format!("sticky-{i}"), 26790 + i, at],
+            )
+            .unwrap();
+        }
+    }
+    let before = leases_by_sql(&path);
+    assert_eq!(before.len(), 6);
+
+    let mut workers: Vec<Worker> = (0..MIXED_WORKERS)
+        .map(|id| {
+            Worker::spawn(
+                &format!("claimer {id}"),
+                "claim",
+                &path,
+                &MIXED_RANGE,
+                &[(ID, id.to_string())],
+            )
+        })
+        .collect();
+    for worker in &workers {
+        assert_eq!(worker.expect_line("READY", deadline()), "READY");
+    }
+    for worker in &mut workers {
+        worker.send("go");
+    }
+    let mut claimed = BTreeMap::new();
+    for worker in &mut workers {
+        let (lines, status) = worker.finish(deadline());
+        assert!(
+            status.success(),
+            "{}: {status}\n{}",
+            worker.label,
+            worker.stderr()
+        );
+        for line in lines {
+            let port: u16 = line
+                .strip_prefix("GOT ")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("{}: {line:?}", worker.label));
+            *claimed.entry(port).or_insert(0usize) += 1;
+        }
+    }
+    assert_eq!(
+        claimed.values().sum::<usize>(),
+        MIXED_WORKERS * MIXED_CLAIMS
+    );
+    for port in 26700..=26705u16 {
+        assert!(
+            !claimed.contains_key(&port),
+            "port {port} of a surviving lease was handed out: {claimed:?}"
+        );
+    }
+
+    let after = leases_by_sql(&path);
+    assert_eq!(after, before, "leases changed across the migration");
+    let registry = open_unprobed(&path, &MIXED_RANGE);
+    assert_eq!(registry.list().unwrap().len(), 6);
+    for i in 0..5u16 {
+        let guard = registry.acquire(&format!("sticky-{i}")).unwrap();
+        assert_eq!(
+            (guard.port(), guard.choice()),
+            (26790 + i, portdaddy::Choice::Remembered),
+            "sticky-{i} lost its port"
+        );
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert!(version >= 1, "user_version {version}");
+}
+
+/// The original columns of every lease, read with plain SQL, by id.
+fn leases_by_sql(path: &Path) -> BTreeMap<i64, String> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at,
+                    expires_at FROM leases WHERE id < 10000",
+        )
+        .unwrap();
+    stmt.query_map([], |r| {
+        let row: Vec<rusqlite::types::Value> =
+            (0..9).map(|i| r.get(i)).collect::<Result<_, _>>()?;
+        Ok((r.get::<_, i64>(0)?, format!("{row:?}")))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// Says `READY`, waits for a line, opens the registry and claims [`MIXED_CLAIMS`] times,
+/// reporting `GOT <port>` for each.
+fn claim_worker(path: &Path, range: &RangeInclusive<u16>) {
+    let id = var(ID);
+    say("READY");
+    read_line().expect("a go line");
+    let registry = open_unprobed(path, range);
+    for n in 0..MIXED_CLAIMS {
+        let guard = registry
+            .acquire(&format!("claimer-{id}-{}", n % 3))
+            .unwrap_or_else(|e| panic!("claim {n}: {e}"));
+        say(&format!("GOT {}", guard.port()));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker entry
+// ---------------------------------------------------------------------------------------------
+
+/// Not a test of its own: the entry point of worker processes (see the module docs).
+#[test]
+fn worker_entry() {
+    let Ok(mode) = std::env::var(MODE) else {
+        return;
+    };
+    let path = PathBuf::from(var(REGISTRY));
+    let range = parse_range(&var(RANGE));
+    match mode.as_str() {
+        "churn" => churn_worker(&open_unprobed(&path, &range)),
+        "hold" => hold_worker(&open_unprobed(&path, &range)),
+        "stall" => stall_worker(&path),
+        "fill" => fill_worker(&open_unprobed(&path, &range)),
+        "claim" => claim_worker(&path, &range),
+        other => panic!("unknown worker mode {other:?}"),
+    }
+}
+
+/// Takes one port and binds a listener on it, reports `HELD <port> <pid>`, holds both until
+/// stdin ends, releases them and reports `RELEASED`.
+fn hold_worker(registry: &PortDaddy) {
+    let guard = registry.acquire("steady").expect("hold worker: acquire");
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, guard.port()))
+        .unwrap_or_else(|e| panic!("hold worker: bind {}: {e}", guard.port()));
+    say(&format!("HELD {} {}", guard.port(), std::process::id()));
+    wait_for_eof();
+    drop(listener);
+    drop(guard);
+    say("RELEASED");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn deadline() -> Instant {
+    Instant::now() + DEADLINE
+}
+
+/// Parses `HELD <port> <pid>`.
+fn parse_held(line: &str) -> (u16, u32) {
+    match line.split(' ').collect::<Vec<_>>()[..] {
+        ["HELD", port, pid] => (port.parse().expect("port"), pid.parse().expect("pid")),
+        _ => panic!("expected HELD <port> <pid>, got {line:?}"),
+    }
+}
+
+/// Opens the registry at `path` over `range` with the real port and process probes.
+fn open_probing(path: &Path, range: &RangeInclusive<u16>) -> PortDaddy {
+    PortDaddy::builder()
+        .path(path)
+        .range(range.clone())
+        .open()
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Opens the registry at `path` over `range` with a port probe that says every port is free,
+/// so that only the registry keeps its users apart.
+fn open_unprobed(path: &Path, range: &RangeInclusive<u16>) -> PortDaddy {
+    PortDaddy::builder()
+        .path(path)
+        .range(range.clone())
+        .port_probe(all_free)
+        .open()
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// A small deterministic generator, so that a failing schedule can be replayed.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A duration in `0..max`.
+    fn below(&mut self, max: Duration) -> Duration {
+        let nanos = u64::try_from(max.as_nanos()).expect("a short duration");
+        Duration::from_nanos(self.next() % nanos.max(1))
+    }
+}
+
+/// Writes one protocol line to stdout.
+fn say(message: &str) {
+    let mut out = io::stdout().lock();
+    // A leading newline keeps the line apart from anything libtest printed before it.
+    writeln!(out, "\n{PREFIX}{message}")
+        .and_then(|()| out.flush())
+        .expect("write to stdout");
+}
+
+/// Blocks until stdin is closed: by the test, or by the death of the test's process.
+fn wait_for_eof() {
+    io::stdin()
+        .read_to_end(&mut Vec::new())
+        .expect("read stdin");
+}
+
+/// Blocks until the next line on stdin; `None` at end-of-file.
+fn read_line() -> Option<String> {
+    let mut line = String::new();
+    match io::stdin().lock().read_line(&mut line) {
+        Ok(0) | Err(_) => None,
+        Ok(_) => Some(line.trim_end().to_owned()),
+    }
+}
+
+/// A worker's environment variable.
+fn var(key: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| panic!("worker: {key} is not set"))
+}
+
+fn parse_range(text: &str) -> RangeInclusive<u16> {
+    let (start, end) = text.split_once('-').expect("range as start-end");
+    start.parse().expect("range start")..=end.parse().expect("range end")
+}
+
+/// Takes the host-wide lock on `range`, held until the returned file is dropped, so that
+/// other runs of this file on the host do not bind these ports meanwhile.
+fn lock_ports(range: &RangeInclusive<u16>) -> File {
+    let path = std::env::temp_dir().join(format!(
+        "portdaddy-tests-faults-{}-{}.lock",
+        range.start(),
+        range.end()
+    ));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .or_else(|_| File::open(&path))
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let give_up = deadline();
+    loop {
+        // SAFETY: `flock` on an open descriptor; the lock goes when the file is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return file;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "another run of tests/faults.rs held {} for {DEADLINE:?}",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A worker process; killed and reaped on drop if it still runs.
+struct Worker {
+    label: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Worker {
+    /// Starts this test binary as a worker in `mode` on the registry at `path`.
+    fn spawn(
+        label: &str,
+        mode: &str,
+        path: &Path,
+        range: &RangeInclusive<u16>,
+        extra: &[(&str, String)],
+    ) -> Self {
+        Self::spawn_with(label, mode, path, range, extra, |_| {})
+    }
+
+    /// As [`spawn`](Self::spawn), letting `adjust` change the command first.
+    fn spawn_with(
+        label: &str,
+        mode: &str,
+        path: &Path,
+        range: &RangeInclusive<u16>,
+        extra: &[(&str, String)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        let exe = std::env::current_exe().expect("locate the test binary");
+        let mut command = Command::new(exe);
+        command.args([WORKER_TEST, "--exact", "--nocapture"]);
+        adjust(&mut command);
+        command
+            .env(MODE, mode)
+            .env(REGISTRY, path)
+            .env(RANGE, format!("{}-{}", range.start(), range.end()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {label}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(at) = line.find(PREFIX) {
+                    let _ = sender.send(line[at + PREFIX.len()..].to_owned());
+                }
+            }
+        });
+        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr_pipe.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let stdin = child.stdin.take();
+        Self {
+            label: label.to_owned(),
+            child,
+            stdin,
+            lines,
+            stderr,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the worker wrote to stderr so far.
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The next protocol line, waiting until `deadline` at most.
+    fn expect_line(&self, what: &str, deadline: Instant) -> String {
+        match self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => panic!(
+                "{}: no {what} line before the deadline; stderr:\n{}",
+                self.label,
+                self.stderr()
+            ),
+            Err(RecvTimeoutError::Disconnected) => panic!(
+                "{}: exited before sending {what}; stderr:\n{}",
+                self.label,
+                self.stderr()
+            ),
+        }
+    }
+
+    /// The protocol lines of a worker that has ended, up to the end of its stdout.
+    fn drain(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let give_up = deadline();
+        loop {
+            match self
+                .lines
+                .recv_timeout(give_up.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) => lines.push(line),
+                Err(RecvTimeoutError::Disconnected) => return lines,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("{}: stdout stayed open after it ended", self.label)
+                }
+            }
+        }
+    }
+
+    /// Writes a line to the worker's stdin.
+    fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .expect("write to a worker");
+    }
+
+    /// Closes the worker's stdin: it finishes what it does and exits.
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Collects the remaining protocol lines until the worker closes its stdout, then reaps it.
+    fn finish(&mut self, deadline: Instant) -> (Vec<String>, ExitStatus) {
+        let mut lines = Vec::new();
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) => lines.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{}: did not finish before the deadline; lines so far {lines:?}; stderr:\n{}",
+                    self.label,
+                    self.stderr()
+                ),
+            }
+        }
+        let status = self.child.wait().expect("reap a worker");
+        (lines, status)
+    }
+
+    /// Sends `signal` to the worker.
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("a pid");
+        // SAFETY: a plain syscall on our own child, which has not been reaped.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+    }
+
+    /// Kills the worker with `SIGKILL` and reaps it.
+    fn kill(&mut self) -> ExitStatus {
+        self.child.kill().expect("kill a worker");
+        self.child.wait().expect("reap a worker")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
