@@ -76,7 +76,10 @@ pub(crate) fn owner_of(pid: u32) -> Result<Owner> {
 #[cfg(target_os = "linux")]
 fn state_of(pid: u32) -> ProcState {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => parse_stat(&stat).unwrap_or(ProcState::Unknown),
+        Ok(stat) => match parse_stat(&stat) {
+            Some(ProcState::Gone) => still_exiting(pid, &stat).unwrap_or(ProcState::Gone),
+            other => other.unwrap_or(ProcState::Unknown),
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => ProcState::Gone,
         // No /proc at all: fall back to the portable query.
         Err(_) if !std::path::Path::new("/proc/self/stat").exists() => portable::state_of(pid),
@@ -87,6 +90,26 @@ fn state_of(pid: u32) -> ProcState {
 #[cfg(not(target_os = "linux"))]
 fn state_of(pid: u32) -> ProcState {
     portable::state_of(pid)
+}
+
+/// A zombie whose other threads are still on their way out: the main thread of a killed
+/// multi-threaded process turns into a zombie first, and the process's files and sockets are
+/// closed only when its last thread exits. Until then it still holds its ports.
+#[cfg(target_os = "linux")]
+fn still_exiting(pid: u32, stat: &str) -> Option<ProcState> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let threads: u32 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    if threads <= 1 {
+        return None;
+    }
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let start_time = rest.split_ascii_whitespace().nth(19)?.parse().ok()?;
+    Some(ProcState::Running { start_time })
 }
 
 /// Parses `/proc/<pid>/stat`: the state is the first field after the parenthesised command
