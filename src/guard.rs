@@ -154,6 +154,33 @@ impl PortGuard {
         }
     }
 
+    /// Gives up the guard without ending the lease: it stays in the registry, owned by the
+    /// process recorded in it, until released or reclaimed when that process dies (or its
+    /// TTL passes). Unlike [`keep`](Self::keep) this writes nothing and cannot fail.
+    ///
+    /// This is for a tool that takes a port on behalf of another process
+    /// ([`Request::owner`](crate::Request::owner)) and exits at once: the lease then lives as
+    /// long as that process. A lease owned by the calling process itself lasts until this
+    /// process exits and is reclaimed after that.
+    ///
+    /// ```
+    /// use portdaddy::{Owner, PortDaddy, Request};
+    ///
+    /// let registry = PortDaddy::builder().in_memory().open()?;
+    /// let caller = Owner::current()?; // a tool would use `Owner::of_pid(parent pid)`
+    /// let lease = registry
+    ///     .acquire_with(&Request::new("db").owner(caller.clone()))?
+    ///     .into_lease();
+    /// assert_eq!(lease.owner(), Some(&caller));
+    /// assert!(registry.list()?.contains(&lease), "dropping nothing released it");
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
+    #[must_use = "the lease stays in the registry; use it, or drop the guard to release instead"]
+    pub fn into_lease(mut self) -> Lease {
+        self.armed = false;
+        self.lease.clone()
+    }
+
     /// Releases the lease now and reports failure, which dropping cannot do.
     ///
     /// # Errors

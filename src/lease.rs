@@ -213,6 +213,49 @@ impl Lease {
     }
 }
 
+/// What a lease is at a given moment, as the registry judges it with its own process probe
+/// and clock ([`PortDaddy::state_of`](crate::PortDaddy::state_of)).
+///
+/// Only [`Live`](LeaseState::Live) and [`Detached`](LeaseState::Detached) leases hold their
+/// port; [`Dead`](LeaseState::Dead) and [`Expired`](LeaseState::Expired) ones are reclaimed by
+/// the next claim that needs the port, or by [`PortDaddy::reap`](crate::PortDaddy::reap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LeaseState {
+    /// Owned by a process that is still running, and not expired.
+    Live,
+    /// Owned by a process that has exited (or a pid now used by another process).
+    Dead,
+    /// Its expiry has passed, whether it has an owner or not.
+    Expired,
+    /// Without an owner process, and not expired.
+    Detached,
+}
+
+impl LeaseState {
+    /// Whether a lease in this state still holds its port.
+    pub fn holds_port(self) -> bool {
+        matches!(self, LeaseState::Live | LeaseState::Detached)
+    }
+
+    /// The state in lower case, as listings show it: `live`, `dead`, `expired`, `detached`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Live => "live",
+            LeaseState::Dead => "dead",
+            LeaseState::Expired => "expired",
+            LeaseState::Detached => "detached",
+        }
+    }
+}
+
+impl std::fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a guard's port was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]

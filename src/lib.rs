@@ -32,6 +32,7 @@
 
 mod builder;
 mod clock;
+mod doctor;
 mod error;
 mod guard;
 mod lease;
@@ -42,18 +43,21 @@ mod probe;
 mod range;
 mod registry;
 mod request;
+mod stats;
 mod store;
 
 pub use builder::Builder;
 pub use clock::{Clock, SystemClock};
+pub use doctor::{Check, Diagnosis, Status};
 pub use error::{Error, GuardError, Result};
 pub use guard::PortGuard;
-pub use lease::{Choice, Lease, Owner, Protocol};
+pub use lease::{Choice, Lease, LeaseState, Owner, Protocol};
 pub use paths::ENV_VAR;
 pub use probe::{BindProbe, PortProbe, ProcessProbe, SystemProcessProbe};
 pub use range::PortRange;
 pub use registry::PortDaddy;
 pub use request::{Request, MAX_NAME_LEN};
+pub use stats::Stats;
 
 /// Leases a port under `name` from the default registry, opened on first use.
 ///

@@ -35,11 +35,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use crate::error::{Error, Result};
-use crate::lease::{at_storage_precision, new_lease_id, to_millis, Choice, Lease, Owner, Protocol};
+use crate::lease::{
+    at_storage_precision, new_lease_id, to_millis, Choice, Lease, LeaseState, Owner, Protocol,
+};
 use crate::probe::{PortProbe, ProcessProbe};
 use crate::range::PortRange;
 use crate::request::Request;
-use crate::store::Tx;
+use crate::store::{Counter, Tx};
 
 /// What the policy needs to know besides the store.
 pub(crate) struct Env<'a> {
@@ -78,6 +80,19 @@ impl Env<'_> {
         lease.is_expired_at(self.now) || lease.owner.as_ref().is_some_and(|o| !self.owner_alive(o))
     }
 
+    /// What `lease` is now: expired first (an expired lease no longer counts, owned or not),
+    /// then detached, then live or dead by its owner.
+    pub(crate) fn state(&self, lease: &Lease) -> LeaseState {
+        if lease.is_expired_at(self.now) {
+            return LeaseState::Expired;
+        }
+        match &lease.owner {
+            None => LeaseState::Detached,
+            Some(owner) if self.owner_alive(owner) => LeaseState::Live,
+            Some(_) => LeaseState::Dead,
+        }
+    }
+
     fn owner_alive(&self, owner: &Owner) -> bool {
         owner == self.me || self.processes.is_alive(owner)
     }
@@ -91,8 +106,10 @@ impl Env<'_> {
             if !self.is_reclaimable(&lease) {
                 return Ok(Some(Blocked::Leased(lease)));
             }
-            tx.delete_lease(lease.port, lease.id)?;
-            log_reclaimed(&lease);
+            if tx.delete_lease(lease.port, lease.id)? {
+                tx.count(Counter::Reaped, 1)?;
+                log_reclaimed(&lease);
+            }
         }
         if !self.ports.is_free(port, protocol) {
             return Ok(Some(Blocked::Foreign));
@@ -352,6 +369,9 @@ pub(crate) fn reap(tx: &mut dyn Tx, env: &Env<'_>, range: Option<PortRange>) -> 
             log_reclaimed(&lease);
             reaped += 1;
         }
+    }
+    if reaped > 0 {
+        tx.count(Counter::Reaped, reaped as u64)?;
     }
     Ok(reaped)
 }

@@ -9,15 +9,16 @@ use std::time::Duration;
 use crate::builder::{Builder, Settings};
 use crate::error::{Error, Result};
 use crate::guard::PortGuard;
-use crate::lease::{Choice, Lease, Owner, Protocol};
+use crate::lease::{Choice, Lease, LeaseState, Owner, Protocol};
 use crate::lock::Deadline;
 use crate::policy::{self, Env};
 use crate::probe::handover::{Handover, Sockets};
 use crate::range::PortRange;
 use crate::request::Request;
+use crate::stats::Stats;
 use crate::store::memory::MemoryStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::Tx;
+use crate::store::{Counter, Tx};
 
 /// A handle on a port registry: cheap to clone, `Send + Sync`.
 ///
@@ -128,6 +129,21 @@ impl PortDaddy {
         crate::paths::default_location().0
     }
 
+    /// Examines the registry file at `path` and reports one [`Check`](crate::Check) per
+    /// topic: the path, directory and file permissions, schema version, journal mode,
+    /// integrity, `range` against the kernel's ephemeral range, and leases whose owner died
+    /// or whose expiry passed (judged by the default probes and the system clock).
+    ///
+    /// Nothing is created, written, migrated or reclaimed: the file is read through a
+    /// read-only connection, so a registry that cannot be used stays exactly as it was for
+    /// inspection, and a missing one is not created. A registry that cannot be opened is
+    /// itself a failed check, not an error.
+    ///
+    /// See [`Diagnosis`](crate::Diagnosis) for an example.
+    pub fn diagnose(path: impl AsRef<Path>, range: PortRange) -> crate::Diagnosis {
+        crate::doctor::diagnose(path.as_ref(), range)
+    }
+
     pub(crate) fn memory(settings: Settings) -> Self {
         let pid = std::process::id();
         // In memory, only this process's identity matters; a placeholder serves if the
@@ -193,7 +209,7 @@ impl PortDaddy {
     /// [`Error::PortUnavailable`](crate::Error::PortUnavailable) for a required port that is
     /// taken and [`Error::InvalidRequest`](crate::Error::InvalidRequest).
     pub fn acquire_with(&self, request: &Request) -> Result<PortGuard> {
-        let (lease, choice, sockets) = self.write(|tx, env| claim(tx, env, request))?;
+        let (lease, choice, sockets) = self.counted_claim(1, |tx, env| claim(tx, env, request))?;
         Ok(PortGuard::new(self.clone(), lease, choice, sockets))
     }
 
@@ -270,7 +286,7 @@ impl PortDaddy {
     ///
     /// As [`acquire_with`](Self::acquire_with); on any error no port is leased.
     pub fn acquire_many_with(&self, requests: &[Request]) -> Result<Vec<PortGuard>> {
-        let claims = self.write(|tx, env| {
+        let claims = self.counted_claim(requests.len(), |tx, env| {
             requests
                 .iter()
                 .map(|request| claim(tx, env, request))
@@ -291,7 +307,97 @@ impl PortDaddy {
     ///
     /// A registry error.
     pub fn release(&self, port: u16) -> Result<bool> {
-        self.write(|tx, _| tx.delete_port(port))
+        self.write(|tx, _| {
+            let found = tx.delete_port(port)?;
+            if found {
+                tx.count(Counter::Released, 1)?;
+            }
+            Ok(found)
+        })
+    }
+
+    /// Releases every lease taken under `name`, whoever holds it, in one transaction; the
+    /// leases that were released, oldest first (none if no lease has that name).
+    ///
+    /// Names are labels, not keys: this ends every holder's lease of that name, as
+    /// [`release`](Self::release) does for a port.
+    ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let (web1, web2) = (registry.acquire("web")?.keep()?, registry.acquire("web")?.keep()?);
+    /// let db = registry.acquire("db")?;
+    /// let released = registry.release_name("web")?;
+    /// assert!(released.len() == 2 && released.contains(&web1) && released.contains(&web2));
+    /// assert_eq!(registry.list()?, std::slice::from_ref(db.lease()));
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// A registry error; then nothing is released.
+    pub fn release_name(&self, name: &str) -> Result<Vec<Lease>> {
+        self.write(|tx, _| {
+            let mut released = Vec::new();
+            for lease in tx.leases(None)? {
+                if lease.name == name && tx.delete_lease(lease.port, lease.id)? {
+                    released.push(lease);
+                }
+            }
+            if !released.is_empty() {
+                tx.count(Counter::Released, released.len() as u64)?;
+            }
+            Ok(released)
+        })
+    }
+
+    /// What `lease` is now (live, dead, expired or detached), judged as a claim would judge
+    /// it: by this registry's process probe and clock.
+    ///
+    /// ```
+    /// use portdaddy::LeaseState;
+    ///
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let guard = registry.acquire("api")?;
+    /// assert_eq!(registry.state_of(guard.lease()), LeaseState::Live);
+    /// let lease = guard.keep()?;
+    /// assert_eq!(registry.state_of(&lease), LeaseState::Detached);
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
+    pub fn state_of(&self, lease: &Lease) -> LeaseState {
+        self.inner.env().state(lease)
+    }
+
+    /// The registry's counters and the current number of leases by state (see [`Stats`]).
+    ///
+    /// # Errors
+    ///
+    /// A registry error.
+    pub fn stats(&self) -> Result<Stats> {
+        let (counts, leases) = self.read(|tx| {
+            let mut counts = [0; Counter::ALL.len()];
+            for (slot, counter) in counts.iter_mut().zip(Counter::ALL) {
+                *slot = tx.counter(counter)?;
+            }
+            Ok((counts, tx.leases(None)?))
+        })?;
+        let [acquired, released, reaped, exhausted, errors] = counts;
+        let mut stats = Stats {
+            acquired,
+            released,
+            reaped,
+            exhausted,
+            errors,
+            ..Stats::default()
+        };
+        let env = self.inner.env();
+        for lease in &leases {
+            match env.state(lease) {
+                LeaseState::Live => stats.live += 1,
+                LeaseState::Detached => stats.detached += 1,
+                _ => stats.stale += 1,
+            }
+        }
+        Ok(stats)
     }
 
     /// Every lease in the registry, oldest first, including those whose owner has died but
@@ -347,12 +453,54 @@ impl PortDaddy {
 
     /// Deletes exactly the lease `id` on `port`.
     pub(crate) fn delete_exact(&self, port: u16, id: u64) -> Result<bool> {
-        self.write(|tx, _| tx.delete_lease(port, id))
+        self.write(|tx, _| {
+            let found = tx.delete_lease(port, id)?;
+            if found {
+                tx.count(Counter::Released, 1)?;
+            }
+            Ok(found)
+        })
     }
 
     /// Removes the owner of exactly the lease `id` on `port`.
     pub(crate) fn detach_exact(&self, port: u16, id: u64) -> Result<bool> {
         self.write(|tx, _| tx.detach(port, id))
+    }
+
+    /// Runs the claims of `f` (`ports` of them) as one write transaction, and counts them:
+    /// in the same transaction when they succeed, and in a small one of its own when they
+    /// fail (the failed transaction is rolled back, its count with it).
+    fn counted_claim<R>(
+        &self,
+        ports: usize,
+        f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let result = self.write(|tx, env| {
+            let value = f(tx, env)?;
+            tx.count(Counter::Acquired, ports as u64)?;
+            Ok(value)
+        });
+        if let Err(error) = &result {
+            self.count_failure(error);
+        }
+        result
+    }
+
+    /// Counts a failed claim, if the registry can still be written.
+    fn count_failure(&self, error: &Error) {
+        let counter = match error {
+            Error::Exhausted { .. } => Counter::Exhausted,
+            // The registry cannot be written (or only after another long wait): nothing to count in.
+            Error::Open { .. }
+            | Error::Corrupt { .. }
+            | Error::SchemaTooNew { .. }
+            | Error::LockTimeout { .. }
+            | Error::ForkedHandle { .. } => return,
+            _ => Counter::Errors,
+        };
+        if let Err(e) = self.write(|tx, _| tx.count(counter, 1)) {
+            tracing::debug!(error = %e, "could not count a failed claim");
+        }
     }
 
     /// Runs `f` as one write transaction; the policy's view of the world (the time above

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use super::{first_gap, held_ports, Tx};
+use super::{first_gap, held_ports, Counter, Tx};
 use crate::error::Result;
 use crate::lease::Lease;
 use crate::range::PortRange;
@@ -23,6 +23,7 @@ struct State {
     name_port: HashMap<String, u16>,
     port_name: BTreeMap<u16, String>,
     cursor: Option<u16>,
+    counters: HashMap<Counter, u64>,
 }
 
 type Undo = Box<dyn FnOnce(&mut State)>;
@@ -202,5 +203,19 @@ impl Tx for MemTx<'_> {
         let old = self.state.cursor.replace(port);
         self.undo.push(Box::new(move |s| s.cursor = old));
         Ok(())
+    }
+
+    fn count(&mut self, counter: Counter, by: u64) -> Result<()> {
+        let value = self.state.counters.entry(counter).or_insert(0);
+        let old = *value;
+        *value = old.saturating_add(by);
+        self.undo.push(Box::new(move |s| {
+            s.counters.insert(counter, old);
+        }));
+        Ok(())
+    }
+
+    fn counter(&mut self, counter: Counter) -> Result<u64> {
+        Ok(self.state.counters.get(&counter).copied().unwrap_or(0))
     }
 }

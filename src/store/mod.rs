@@ -49,6 +49,49 @@ pub(crate) trait Tx {
 
     /// Moves the search start.
     fn set_cursor(&mut self, port: u16) -> Result<()>;
+
+    /// Adds `by` to a persisted counter: one statement.
+    fn count(&mut self, counter: Counter, by: u64) -> Result<()>;
+
+    /// The value of a persisted counter (0 if never counted).
+    fn counter(&mut self, counter: Counter) -> Result<u64>;
+}
+
+/// The counters a registry keeps about itself, behind [`crate::Stats`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Counter {
+    /// Leases handed out.
+    Acquired,
+    /// Leases released by their holder or by port or name.
+    Released,
+    /// Leases reclaimed because their owner died or their expiry passed.
+    Reaped,
+    /// Claims that failed because the range was full.
+    Exhausted,
+    /// Claims that failed for any other reason.
+    Errors,
+}
+
+impl Counter {
+    /// Every counter.
+    pub(crate) const ALL: [Counter; 5] = [
+        Counter::Acquired,
+        Counter::Released,
+        Counter::Reaped,
+        Counter::Exhausted,
+        Counter::Errors,
+    ];
+
+    /// The counter's key in the store.
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Counter::Acquired => "count.acquired",
+            Counter::Released => "count.released",
+            Counter::Reaped => "count.reaped",
+            Counter::Exhausted => "count.exhausted",
+            Counter::Errors => "count.errors",
+        }
+    }
 }
 
 /// Every port held by leases given as ascending, non-overlapping `(first port, length)`

@@ -49,7 +49,7 @@ use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior,
 };
 
-use super::{first_gap, held_ports, Tx};
+use super::{first_gap, held_ports, Counter, Tx};
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
 use crate::lock::{Deadline, FileLock};
@@ -275,6 +275,11 @@ fn lock_path(path: &Path) -> PathBuf {
 /// `locked` says whether the caller holds the write lock: only then can a rollback journal
 /// be told from the transient one of a registry that another process is creating.
 fn check_existing_file(path: &Path, locked: bool) -> Result<()> {
+    check_file(path, locked, true)
+}
+
+/// [`check_existing_file`], opening the file for writing too only when `write`.
+fn check_file(path: &Path, locked: bool, write: bool) -> Result<()> {
     let open_err = |e: io::Error| Error::Open {
         path: path.to_owned(),
         source: e.into(),
@@ -284,7 +289,7 @@ fn check_existing_file(path: &Path, locked: bool) -> Result<()> {
         detail,
     };
     let mut options = OpenOptions::new();
-    options.read(true).write(true);
+    options.read(true).write(write);
     // Non-blocking, so that a FIFO at the path cannot hang the open or the read.
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
@@ -671,6 +676,140 @@ impl Tx for SqlTx<'_> {
         stmt.execute([port]).map_err(|e| self.err(e))?;
         Ok(())
     }
+
+    fn count(&mut self, counter: Counter, by: u64) -> Result<()> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            )
+            .map_err(|e| self.err(e))?;
+        let by = i64::try_from(by).unwrap_or(i64::MAX);
+        stmt.execute(params![counter.key(), by])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn counter(&mut self, counter: Counter) -> Result<u64> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+            .map_err(|e| self.err(e))?;
+        let value: Option<i64> = stmt
+            .query_row([counter.key()], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        // A negative count can only come from a damaged row; show it as none.
+        Ok(value.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
+    }
+}
+
+/// What [`examine`] found in a registry file, without changing it.
+#[derive(Debug)]
+pub(crate) struct Examination {
+    /// The schema version in the file (`0` for an empty file).
+    pub(crate) schema_found: u32,
+    /// The journal mode SQLite reports.
+    pub(crate) journal_mode: String,
+    /// `PRAGMA integrity_check`: `Ok` or the first problem.
+    pub(crate) integrity: std::result::Result<(), String>,
+    /// The leases, read when the schema is the one this build writes.
+    pub(crate) leases: Option<Result<Vec<Lease>>>,
+}
+
+/// Inspects the registry at `path` through a read-only connection: nothing is written,
+/// created, rolled back or checkpointed. A file that is no registry of ours, or that SQLite
+/// cannot open, is an error.
+pub(crate) fn examine(path: &Path, timeout: Duration) -> Result<Examination> {
+    let deadline = Deadline::after(timeout);
+    check_file(path, true, false)?;
+    let sql = |e| open_sql_err(path, deadline, e);
+    // A read-only connection still creates the `-wal` and `-shm` files of a WAL database
+    // that nobody has open, and cannot remove them again. Without a `-wal` file the main
+    // file holds the whole registry and changes only once a writer has created one, so it is
+    // read as immutable then: no side files, no locks.
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let in_use = sibling(path, "-wal").exists();
+    let uri = uri_of(path, !in_use);
+    let mut conn = Connection::open_with_flags(&uri, flags).map_err(sql)?;
+    conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
+    let query = |conn: &Connection, q: &str| -> Result<i64> {
+        conn.query_row(q, [], |r| r.get(0)).map_err(sql)
+    };
+    let tables = query(&conn, "SELECT count(*) FROM sqlite_schema")?;
+    let app_id = query(&conn, "PRAGMA application_id")?;
+    let version = query(&conn, "PRAGMA user_version")?;
+    if !(tables == 0 && app_id == 0 && version == 0) && app_id != i64::from(APPLICATION_ID) {
+        return Err(Error::Corrupt {
+            path: path.to_owned(),
+            detail: format!(
+                "an SQLite database of another application (application_id {app_id:#x})"
+            ),
+        });
+    }
+    let schema_found = u32::try_from(version).map_err(|_| Error::Corrupt {
+        path: path.to_owned(),
+        detail: format!("its schema version {version} is not valid"),
+    })?;
+    let journal_mode: String = if in_use {
+        conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(sql)?
+    } else {
+        // An immutable connection reports no journal mode of its own; the header says
+        // whether the file is in WAL mode (format versions 2 at offsets 18 and 19).
+        let mut header = [0u8; 20];
+        let wal = std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut header))
+            .is_ok_and(|()| header[18] == 2 && header[19] == 2);
+        if wal { "wal" } else { "delete" }.to_owned()
+    };
+    let integrity = conn
+        .query_row("PRAGMA integrity_check(1)", [], |r| r.get::<_, String>(0))
+        .map_err(|e| e.to_string())
+        .and_then(|check| if check == "ok" { Ok(()) } else { Err(check) });
+    let leases = (schema_found as usize == MIGRATIONS.len()).then(|| {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(sql)?;
+        SqlTx {
+            tx: &tx,
+            path,
+            deadline,
+        }
+        .leases(None)
+    });
+    Ok(Examination {
+        schema_found,
+        journal_mode,
+        integrity,
+        leases,
+    })
+}
+
+/// A `file:` URI for `path` that SQLite reads exactly as given, `immutable` if asked.
+fn uri_of(path: &Path, immutable: bool) -> String {
+    let mut uri = String::from("file:");
+    let text = path.to_string_lossy();
+    for b in text.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
+                uri.push(b as char)
+            }
+            _ => uri.push_str(&format!("%{b:02X}")),
+        }
+    }
+    if immutable {
+        uri.push_str("?immutable=1");
+    }
+    uri
+}
+
+/// The newest schema version this build knows.
+pub(crate) fn schema_supported() -> u32 {
+    MIGRATIONS.len() as u32
 }
 
 #[cfg(test)]
