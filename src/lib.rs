@@ -9,6 +9,31 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! # Which call to use
+//!
+//! | You need | Use |
+//! |----------|-----|
+//! | a port number for a server you start | [`acquire`], or [`PortDaddy::acquire`] on a registry you opened |
+//! | the bound socket itself: no gap between check and server | [`PortDaddy::acquire_listener`], [`PortDaddy::acquire_udp_socket`], [`Request::listen_on`] |
+//! | several ports, all or none | [`PortDaddy::acquire_many`]; consecutive ports: [`Request::block`] |
+//! | a port that outlives the process (build scripts) | [`Request::ttl`] + [`Request::reuse_detached`], then [`PortGuard::keep`] |
+//! | threads of one process only, no file | [`PortDaddy::in_process`] |
+//! | a preferred port, a range, UDP, another owner | [`Request`], [`PortDaddy::builder`] |
+//!
+//! # Compared with the usual ways
+//!
+//! | | bind port 0, close, pass the number | [`portpicker`](https://docs.rs/portpicker) | a port-broker daemon | portdaddy |
+//! |---|---|---|---|---|
+//! | port reserved until you are done | no: free again at `close` | no: nothing is recorded | yes | yes, until the guard drops |
+//! | apart across processes (`cargo nextest`, scripts) | no | no | yes | yes, through a shared file |
+//! | skips ports other programs hold | yes, at the bind | yes, at the probe | depends | yes, at the probe |
+//! | no gap before the server binds | no | no | no | with [`PortDaddy::acquire_listener`] |
+//! | a crashed holder's port comes back | — | — | when the daemon notices | at the next claim that needs it |
+//! | the same port again for the same name | no | no | sometimes | yes, while it is free |
+//! | needs a service running | no | no | yes | no |
+//!
+//! # How it works
+//!
 //! Binding port 0, reading the port and closing the socket, then handing the number to a
 //! server races: between the close and the server's bind, any other test, process or
 //! outgoing connection may take the same port. portdaddy records each port it hands out in a
@@ -23,9 +48,10 @@
 //!   same port back while it is free.
 //! - [`PortDaddy::in_process`] coordinates the threads of one process without any file.
 //!
-//! Start with [`acquire`], then [`PortDaddy`] for a chosen path or range, [`Request`] for a
-//! preferred port, TTL or protocol, and [`PortGuard::keep`] for a lease that outlives the
-//! process.
+//! A program that takes only a port number still has a short window between portdaddy's
+//! probe and its own bind in which a program *outside* the registry could bind the port.
+//! Shrink it by starting the server right after the claim; close it by handing the server
+//! the socket ([`PortDaddy::acquire_listener`]) where the server accepts one.
 
 #![deny(missing_docs)]
 #![warn(clippy::print_stdout, clippy::print_stderr, clippy::dbg_macro)]
@@ -71,3 +97,8 @@ pub use stats::Stats;
 pub fn acquire(name: &str) -> Result<PortGuard> {
     registry::default_registry()?.acquire(name)
 }
+
+/// The code blocks of README.md, run as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
