@@ -1,27 +1,63 @@
-//! The cost of one acquire+release pair, beside the baselines a user would otherwise reach
-//! for: `portpicker::pick_unused_port()` and binding port 0.
+//! What a claim costs, beside the baselines a user would otherwise reach for:
+//! `portpicker::pick_unused_port()` and binding port 0. Every group runs in one process, so
+//! the ratios between them are measured under the same load.
 //!
 //! ```text
 //! cargo bench --bench acquire
 //! ```
+//!
+//! Registries are temporary files (or in memory); the benches that bind real ports use
+//! ranges of their own (40000-59999), away from the ports the tests bind.
 
 use std::hint::black_box;
 use std::net::TcpListener;
+use std::ops::RangeInclusive;
 
-use criterion::{criterion_group, criterion_main, Criterion};
-use portdaddy::PortDaddy;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use portdaddy::{PortDaddy, PortGuard, Protocol, Request};
+
+/// The range of the pair benches.
+const PAIR_RANGE: RangeInclusive<u16> = 40000..=40999;
+
+/// A file registry over `range` in a fresh temporary directory.
+fn file_registry(range: RangeInclusive<u16>) -> (tempfile::TempDir, PortDaddy) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let registry = PortDaddy::builder()
+        .path(dir.path().join("registry.sqlite3"))
+        .range(range)
+        .open()
+        .expect("open registry");
+    (dir, registry)
+}
+
+/// Leases `ports` (live, owned by this process) through a second handle on the same file
+/// whose probe binds nothing, so that filling a registry neither depends on nor disturbs the
+/// host's ports.
+fn hold(registry: &PortDaddy, range: RangeInclusive<u16>, ports: &[u16]) -> Vec<PortGuard> {
+    let filler = PortDaddy::builder()
+        .path(registry.path().expect("a file registry"))
+        .range(range)
+        .port_probe(|_: u16, _: Protocol| true)
+        .open()
+        .expect("open filler");
+    let requests: Vec<Request> = ports
+        .iter()
+        .map(|&port| Request::new("held").require(port))
+        .collect();
+    filler.acquire_many_with(&requests).expect("fill")
+}
 
 fn pairs(c: &mut Criterion) {
     let mut group = c.benchmark_group("pair");
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = PortDaddy::open(dir.path().join("registry.sqlite3")).expect("open registry");
+    let (_dir, file) = file_registry(PAIR_RANGE);
     group.bench_function("file registry acquire+release", |b| {
         b.iter(|| black_box(file.acquire("bench").expect("acquire").port()))
     });
 
     let memory = PortDaddy::builder()
         .in_memory()
+        .range(PAIR_RANGE)
         .open()
         .expect("open in memory");
     group.bench_function("in-memory acquire+release", |b| {
@@ -41,5 +77,90 @@ fn pairs(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pairs);
+fn parts(c: &mut Criterion) {
+    let mut group = c.benchmark_group("file registry");
+    let (_dir, file) = file_registry(PAIR_RANGE);
+
+    // The guard is dropped (released) outside the measured time.
+    group.bench_function("acquire", |b| {
+        b.iter_with_large_drop(|| file.acquire("bench").expect("acquire"))
+    });
+
+    group.bench_function("release", |b| {
+        b.iter_batched(
+            || file.acquire("bench").expect("acquire"),
+            |guard| guard.release().expect("release"),
+            BatchSize::PerIteration,
+        )
+    });
+
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    group.bench_function("acquire_many of 8", |b| {
+        b.iter_with_large_drop(|| file.acquire_many(&names).expect("acquire_many"))
+    });
+    group.bench_function("acquire_many of 8, then release each", |b| {
+        b.iter(|| black_box(file.acquire_many(&names).expect("acquire_many").len()))
+    });
+
+    let (_list_dir, listed) = file_registry(41000..=42999);
+    let ports: Vec<u16> = (41000..42000).collect();
+    let _held = hold(&listed, 41000..=42999, &ports);
+    group.bench_function("list with 1,000 leases", |b| {
+        b.iter(|| black_box(listed.list().expect("list").len()))
+    });
+    group.finish();
+}
+
+/// A claim that has to search the range, among 0 to 10,000 live leases.
+///
+/// The claimed name's remembered port is held by a live lease of the same name (a second
+/// instance of a service), so every claim searches from the cursor and the names table
+/// stays as it is; the port probe binds for real.
+fn searches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("searched acquire+release");
+
+    // (label, range, leased ports, the port of the instance that stays).
+    let spread_range = 40000..=59999;
+    let every = |step: usize| -> Vec<u16> { spread_range.clone().step_by(step).collect() };
+    let cases: Vec<(&str, RangeInclusive<u16>, Vec<u16>, u16)> = vec![
+        ("0 leases", spread_range.clone(), Vec::new(), 40001),
+        (
+            "1,000 spread leases",
+            spread_range.clone(),
+            every(20),
+            40001,
+        ),
+        (
+            "10,000 spread leases",
+            spread_range.clone(),
+            every(2),
+            40001,
+        ),
+        // One free port after a block of 10,000: after each claim the cursor wraps to the
+        // start of the block, so every search crosses it.
+        (
+            "10,000 dense leases",
+            40000..=50001,
+            (40000..50000).collect(),
+            50001,
+        ),
+    ];
+    for (label, range, ports, instance) in cases {
+        let (_dir, registry) = file_registry(range.clone());
+        let _held = hold(&registry, range.clone(), &ports);
+        let _first = registry
+            .acquire_with(&Request::new("svc").require(instance))
+            .expect("first instance");
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                let guard = registry.acquire("svc").expect("acquire");
+                assert_ne!(guard.port(), instance);
+                black_box(guard.port())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pairs, parts, searches);
 criterion_main!(benches);
