@@ -1,20 +1,24 @@
-//! The registry's write lock: an exclusive `flock` on a file beside the registry, with a
-//! bounded wait that does not starve anyone.
+//! The registry's write lock: an exclusive file lock (`flock` on Unix) on a file beside the
+//! registry, with a bounded wait that does not starve anyone.
 //!
 //! Every write transaction runs under this lock, so SQLite's own busy handler (which sleeps
 //! 1, 2, 5, 10, … ms between retries and lets a busy writer starve the others) never has to
-//! wait for a writer. The first attempt is a non-blocking `flock`. When it fails, a helper
-//! thread that owns a second open file description blocks in the kernel's `flock` queue, so
-//! the lock is taken the moment it is free, and the caller waits on a channel with the
-//! timeout. If the timeout passes first, the helper drops the lock as soon as it gets it.
+//! wait for a writer. The first attempt is a non-blocking lock. When it fails, a helper
+//! thread that owns a second open file description blocks in the kernel's lock queue, so the
+//! lock is taken the moment it is free, and the caller waits on a channel with the timeout.
+//!
+//! Whoever holds the lock unlocks it on its own thread when the transaction ends (a lock
+//! belongs to the open file description, not to the thread that took it), so the lock is
+//! free again before the call returns and the next call takes the non-blocking path. If the
+//! timeout passes first, the caller tells the helper, which drops the lock as soon as it gets
+//! it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use fd_lock::{RwLock, RwLockWriteGuard};
 
 /// When a call gives up waiting: fixed when the call starts, so every wait inside it (for
 /// the handle, the file lock, SQLite) shares one bound.
@@ -49,34 +53,39 @@ impl Deadline {
 /// The lock file beside one registry, as used by one process.
 pub(crate) struct FileLock {
     path: PathBuf,
-    fast: RwLock<File>,
+    fast: File,
     waiter: Option<Waiter>,
     generation: u64,
 }
 
-/// A helper thread that blocks in `flock` on its own file description.
+/// A helper thread that blocks in the lock queue on its own file description.
 struct Waiter {
+    file: Arc<File>,
     requests: Sender<Message>,
     granted: Receiver<u64>,
     thread: std::thread::JoinHandle<()>,
 }
 
-pub(crate) enum Message {
+/// What the owner of a [`Waiter`] asks of it. Messages are handled in order, so an
+/// `Abandon(g)` always comes after the `Lock(g)` it refers to has been granted.
+enum Message {
+    /// Take the lock for generation `g` and report it on the `granted` channel.
     Lock(u64),
-    Unlock(u64),
+    /// The caller stopped waiting for the last generation it asked for: drop the lock taken
+    /// for it.
+    Abandon,
 }
 
 /// Proof that the lock is held; unlocks on drop.
-pub(crate) enum Held<'a> {
-    Fast(#[allow(dead_code)] RwLockWriteGuard<'a, File>),
-    Waiter(&'a Sender<Message>, u64),
+pub(crate) struct Held<'a> {
+    file: &'a File,
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        if let Held::Waiter(requests, generation) = self {
-            // If the helper is gone its lock went with it.
-            let _ = requests.send(Message::Unlock(*generation));
+        if let Err(error) = self.file.unlock() {
+            // Closing the file releases it at the latest.
+            tracing::warn!(%error, "could not unlock the registry lock file");
         }
     }
 }
@@ -85,7 +94,7 @@ impl FileLock {
     pub(crate) fn open(path: &Path) -> io::Result<Self> {
         Ok(Self {
             path: path.to_owned(),
-            fast: RwLock::new(open_lock_file(path)?),
+            fast: open_lock_file(path)?,
             waiter: None,
             generation: 0,
         })
@@ -93,20 +102,17 @@ impl FileLock {
 
     /// Takes the lock, waiting until `deadline` at most; `Ok(None)` when it passed.
     pub(crate) fn lock(&mut self, deadline: Deadline) -> io::Result<Option<Held<'_>>> {
-        // Disjoint field borrows let the fast path return its guard while the slow path
-        // uses the other fields.
-        let Self {
-            path,
-            fast,
-            waiter,
-            generation,
-        } = self;
-        match fast.try_write() {
-            Ok(guard) => Ok(Some(Held::Fast(guard))),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait(path, waiter, generation, deadline)
+        match self.fast.try_lock() {
+            Ok(()) => Ok(Some(Held { file: &self.fast })),
+            Err(TryLockError::WouldBlock) if deadline.remaining().is_none() => {
+                // No limit: wait in the kernel's queue on this thread.
+                self.fast.lock()?;
+                Ok(Some(Held { file: &self.fast }))
             }
-            Err(e) => Err(e),
+            Err(TryLockError::WouldBlock) => {
+                wait(&self.path, &mut self.waiter, &mut self.generation, deadline)
+            }
+            Err(TryLockError::Error(e)) => Err(e),
         }
     }
 }
@@ -139,13 +145,15 @@ fn wait<'a>(
                 .map_err(|_| RecvTimeoutError::Disconnected),
         };
         match received {
-            Ok(g) if g == generation => return Ok(Some(Held::Waiter(&waiter.requests, g))),
+            Ok(g) if g == generation => return Ok(Some(Held { file: &waiter.file })),
+            // A grant for an earlier call that gave up; the helper has dropped or will
+            // drop that lock.
             Ok(_stale) => continue,
             Err(RecvTimeoutError::Timeout) => {
-                let _ = waiter.requests.send(Message::Unlock(generation));
+                let _ = waiter.requests.send(Message::Abandon);
                 return Ok(None);
             }
-            // The helper ended (its flock failed); the next call starts a new one.
+            // The helper ended (its lock call failed); the next call starts a new one.
             Err(RecvTimeoutError::Disconnected) => return Err(gone()),
         }
     }
@@ -161,33 +169,38 @@ impl std::fmt::Debug for FileLock {
 
 impl Waiter {
     fn spawn(path: &Path) -> io::Result<Self> {
-        let mut lock = RwLock::new(open_lock_file(path)?);
+        let file = Arc::new(open_lock_file(path)?);
         let (requests, inbox) = mpsc::channel::<Message>();
         let (grant, granted) = mpsc::channel::<u64>();
-        let thread = std::thread::Builder::new().name("portdaddy-lock".into()).spawn(move || {
-            // Ends when the owning FileLock is dropped.
-            while let Ok(message) = inbox.recv() {
-                let Message::Lock(generation) = message else { continue };
-                let guard = match lock.write() {
-                    Ok(guard) => guard,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "blocking flock on the registry lock failed");
-                        break;
-                    }
-                };
-                if grant.send(generation).is_err() {
-                    break;
-                }
-                // Hold until this generation is unlocked (by its holder or by its timeout).
+        let mine = Arc::clone(&file);
+        let thread = std::thread::Builder::new()
+            .name("portdaddy-lock".into())
+            .spawn(move || {
+                // Ends when the owning FileLock is dropped; closing the file then releases
+                // any lock still held.
                 while let Ok(message) = inbox.recv() {
-                    if matches!(message, Message::Unlock(g) if g == generation) {
-                        break;
+                    match message {
+                        Message::Lock(generation) => {
+                            if let Err(error) = mine.lock() {
+                                tracing::warn!(%error, "blocking lock on the registry lock file failed");
+                                break;
+                            }
+                            // The caller unlocks through its own reference to the file.
+                            if grant.send(generation).is_err() {
+                                break;
+                            }
+                        }
+                        Message::Abandon => {
+                            if let Err(error) = mine.unlock() {
+                                tracing::warn!(%error, "could not drop an abandoned registry lock");
+                                break;
+                            }
+                        }
                     }
                 }
-                drop(guard);
-            }
-        })?;
+            })?;
         Ok(Self {
+            file,
             requests,
             granted,
             thread,
@@ -238,6 +251,74 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut a = FileLock::open(&dir.path().join("r.lock")).unwrap();
         assert!(a.lock(deadline).unwrap().is_some());
+    }
+
+    /// Whether some open file description waits in the kernel's queue for the lock on the
+    /// file with inode `ino` (`/proc/locks` lists waiters with a `->` mark).
+    #[cfg(target_os = "linux")]
+    fn someone_waits_for(ino: u64) -> bool {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap();
+        let id = format!(":{ino} ");
+        locks
+            .lines()
+            .any(|line| line.contains("->") && line.contains(&id))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_lock_won_by_waiting_is_free_again_when_its_holder_drops_it() {
+        use std::os::unix::fs::MetadataExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.lock");
+        let mut a = FileLock::open(&path).unwrap();
+        let mut b = FileLock::open(&path).unwrap();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        // The hand-over is a race when the unlock happens late, so repeat it.
+        for _ in 0..50 {
+            let held = a.lock(Deadline::after(Duration::from_secs(5))).unwrap();
+            std::thread::scope(|s| {
+                let waiting = s.spawn(|| {
+                    let held_b = b.lock(Deadline::after(Duration::from_secs(30))).unwrap();
+                    assert!(held_b.is_some());
+                });
+                // Release only once b's helper is queued, so b surely wins by waiting.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !someone_waits_for(ino) {
+                    assert!(Instant::now() < deadline, "b never queued for the lock");
+                    std::thread::yield_now();
+                }
+                drop(held);
+                waiting.join().unwrap();
+            });
+            // b has dropped its lock: a zero timeout must find it free at once, with
+            // nothing left to unlock it later.
+            assert!(
+                a.lock(Deadline::after(Duration::ZERO)).unwrap().is_some(),
+                "the lock was still held after its holder returned"
+            );
+        }
+    }
+
+    #[test]
+    fn a_wait_that_timed_out_leaves_the_lock_free_for_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.lock");
+        let mut a = FileLock::open(&path).unwrap();
+        let mut b = FileLock::open(&path).unwrap();
+        let mut c = FileLock::open(&path).unwrap();
+        let held = a.lock(Deadline::after(Duration::from_secs(5))).unwrap();
+        // b's helper queues for the lock, then b gives up.
+        assert!(b
+            .lock(Deadline::after(Duration::from_millis(20)))
+            .unwrap()
+            .is_none());
+        drop(held);
+        // b's helper may take the lock first, but must drop it again at once.
+        assert!(c
+            .lock(Deadline::after(Duration::from_secs(30)))
+            .unwrap()
+            .is_some());
     }
 
     #[test]
