@@ -14,6 +14,8 @@
 //! | faults.rs      | 26500-26999   |
 //! | inspection.rs  | 27000-27499   |
 //! | examples       | 15000-22999 (default registry range, temp registries) |
+//! | examples/load  | 28000-29999   |
+//! | benches        | 40000-59999   |
 #![allow(dead_code)]
 
 use std::path::PathBuf;

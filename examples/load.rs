@@ -1,0 +1,358 @@
+//! A load test across real processes: N workers hammer one registry file with
+//! acquire/bind/release cycles, then the parent checks that no port was ever held twice.
+//!
+//! ```text
+//! cargo run --release --example load -- --procs 8 --ops 2000
+//! ```
+//!
+//! Options: `--procs N` (default 8), `--ops N` per worker (default 2000), `--range A-B`
+//! (default 28000-29999), `--registry PATH` (default: a fresh temporary file).
+//!
+//! Each worker binds `127.0.0.1:<port>` for every port it gets (a second holder would fail
+//! with "address in use") and appends one line per cycle to a file of its own:
+//! `port acquired_ns released_ns acquire_latency_ns release_latency_ns`, the timestamps
+//! taken after the acquire returned and before the release started, so they lie inside the
+//! lease. The parent merges the files and looks for two intervals on one port that overlap.
+//! It exits non-zero if any port was held twice, any bind failed, or any worker failed.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use portdaddy::{Error, PortDaddy};
+
+struct Options {
+    procs: usize,
+    ops: usize,
+    range: (u16, u16),
+    registry: Option<PathBuf>,
+    worker: Option<(usize, PathBuf)>,
+}
+
+fn main() -> ExitCode {
+    let options = match parse(std::env::args().skip(1)) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("load: {message}");
+            eprintln!("usage: load [--procs N] [--ops N] [--range A-B] [--registry PATH]");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match &options.worker {
+        Some((id, out)) => worker(&options, *id, out),
+        None => parent(&options),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("load: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+    let mut options = Options {
+        procs: 8,
+        ops: 2000,
+        range: (28000, 29999),
+        registry: None,
+        worker: None,
+    };
+    let mut worker_id = None;
+    let mut out = None;
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or(format!("{flag} needs a value"));
+        let number = |text: String| {
+            text.parse::<usize>()
+                .map_err(|_| format!("{flag} wants a number, got {text:?}"))
+        };
+        match flag.as_str() {
+            "--procs" => options.procs = number(value()?)?,
+            "--ops" => options.ops = number(value()?)?,
+            "--range" => {
+                let text = value()?;
+                let bad = || format!("--range wants A-B (ports), got {text:?}");
+                let (a, b) = text.split_once('-').ok_or_else(bad)?;
+                options.range = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            }
+            "--registry" => options.registry = Some(PathBuf::from(value()?)),
+            "--worker" => worker_id = Some(number(value()?)?),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            _ => return Err(format!("unknown option {flag:?}")),
+        }
+    }
+    if options.procs == 0 || options.ops == 0 {
+        return Err("--procs and --ops must be at least 1".into());
+    }
+    if let (Some(id), Some(out)) = (worker_id, out) {
+        options.worker = Some((id, out));
+    }
+    Ok(options)
+}
+
+fn epoch_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// One worker: open the registry, wait for the start signal on stdin, run the cycles.
+fn worker(options: &Options, id: usize, out: &Path) -> Result<ExitCode, String> {
+    let path = options
+        .registry
+        .as_ref()
+        .ok_or("a worker needs --registry")?;
+    let registry = PortDaddy::builder()
+        .path(path)
+        .range(options.range.0..=options.range.1)
+        .open()
+        .map_err(|e| format!("worker {id}: {e}"))?;
+    let mut file = BufWriter::new(File::create(out).map_err(|e| e.to_string())?);
+    let name = format!("worker-{id}");
+    let mut go = [0u8; 1];
+    std::io::stdin()
+        .read_exact(&mut go)
+        .map_err(|e| format!("worker {id}: no start signal: {e}"))?;
+    let (mut lock_waits, mut bind_failures, mut errors) = (0u64, 0u64, 0u64);
+    let started = epoch_nanos();
+    for _ in 0..options.ops {
+        let t0 = Instant::now();
+        let guard = match registry.acquire(&name) {
+            Ok(guard) => guard,
+            Err(Error::LockTimeout { .. }) => {
+                lock_waits += 1;
+                continue;
+            }
+            Err(e) => {
+                eprintln!("worker {id}: acquire: {e}");
+                errors += 1;
+                continue;
+            }
+        };
+        let acquire_latency = t0.elapsed();
+        let acquired = epoch_nanos();
+        let port = guard.port();
+        match TcpListener::bind(("127.0.0.1", port)) {
+            Ok(listener) => drop(listener),
+            Err(e) => {
+                eprintln!("worker {id}: bind 127.0.0.1:{port}: {e}");
+                bind_failures += 1;
+            }
+        }
+        let released = epoch_nanos();
+        let t1 = Instant::now();
+        match guard.release() {
+            Ok(()) => {}
+            Err(e) if matches!(e.error(), Error::LockTimeout { .. }) => lock_waits += 1,
+            Err(e) => {
+                eprintln!("worker {id}: release: {e}");
+                errors += 1;
+            }
+        }
+        let release_latency = t1.elapsed();
+        writeln!(
+            file,
+            "{port} {acquired} {released} {} {}",
+            acquire_latency.as_nanos(),
+            release_latency.as_nanos()
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    let finished = epoch_nanos();
+    writeln!(
+        file,
+        "end {started} {finished} {lock_waits} {bind_failures} {errors}"
+    )
+    .map_err(|e| e.to_string())?;
+    file.flush().map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Default)]
+struct Totals {
+    pairs: usize,
+    acquire: Vec<u64>,
+    release: Vec<u64>,
+    intervals: HashMap<u16, Vec<Interval>>,
+    lock_waits: u64,
+    bind_failures: u64,
+    errors: u64,
+    first_start: Option<u128>,
+    last_end: Option<u128>,
+}
+
+fn parent(options: &Options) -> Result<ExitCode, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let registry = options
+        .registry
+        .clone()
+        .unwrap_or_else(|| dir.path().join("registry.sqlite3"));
+    // Create the registry once, so the workers do not all create it at the same moment.
+    drop(
+        PortDaddy::builder()
+            .path(&registry)
+            .range(options.range.0..=options.range.1)
+            .open()
+            .map_err(|e| e.to_string())?,
+    );
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut children = Vec::new();
+    for id in 0..options.procs {
+        let out = dir.path().join(format!("worker-{id}.txt"));
+        let child = Command::new(&exe)
+            .args(["--worker", &id.to_string(), "--out"])
+            .arg(&out)
+            .arg("--registry")
+            .arg(&registry)
+            .args(["--ops", &options.ops.to_string()])
+            .args([
+                "--range",
+                &format!("{}-{}", options.range.0, options.range.1),
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("start worker {id}: {e}"))?;
+        children.push((id, out, child));
+    }
+    // All workers are started (and have opened the registry or are about to): let them go.
+    for (_, _, child) in &mut children {
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(b"g");
+        }
+    }
+    let mut totals = Totals::default();
+    let mut failed_workers = 0;
+    for (id, out, mut child) in children {
+        let status = child.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            eprintln!("load: worker {id} ended with {status}");
+            failed_workers += 1;
+            continue;
+        }
+        read_worker(&out, &mut totals)?;
+    }
+    let overlaps = double_holds(&mut totals.intervals);
+    let wall = match (totals.first_start, totals.last_end) {
+        (Some(a), Some(b)) if b > a => Duration::from_nanos((b - a) as u64),
+        _ => Duration::ZERO,
+    };
+    print_table(options, &mut totals, wall, overlaps.len());
+    for (port, a, b) in overlaps.iter().take(10) {
+        println!("double hold on port {port}: {a:?} and {b:?}");
+    }
+    let clean = overlaps.is_empty()
+        && totals.bind_failures == 0
+        && totals.errors == 0
+        && failed_workers == 0;
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn read_worker(out: &Path, totals: &mut Totals) -> Result<(), String> {
+    let file = File::open(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+        let bad = || format!("{}: malformed line {line:?}", out.display());
+        let num = |i: usize| -> Result<u128, String> {
+            fields.get(i).and_then(|f| f.parse().ok()).ok_or_else(bad)
+        };
+        if fields.first() == Some(&"end") {
+            let (start, end) = (num(1)?, num(2)?);
+            totals.first_start = Some(totals.first_start.map_or(start, |s| s.min(start)));
+            totals.last_end = Some(totals.last_end.map_or(end, |e| e.max(end)));
+            totals.lock_waits += num(3)? as u64;
+            totals.bind_failures += num(4)? as u64;
+            totals.errors += num(5)? as u64;
+            continue;
+        }
+        let port = u16::try_from(num(0)?).map_err(|_| bad())?;
+        totals
+            .intervals
+            .entry(port)
+            .or_default()
+            .push((num(1)?, num(2)?));
+        totals.acquire.push(num(3)? as u64);
+        totals.release.push(num(4)? as u64);
+        totals.pairs += 1;
+    }
+    Ok(())
+}
+
+/// When a worker held a port: from after its acquire returned to before its release began,
+/// in nanoseconds since the Unix epoch.
+type Interval = (u128, u128);
+
+/// Pairs of intervals on one port that overlap: the port was held twice at once.
+fn double_holds(intervals: &mut HashMap<u16, Vec<Interval>>) -> Vec<(u16, Interval, Interval)> {
+    let mut found = Vec::new();
+    for (port, list) in intervals.iter_mut() {
+        list.sort_unstable();
+        let mut latest: Option<Interval> = None;
+        for &interval in list.iter() {
+            if let Some(prev) = latest {
+                if interval.0 < prev.1 {
+                    found.push((*port, prev, interval));
+                }
+            }
+            if latest.is_none_or(|prev| interval.1 > prev.1) {
+                latest = Some(interval);
+            }
+        }
+    }
+    found
+}
+
+fn percentile(sorted: &[u64], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Duration::from_nanos(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn print_table(options: &Options, totals: &mut Totals, wall: Duration, overlaps: usize) {
+    totals.acquire.sort_unstable();
+    totals.release.sort_unstable();
+    let per_sec = if wall.is_zero() {
+        0.0
+    } else {
+        totals.pairs as f64 / wall.as_secs_f64()
+    };
+    let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+    println!(
+        "portdaddy load: {} processes × {} acquire/bind/release cycles on one registry file",
+        options.procs, options.ops
+    );
+    println!();
+    println!("| measure                    | value |");
+    println!("|----------------------------|-------|");
+    println!("| pairs completed            | {} |", totals.pairs);
+    println!(
+        "| wall time                  | {:.3} s |",
+        wall.as_secs_f64()
+    );
+    println!("| total pairs/s              | {per_sec:.0} |");
+    for (what, sorted) in [("acquire", &totals.acquire), ("release", &totals.release)] {
+        println!(
+            "| {what} p50 / p99 / max    | {} / {} / {} |",
+            us(percentile(sorted, 50.0)),
+            us(percentile(sorted, 99.0)),
+            us(sorted
+                .last()
+                .map_or(Duration::ZERO, |&n| Duration::from_nanos(n)))
+        );
+    }
+    println!("| lock-wait errors           | {} |", totals.lock_waits);
+    println!("| other errors               | {} |", totals.errors);
+    println!("| failed binds               | {} |", totals.bind_failures);
+    println!("| ports held twice           | {overlaps} |");
+}
