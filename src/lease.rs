@@ -56,18 +56,52 @@ impl Protocol {
 ///
 /// A pid alone is ambiguous: the kernel reuses pids, and a reboot starts them afresh. An owner
 /// is therefore a pid plus that process's start time plus the identity of the boot it runs
-/// in; a lease whose recorded owner differs from the live process in any of them belongs to a
-/// dead process. The values are opaque tokens produced by the system: compare them, do not
-/// interpret them.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// in, plus (on Linux) the PID namespace in which the pid is meaningful; a lease whose
+/// recorded owner differs from the live process in any of them belongs to a dead process.
+/// The values are opaque tokens produced by the system: compare them, do not interpret them.
+///
+/// # Owners in other PID namespaces
+///
+/// A pid means nothing outside its PID namespace: a container's pid 1 is not the host's.
+/// A process that opens a file registry therefore also takes an exclusive lock on a file of
+/// its own in `<registry>.owners/` and records that file's name with its leases. A process in
+/// another namespace judges such an owner by that lock alone: held means alive, and the
+/// kernel drops it when the owner dies, however it dies. An owner recorded without a lock
+/// (one named with [`Request::owner`](crate::Request::owner)) counts as alive across the
+/// boundary, and is judged by pid from its own namespace.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Owner {
     pid: u32,
     start_time: u64,
     boot_id: String,
+    #[serde(default)]
+    pid_namespace: Option<u64>,
+    /// The name of the lock file the owner holds in `<registry>.owners/`, if any. Not part
+    /// of the identity: it says how to check liveness from another namespace.
+    #[serde(default)]
+    lock: Option<String>,
+}
+
+impl PartialEq for Owner {
+    fn eq(&self, other: &Self) -> bool {
+        self.pid == other.pid
+            && self.start_time == other.start_time
+            && self.boot_id == other.boot_id
+            && self.pid_namespace == other.pid_namespace
+    }
+}
+
+impl Eq for Owner {}
+
+impl std::hash::Hash for Owner {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.pid, self.start_time, &self.boot_id, self.pid_namespace).hash(state);
+    }
 }
 
 impl Owner {
-    /// An owner with the given identity; for tests and custom [`ProcessProbe`]s.
+    /// An owner with the given identity, in no particular PID namespace; for tests and custom
+    /// [`ProcessProbe`]s.
     ///
     /// [`ProcessProbe`]: crate::ProcessProbe
     pub fn new(pid: u32, start_time: u64, boot_id: impl Into<String>) -> Self {
@@ -75,7 +109,21 @@ impl Owner {
             pid,
             start_time,
             boot_id: boot_id.into(),
+            pid_namespace: None,
+            lock: None,
         }
+    }
+
+    /// The same owner, its pid meaningful in the PID namespace `namespace`.
+    pub(crate) fn in_namespace(mut self, namespace: Option<u64>) -> Self {
+        self.pid_namespace = namespace;
+        self
+    }
+
+    /// The same owner, holding the lock file `name` in `<registry>.owners/`.
+    pub(crate) fn with_lock(mut self, name: Option<String>) -> Self {
+        self.lock = name;
+        self
     }
 
     /// The calling process.
@@ -112,6 +160,18 @@ impl Owner {
     /// The identity of the boot the process runs in.
     pub fn boot_id(&self) -> &str {
         &self.boot_id
+    }
+
+    /// The PID namespace in which [`pid`](Self::pid) is meaningful (on Linux, the inode
+    /// number of `/proc/self/ns/pid` of the process that recorded it), or `None` where
+    /// unknown.
+    pub fn pid_namespace(&self) -> Option<u64> {
+        self.pid_namespace
+    }
+
+    /// The owner's lock file in `<registry>.owners/`, if it holds one.
+    pub(crate) fn lock_name(&self) -> Option<&str> {
+        self.lock.as_deref()
     }
 }
 

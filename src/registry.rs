@@ -13,6 +13,7 @@ use crate::lease::{Choice, Lease, LeaseState, Owner, Protocol};
 use crate::lock::Deadline;
 use crate::policy::{self, Env};
 use crate::probe::handover::{Handover, Sockets};
+use crate::probe::owner_lock::{owners_dir, Liveness, OwnerLock};
 use crate::range::PortRange;
 use crate::request::Request;
 use crate::stats::Stats;
@@ -41,10 +42,13 @@ use crate::store::{Counter, Tx};
 ///
 /// # Who can share a registry
 ///
-/// Every participant of a file registry must see the same processes: liveness is judged by
-/// pid, so processes in another PID namespace (a container sharing the file with the host)
-/// would take each other's leases for dead. They must also agree on the time; a
-/// [`Clock`](crate::Clock) other than the system clock is for in-memory registries in tests.
+/// Every process of the host that can open the file, in any PID namespace: a container that
+/// shares the file with the host works. Within one namespace an owner is judged by pid and
+/// start time; across namespaces, where pids mean nothing, by a lock file that each handle
+/// holds in `<registry>.owners/` while it is open (see [`Owner`]). All participants must
+/// run on one host (one kernel: the file locks and the boot identity are per host) and agree
+/// on the time; a [`Clock`](crate::Clock) other than the system clock is for in-memory
+/// registries in tests.
 ///
 /// # Security
 ///
@@ -65,8 +69,13 @@ pub struct PortDaddy {
 struct Inner {
     backend: Backend,
     settings: Settings,
+    /// The configured process probe, with owners of other PID namespaces judged by their
+    /// lock files.
+    liveness: Liveness,
     me: Owner,
     path: Option<PathBuf>,
+    /// Held while the handle lives, so that other PID namespaces can tell this process lives.
+    _owner_lock: Option<OwnerLock>,
 }
 
 enum Backend {
@@ -151,9 +160,15 @@ impl PortDaddy {
         let me = Owner::current().unwrap_or_else(|_| Owner::new(pid, 0, ""));
         Self::from_inner(Inner {
             backend: Backend::Memory(MemoryStore::default()),
+            liveness: Liveness {
+                inner: settings.processes.clone(),
+                namespace: me.pid_namespace(),
+                owners: None,
+            },
             settings,
             me,
             path: None,
+            _owner_lock: None,
         })
     }
 
@@ -166,15 +181,31 @@ impl PortDaddy {
         // Leases must name this process exactly, or others would take them for dead.
         let me = Owner::current()?;
         let store = SqliteStore::open(path, shared_tmp, timeout)?;
+        let owners = owners_dir(store.path());
+        let lock = OwnerLock::take(&owners, &me).map_err(|e| Error::Open {
+            path: store.path().to_owned(),
+            source: format!(
+                "cannot create an owner lock file in {}: {e}",
+                owners.display()
+            )
+            .into(),
+        })?;
+        let me = me.with_lock(Some(lock.name().to_owned()));
         let path = Some(store.path().to_owned());
         Ok(Self::from_inner(Inner {
             backend: Backend::File {
                 store: Mutex::new(store),
                 timeout,
             },
+            liveness: Liveness {
+                inner: settings.processes.clone(),
+                namespace: me.pid_namespace(),
+                owners: Some(owners),
+            },
             settings,
             me,
             path,
+            _owner_lock: Some(lock),
         }))
     }
 
@@ -574,7 +605,7 @@ impl Inner {
             range: s.range,
             reserved: &s.reserved,
             ports: &*s.ports,
-            processes: &*s.processes,
+            processes: &self.liveness,
             me: &self.me,
             now: s.clock.now(),
         }

@@ -186,6 +186,19 @@ fn processes_killed_at_random_moments_never_corrupt_or_double_book() {
         }
         drop(guards);
     }
+    // The lock files of the killed workers are gone once a new handle has swept them: left are
+    // the steady holder's and the new handle's.
+    let last = open_probing(&path, &CRASH_RANGE);
+    let mut owners = path.as_os_str().to_owned();
+    owners.push(".owners");
+    let files = std::fs::read_dir(&owners)
+        .expect("the owner lock files")
+        .count();
+    assert_eq!(
+        files, 2,
+        "owner lock files of dead processes were left behind"
+    );
+    drop(last);
     steady.close_stdin();
     let (lines, status) = steady.finish(deadline());
     assert!(
@@ -725,6 +738,151 @@ fn claim_worker(path: &Path, range: &RangeInclusive<u16>) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 2. Owners in another PID namespace.
+// ---------------------------------------------------------------------------------------------
+
+const NS_RANGE: RangeInclusive<u16> = 26800..=26803;
+
+/// A process in a PID namespace of its own (`unshare --pid --fork --mount-proc`, as a
+/// container runs) and processes of the host share one registry. Pids mean nothing across
+/// the namespace boundary, so each side must neither reap the other's live leases nor hand
+/// out their ports; once the namespaced owner is killed, the host reclaims its lease.
+///
+/// Skipped, with the reason printed, where `unshare` is missing or not permitted.
+#[test]
+fn owners_in_another_pid_namespace_keep_their_leases_until_they_die() {
+    if let Err(why) = unshare_works() {
+        println!("skipped: cannot make a PID namespace here: {why}");
+        return;
+    }
+    let _ports = lock_ports(&NS_RANGE);
+    let (_dir, path) = common::temp_registry();
+    let host = PortDaddy::builder()
+        .path(&path)
+        .range(NS_RANGE)
+        .port_probe(all_free)
+        .open()
+        .expect("open");
+    let host_guard = host.acquire("host").expect("a host lease");
+
+    let mut inside = Worker::spawn_with(
+        "namespaced holder",
+        "hold",
+        &path,
+        &NS_RANGE,
+        &[(LISTEN, "0".into())],
+        in_new_pid_namespace,
+    );
+    let (inside_port, inside_pid) = parse_held(&inside.expect_line("HELD", deadline()));
+    assert_ne!(inside_port, host_guard.port());
+    assert_ne!(
+        inside_pid,
+        inside.pid(),
+        "the holder did not run in a PID namespace of its own"
+    );
+
+    // Inside the namespace, the host's lease is not dead.
+    let mut sweeper = Worker::spawn_with(
+        "namespaced sweeper",
+        "sweep",
+        &path,
+        &NS_RANGE,
+        &[],
+        in_new_pid_namespace,
+    );
+    let (lines, status) = sweeper.finish(deadline());
+    assert!(status.success(), "{status}; stderr:\n{}", sweeper.stderr());
+    assert_eq!(
+        lines,
+        ["REAPED 0", "GOT 2"],
+        "a process in another PID namespace reaped or took the host's or the holder's lease"
+    );
+
+    // On the host, the namespaced holder's lease is not dead either.
+    assert_eq!(
+        host.reap().expect("reap"),
+        0,
+        "the host reaped a live lease"
+    );
+    let others = host.acquire_many(&["a", "b"]).expect("the two free ports");
+    let mut taken: Vec<u16> = others.iter().map(|g| g.port()).collect();
+    taken.extend([host_guard.port(), inside_port]);
+    taken.sort_unstable();
+    assert_eq!(taken, NS_RANGE.collect::<Vec<_>>());
+    assert!(
+        matches!(host.acquire("c"), Err(Error::Exhausted { .. })),
+        "the namespaced holder's port was handed out"
+    );
+    drop(others);
+
+    // Killed, the namespaced holder's lease is reclaimed by the host.
+    let status = inside.kill();
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let give_up = deadline();
+    let mut reaped = 0;
+    while reaped == 0 {
+        // `unshare` passes the kill on to the holder; it dies a moment later.
+        assert!(
+            Instant::now() < give_up,
+            "the killed holder's lease was never reaped"
+        );
+        reaped = host.reap().expect("reap");
+        thread::yield_now();
+    }
+    assert_eq!(reaped, 1);
+    let leases = host.list().unwrap();
+    assert_eq!(leases.len(), 1, "{leases:#?}");
+    assert_eq!(leases[0].port(), host_guard.port());
+}
+
+/// Whether `unshare --pid --fork --mount-proc` runs here.
+fn unshare_works() -> Result<(), String> {
+    let output = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child=SIGKILL",
+            "true",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("unshare: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "unshare {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Makes `command` run its program in a new PID namespace, with its own `/proc`, as the
+/// namespace's first process; killing `unshare` kills it.
+fn in_new_pid_namespace(command: &mut Command) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
+        .arg(program)
+        .args(args);
+    *command = wrapped;
+}
+
+/// Reaps, reports `REAPED <n>`, then claims every port it can and reports `GOT <n>`.
+fn sweep_worker(registry: &PortDaddy) {
+    say(&format!("REAPED {}", registry.reap().expect("reap")));
+    let mut guards = Vec::new();
+    while let Ok(guard) = registry.acquire("sweep") {
+        guards.push(guard);
+    }
+    say(&format!("GOT {}", guards.len()));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Worker entry
 // ---------------------------------------------------------------------------------------------
 
@@ -740,18 +898,24 @@ fn worker_entry() {
         "churn" => churn_worker(&open_unprobed(&path, &range)),
         "hold" => hold_worker(&open_unprobed(&path, &range)),
         "stall" => stall_worker(&path),
+        "sweep" => sweep_worker(&open_unprobed(&path, &range)),
         "fill" => fill_worker(&open_unprobed(&path, &range)),
         "claim" => claim_worker(&path, &range),
         other => panic!("unknown worker mode {other:?}"),
     }
 }
 
-/// Takes one port and binds a listener on it, reports `HELD <port> <pid>`, holds both until
-/// stdin ends, releases them and reports `RELEASED`.
+/// Whether a `hold` worker binds a listener on its port (`1`, the default) or not (`0`).
+const LISTEN: &str = "PORTDADDY_FAULTS_LISTEN";
+
+/// Takes one port and binds a listener on it (unless [`LISTEN`] is `0`), reports
+/// `HELD <port> <pid>`, holds both until stdin ends, releases them and reports `RELEASED`.
 fn hold_worker(registry: &PortDaddy) {
     let guard = registry.acquire("steady").expect("hold worker: acquire");
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, guard.port()))
-        .unwrap_or_else(|e| panic!("hold worker: bind {}: {e}", guard.port()));
+    let listener = (std::env::var(LISTEN).as_deref() != Ok("0")).then(|| {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, guard.port()))
+            .unwrap_or_else(|e| panic!("hold worker: bind {}: {e}", guard.port()))
+    });
     say(&format!("HELD {} {}", guard.port(), std::process::id()));
     wait_for_eof();
     drop(listener);

@@ -5,6 +5,7 @@
 
 mod bind;
 pub(crate) mod handover;
+pub(crate) mod owner_lock;
 pub(crate) mod system;
 
 pub use bind::BindProbe;

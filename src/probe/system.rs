@@ -59,7 +59,14 @@ pub(crate) fn current_owner() -> Result<Owner> {
     if let Some(owner) = cache.as_ref().filter(|o| o.pid() == pid) {
         return Ok(owner.clone());
     }
-    let owner = owner_of(pid)?;
+    // `/proc/self` rather than `/proc/<pid>`: in a PID namespace whose `/proc` is the host's,
+    // `<pid>` would name another process.
+    let owner = match self_state() {
+        ProcState::Running { start_time } => Owner::new(pid, start_time, boot_id()),
+        ProcState::Gone => return Err(Error::NoSuchProcess { pid }),
+        ProcState::Unknown => return Err(Error::ProcessUnreadable { pid }),
+    }
+    .in_namespace(super::owner_lock::pid_namespace());
     *cache = Some(owner.clone());
     Ok(owner)
 }
@@ -67,7 +74,11 @@ pub(crate) fn current_owner() -> Result<Owner> {
 /// The identity of the running process `pid`.
 pub(crate) fn owner_of(pid: u32) -> Result<Owner> {
     match state_of(pid) {
-        ProcState::Running { start_time } => Ok(Owner::new(pid, start_time, boot_id())),
+        // The pid was given in this process's namespace, so that is where it is meaningful.
+        ProcState::Running { start_time } => {
+            Ok(Owner::new(pid, start_time, boot_id())
+                .in_namespace(super::owner_lock::pid_namespace()))
+        }
         ProcState::Gone => Err(Error::NoSuchProcess { pid }),
         ProcState::Unknown => Err(Error::ProcessUnreadable { pid }),
     }
@@ -90,6 +101,20 @@ fn state_of(pid: u32) -> ProcState {
 #[cfg(not(target_os = "linux"))]
 fn state_of(pid: u32) -> ProcState {
     portable::state_of(pid)
+}
+
+/// The state of the calling process.
+#[cfg(target_os = "linux")]
+fn self_state() -> ProcState {
+    match std::fs::read_to_string("/proc/self/stat") {
+        Ok(stat) => parse_stat(&stat).unwrap_or(ProcState::Unknown),
+        Err(_) => state_of(std::process::id()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn self_state() -> ProcState {
+    state_of(std::process::id())
 }
 
 /// A zombie whose other threads are still on their way out: the main thread of a killed

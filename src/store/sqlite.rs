@@ -86,6 +86,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 2: blocks of consecutive ports; a lease holds `block_len` ports from `port` on.
     "ALTER TABLE leases ADD COLUMN block_len INTEGER NOT NULL DEFAULT 1
         CHECK (block_len BETWEEN 1 AND 65535);",
+    // 3: the PID namespace in which `owner_pid` is meaningful, and the owner's lock file in
+    // `<registry>.owners/`, by which other namespaces tell whether it lives.
+    "ALTER TABLE leases ADD COLUMN owner_ns INTEGER;
+     ALTER TABLE leases ADD COLUMN owner_lock TEXT;",
 ];
 
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
@@ -97,7 +101,7 @@ const HEADER_LEN: usize = 100;
 macro_rules! lease_columns {
     () => {
         "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at, \
-         block_len"
+         block_len, owner_ns, owner_lock"
     };
 }
 
@@ -116,7 +120,7 @@ const SELECT_LEASES_IN: &str = concat!(
 const INSERT_LEASE: &str = concat!(
     "INSERT INTO leases (",
     lease_columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
 );
 
 #[derive(Debug)]
@@ -480,6 +484,8 @@ impl<'t> SqlTx<'t> {
         let boot: Option<String> = row.get(6)?;
         let expires: Option<i64> = row.get(8)?;
         let block_len: i64 = row.get(9)?;
+        let namespace: Option<i64> = row.get(10)?;
+        let lock: Option<String> = row.get(11)?;
         let bad = |what: &str| Error::Corrupt {
             path: self.path.to_owned(),
             detail: format!("lease {id} has an invalid {what}"),
@@ -497,7 +503,11 @@ impl<'t> SqlTx<'t> {
         };
         let owner = match (pid, start) {
             (Some(pid), Some(start)) => match (u32::try_from(pid), u64::try_from(start)) {
-                (Ok(pid), Ok(start)) => Some(Owner::new(pid, start, boot.unwrap_or_default())),
+                (Ok(pid), Ok(start)) => Some(
+                    Owner::new(pid, start, boot.unwrap_or_default())
+                        .in_namespace(namespace.map(|ns| ns as u64))
+                        .with_lock(lock),
+                ),
                 _ => return Ok(Err(bad("owner"))),
             },
             _ => None,
@@ -581,6 +591,8 @@ impl Tx for SqlTx<'_> {
             to_millis(lease.acquired_at),
             lease.expires_at.map(to_millis),
             lease.block_len,
+            owner.and_then(Owner::pid_namespace).map(|ns| ns as i64),
+            owner.and_then(Owner::lock_name),
         ])
         .map_err(|e| self.err(e))?;
         Ok(())
@@ -634,7 +646,8 @@ impl Tx for SqlTx<'_> {
         let mut stmt = self
             .tx
             .prepare_cached(
-                "UPDATE leases SET owner_pid = NULL, owner_start = NULL, owner_boot = NULL
+                "UPDATE leases SET owner_pid = NULL, owner_start = NULL, owner_boot = NULL,
+                                  owner_ns = NULL, owner_lock = NULL
                  WHERE port = ?1 AND id = ?2",
             )
             .map_err(|e| self.err(e))?;
