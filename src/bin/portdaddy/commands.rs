@@ -1,0 +1,401 @@
+//! The commands, each over the library's public API.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::CommandFactory;
+use portdaddy::{Lease, LeaseState, Owner, PortDaddy, PortRange, Protocol, Request, Status};
+use serde_json::json;
+
+use crate::exit::{self, Failure};
+use crate::output::{self, escape};
+use crate::signals::{self, Ended};
+use crate::{Cli, Command};
+
+type Outcome = Result<ExitCode, Failure>;
+
+pub fn run(cli: Cli) -> Outcome {
+    let Cli { db, range, command } = cli;
+    let range = match range {
+        Some(range) => Some(range),
+        None => range_from_env()?,
+    };
+    let target = Target { db, range };
+    match command {
+        Command::Acquire {
+            name,
+            preferred,
+            ttl,
+            pid,
+            udp,
+            json,
+        } => {
+            let mut request = Request::new(name);
+            if let Some(port) = preferred {
+                request = request.preferred(port);
+            }
+            if udp {
+                request = request.protocol(Protocol::Udp);
+            }
+            acquire(&target, request, ttl, pid, json)
+        }
+        Command::Release { target: what, name } => release(&target, &what, name),
+        Command::List { json, all } => list(&target, json, all),
+        Command::Run {
+            names,
+            preferred,
+            command,
+        } => run_command(&target, &names, &preferred, &command),
+        Command::Reap => {
+            let reaped = target.open()?.reap()?;
+            print(format_args!("reaped {reaped}\n"))
+        }
+        Command::Stats { json } => stats(&target, json),
+        Command::Doctor { json } => doctor(&target, json),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "portdaddy", &mut out);
+            write_out(&out)
+        }
+    }
+}
+
+/// `$PORTDADDY_RANGE`, unless unset or empty (as the library treats `$PORTDADDY_DB`).
+fn range_from_env() -> Result<Option<PortRange>, Failure> {
+    match std::env::var("PORTDADDY_RANGE") {
+        Ok(text) if !text.is_empty() => crate::parse_range(&text)
+            .map(Some)
+            .map_err(|e| Failure::new(exit::USAGE, format!("PORTDADDY_RANGE: {e}"))),
+        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(Failure::new(
+            exit::USAGE,
+            "PORTDADDY_RANGE is not valid UTF-8; write START-END, e.g. 26000-26499",
+        )),
+    }
+}
+
+/// Which registry, over which range.
+struct Target {
+    db: Option<std::path::PathBuf>,
+    range: Option<PortRange>,
+}
+
+impl Target {
+    fn open(&self) -> Result<PortDaddy, Failure> {
+        let mut builder = PortDaddy::builder();
+        if let Some(db) = &self.db {
+            builder = builder.path(db);
+        }
+        if let Some(range) = self.range {
+            builder = builder.range(range.start()..=range.end());
+        }
+        Ok(builder.open()?)
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.db.clone().unwrap_or_else(PortDaddy::default_path)
+    }
+}
+
+fn acquire(
+    target: &Target,
+    request: Request,
+    ttl: Option<std::time::Duration>,
+    pid: Option<u32>,
+    json: bool,
+) -> Outcome {
+    let lease = match ttl {
+        Some(ttl) => target.open()?.acquire_with(&request.ttl(ttl))?.keep()?,
+        None => {
+            // The command exits at once: the lease must belong to whoever asked for it.
+            let owner = match pid {
+                Some(pid) => Owner::of_pid(pid)?,
+                None => parent()?,
+            };
+            target
+                .open()?
+                .acquire_with(&request.owner(owner))?
+                .into_lease()
+        }
+    };
+    if json {
+        let state = if lease.is_detached() {
+            LeaseState::Detached
+        } else {
+            LeaseState::Live
+        };
+        let value = output::lease_json(&lease, state, SystemTime::now());
+        print(format_args!("{value}\n"))
+    } else {
+        print(format_args!("{}\n", lease.port()))
+    }
+}
+
+/// The process that ran this command.
+#[cfg(unix)]
+fn parent() -> Result<Owner, Failure> {
+    Ok(Owner::of_pid(std::os::unix::process::parent_id())?)
+}
+
+#[cfg(not(unix))]
+fn parent() -> Result<Owner, Failure> {
+    Err(Failure::new(
+        exit::USAGE,
+        "the parent process cannot be found on this platform",
+    )
+    .hint("give the owner with --pid, or a --ttl for a detached lease"))
+}
+
+fn release(target: &Target, what: &str, as_name: bool) -> Outcome {
+    let registry = target.open()?;
+    let port = if as_name { None } else { parse_port(what)? };
+    let released: Vec<Lease> = match port {
+        Some(port) => {
+            let lease = registry.list()?.into_iter().find(|l| l.port() == port);
+            match lease {
+                // Exactly the lease that was listed, in case the port changed hands since.
+                Some(lease) if registry.release_lease(&lease)? => vec![lease],
+                _ => Vec::new(),
+            }
+        }
+        None => registry.release_name(what)?,
+    };
+    if released.is_empty() {
+        let what = match port {
+            Some(port) => format!("no lease on port {port}"),
+            None => format!("no lease named {:?}", what),
+        };
+        return Err(Failure::new(exit::NOT_FOUND, what).hint("`portdaddy list` shows the leases"));
+    }
+    let mut text = String::new();
+    for lease in &released {
+        let holder = lease
+            .pid()
+            .map_or_else(|| "detached".to_owned(), |p| format!("pid {p}"));
+        text.push_str(&format!(
+            "released port {} ({}, {holder})\n",
+            lease.port(),
+            escape(lease.name())
+        ));
+    }
+    print(format_args!("{text}"))
+}
+
+/// A port if `text` is a number; a name otherwise.
+fn parse_port(text: &str) -> Result<Option<u16>, Failure> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(None);
+    }
+    match text.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(Some(port)),
+        _ => Err(Failure::new(
+            exit::USAGE,
+            format!("{text} is not a port number (1-65535)"),
+        )
+        .hint("to release a name made of digits, add --name")),
+    }
+}
+
+fn list(target: &Target, json: bool, all: bool) -> Outcome {
+    let registry = target.open()?;
+    let now = SystemTime::now();
+    let leases: Vec<(Lease, LeaseState)> = registry
+        .list()?
+        .into_iter()
+        .map(|l| {
+            let state = registry.state_of(&l);
+            (l, state)
+        })
+        .filter(|(_, state)| all || state.holds_port())
+        .collect();
+    if json {
+        let values: Vec<_> = leases
+            .iter()
+            .map(|(l, s)| output::lease_json(l, *s, now))
+            .collect();
+        return print(format_args!("{}\n", serde_json::Value::Array(values)));
+    }
+    if leases.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = leases
+        .iter()
+        .map(|(l, s)| output::lease_row(l, *s, now))
+        .collect();
+    print(format_args!(
+        "{}",
+        output::table(output::LEASE_HEADER, &rows)
+    ))
+}
+
+/// `PORT_<NAME>`: the name upper-cased, every character but ASCII letters and digits as `_`.
+pub fn env_name(name: &str) -> String {
+    let mut var = String::from("PORT_");
+    var.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        }
+    }));
+    var
+}
+
+fn run_command(
+    target: &Target,
+    names: &[String],
+    preferred: &[u16],
+    command: &[std::ffi::OsString],
+) -> Outcome {
+    if preferred.len() > names.len() {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!(
+                "{} preferred ports for {} names",
+                preferred.len(),
+                names.len()
+            ),
+        )
+        .hint("give at most one --preferred per name, in the order of the names"));
+    }
+    let mut vars: HashMap<String, &str> = HashMap::new();
+    for name in names {
+        if let Some(other) = vars.insert(env_name(name), name) {
+            return Err(Failure::new(
+                exit::USAGE,
+                format!(
+                    "the names {:?} and {:?} would both set {}",
+                    other,
+                    name,
+                    env_name(name)
+                ),
+            )
+            .hint("give each port a name of its own"));
+        }
+    }
+    let requests: Vec<Request> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| match preferred.get(i) {
+            Some(&port) => Request::new(name.as_str()).preferred(port),
+            None => Request::new(name.as_str()),
+        })
+        .collect();
+    let registry = target.open()?;
+    let guards = registry.acquire_many_with(&requests)?;
+    let (program, args) = command.split_first().ok_or_else(|| {
+        Failure::new(exit::USAGE, "no command given").hint("write the command after `--`")
+    })?;
+    let mut child = std::process::Command::new(program);
+    child.args(args);
+    child.env("PORT", guards[0].port().to_string());
+    for guard in &guards {
+        child.env(env_name(guard.name()), guard.port().to_string());
+    }
+    let ended = signals::run_forwarding(&mut child);
+    // Released before the exit status is passed on: the ports are free once we exit.
+    for guard in guards {
+        let port = guard.port();
+        if let Err(e) = guard.release() {
+            eprintln!(
+                "portdaddy: warning: could not release port {port}: {}; it is reclaimed \
+                 now that portdaddy exits",
+                escape(&e.to_string())
+            );
+        }
+    }
+    match ended {
+        Ok(Ended::Code(code)) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        Ok(Ended::Signal(signal)) => Ok(ExitCode::from((128 + signal).clamp(0, 255) as u8)),
+        Err(e) => {
+            let code = match e.kind() {
+                io::ErrorKind::NotFound => exit::NOT_FOUND_COMMAND,
+                _ => exit::CANNOT_EXECUTE,
+            };
+            Err(Failure::new(
+                code,
+                format!("cannot run {:?}: {e}", program.to_string_lossy()),
+            ))
+        }
+    }
+}
+
+fn stats(target: &Target, json: bool) -> Outcome {
+    let stats = target.open()?.stats()?;
+    if json {
+        let value = serde_json::to_value(stats).map_err(|e| Failure::new(exit::REGISTRY, e))?;
+        return print(format_args!("{value}\n"));
+    }
+    let rows: Vec<Vec<String>> = [
+        ("acquired", stats.acquired),
+        ("released", stats.released),
+        ("reaped", stats.reaped),
+        ("exhausted", stats.exhausted),
+        ("errors", stats.errors),
+        ("live", stats.live),
+        ("detached", stats.detached),
+        ("stale", stats.stale),
+    ]
+    .iter()
+    .map(|(k, v)| vec![(*k).to_owned(), v.to_string()])
+    .collect();
+    let text = output::table(&["COUNTER", "VALUE"], &rows);
+    // The header helps nobody here: the names say what the numbers are.
+    let body: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    print(format_args!("{body}"))
+}
+
+fn doctor(target: &Target, json: bool) -> Outcome {
+    let path = target.path();
+    let range = target.range.unwrap_or_else(PortRange::default_for_host);
+    let diagnosis = PortDaddy::diagnose(&path, range);
+    if json {
+        let value = json!({
+            "path": path.to_string_lossy(),
+            "ok": !diagnosis.has_failures(),
+            "schema_found": diagnosis.schema_found,
+            "schema_supported": diagnosis.schema_supported,
+            "journal_mode": diagnosis.journal_mode,
+            "checks": diagnosis.checks,
+        });
+        print(format_args!("{value}\n"))?;
+    } else {
+        let text: String = diagnosis
+            .checks
+            .iter()
+            .map(|c| {
+                let status = match c.status {
+                    Status::Ok => "ok",
+                    Status::Warn => "warn",
+                    _ => "fail",
+                };
+                format!("{status:<4}  {}: {}\n", c.topic, escape(&c.detail))
+            })
+            .collect();
+        print(format_args!("{text}"))?;
+    }
+    Ok(ExitCode::from(if diagnosis.has_failures() {
+        exit::NOT_FOUND
+    } else {
+        exit::OK
+    }))
+}
+
+fn print(args: std::fmt::Arguments<'_>) -> Outcome {
+    write_out(args.to_string().as_bytes())
+}
+
+/// Writes to stdout; a closed pipe ends the output quietly, other failures are reported.
+fn write_out(bytes: &[u8]) -> Outcome {
+    let mut out = io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(Failure::new(
+            exit::NOT_FOUND,
+            format!("cannot write the output: {e}"),
+        )),
+    }
+}

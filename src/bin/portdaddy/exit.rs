@@ -1,0 +1,145 @@
+//! Exit codes, and the one line that tells a person what went wrong.
+
+use std::fmt::Display;
+use std::process::ExitCode;
+
+use portdaddy::Error;
+
+use crate::output::escape;
+
+/// Success.
+pub const OK: u8 = 0;
+/// Nothing matched, or a check failed.
+pub const NOT_FOUND: u8 = 1;
+/// Bad usage or bad input.
+pub const USAGE: u8 = 2;
+/// No free port in the range.
+pub const EXHAUSTED: u8 = 3;
+/// The registry cannot be used.
+pub const REGISTRY: u8 = 4;
+/// The command of `run` cannot be executed.
+pub const CANNOT_EXECUTE: u8 = 126;
+/// The command of `run` does not exist.
+pub const NOT_FOUND_COMMAND: u8 = 127;
+
+/// A command that failed: what to print and how to exit.
+#[derive(Debug)]
+pub struct Failure {
+    message: String,
+    hint: Option<String>,
+    code: u8,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Display) -> Self {
+        Self {
+            message: message.to_string(),
+            hint: None,
+            code,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Display) -> Self {
+        self.hint = Some(hint.to_string());
+        self
+    }
+
+    /// Prints the one line to stderr and gives the exit code.
+    pub fn report(self) -> ExitCode {
+        let mut line = format!("portdaddy: error: {}", escape(&self.message));
+        if let Some(hint) = &self.hint {
+            line.push_str("; hint: ");
+            line.push_str(&escape(hint));
+        }
+        eprintln!("{line}");
+        ExitCode::from(self.code)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        let failure = Failure::new(code_of(&error), &error);
+        match &error {
+            Error::Exhausted { range, held } => failure.hint(format!(
+                "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
+                 reclaim dead ones, or widen the range with --range"
+            )),
+            Error::NoSuchProcess { .. } | Error::ProcessUnreadable { .. } => failure.hint(
+                "--pid must name a running process of this user; without --pid the lease \
+                 belongs to the calling shell",
+            ),
+            Error::InvalidName { .. } => {
+                failure.hint("a name is 1 to 128 bytes without control characters")
+            }
+            Error::Open { .. }
+            | Error::Corrupt { .. }
+            | Error::SchemaTooNew { .. }
+            | Error::Registry { .. } => failure.hint(
+                "choose the registry file with --db or PORTDADDY_DB; `portdaddy doctor` checks it",
+            ),
+            _ => failure,
+        }
+    }
+}
+
+impl From<portdaddy::GuardError> for Failure {
+    fn from(error: portdaddy::GuardError) -> Self {
+        Error::from(error).into()
+    }
+}
+
+/// The documented exit code for a library error.
+pub fn code_of(error: &Error) -> u8 {
+    match error {
+        Error::Exhausted { .. } => EXHAUSTED,
+        Error::InvalidName { .. }
+        | Error::InvalidRange { .. }
+        | Error::InvalidRequest { .. }
+        | Error::NoSuchProcess { .. }
+        | Error::ProcessUnreadable { .. } => USAGE,
+        Error::Open { .. }
+        | Error::Corrupt { .. }
+        | Error::SchemaTooNew { .. }
+        | Error::LockTimeout { .. }
+        | Error::ForkedHandle { .. }
+        | Error::Registry { .. } => REGISTRY,
+        _ => NOT_FOUND,
+    }
+}
+
+/// Reports a command line clap refused: help and version as clap prints them, anything
+/// else as one line with exit code 2.
+pub fn usage(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = error.print();
+            ExitCode::from(OK)
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = error.print();
+            ExitCode::from(USAGE)
+        }
+        _ => {
+            // clap's first paragraph says what is wrong (some errors list the missing
+            // arguments on lines of their own); the usage after it is left to --help.
+            let text = error.render().to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .skip_while(|l| l.trim().is_empty())
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let message = message.join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            let message = if message.is_empty() {
+                "invalid command line"
+            } else {
+                message
+            };
+            Failure::new(USAGE, message)
+                .hint("run `portdaddy --help` for usage")
+                .report()
+        }
+    }
+}

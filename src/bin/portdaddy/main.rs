@@ -1,0 +1,167 @@
+//! `portdaddy`: the port registry for shell scripts, CI jobs and programs in any language.
+//!
+//! Every command opens the same registry as the library (`--db`, else `$PORTDADDY_DB`, else
+//! the per-user default) and works through the library's public API only.
+
+mod commands;
+mod exit;
+mod output;
+mod signals;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use portdaddy::PortRange;
+
+/// What `--help` says about exit codes and the environment.
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success (for `run`: the command's own exit code is passed on)
+  1  nothing matched (`release`), or a check failed (`doctor`)
+  2  usage error: unknown command or flag, a bad port, duration or range, an invalid name,
+     a --pid that is not running
+  3  no free port left in the range: run `portdaddy reap` or widen the range
+  4  the registry cannot be used: it cannot be opened or created, is not a portdaddy
+     registry, is damaged or too new, or stays locked
+  `run` exits with the command's exit code, 128+N when a signal N killed it, 126 when the
+  command cannot be executed and 127 when it is not found.
+
+Environment:
+  PORTDADDY_DB     the registry file when --db is not given
+  PORTDADDY_RANGE  the port range when --range is not given";
+
+/// Hands out TCP/UDP ports that nothing else on this host uses, from a registry shared with
+/// every Rust program, script and CI job that uses portdaddy.
+#[derive(Debug, Parser)]
+#[command(name = "portdaddy", version, after_help = AFTER_HELP, max_term_width = 100)]
+struct Cli {
+    /// The registry file [default: $PORTDADDY_DB, else the per-user state directory].
+    #[arg(long, global = true, value_name = "PATH")]
+    db: Option<PathBuf>,
+
+    /// The range automatic choices come from, as START-END [default: $PORTDADDY_RANGE, else
+    /// the largest block from 15000 up outside the kernel's ephemeral range].
+    #[arg(long, global = true, value_name = "START-END", value_parser = parse_range)]
+    range: Option<PortRange>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Leases a port and prints it. The lease belongs to the calling process (the shell or
+    /// script that runs this command), or to --pid, and ends when that process exits.
+    Acquire {
+        /// A label for the port: shown in listings, and the name gets its last port back.
+        name: String,
+        /// Ask for this port; another is chosen if it is taken.
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        preferred: Option<u16>,
+        /// Make a detached lease that lasts this long (30s, 10m, 2h, 1d), whatever process
+        /// runs; end it early with `portdaddy release`.
+        #[arg(long, value_name = "DURATION", value_parser = parse_ttl, conflicts_with = "pid")]
+        ttl: Option<Duration>,
+        /// The process the lease belongs to [default: the parent process].
+        #[arg(long, value_name = "PID")]
+        pid: Option<u32>,
+        /// Check the port is free for UDP instead of TCP.
+        #[arg(long)]
+        udp: bool,
+        /// Print a JSON object instead of the port alone.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Releases the lease on a port, or every lease of a name, whoever holds it.
+    Release {
+        /// A port number, or a name.
+        target: String,
+        /// Take TARGET as a name even if it is a number.
+        #[arg(long)]
+        name: bool,
+    },
+    /// Lists the leases, oldest first.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also show leases whose owner has died or whose expiry has passed.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Leases one port per name, runs a command with them in its environment, and releases
+    /// them when it exits.
+    ///
+    /// `PORT` is the first port and `PORT_<NAME>` each name's port (NAME upper-cased, every
+    /// character but ASCII letters and digits as `_`). SIGINT, SIGTERM, SIGHUP and SIGQUIT
+    /// sent to portdaddy by another process are passed on to the command; those the terminal
+    /// sends (Ctrl-C) reach the command directly. The exit code is the command's, or 128+N
+    /// when signal N killed it.
+    #[command(after_help = "Example: portdaddy run api web -- npm run dev")]
+    Run {
+        /// The names to lease a port for.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Ask for this port for the first name; repeat for the following names.
+        #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        preferred: Vec<u16>,
+        /// The command to run, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Reclaims the leases whose owner has died or whose expiry has passed; prints how many.
+    Reap,
+    /// Prints the counters kept in the registry and the number of leases by state.
+    Stats {
+        /// Print a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checks the registry and the setup without changing anything; one line per check.
+    Doctor {
+        /// Print a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints shell completions.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+}
+
+pub(crate) fn parse_range(text: &str) -> Result<PortRange, String> {
+    let (start, end) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not a range; write START-END, e.g. 26000-26499"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{p:?} is not a port number (1-65535)"))
+    };
+    PortRange::new(port(start)?, port(end)?).map_err(|e| e.to_string())
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 30s, 10m, 2h or 1d"))?;
+    if ttl.is_zero() {
+        return Err("a TTL must be longer than zero".into());
+    }
+    Ok(ttl)
+}
+
+fn main() -> ExitCode {
+    signals::restore_sigpipe();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return exit::usage(e),
+    };
+    match commands::run(cli) {
+        Ok(code) => code,
+        Err(failure) => failure.report(),
+    }
+}

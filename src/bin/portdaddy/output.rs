@@ -1,0 +1,161 @@
+//! What the commands print: escaped text, aligned tables, ages and JSON.
+
+use std::time::{Duration, SystemTime};
+
+use portdaddy::{Lease, LeaseState};
+use serde_json::{json, Value};
+use unicode_width::UnicodeWidthStr;
+
+/// `text` with every control character and every character that reorders or breaks lines
+/// written as an escape, so that nothing read from the registry can steer the terminal.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || is_layout_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Line separators and bidirectional controls: not control characters, yet they change how
+/// the text around them is laid out.
+fn is_layout_char(c: char) -> bool {
+    matches!(c,
+        '\u{2028}' | '\u{2029}' | '\u{061C}' | '\u{200E}' | '\u{200F}'
+        | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Rows under a header, each column padded to its widest cell; the last column is not padded.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.width()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.width());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            if i + 1 < row.len() {
+                line.push_str(&" ".repeat(w.saturating_sub(cell.width())));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A duration as a person reads it at a glance: `45s`, `12m`, `3h`, `2d`.
+pub fn short(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// How long ago `t` was (`0s` for a time in the future).
+pub fn age(now: SystemTime, t: SystemTime) -> String {
+    short(now.duration_since(t).unwrap_or_default())
+}
+
+/// When `t` comes: `in 10m`, or `2m ago` once past.
+pub fn until(now: SystemTime, t: SystemTime) -> String {
+    match t.duration_since(now) {
+        Ok(d) => format!("in {}", short(d)),
+        Err(e) => format!("{} ago", short(e.duration())),
+    }
+}
+
+/// One row of `portdaddy list`.
+pub fn lease_row(lease: &Lease, state: LeaseState, now: SystemTime) -> Vec<String> {
+    vec![
+        lease.port().to_string(),
+        protocol(lease).to_owned(),
+        escape(lease.name()),
+        lease
+            .pid()
+            .map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        age(now, lease.acquired_at()),
+        lease
+            .expires_at()
+            .map_or_else(|| "-".to_owned(), |t| until(now, t)),
+        state.to_string(),
+    ]
+}
+
+/// The columns of `portdaddy list`.
+pub const LEASE_HEADER: &[&str] = &["PORT", "PROTO", "NAME", "PID", "AGE", "EXPIRES", "STATE"];
+
+fn protocol(lease: &Lease) -> &'static str {
+    match lease.protocol() {
+        portdaddy::Protocol::Udp => "udp",
+        portdaddy::Protocol::Both => "tcp+udp",
+        _ => "tcp",
+    }
+}
+
+/// A lease as a JSON object: `port`, `name`, `pid` (null when detached), `protocol`,
+/// `state`, `acquired_at` and `expires_at` (RFC 3339, UTC; null without expiry), `age_secs`.
+pub fn lease_json(lease: &Lease, state: LeaseState, now: SystemTime) -> Value {
+    json!({
+        "port": lease.port(),
+        "name": lease.name(),
+        "pid": lease.pid(),
+        "protocol": protocol(lease),
+        "state": state.as_str(),
+        "acquired_at": rfc3339(lease.acquired_at()),
+        "expires_at": lease.expires_at().map(rfc3339),
+        "age_secs": now.duration_since(lease.acquired_at()).unwrap_or_default().as_secs(),
+    })
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_could_steer_a_terminal() {
+        assert_eq!(escape("plain näme"), "plain näme");
+        assert_eq!(escape("a\nb"), "a\\nb");
+        assert_eq!(escape("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(escape("evil\u{202E}txt"), "evil\\u{202e}txt");
+    }
+
+    #[test]
+    fn columns_line_up_with_wide_characters() {
+        let rows = vec![
+            vec!["1".to_owned(), "日本".to_owned(), "x".to_owned()],
+            vec!["22".to_owned(), "ab".to_owned(), "y".to_owned()],
+        ];
+        let text = table(&["A", "NAME", "Z"], &rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "A   NAME  Z");
+        assert_eq!(lines[1], "1   日本  x");
+        assert_eq!(lines[2], "22  ab    y");
+    }
+
+    #[test]
+    fn durations_read_at_a_glance() {
+        assert_eq!(short(Duration::from_secs(59)), "59s");
+        assert_eq!(short(Duration::from_secs(600)), "10m");
+        assert_eq!(short(Duration::from_secs(7200)), "2h");
+        assert_eq!(short(Duration::from_secs(2 * 86400)), "2d");
+    }
+}

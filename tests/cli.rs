@@ -1,0 +1,634 @@
+//! The `portdaddy` command, run as a real process against temporary registries.
+//!
+//! Ports 26000-26499 belong to this file (see `common`): every command gets
+//! `PORTDADDY_RANGE` inside that block, and tests that need a full range use one port of
+//! their own in it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::temp_registry;
+use portdaddy::{Error, PortDaddy};
+use serde_json::Value;
+
+const RANGE: &str = "26000-26499";
+
+/// A temporary registry and the command pointed at it.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    db: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let (dir, db) = temp_registry();
+        Self { _dir: dir, db }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portdaddy"));
+        cmd.args(args)
+            .env("PORTDADDY_DB", &self.db)
+            .env("PORTDADDY_RANGE", RANGE)
+            // A panic would print a backtrace: the one-line checks below would catch it.
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run portdaddy")
+    }
+
+    /// Runs a command that must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        assert!(out.stderr.is_empty(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    /// The same registry through the library.
+    fn library(&self, range: std::ops::RangeInclusive<u16>) -> PortDaddy {
+        PortDaddy::builder()
+            .path(&self.db)
+            .range(range)
+            .open()
+            .unwrap()
+    }
+
+    fn list_json(&self) -> Vec<Value> {
+        match serde_json::from_str(&self.ok(&["list", "--all", "--json"])).unwrap() {
+            Value::Array(items) => items,
+            other => panic!("not an array: {other}"),
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The one line a failed command prints, after checking there is exactly one and that it
+/// has the documented prefix, and that the exit code is `code`.
+fn error_line(out: &Output, code: i32) -> String {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, no backtrace: {stderr}");
+    assert!(lines[0].starts_with("portdaddy: error: "), "{stderr}");
+    lines[0].to_owned()
+}
+
+fn port_of(stdout: &str) -> u16 {
+    assert!(
+        stdout.ends_with('\n') && stdout.lines().count() == 1,
+        "{stdout:?}"
+    );
+    stdout
+        .trim_end()
+        .parse()
+        .unwrap_or_else(|_| panic!("{stdout:?}"))
+}
+
+/// A child that sleeps until killed; killed and reaped when dropped.
+struct Sleeper(Child);
+
+impl Sleeper {
+    fn spawn() -> Self {
+        Self(Command::new("sleep").arg("600").spawn().unwrap())
+    }
+
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until the system clock has moved past `t` by a few milliseconds, so that the next
+/// lease is stamped later than the last (leases are stamped in milliseconds).
+fn clock_past(t: SystemTime) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while SystemTime::now() < t + Duration::from_millis(3) {
+        assert!(Instant::now() < deadline, "the clock does not move");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn acquire_prints_the_port_alone_and_the_lease_belongs_to_the_caller() {
+    let f = Fixture::new();
+    let port = port_of(&f.ok(&["acquire", "api"]));
+    assert!((26000..=26499).contains(&port));
+    let leases = f.library(26000..=26499).list().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].port(), port);
+    assert_eq!(leases[0].name(), "api");
+    // The command has exited; the lease lives on with the process that ran it: this test.
+    assert_eq!(leases[0].pid(), Some(std::process::id()));
+    assert_eq!(
+        f.library(26000..=26499).state_of(&leases[0]),
+        portdaddy::LeaseState::Live
+    );
+}
+
+#[test]
+fn acquire_json_prints_an_object_with_port_name_and_pid() {
+    let f = Fixture::new();
+    let out = f.ok(&["acquire", "db", "--json", "--preferred", "26042"]);
+    let value: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(value["port"], 26042);
+    assert_eq!(value["name"], "db");
+    assert_eq!(value["pid"], std::process::id());
+    assert_eq!(value["state"], "live");
+}
+
+#[test]
+fn a_port_acquired_for_a_sleeping_process_is_held_while_it_lives_and_reclaimed_after() {
+    let f = Fixture::new();
+    let mut sleeper = Sleeper::spawn();
+    let out = f.ok(&[
+        "acquire",
+        "svc",
+        "--pid",
+        &sleeper.pid(),
+        "--range",
+        "26010-26010",
+    ]);
+    assert_eq!(port_of(&out), 26010);
+    let registry = f.library(26010..=26010);
+    for _ in 0..3 {
+        assert!(
+            matches!(registry.acquire("other"), Err(Error::Exhausted { .. })),
+            "the library must not hand out a port whose owner lives"
+        );
+    }
+    sleeper.kill();
+    let guard = registry.acquire("other").unwrap();
+    assert_eq!(guard.port(), 26010, "reclaimed once its owner died");
+}
+
+#[test]
+fn acquire_with_a_ttl_makes_a_detached_lease() {
+    let f = Fixture::new();
+    let port = port_of(&f.ok(&["acquire", "build", "--ttl", "2h"]));
+    let items = f.list_json();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["port"], port);
+    assert_eq!(items[0]["pid"], Value::Null);
+    assert_eq!(items[0]["state"], "detached");
+    assert!(items[0]["expires_at"].is_string());
+    let lease = &f.library(26000..=26499).list().unwrap()[0];
+    let ttl = lease
+        .expires_at()
+        .unwrap()
+        .duration_since(lease.acquired_at());
+    assert_eq!(ttl.unwrap(), Duration::from_secs(7200));
+}
+
+#[test]
+fn acquire_for_a_pid_that_does_not_run_is_a_usage_error_naming_the_pid() {
+    let f = Fixture::new();
+    let line = error_line(&f.run(&["acquire", "x", "--pid", "4000000000"]), 2);
+    assert!(
+        line.contains("4000000000") && line.contains("--pid"),
+        "{line}"
+    );
+}
+
+#[test]
+fn release_by_port_or_by_name_says_what_it_released() {
+    let f = Fixture::new();
+    let a = port_of(&f.ok(&["acquire", "a", "--ttl", "1h"]));
+    let b1 = port_of(&f.ok(&["acquire", "b"]));
+    let b2 = port_of(&f.ok(&["acquire", "b"]));
+    assert_eq!(
+        f.ok(&["release", &a.to_string()]),
+        format!("released port {a} (a, detached)\n")
+    );
+    let me = std::process::id();
+    let out = f.ok(&["release", "b"]);
+    assert!(
+        out.contains(&format!("released port {b1} (b, pid {me})\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("released port {b2} (b, pid {me})\n")),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 2);
+    assert!(f.list_json().is_empty());
+}
+
+#[test]
+fn release_of_nothing_exits_1() {
+    let f = Fixture::new();
+    f.ok(&["acquire", "kept", "--ttl", "1h"]);
+    let line = error_line(&f.run(&["release", "26499"]), 1);
+    assert!(line.contains("no lease on port 26499"), "{line}");
+    let line = error_line(&f.run(&["release", "nobody"]), 1);
+    assert!(line.contains("nobody"), "{line}");
+    assert_eq!(f.list_json().len(), 1, "the other lease is untouched");
+}
+
+#[test]
+fn release_takes_a_number_as_a_name_when_asked() {
+    let f = Fixture::new();
+    let port = port_of(&f.ok(&["acquire", "8080", "--ttl", "1h"]));
+    error_line(&f.run(&["release", "8080"]), 1);
+    assert!(f
+        .ok(&["release", "--name", "8080"])
+        .starts_with(&format!("released port {port} ")));
+}
+
+#[test]
+fn list_shows_an_aligned_table_newest_last_and_hides_stale_leases_unless_all() {
+    let f = Fixture::new();
+    let mut sleeper = Sleeper::spawn();
+    f.ok(&["acquire", "a-rather-long-name", "--ttl", "10m"]);
+    let t = SystemTime::now();
+    clock_past(t);
+    f.ok(&["acquire", "gone", "--pid", &sleeper.pid()]);
+    clock_past(SystemTime::now());
+    f.ok(&["acquire", "db"]);
+    sleeper.kill();
+
+    let table = f.ok(&["list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "header and two live leases:\n{table}");
+    let header = lines[0];
+    assert!(header.starts_with("PORT"), "{table}");
+    assert!(lines[1].contains("a-rather-long-name") && lines[1].contains("detached"));
+    assert!(
+        lines[2].contains(" db ") && lines[2].ends_with("live"),
+        "newest last:\n{table}"
+    );
+    for column in ["NAME", "PID", "AGE", "EXPIRES", "STATE"] {
+        let at = header.find(column).unwrap();
+        for row in &lines[1..] {
+            let (before, after) = row.split_at(at);
+            assert!(
+                before.ends_with("  ") && !after.starts_with(' '),
+                "{column} is not aligned:\n{table}"
+            );
+        }
+    }
+
+    let all = f.ok(&["list", "--all"]);
+    let rows: Vec<&str> = all.lines().collect();
+    assert_eq!(rows.len(), 4, "{all}");
+    assert!(
+        rows[2].contains("gone") && rows[2].ends_with("dead"),
+        "{all}"
+    );
+}
+
+#[test]
+fn list_json_is_an_array_of_objects_with_port_name_and_pid() {
+    let f = Fixture::new();
+    assert_eq!(f.ok(&["list", "--json"]), "[]\n");
+    let port = port_of(&f.ok(&["acquire", "web"]));
+    let items = f.list_json();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["port"], port);
+    assert_eq!(items[0]["name"], "web");
+    assert_eq!(items[0]["pid"], std::process::id());
+}
+
+#[test]
+fn list_escapes_control_characters_that_others_wrote_into_the_registry() {
+    let f = Fixture::new();
+    f.ok(&["acquire", "plain", "--ttl", "1h"]);
+    // The library refuses such names; a damaged or hostile registry may still hold one.
+    let conn = rusqlite::Connection::open(&f.db).unwrap();
+    conn.execute(
+        "UPDATE leases SET name = ?1",
+        ["evil\u{1b}[2J\nname\u{202e}"],
+    )
+    .unwrap();
+    drop(conn);
+    let table = f.ok(&["list"]);
+    assert!(
+        !table.contains('\u{1b}') && !table.contains('\u{202e}'),
+        "{table:?}"
+    );
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(table.contains("evil\\u{1b}[2J\\nname\\u{202e}"), "{table}");
+}
+
+#[test]
+fn run_passes_port_and_a_port_per_name_and_exits_with_the_command_code() {
+    let f = Fixture::new();
+    let out = f.run(&[
+        "run",
+        "api",
+        "web-ui",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$PORT $PORT_API $PORT_WEB_UI\"; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    let ports: Vec<u16> = printed
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(ports.len(), 3, "{printed}");
+    assert_eq!(ports[0], ports[1], "PORT is the first name's port");
+    assert_ne!(ports[1], ports[2]);
+    assert!(ports.iter().all(|p| (26000..=26499).contains(p)));
+    assert!(
+        f.list_json().is_empty(),
+        "released after the command exited"
+    );
+    let stats: Value = serde_json::from_str(&f.ok(&["stats", "--json"])).unwrap();
+    assert_eq!(
+        (stats["acquired"].as_u64(), stats["released"].as_u64()),
+        (Some(2), Some(2))
+    );
+}
+
+#[test]
+fn run_exits_128_plus_the_signal_and_releases_when_the_command_is_killed() {
+    let f = Fixture::new();
+    let out = f.run(&["run", "api", "--", "sh", "-c", "echo $PORT; kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(128 + 9), "{}", text(&out.stderr));
+    port_of(&text(&out.stdout));
+    assert!(f.list_json().is_empty());
+}
+
+#[test]
+fn run_reports_a_command_that_does_not_exist_with_127_and_releases() {
+    let f = Fixture::new();
+    let line = error_line(&f.run(&["run", "api", "--", "/nonexistent/cmd"]), 127);
+    assert!(line.contains("/nonexistent/cmd"), "{line}");
+    assert!(f.list_json().is_empty());
+}
+
+/// Starts `portdaddy run api -- sh -c SCRIPT` and waits until the script printed `ready`.
+fn start_run(f: &Fixture, script: &str) -> (Child, mpsc::Receiver<String>) {
+    let mut child = f
+        .command(&["run", "api", "--", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the script started");
+    assert_eq!(line, "ready");
+    (child, rx)
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill has no memory effects.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+fn wait_bounded(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "portdaddy run did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn run_passes_sigterm_and_sigint_on_to_the_command() {
+    let f = Fixture::new();
+    for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT")] {
+        let script = format!(
+            "trap 'echo got-{name}; exit 42' {name}; echo ready; while :; do sleep 0.05; done"
+        );
+        let (mut child, rx) = start_run(&f, &script);
+        signal(&child, sig);
+        let status = wait_bounded(&mut child);
+        assert_eq!(
+            status.code(),
+            Some(42),
+            "{name}: the command trapped it and exited"
+        );
+        let rest: Vec<String> = rx.try_iter().collect();
+        assert_eq!(rest, [format!("got-{name}")]);
+        assert!(f.list_json().is_empty(), "{name}: released");
+    }
+}
+
+#[test]
+fn run_exits_128_plus_the_signal_that_killed_the_command() {
+    let f = Fixture::new();
+    let (mut child, _rx) = start_run(&f, "echo ready; exec sleep 600");
+    signal(&child, libc::SIGTERM);
+    let status = wait_bounded(&mut child);
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert!(f.list_json().is_empty());
+}
+
+#[test]
+fn run_refuses_names_that_would_share_a_variable() {
+    let f = Fixture::new();
+    let line = error_line(&f.run(&["run", "web-1", "web_1", "--", "true"]), 2);
+    assert!(line.contains("PORT_WEB_1"), "{line}");
+    assert!(f.list_json().is_empty());
+}
+
+#[test]
+fn reap_prints_how_many_leases_it_reclaimed() {
+    let f = Fixture::new();
+    let mut sleeper = Sleeper::spawn();
+    f.ok(&["acquire", "orphan", "--pid", &sleeper.pid()]);
+    f.ok(&["acquire", "alive"]);
+    sleeper.kill();
+    assert_eq!(f.ok(&["reap"]), "reaped 1\n");
+    assert_eq!(f.ok(&["reap"]), "reaped 0\n");
+    assert_eq!(f.list_json().len(), 1);
+}
+
+#[test]
+fn stats_persist_in_the_registry_across_invocations() {
+    let f = Fixture::new();
+    f.ok(&["acquire", "a", "--ttl", "1h", "--range", "26020-26020"]);
+    error_line(&f.run(&["acquire", "b", "--range", "26020-26020"]), 3);
+    f.ok(&["acquire", "c"]);
+    f.ok(&["release", "c"]);
+    let stats: Value = serde_json::from_str(&f.ok(&["stats", "--json"])).unwrap();
+    for (key, want) in [
+        ("acquired", 2),
+        ("released", 1),
+        ("reaped", 0),
+        ("exhausted", 1),
+        ("errors", 0),
+        ("live", 0),
+        ("detached", 1),
+    ] {
+        assert_eq!(stats[key], want, "{key}: {stats}");
+    }
+    let table = f.ok(&["stats"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().eq(["exhausted", "1"])),
+        "{table}"
+    );
+}
+
+#[test]
+fn an_exhausted_range_exits_3_with_the_live_count_and_a_hint() {
+    let f = Fixture::new();
+    f.ok(&["acquire", "a", "--range", "26030-26030"]);
+    let line = error_line(&f.run(&["acquire", "b", "--range", "26030-26030"]), 3);
+    assert!(line.contains("26030-26030"), "{line}");
+    assert!(
+        line.contains("portdaddy reap") && line.contains("1 ports"),
+        "{line}"
+    );
+}
+
+#[test]
+fn doctor_passes_a_healthy_registry() {
+    let f = Fixture::new();
+    f.ok(&["acquire", "a", "--ttl", "1h"]);
+    let out = f.run(&["doctor"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let report = text(&out.stdout);
+    for topic in [
+        "registry path",
+        "file permissions",
+        "integrity",
+        "schema version",
+        "journal mode",
+        "port range",
+        "stale leases",
+    ] {
+        let line = report
+            .lines()
+            .find(|l| l.contains(&format!("{topic}:")))
+            .unwrap_or_else(|| panic!("no {topic} line:\n{report}"));
+        assert!(
+            line.starts_with("ok ") || line.starts_with("warn "),
+            "{line}"
+        );
+    }
+    let json: Value = serde_json::from_str(&f.ok(&["doctor", "--json"])).unwrap();
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["journal_mode"], "wal");
+}
+
+#[test]
+fn doctor_fails_a_file_that_is_no_registry_and_leaves_it_untouched() {
+    let f = Fixture::new();
+    std::fs::write(&f.db, b"definitely not sqlite").unwrap();
+    let out = f.run(&["doctor"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = text(&out.stdout);
+    assert!(report.lines().any(|l| l.starts_with("fail ")), "{report}");
+    assert_eq!(std::fs::read(&f.db).unwrap(), b"definitely not sqlite");
+    assert!(!Path::new(&format!("{}.lock", f.db.display())).exists());
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    let f = Fixture::new();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let script = f.ok(&["completions", shell]);
+        assert!(
+            script.contains("portdaddy") && script.contains("acquire"),
+            "{shell}"
+        );
+    }
+    error_line(&f.run(&["completions", "tcsh"]), 2);
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let f = Fixture::new();
+    let help = f.ok(&["--help"]);
+    assert!(help.contains("Exit codes:"), "{help}");
+    for code in [
+        "1  nothing matched",
+        "2  usage error",
+        "3  no free port",
+        "4  the registry",
+    ] {
+        assert!(help.contains(code), "{code}: {help}");
+    }
+}
+
+#[test]
+fn an_empty_range_variable_is_ignored_and_a_bad_one_is_a_usage_error() {
+    let f = Fixture::new();
+    let out = f
+        .command(&["list"])
+        .env("PORTDADDY_RANGE", "")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = f
+        .command(&["list"])
+        .env("PORTDADDY_RANGE", "9-1")
+        .output()
+        .unwrap();
+    assert!(error_line(&out, 2).contains("PORTDADDY_RANGE"));
+}
+
+#[test]
+fn bad_input_gives_the_documented_exit_code_and_one_line() {
+    let f = Fixture::new();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["frobnicate"], 2, "frobnicate"),
+        (&["acquire", "a", "--preferred", "70000"], 2, "70000"),
+        (&["acquire", "a", "--preferred", "http"], 2, "http"),
+        (&["acquire", "a", "--preferred", "0"], 2, "0"),
+        (&["release", "99999"], 2, "99999"),
+        (&["acquire", "a", "--ttl", "5 fortnights"], 2, "fortnights"),
+        (&["acquire", "a", "--ttl", "0s"], 2, "TTL"),
+        (&["acquire", "a", "--ttl", "1h", "--pid", "1"], 2, "--pid"),
+        (&["acquire", "a\tb"], 2, "invalid lease name"),
+        (&["list", "--range", "26100-26000"], 2, "26100"),
+        (&["run", "api"], 2, "CMD"),
+        (
+            &["list", "--db", "/dev/null/registry.sqlite3"],
+            4,
+            "/dev/null/registry.sqlite3",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let line = error_line(&f.run(args), *code);
+        assert!(line.contains(needle), "{args:?}: {line}");
+    }
+    // A directory given as the registry, and a file that is not one.
+    let dir = f.db.parent().unwrap().to_string_lossy().into_owned();
+    error_line(&f.run(&["list", "--db", &dir]), 4);
+    let foreign = f.db.with_file_name("foreign");
+    std::fs::write(&foreign, b"not a database").unwrap();
+    let line = error_line(&f.run(&["list", "--db", &foreign.to_string_lossy()]), 4);
+    assert!(line.contains("hint:"), "{line}");
+}
