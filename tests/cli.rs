@@ -299,6 +299,33 @@ fn list_shows_an_aligned_table_newest_last_and_hides_stale_leases_unless_all() {
 }
 
 #[test]
+fn a_block_of_ports_is_listed_as_a_range_and_released_by_any_of_its_ports() {
+    let f = Fixture::new();
+    let lease = f
+        .library(26050..=26059)
+        .acquire_with(&portdaddy::Request::new("grpc").block(3))
+        .unwrap()
+        .keep()
+        .unwrap();
+    let (first, last) = (lease.port(), lease.port() + 2);
+    let table = f.ok(&["list"]);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with(&format!("{first}-{last} ")),
+        "{table}"
+    );
+    assert_eq!(f.list_json()[0]["block_len"], 3);
+    assert_eq!(
+        f.ok(&["release", &(first + 1).to_string()]),
+        format!("released ports {first}-{last} (grpc, detached)\n")
+    );
+    assert!(f.list_json().is_empty());
+}
+
+#[test]
 fn list_json_is_an_array_of_objects_with_port_name_and_pid() {
     let f = Fixture::new();
     assert_eq!(f.ok(&["list", "--json"]), "[]\n");

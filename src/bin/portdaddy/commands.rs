@@ -153,7 +153,10 @@ fn release(target: &Target, what: &str, as_name: bool) -> Outcome {
     let port = if as_name { None } else { parse_port(what)? };
     let released: Vec<Lease> = match port {
         Some(port) => {
-            let lease = registry.list()?.into_iter().find(|l| l.port() == port);
+            let lease = registry
+                .list()?
+                .into_iter()
+                .find(|l| l.ports().contains(&port));
             match lease {
                 // Exactly the lease that was listed, in case the port changed hands since.
                 Some(lease) if registry.release_lease(&lease)? => vec![lease],
@@ -174,9 +177,14 @@ fn release(target: &Target, what: &str, as_name: bool) -> Outcome {
         let holder = lease
             .pid()
             .map_or_else(|| "detached".to_owned(), |p| format!("pid {p}"));
+        let ports = lease.ports();
+        let what = if ports.start() == ports.end() {
+            format!("port {}", ports.start())
+        } else {
+            format!("ports {}-{}", ports.start(), ports.end())
+        };
         text.push_str(&format!(
-            "released port {} ({}, {holder})\n",
-            lease.port(),
+            "released {what} ({}, {holder})\n",
             escape(lease.name())
         ));
     }

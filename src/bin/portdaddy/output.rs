@@ -81,8 +81,14 @@ pub fn until(now: SystemTime, t: SystemTime) -> String {
 
 /// One row of `portdaddy list`.
 pub fn lease_row(lease: &Lease, state: LeaseState, now: SystemTime) -> Vec<String> {
+    let ports = lease.ports();
+    let port = if ports.start() == ports.end() {
+        ports.start().to_string()
+    } else {
+        format!("{}-{}", ports.start(), ports.end())
+    };
     vec![
-        lease.port().to_string(),
+        port,
         protocol(lease).to_owned(),
         escape(lease.name()),
         lease
@@ -107,11 +113,13 @@ fn protocol(lease: &Lease) -> &'static str {
     }
 }
 
-/// A lease as a JSON object: `port`, `name`, `pid` (null when detached), `protocol`,
+/// A lease as a JSON object: `port` (the first, with `block_len` ports from there), `name`,
+/// `pid` (null when detached), `protocol`,
 /// `state`, `acquired_at` and `expires_at` (RFC 3339, UTC; null without expiry), `age_secs`.
 pub fn lease_json(lease: &Lease, state: LeaseState, now: SystemTime) -> Value {
     json!({
         "port": lease.port(),
+        "block_len": lease.block_len(),
         "name": lease.name(),
         "pid": lease.pid(),
         "protocol": protocol(lease),
