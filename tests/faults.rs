@@ -12,7 +12,7 @@
 //!
 //! # Ports
 //!
-//! This file owns 26500-26999 (see `tests/common/mod.rs`), each test its own part, and each
+//! This file owns 26500-26899 (see `tests/common/mod.rs`), each test its own part, and each
 //! test first takes a host-wide lock on its part ([`lock_ports`]) so that two runs of this
 //! file on one host take turns instead of binding each other's ports.
 #![cfg(unix)]
@@ -419,7 +419,7 @@ fn wait_for_state(pid: u32, state: char) {
 // 4. Writes that fail: a file size limit stands in for a full disk.
 // ---------------------------------------------------------------------------------------------
 
-const FULL_RANGE: RangeInclusive<u16> = 26610..=26999;
+const FULL_RANGE: RangeInclusive<u16> = 26610..=26699;
 
 /// The file size limit of the filling worker: a little more than the registry it starts with.
 const FULL_LIMIT: u64 = 96 * 1024;

@@ -11,7 +11,8 @@
 //! | processes.rs   | 24000-24999   |
 //! | model.rs       | 25000-25499   |
 //! | cli.rs         | 26000-26499   |
-//! | faults.rs      | 26500-26999   |
+//! | faults.rs      | 26500-26899   |
+//! | hostile.rs     | 26900-26999   |
 //! | inspection.rs  | 27000-27499   |
 //! | examples       | 15000-22999 (default registry range, temp registries) |
 //! | examples/load  | 28000-29999   |
