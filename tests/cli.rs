@@ -148,6 +148,48 @@ fn acquire_prints_the_port_alone_and_the_lease_belongs_to_the_caller() {
 }
 
 #[test]
+fn acquire_in_a_command_substitution_belongs_to_the_script_until_it_exits() {
+    use std::io::Write;
+    let f = Fixture::new();
+    let script = format!(
+        "port=$('{}' acquire web --range 26060-26060); echo \"$$ $port\"; read _",
+        env!("CARGO_BIN_EXE_portdaddy")
+    );
+    let mut sh = Command::new("sh")
+        .args(["-c", &script])
+        .env("PORTDADDY_DB", &f.db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(sh.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let (pid, port) = line.trim().split_once(' ').unwrap();
+    assert_eq!(pid, sh.id().to_string());
+    assert_eq!(port, "26060");
+    let registry = f.library(26060..=26060);
+    assert_eq!(registry.list().unwrap()[0].pid(), Some(sh.id()));
+    assert!(matches!(
+        registry.acquire("other"),
+        Err(Error::Exhausted { .. })
+    ));
+    // The script ends: its lease is reclaimed by the next claim that needs the port.
+    sh.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert!(sh.wait().unwrap().success());
+    assert_eq!(registry.acquire("other").unwrap().port(), 26060);
+}
+
+#[test]
+fn acquire_for_udp_checks_and_records_udp() {
+    let f = Fixture::new();
+    let value: Value = serde_json::from_str(&f.ok(&["acquire", "dns", "--udp", "--json"])).unwrap();
+    assert_eq!(value["protocol"], "udp");
+    assert_eq!(f.list_json()[0]["protocol"], "udp");
+}
+
+#[test]
 fn acquire_json_prints_an_object_with_port_name_and_pid() {
     let f = Fixture::new();
     let out = f.ok(&["acquire", "db", "--json", "--preferred", "26042"]);
