@@ -251,6 +251,34 @@ fn acquire_for_a_pid_that_does_not_run_is_a_usage_error_naming_the_pid() {
         line.contains("4000000000") && line.contains("--pid"),
         "{line}"
     );
+    assert!(
+        !f.db.exists(),
+        "no registry was created for a refused request"
+    );
+}
+
+#[test]
+fn processes_acquiring_at_once_get_distinct_ports_and_every_claim_is_counted() {
+    let f = Fixture::new();
+    let children: Vec<Child> = (0..8)
+        .map(|i| {
+            f.command(&["acquire", &format!("worker-{i}"), "--ttl", "1h"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ports = std::collections::HashSet::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        ports.insert(port_of(&text(&out.stdout)));
+    }
+    assert_eq!(ports.len(), 8, "{ports:?}");
+    let stats: Value = serde_json::from_str(&f.ok(&["stats", "--json"])).unwrap();
+    assert_eq!(stats["acquired"], 8, "no count was lost: {stats}");
+    assert_eq!(stats["detached"], 8, "{stats}");
 }
 
 #[test]

@@ -106,26 +106,25 @@ fn acquire(
     pid: Option<u32>,
     json: bool,
 ) -> Outcome {
-    let lease = match ttl {
-        Some(ttl) => target.open()?.acquire_with(&request.ttl(ttl))?.keep()?,
-        None => {
-            // The command exits at once: the lease must belong to whoever asked for it.
-            let owner = match pid {
-                Some(pid) => Owner::of_pid(pid)?,
-                None => parent()?,
-            };
-            target
-                .open()?
-                .acquire_with(&request.owner(owner))?
-                .into_lease()
-        }
+    /// Who keeps the lease once the command has exited.
+    enum Holder {
+        Ttl(std::time::Duration),
+        Owner(Owner),
+    }
+    // Found first: a --pid that does not run must not even create a registry.
+    let holder = match (ttl, pid) {
+        (Some(ttl), _) => Holder::Ttl(ttl),
+        (None, Some(pid)) => Holder::Owner(Owner::of_pid(pid)?),
+        (None, None) => Holder::Owner(parent()?),
+    };
+    let registry = target.open()?;
+    let lease = match holder {
+        Holder::Ttl(ttl) => registry.acquire_with(&request.ttl(ttl))?.keep()?,
+        // The command exits at once: the lease must belong to whoever asked for it.
+        Holder::Owner(owner) => registry.acquire_with(&request.owner(owner))?.into_lease(),
     };
     if json {
-        let state = if lease.is_detached() {
-            LeaseState::Detached
-        } else {
-            LeaseState::Live
-        };
+        let state = registry.state_of(&lease);
         let value = output::lease_json(&lease, state, SystemTime::now());
         print(format_args!("{value}\n"))
     } else {
