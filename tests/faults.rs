@@ -883,6 +883,114 @@ fn sweep_worker(registry: &PortDaddy) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 3. A registry in a directory its user may not write.
+// ---------------------------------------------------------------------------------------------
+
+/// The user that the read-only test runs its worker as (`nobody` on most systems).
+const NOBODY: u32 = 65534;
+
+/// In a directory that its user may only read (`0555`), a new registry cannot be made and an
+/// existing one cannot be used: both give `Error::Open` naming the registry, leave the
+/// existing file as it was, and create nothing. The worker runs as an unprivileged user, since
+/// root writes anywhere; the test is skipped, with the reason printed, where it cannot switch.
+#[test]
+fn a_read_only_directory_gives_an_open_error_and_is_left_alone() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: needs root to run a worker as another user");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tmp.path().join("read-only");
+    std::fs::create_dir(&dir).unwrap();
+    let existing = dir.join("existing.sqlite3");
+    {
+        let registry = open_unprobed(&existing, &FULL_RANGE);
+        registry.acquire("kept").unwrap().keep().unwrap();
+    }
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        chown(entry.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let before_entries = names_in(&dir);
+    let before_bytes = std::fs::read(&existing).unwrap();
+
+    for path in [dir.join("new.sqlite3"), existing.clone()] {
+        let mut worker = Worker::spawn_with(
+            "read-only opener",
+            "open",
+            &path,
+            &FULL_RANGE,
+            &[],
+            |command| {
+                // SAFETY: only async-signal-safe calls between fork and exec.
+                unsafe {
+                    command.pre_exec(|| {
+                        if libc::setgroups(0, std::ptr::null()) != 0
+                            || libc::setgid(NOBODY) != 0
+                            || libc::setuid(NOBODY) != 0
+                        {
+                            return Err(io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            },
+        );
+        let (lines, status) = worker.finish(deadline());
+        if lines.is_empty() && !status.success() {
+            println!(
+                "skipped: the test binary cannot run as uid {NOBODY} here ({status}): {}",
+                worker.stderr().lines().last().unwrap_or_default()
+            );
+            return;
+        }
+        assert!(status.success(), "{status}; stderr:\n{}", worker.stderr());
+        let line = lines.join("\n");
+        assert!(
+            line.starts_with("ERR Open "),
+            "{}: expected Error::Open, got {line}",
+            path.display()
+        );
+        assert!(line.contains(&path.display().to_string()), "{line}");
+        assert_eq!(names_in(&dir), before_entries, "files appeared or went");
+        assert_eq!(std::fs::read(&existing).unwrap(), before_bytes);
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn names_in(dir: &Path) -> BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect()
+}
+
+/// Opens the registry, claims and lists; reports `OK` or `ERR <variant> <message>`.
+fn open_worker(path: &Path, range: &RangeInclusive<u16>) {
+    let result = PortDaddy::builder()
+        .path(path)
+        .range(range.clone())
+        .port_probe(all_free)
+        .open()
+        .and_then(|registry| {
+            registry.list()?;
+            registry.acquire("read-only").map(drop)
+        });
+    match result {
+        Ok(()) => say("OK"),
+        Err(e) => {
+            let variant = format!("{e:?}");
+            let variant = variant.split([' ', '{', '(']).next().unwrap_or_default();
+            say(&format!("ERR {variant} {e}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Worker entry
 // ---------------------------------------------------------------------------------------------
 
@@ -898,6 +1006,7 @@ fn worker_entry() {
         "churn" => churn_worker(&open_unprobed(&path, &range)),
         "hold" => hold_worker(&open_unprobed(&path, &range)),
         "stall" => stall_worker(&path),
+        "open" => open_worker(&path, &range),
         "sweep" => sweep_worker(&open_unprobed(&path, &range)),
         "fill" => fill_worker(&open_unprobed(&path, &range)),
         "claim" => claim_worker(&path, &range),
