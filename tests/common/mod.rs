@@ -12,7 +12,8 @@
 //! | model.rs       | 25000-25499   |
 //! | cli.rs         | 26000-26499   |
 //! | faults.rs      | 26500-26899   |
-//! | hostile.rs     | 26900-26999   |
+//! | hostile.rs     | 26900-26949   |
+//! | hostile_cli.rs | 26950-26999   |
 //! | inspection.rs  | 27000-27499   |
 //! | examples       | 15000-22999 (default registry range, temp registries) |
 //! | examples/load  | 28000-29999   |

@@ -126,7 +126,7 @@ fn acquire(
     if json {
         let state = registry.state_of(&lease);
         let value = output::lease_json(&lease, state, SystemTime::now());
-        print(format_args!("{value}\n"))
+        print(format_args!("{}\n", output::json_text(&value)))
     } else {
         print(format_args!("{}\n", lease.port()))
     }
@@ -222,7 +222,10 @@ fn list(target: &Target, json: bool, all: bool) -> Outcome {
             .iter()
             .map(|(l, s)| output::lease_json(l, *s, now))
             .collect();
-        return print(format_args!("{}\n", serde_json::Value::Array(values)));
+        return print(format_args!(
+            "{}\n",
+            output::json_text(&serde_json::Value::Array(values))
+        ));
     }
     if leases.is_empty() {
         return Ok(ExitCode::SUCCESS);
@@ -333,7 +336,7 @@ fn stats(target: &Target, json: bool) -> Outcome {
     let stats = target.open()?.stats()?;
     if json {
         let value = serde_json::to_value(stats).map_err(|e| Failure::new(exit::REGISTRY, e))?;
-        return print(format_args!("{value}\n"));
+        return print(format_args!("{}\n", output::json_text(&value)));
     }
     let rows: Vec<Vec<String>> = [
         ("acquired", stats.acquired),
@@ -367,7 +370,7 @@ fn doctor(target: &Target, json: bool) -> Outcome {
             "journal_mode": diagnosis.journal_mode,
             "checks": diagnosis.checks,
         });
-        print(format_args!("{value}\n"))?;
+        print(format_args!("{}\n", output::json_text(&value)))?;
     } else {
         let text: String = diagnosis
             .checks

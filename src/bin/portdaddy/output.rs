@@ -20,6 +20,23 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// `value` as one line of JSON in which no character can steer a terminal either: serde_json
+/// escapes the C0 controls, and the rest (DEL, the C1 controls such as the one-byte CSI, line
+/// separators, bidirectional controls) are written as `\uXXXX` too, which every JSON
+/// reader turns back into the same text.
+pub fn json_text(value: &Value) -> String {
+    let mut out = String::new();
+    for c in value.to_string().chars() {
+        if c.is_control() || is_layout_char(c) {
+            // All of them lie in the Basic Multilingual Plane: one \u escape each.
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Line separators and bidirectional controls: not control characters, yet they change how
 /// the text around them is laid out.
 fn is_layout_char(c: char) -> bool {
@@ -137,6 +154,18 @@ fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_escapes_every_steering_character_and_reads_back_the_same() {
+        let name = "a\u{7f}b\u{9b}2J\u{202e}c\u{2028}\u{1b}d";
+        let text = json_text(&json!({ "name": name }));
+        assert!(
+            !text.chars().any(|c| c.is_control() || is_layout_char(c)),
+            "{text}"
+        );
+        let back: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back["name"], name);
+    }
 
     #[test]
     fn escapes_what_could_steer_a_terminal() {
