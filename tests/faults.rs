@@ -835,6 +835,52 @@ fn owners_in_another_pid_namespace_keep_their_leases_until_they_die() {
     assert_eq!(leases[0].port(), host_guard.port());
 }
 
+/// A pid that the system has handed to a new process (same pid, another start time) is no
+/// longer the owner, and neither is a pid recorded under an earlier boot: a second handle on
+/// the file reclaims both leases, while the lease of the process that now runs under that
+/// pid stays. The process table is a fake probe here; `tests/api.rs` and the unit tests of
+/// `src/probe/system.rs` check the same against the real system.
+#[test]
+fn a_reused_pid_or_an_earlier_boot_in_a_shared_file_is_a_dead_owner() {
+    let (_dir, path) = common::temp_registry();
+    let range = 26804..=26806;
+    let now_running = Owner::new(4_000_001, 2, "this-boot");
+    let table = now_running.clone();
+    let open = || {
+        let table = table.clone();
+        PortDaddy::builder()
+            .path(&path)
+            .range(range.clone())
+            .port_probe(all_free)
+            .process_probe(move |o: &Owner| *o == table)
+            .open()
+            .expect("open")
+    };
+    let writer = open();
+    for (name, owner) in [
+        ("reused pid", Owner::new(4_000_001, 1, "this-boot")),
+        ("earlier boot", Owner::new(4_000_001, 2, "an-earlier-boot")),
+        ("running", now_running),
+    ] {
+        let request = portdaddy::Request::new(name).owner(owner);
+        std::mem::forget(writer.acquire_with(&request).expect("a lease"));
+    }
+    drop(writer);
+    let reader = open();
+    let guards = reader
+        .acquire_many(&["x", "y"])
+        .expect("the dead owners' two ports");
+    assert_eq!(guards.len(), 2);
+    let left: Vec<String> = reader
+        .list()
+        .unwrap()
+        .iter()
+        .filter(|l| !["x", "y"].contains(&l.name()))
+        .map(|l| l.name().to_owned())
+        .collect();
+    assert_eq!(left, ["running"]);
+}
+
 /// Whether `unshare --pid --fork --mount-proc` runs here.
 fn unshare_works() -> Result<(), String> {
     let output = Command::new("unshare")
