@@ -12,6 +12,11 @@ use crate::lease::Protocol;
 /// The sockets are closed at once. A host without IPv6 skips the `[::]` check. On Unix the
 /// TCP sockets use `SO_REUSEADDR`, as servers do, so a port whose last connection lingers in
 /// `TIME_WAIT` counts as free.
+///
+/// On Linux one bind usually answers for all three addresses: a dual-stack `[::]` socket
+/// (the default unless `net.ipv6.bindv6only` is set) conflicts with every IPv4 holder of
+/// the port, so when it binds, `0.0.0.0` and `127.0.0.1` would too. Elsewhere, and for an
+/// IPv6-only socket, the IPv4 addresses are bound one by one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BindProbe;
 
@@ -19,23 +24,80 @@ const V4: [Ipv4Addr; 2] = [Ipv4Addr::UNSPECIFIED, Ipv4Addr::LOCALHOST];
 
 impl PortProbe for BindProbe {
     fn is_free(&self, port: u16, protocol: Protocol) -> bool {
-        (!protocol.tcp() || all_bind(port, |a| TcpListener::bind(a).map(drop)))
-            && (!protocol.udp() || all_bind(port, |a| UdpSocket::bind(a).map(drop)))
+        (!protocol.tcp() || all_bind::<TcpListener>(port))
+            && (!protocol.udp() || all_bind::<UdpSocket>(port))
     }
 }
 
-fn all_bind(port: u16, bind: impl Fn(SocketAddr) -> io::Result<()>) -> bool {
-    V4.iter()
-        .all(|ip| bind(SocketAddr::from((*ip, port))).is_ok())
-        && match bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
-            Ok(()) => true,
-            // "In use" and "not allowed" count against the port; any other error means this
-            // host has no IPv6.
-            Err(e) => !matches!(
+/// A socket type the probe binds.
+trait Probed: Sized {
+    fn bind(addr: SocketAddr) -> io::Result<Self>;
+}
+
+impl Probed for TcpListener {
+    fn bind(addr: SocketAddr) -> io::Result<Self> {
+        TcpListener::bind(addr)
+    }
+}
+
+impl Probed for UdpSocket {
+    fn bind(addr: SocketAddr) -> io::Result<Self> {
+        UdpSocket::bind(addr)
+    }
+}
+
+fn all_bind<S: Probed + AsDualStack>(port: u16) -> bool {
+    let v4_free = || {
+        V4.iter()
+            .all(|ip| S::bind(SocketAddr::from((*ip, port))).is_ok())
+    };
+    match S::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        // A dual-stack socket on `[::]` has answered for the IPv4 addresses as well.
+        Ok(socket) if socket.is_dual_stack() => true,
+        Ok(_) => v4_free(),
+        // "In use" and "not allowed" count against the port; any other error means this
+        // host has no IPv6.
+        Err(e) => {
+            !matches!(
                 e.kind(),
                 io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
-            ),
+            ) && v4_free()
         }
+    }
+}
+
+/// Whether an IPv6 socket also holds the port for IPv4. Only on Linux does its bind answer
+/// for every IPv4 holder too; elsewhere this says no, and the IPv4 addresses are bound one
+/// by one.
+trait AsDualStack {
+    fn is_dual_stack(&self) -> bool;
+}
+
+#[cfg(target_os = "linux")]
+impl<S: std::os::fd::AsRawFd> AsDualStack for S {
+    fn is_dual_stack(&self) -> bool {
+        let mut only_v6: libc::c_int = 1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the descriptor is open for the lifetime of `self`, and the option value
+        // and its length point at a live `c_int` and `socklen_t`.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&raw mut only_v6).cast(),
+                &raw mut len,
+            )
+        };
+        rc == 0 && only_v6 == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+impl<S> AsDualStack for S {
+    fn is_dual_stack(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
@@ -55,6 +117,25 @@ mod tests {
     #[test]
     fn sees_a_tcp_listener_on_the_wildcard_address() {
         let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(!BindProbe.is_free(port, Protocol::Tcp));
+    }
+
+    #[test]
+    fn sees_a_udp_socket_on_the_wildcard_address() {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        assert!(!BindProbe.is_free(port, Protocol::Udp));
+        drop(socket);
+        assert!(BindProbe.is_free(port, Protocol::Udp));
+    }
+
+    #[test]
+    fn sees_a_tcp_listener_on_ipv6_loopback() {
+        // A host without IPv6 has nothing to see here.
+        let Ok(listener) = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)) else {
+            return;
+        };
         let port = listener.local_addr().unwrap().port();
         assert!(!BindProbe.is_free(port, Protocol::Tcp));
     }
