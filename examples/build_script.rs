@@ -16,7 +16,8 @@
 //!    (`Request::reuse_detached`) and bakes in the same port, and the registry still holds one
 //!    lease for the crate.
 //!
-//! The crate builds in `target/baked-port` against a temporary registry (`PORTDADDY_DB`).
+//! The crate builds in `target/baked-port` against a temporary registry (`PORTDADDY_DB`),
+//! with the dependency versions of portdaddy's own `Cargo.lock`, copied beside it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .join("baked-port");
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("registry.sqlite3");
+    // The versions portdaddy itself is built and tested with; cargo drops what is unused.
+    std::fs::copy(root.join("Cargo.lock"), krate.join("Cargo.lock"))?;
 
     let first = cargo_test(&krate, &target, &db)?;
     let port = baked_port(&first.stdout)?;
@@ -84,7 +87,7 @@ fn cargo_test(
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(krate)
-        .args(["test", "--locked", "--", "--nocapture"])
+        .args(["test", "--", "--nocapture"])
         .env("CARGO_TARGET_DIR", target)
         .env("CARGO_TERM_COLOR", "never")
         .env(ENV_VAR, db)
