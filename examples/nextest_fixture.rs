@@ -31,7 +31,7 @@ pub struct TestPorts {
 impl TestPorts {
     /// Leases one port per name in a single batch and binds each, as the servers would.
     pub fn bind(names: &[&str]) -> Result<Self, Box<dyn std::error::Error>> {
-        let registry = PortDaddy::builder().range(29000..=29499).open()?;
+        let registry = PortDaddy::builder().range(31000..=31499).open()?;
         let guards = registry.acquire_many(names)?;
         let listeners = guards
             .iter()

@@ -1,7 +1,7 @@
 //! Blocks of consecutive ports ([`Request::block`]): one lease, every port probed, all
 //! released together.
 //!
-//! Ports 28000-28499 belong to this file (see `common`).
+//! Ports 30000-30499 belong to this file (see `common`).
 
 mod common;
 
@@ -25,21 +25,21 @@ fn both(range: std::ops::RangeInclusive<u16>) -> Vec<(PortDaddy, Option<tempfile
 
 #[test]
 fn a_block_holds_consecutive_ports_in_one_lease() {
-    for (registry, _dir) in both(28000..=28009) {
+    for (registry, _dir) in both(30000..=30009) {
         let guard = registry
             .acquire_with(&Request::new("raft").block(3))
             .unwrap();
-        assert_eq!(guard.ports().collect::<Vec<_>>(), [28000, 28001, 28002]);
+        assert_eq!(guard.ports().collect::<Vec<_>>(), [30000, 30001, 30002]);
         let leases = registry.list().unwrap();
         assert_eq!(leases.len(), 1, "one lease for the whole block");
         assert_eq!(leases[0].block_len(), 3);
-        assert_eq!(leases[0].ports(), 28000..=28002);
+        assert_eq!(leases[0].ports(), 30000..=30002);
     }
 }
 
 #[test]
 fn no_other_claim_gets_a_port_inside_a_block() {
-    for (registry, _dir) in both(28010..=28015) {
+    for (registry, _dir) in both(30010..=30015) {
         let block = registry.acquire_with(&Request::new("b").block(4)).unwrap();
         let singles: Vec<_> = (0..2).map(|_| registry.acquire("s").unwrap()).collect();
         for single in &singles {
@@ -68,35 +68,35 @@ fn no_other_claim_gets_a_port_inside_a_block() {
 fn a_block_skips_runs_broken_by_a_lease_or_a_reserved_port() {
     let registry = PortDaddy::builder()
         .in_memory()
-        .range(28020..=28029)
-        .reserve([28025])
+        .range(30020..=30029)
+        .reserve([30025])
         .port_probe(all_free)
         .open()
         .unwrap();
     let _in_the_way = registry
-        .acquire_with(&Request::new("x").require(28022))
+        .acquire_with(&Request::new("x").require(30022))
         .unwrap();
     let block = registry.acquire_with(&Request::new("b").block(3)).unwrap();
-    assert_eq!(block.ports(), 28026..=28028);
+    assert_eq!(block.ports(), 30026..=30028);
 }
 
 #[test]
 fn a_block_skips_a_port_that_a_foreign_program_holds() {
-    let foreign = TcpListener::bind((Ipv4Addr::LOCALHOST, 28031)).expect("28031 free for the test");
+    let foreign = TcpListener::bind((Ipv4Addr::LOCALHOST, 30031)).expect("30031 free for the test");
     let (_dir, path) = temp_registry();
     let registry = PortDaddy::builder()
         .path(path)
-        .range(28030..=28039)
+        .range(30030..=30039)
         .open()
         .unwrap();
     let block = registry.acquire_with(&Request::new("b").block(2)).unwrap();
-    assert_eq!(block.ports(), 28032..=28033);
+    assert_eq!(block.ports(), 30032..=30033);
     drop(foreign);
 }
 
 #[test]
 fn every_port_of_a_block_is_released_together() {
-    for (registry, _dir) in both(28040..=28043) {
+    for (registry, _dir) in both(30040..=30043) {
         let block = registry.acquire_with(&Request::new("b").block(4)).unwrap();
         drop(block);
         assert!(registry.list().unwrap().is_empty());
@@ -107,7 +107,7 @@ fn every_port_of_a_block_is_released_together() {
 
 #[test]
 fn releasing_any_port_of_a_block_releases_the_whole_block() {
-    for (registry, _dir) in both(28044..=28049) {
+    for (registry, _dir) in both(30044..=30049) {
         let block = registry.acquire_with(&Request::new("b").block(3)).unwrap();
         assert!(registry.release(block.port() + 2).unwrap());
         assert!(registry.list().unwrap().is_empty());
@@ -117,27 +117,27 @@ fn releasing_any_port_of_a_block_releases_the_whole_block() {
 
 #[test]
 fn a_preferred_block_is_granted_whole_or_not_at_all() {
-    for (registry, _dir) in both(28050..=28059) {
+    for (registry, _dir) in both(30050..=30059) {
         let _taken = registry
-            .acquire_with(&Request::new("x").require(28053))
+            .acquire_with(&Request::new("x").require(30053))
             .unwrap();
         let free = registry
-            .acquire_with(&Request::new("a").block(3).preferred(28050))
+            .acquire_with(&Request::new("a").block(3).preferred(30050))
             .unwrap();
         assert_eq!(
             (free.ports(), free.choice()),
-            (28050..=28052, Choice::Preferred)
+            (30050..=30052, Choice::Preferred)
         );
         let moved = registry
-            .acquire_with(&Request::new("b").block(3).preferred(28052))
+            .acquire_with(&Request::new("b").block(3).preferred(30052))
             .unwrap();
         assert_eq!(moved.choice(), Choice::Searched);
-        assert!(!moved.ports().contains(&28053));
+        assert!(!moved.ports().contains(&30053));
         let err = registry
-            .acquire_with(&Request::new("c").block(2).require(28052))
+            .acquire_with(&Request::new("c").block(2).require(30052))
             .unwrap_err();
         assert!(
-            matches!(err, Error::PortUnavailable { port: 28052, .. }),
+            matches!(err, Error::PortUnavailable { port: 30052, .. }),
             "{err}"
         );
     }
@@ -145,15 +145,15 @@ fn a_preferred_block_is_granted_whole_or_not_at_all() {
 
 #[test]
 fn a_required_block_names_the_first_port_that_is_taken() {
-    let registry = memory(28060..=28069);
+    let registry = memory(30060..=30069);
     let _taken = registry
-        .acquire_with(&Request::new("x").require(28062))
+        .acquire_with(&Request::new("x").require(30062))
         .unwrap();
     let err = registry
-        .acquire_with(&Request::new("c").block(4).require(28060))
+        .acquire_with(&Request::new("c").block(4).require(30060))
         .unwrap_err();
     assert!(
-        matches!(&err, Error::PortUnavailable { port: 28062, reason } if reason.contains("\"x\"")),
+        matches!(&err, Error::PortUnavailable { port: 30062, reason } if reason.contains("\"x\"")),
         "{err}"
     );
     assert_eq!(registry.list().unwrap().len(), 1, "nothing else was leased");
@@ -161,7 +161,7 @@ fn a_required_block_names_the_first_port_that_is_taken() {
 
 #[test]
 fn a_name_gets_its_block_back() {
-    for (registry, _dir) in both(28070..=28089) {
+    for (registry, _dir) in both(30070..=30089) {
         let first = registry
             .acquire_with(&Request::new("cluster").block(3))
             .unwrap();
@@ -180,7 +180,7 @@ fn a_name_gets_its_block_back() {
 #[test]
 fn a_dead_owners_block_is_reclaimed_when_the_range_is_full() {
     let procs = FakeProcesses::default();
-    let registry = memory_with(28090..=28093, &procs);
+    let registry = memory_with(30090..=30093, &procs);
     let owner = procs.spawn(4_000_001);
     let block = registry
         .acquire_with(&Request::new("b").block(4).owner(owner.clone()))
@@ -201,7 +201,7 @@ fn a_block_is_kept_across_reopening_the_file() {
     let open = || {
         PortDaddy::builder()
             .path(&path)
-            .range(28100..=28109)
+            .range(30100..=30109)
             .port_probe(all_free)
             .open()
             .unwrap()
@@ -213,26 +213,26 @@ fn a_block_is_kept_across_reopening_the_file() {
         .unwrap();
     let reopened = open();
     assert_eq!(reopened.list().unwrap(), std::slice::from_ref(&lease));
-    assert_eq!(lease.ports(), 28100..=28104);
+    assert_eq!(lease.ports(), 30100..=30104);
     let next = reopened.acquire("s").unwrap();
     assert!(!lease.ports().contains(&next.port()));
 }
 
 #[test]
 fn a_searched_block_lies_inside_the_range_and_wraps_around() {
-    let registry = memory(28110..=28116);
+    let registry = memory(30110..=30116);
     let a = registry.acquire_with(&Request::new("a").block(3)).unwrap();
     let b = registry.acquire_with(&Request::new("b").block(3)).unwrap();
-    assert_eq!((a.ports(), b.ports()), (28110..=28112, 28113..=28115));
+    assert_eq!((a.ports(), b.ports()), (30110..=30112, 30113..=30115));
     drop(a);
-    // Only 28116 is left past the cursor: the search wraps to the start.
+    // Only 30116 is left past the cursor: the search wraps to the start.
     let c = registry.acquire_with(&Request::new("c").block(3)).unwrap();
-    assert_eq!(c.ports(), 28110..=28112);
+    assert_eq!(c.ports(), 30110..=30112);
 }
 
 #[test]
 fn impossible_blocks_are_invalid_requests() {
-    let registry = memory(28120..=28123);
+    let registry = memory(30120..=30123);
     for (request, needle) in [
         (Request::new("z").block(0), "at least 1"),
         (Request::new("z").block(5), "does not fit in the range"),

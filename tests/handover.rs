@@ -2,7 +2,7 @@
 //! gets the socket that proved the port free, so no other program can take the port between
 //! the check and the server's start.
 //!
-//! Ports 28500-28999 belong to this file (see `common`).
+//! Ports 30500-30999 belong to this file (see `common`).
 
 mod common;
 
@@ -28,7 +28,7 @@ fn acquire_listener_hands_over_the_listener_that_checked_the_port() {
     let (_dir, path) = temp_registry();
     let registry = PortDaddy::builder()
         .path(path)
-        .range(28500..=28509)
+        .range(30500..=30509)
         .open()
         .unwrap();
     let (guard, listener) = registry.acquire_listener("api").unwrap();
@@ -46,7 +46,7 @@ fn acquire_listener_hands_over_the_listener_that_checked_the_port() {
 
 #[test]
 fn no_other_program_can_bind_the_handed_over_port() {
-    let registry = registry(28510..=28519);
+    let registry = registry(30510..=30519);
     let (guard, listener) = registry.acquire_listener("api").unwrap();
     let err = TcpListener::bind((Ipv4Addr::LOCALHOST, guard.port())).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
@@ -55,7 +55,7 @@ fn no_other_program_can_bind_the_handed_over_port() {
 
 #[test]
 fn the_guard_may_drop_before_or_after_the_listener() {
-    let registry = registry(28520..=28529);
+    let registry = registry(30520..=30529);
 
     let (guard, listener) = registry.acquire_listener("after").unwrap();
     drop(listener);
@@ -80,7 +80,7 @@ fn the_guard_may_drop_before_or_after_the_listener() {
 
 #[test]
 fn acquire_udp_socket_hands_over_the_udp_socket() {
-    let registry = registry(28530..=28539);
+    let registry = registry(30530..=30539);
     let (guard, socket) = registry.acquire_udp_socket("dns").unwrap();
     assert_eq!(guard.lease().protocol(), Protocol::Udp);
     assert_eq!(socket.local_addr().unwrap().port(), guard.port());
@@ -99,20 +99,20 @@ fn acquire_udp_socket_hands_over_the_udp_socket() {
 #[test]
 fn a_port_that_cannot_be_bound_on_the_address_counts_as_taken() {
     // The registry's own probe is told every port is free; the handover bind still notices.
-    let foreign = TcpListener::bind((Ipv4Addr::LOCALHOST, 28540)).expect("28540 free for the test");
+    let foreign = TcpListener::bind((Ipv4Addr::LOCALHOST, 30540)).expect("30540 free for the test");
     let registry = PortDaddy::builder()
         .in_memory()
-        .range(28540..=28541)
+        .range(30540..=30541)
         .port_probe(all_free)
         .open()
         .unwrap();
     let (guard, _listener) = registry.acquire_listener("api").unwrap();
-    assert_eq!(guard.port(), 28541);
+    assert_eq!(guard.port(), 30541);
     let err = registry
-        .acquire_with(&Request::new("x").require(28540).listen_on(LOOPBACK))
+        .acquire_with(&Request::new("x").require(30540).listen_on(LOOPBACK))
         .unwrap_err();
     assert!(
-        matches!(err, Error::PortUnavailable { port: 28540, .. }),
+        matches!(err, Error::PortUnavailable { port: 30540, .. }),
         "{err}"
     );
     drop(foreign);
@@ -120,7 +120,7 @@ fn a_port_that_cannot_be_bound_on_the_address_counts_as_taken() {
 
 #[test]
 fn a_block_hands_over_one_socket_per_port_and_protocol() {
-    let registry = registry(28550..=28559);
+    let registry = registry(30550..=30559);
     let request = Request::new("cluster")
         .block(3)
         .protocol(Protocol::Both)
@@ -143,7 +143,7 @@ fn a_block_hands_over_one_socket_per_port_and_protocol() {
 
 #[test]
 fn each_request_of_a_batch_gets_its_own_sockets() {
-    let registry = registry(28560..=28569);
+    let registry = registry(30560..=30569);
     let requests = [
         Request::new("a").listen_on(LOOPBACK),
         Request::new("b"),
@@ -165,7 +165,7 @@ fn each_request_of_a_batch_gets_its_own_sockets() {
 
 #[test]
 fn a_failed_batch_closes_the_sockets_it_bound() {
-    let registry = registry(28570..=28571);
+    let registry = registry(30570..=30571);
     let requests = [
         Request::new("a").listen_on(LOOPBACK),
         Request::new("b").listen_on(LOOPBACK),
@@ -175,7 +175,7 @@ fn a_failed_batch_closes_the_sockets_it_bound() {
         registry.acquire_many_with(&requests),
         Err(Error::Exhausted { .. })
     ));
-    for port in [28570, 28571] {
+    for port in [30570, 30571] {
         TcpListener::bind((Ipv4Addr::LOCALHOST, port))
             .unwrap_or_else(|e| panic!("port {port} still bound after the failed batch: {e}"));
     }
@@ -183,7 +183,7 @@ fn a_failed_batch_closes_the_sockets_it_bound() {
 
 #[test]
 fn listen_on_binds_the_address_asked_for() {
-    let registry = registry(28580..=28589);
+    let registry = registry(30580..=30589);
     let ip = IpAddr::V6(Ipv6Addr::LOCALHOST);
     if UdpSocket::bind((ip, 0)).is_err() {
         eprintln!("skipped: this host has no IPv6 loopback");
@@ -198,7 +198,7 @@ fn listen_on_binds_the_address_asked_for() {
 
 #[test]
 fn taking_over_a_detached_lease_binds_its_port_or_fails_and_keeps_it() {
-    let registry = registry(28590..=28599);
+    let registry = registry(30590..=30599);
     let build = || {
         Request::new("build")
             .ttl(Duration::from_secs(600))

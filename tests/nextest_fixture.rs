@@ -2,7 +2,7 @@
 //! every test below is a process of its own, under `cargo test` a thread; either way each
 //! holds three bound ports and none collides with another's.
 //!
-//! Ports 29000-29499 belong to this file (see `common`).
+//! Ports 31000-31499 belong to this file (see `common`).
 
 #[path = "../examples/nextest_fixture.rs"]
 #[allow(dead_code)]
@@ -17,7 +17,7 @@ fn three_servers() {
     distinct.sort_unstable();
     distinct.dedup();
     assert_eq!(distinct.len(), 3);
-    assert!(distinct.iter().all(|p| (29000..=29499).contains(p)));
+    assert!(distinct.iter().all(|p| (31000..=31499).contains(p)));
     ports
         .round_trip()
         .expect("each port is served by its own socket");

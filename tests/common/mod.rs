@@ -15,6 +15,9 @@
 //! | hostile.rs     | 26900-26949   |
 //! | hostile_cli.rs | 26950-26999   |
 //! | inspection.rs  | 27000-27499   |
+//! | blocks.rs      | 30000-30499   |
+//! | handover.rs    | 30500-30999   |
+//! | nextest_fixture.rs | 31000-31499 (and `examples/nextest_fixture.rs`) |
 //! | examples       | 15000-22999 (default registry range, temp registries) |
 //! | examples/load  | 28000-29999   |
 //! | benches        | 40000-59999   |
