@@ -63,8 +63,9 @@ const CRASH_WORKERS: usize = 8;
 const CRASH_MAX_LIFE: Duration = Duration::from_millis(60);
 
 /// Rounds of eight processes that claim, bind and release ports of a range of ten as fast as
-/// they can, each killed with `SIGKILL` at a random moment of its run (240 kills in all),
-/// while a steady holder keeps one lease through every round.
+/// they can, each killed with `SIGKILL` at a random moment of its run, and a ninth killed
+/// while it starts and opens the registry (270 kills in all), while a steady holder keeps one
+/// lease through every round.
 ///
 /// The churn workers probe no port (their port probe says every port is free), so only the
 /// registry keeps them apart; each binds a real listener on every port it gets, and a bind
@@ -72,10 +73,10 @@ const CRASH_MAX_LIFE: Duration = Duration::from_millis(60);
 /// round, with every churn worker dead:
 ///
 /// - `PRAGMA integrity_check` on the file, before any handle touches it, says `ok`;
-/// - every lease but the steady holder's belongs to a dead process, and `reap` removes
-///   exactly those;
-/// - a fresh handle (with the real bind probe) gets every other port of the range, and no
-///   more: the steady holder's port is never handed out.
+/// - every lease but the steady holder's belongs to a dead process, and a fresh process
+///   reaps exactly those and then gets every other port of the range;
+/// - a handle that probes ports for real then gets every other port too, and no more: the
+///   steady holder's port is never handed out.
 #[test]
 fn processes_killed_at_random_moments_never_corrupt_or_double_book() {
     let _ports = lock_ports(&CRASH_RANGE);
@@ -97,6 +98,22 @@ fn processes_killed_at_random_moments_never_corrupt_or_double_book() {
                 )
             })
             .collect();
+        // One more is killed while it starts and opens the registry (under the file lock).
+        let mut opener = Worker::spawn(
+            &format!("round {round} opener"),
+            "churn",
+            &path,
+            &CRASH_RANGE,
+            &[(ID, "opener".into())],
+        );
+        thread::sleep(rng.below(CRASH_MAX_LIFE / 4));
+        let status = opener.kill();
+        assert!(
+            status.signal() == Some(libc::SIGKILL),
+            "the opener ended before it was killed ({status}); stderr:\n{}",
+            opener.stderr()
+        );
+        kills += 1;
         for worker in &workers {
             assert_eq!(
                 worker.expect_line("GO", deadline()),
@@ -167,12 +184,27 @@ fn processes_killed_at_random_moments_never_corrupt_or_double_book() {
             .find(|l| l.port() == steady_port)
             .unwrap_or_else(|| panic!("round {round}: the steady holder's lease is gone"));
         assert_eq!(steady_lease.pid(), Some(steady_pid));
-        let n = registry.reap().expect("reap");
-        assert_eq!(n, dead.len(), "round {round}: reap removed {n} of {dead:?}");
-        reaped += n;
-        leftover_rounds += usize::from(n > 0);
-
+        // A fresh process reclaims exactly the dead leases and gets every other port.
+        let mut fresh = Worker::spawn(
+            &format!("round {round} fresh process"),
+            "sweep",
+            &path,
+            &CRASH_RANGE,
+            &[],
+        );
+        let (lines, status) = fresh.finish(deadline());
+        assert!(status.success(), "{status}; stderr:\n{}", fresh.stderr());
         let others = CRASH_RANGE.count() - 1;
+        assert_eq!(
+            lines,
+            [format!("REAPED {}", dead.len()), format!("GOT {others}")],
+            "round {round}: the fresh process did not reap exactly {dead:?} or fill the range"
+        );
+        reaped += dead.len();
+        leftover_rounds += usize::from(!dead.is_empty());
+        assert_eq!(registry.list().expect("list"), vec![steady_lease.clone()]);
+
+        // And so does a handle that probes the ports for real: every socket of the dead is gone.
         let names: Vec<String> = (0..others).map(|i| format!("fresh-{i}")).collect();
         let guards = registry
             .acquire_many(&names)
@@ -1209,6 +1241,7 @@ struct Worker {
     stdin: Option<ChildStdin>,
     lines: Receiver<String>,
     stderr: Arc<Mutex<String>>,
+    stderr_thread: thread::JoinHandle<()>,
 }
 
 impl Worker {
@@ -1261,7 +1294,7 @@ impl Worker {
         let mut stderr_pipe = child.stderr.take().expect("piped stderr");
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
+        let stderr_thread = thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = stderr_pipe.read(&mut buf) {
                 sink.lock()
@@ -1276,6 +1309,7 @@ impl Worker {
             stdin,
             lines,
             stderr,
+            stderr_thread,
         }
     }
 
@@ -1286,6 +1320,16 @@ impl Worker {
     /// What the worker wrote to stderr so far.
     fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Everything a worker that has closed its stdout wrote to stderr: waits (a few seconds at
+    /// most) until its stderr is closed too.
+    fn last_words(&self) -> String {
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while !self.stderr_thread.is_finished() && Instant::now() < give_up {
+            thread::yield_now();
+        }
+        self.stderr()
     }
 
     /// The next protocol line, waiting until `deadline` at most.
@@ -1303,7 +1347,7 @@ impl Worker {
             Err(RecvTimeoutError::Disconnected) => panic!(
                 "{}: exited before sending {what}; stderr:\n{}",
                 self.label,
-                self.stderr()
+                self.last_words()
             ),
         }
     }

@@ -21,9 +21,9 @@
 //! A handle removes its file when it closes (its leases are released by then, since every
 //! guard keeps its handle open). Files of crashed processes are removed by the first process
 //! that finds them unlocked: a check of their owner, or the sweep that every new handle makes
-//! of the directory before it adds its own file. A file found and removed by a sweep in the
-//! instant between its creation and its locking is noticed by its creator, which starts over
-//! with a new one.
+//! of the directory before it adds its own file. A file that a sweep finds in the instant
+//! between its creation and its locking is noticed by its creator (the sweep holds the lock,
+//! or has removed the file), which starts over with a new one.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -83,9 +83,14 @@ impl OwnerLock {
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             let file = options.open(&path)?;
-            if let Err(e) = try_lock(&file) {
-                let _ = fs::remove_file(&path);
-                return Err(e);
+            match try_lock(&file) {
+                Ok(()) => {}
+                // Another process's sweep holds it for a moment, and removes it: start again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    let _ = fs::remove_file(&path);
+                    return Err(e);
+                }
             }
             // Another process's sweep may have found the file before it was locked, and
             // removed it: then this lock guards nothing that others can see. Start again.
