@@ -61,7 +61,7 @@ fn cached_owner() -> Option<&'static Owner> {
     static FIRST: OnceLock<Option<Owner>> = OnceLock::new();
     let pid = std::process::id();
     FIRST
-        .get_or_init(|| owner_of(pid).ok())
+        .get_or_init(|| self_owner().ok())
         .as_ref()
         .filter(|owner| owner.pid() == pid)
 }
@@ -77,16 +77,21 @@ pub(crate) fn current_owner() -> Result<Owner> {
     if let Some(owner) = cache.as_ref().filter(|o| o.pid() == pid) {
         return Ok(owner.clone());
     }
-    // `/proc/self` rather than `/proc/<pid>`: in a PID namespace whose `/proc` is the host's,
-    // `<pid>` would name another process.
+    let owner = self_owner()?;
+    *cache = Some(owner.clone());
+    Ok(owner)
+}
+
+/// The identity of the calling process, read from `/proc/self` rather than `/proc/<pid>`: in
+/// a PID namespace whose `/proc` is the host's, `<pid>` would name another process.
+fn self_owner() -> Result<Owner> {
+    let pid = std::process::id();
     let owner = match self_state() {
         ProcState::Running { start_time } => Owner::new(pid, start_time, boot_id()),
         ProcState::Gone => return Err(Error::NoSuchProcess { pid }),
         ProcState::Unknown => return Err(Error::ProcessUnreadable { pid }),
-    }
-    .in_namespace(super::owner_lock::pid_namespace());
-    *cache = Some(owner.clone());
-    Ok(owner)
+    };
+    Ok(owner.in_namespace(super::owner_lock::pid_namespace()))
 }
 
 /// The identity of the running process `pid`.
