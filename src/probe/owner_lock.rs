@@ -156,14 +156,38 @@ fn still_linked(path: &Path, file: &File) -> bool {
     }
 }
 
+/// Creates `dir` with mode `0700`, or accepts it if it is already a real directory of ours:
+/// never a symbolic link, which could lead the lock files somewhere chosen by someone else.
 fn create_private_dir(dir: &Path) -> io::Result<()> {
     let mut builder = fs::DirBuilder::new();
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     match builder.create(dir) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        other => other,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        other => return other,
     }
+    let meta = fs::symlink_metadata(dir)?;
+    let refuse = |why: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("refusing {}: {why}; remove it", dir.display()),
+        ))
+    };
+    if meta.file_type().is_symlink() {
+        return refuse("it is a symbolic link");
+    }
+    if !meta.is_dir() {
+        return refuse("it is not a directory");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if meta.uid() != unsafe { libc::geteuid() } {
+            return refuse("it belongs to another user");
+        }
+    }
+    Ok(())
 }
 
 /// An exclusive lock without waiting.
@@ -309,6 +333,22 @@ mod tests {
         let mut expected = vec![live.name().to_owned(), other.name().to_owned()];
         expected.sort();
         assert_eq!(left, expected);
+    }
+
+    #[test]
+    fn a_symlink_or_a_file_in_place_of_the_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        let link = tmp.path().join("r.owners");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let err = OwnerLock::take(&link, &owner(2, None)).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+        let file = tmp.path().join("f.owners");
+        fs::write(&file, b"").unwrap();
+        let err = OwnerLock::take(&file, &owner(2, None)).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
     }
 
     #[test]
