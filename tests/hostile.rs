@@ -143,6 +143,55 @@ fn flipped_bytes_in_a_registry_never_cause_a_panic() {
     });
 }
 
+/// The same with the flips in a `-wal` that holds the registry's latest commits: SQLite
+/// keeps the frames up to the first one that fails its checksum, and nothing panics.
+#[test]
+fn flipped_bytes_in_a_pending_wal_never_cause_a_panic() {
+    let (_src_dir, src) = temp_registry();
+    make_registry(&src);
+    // A second handle's commits stay in the WAL while it is open: copy both files then.
+    let writer = open_at(&src).unwrap();
+    for name in ["w1", "w2", "w3"] {
+        writer.acquire(name).unwrap().keep().unwrap();
+    }
+    let main = fs::read(&src).unwrap();
+    let wal = fs::read(sibling(&src, "-wal")).unwrap();
+    drop(writer);
+    assert!(wal.len() > 32, "no pending WAL to damage");
+    let len = wal.len();
+    let config = ProptestConfig {
+        cases: 128,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(flips in prop::collection::vec((0..len, 1u8..=255), 1..8))| {
+        let mut damaged = wal.clone();
+        for (at, mask) in &flips {
+            damaged[*at] ^= mask;
+        }
+        let (_dir, path) = temp_registry();
+        fs::write(&path, &main).unwrap();
+        fs::write(sibling(&path, "-wal"), &damaged).unwrap();
+        match open_at(&path) {
+            Err(e) => assert_typed(&e, &path),
+            Ok(registry) => {
+                let listed = registry.list();
+                if let Err(e) = &listed {
+                    assert_typed(e, &path);
+                }
+                for result in [
+                    registry.acquire("flip").map(|g| g.port()),
+                    registry.reap().map(|n| n as u16),
+                ] {
+                    if let Err(e) = result {
+                        assert_typed(&e, &path);
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Errors from a damaged file name the registry.
 fn assert_typed(err: &Error, path: &Path) {
     let text = err.to_string();
