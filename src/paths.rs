@@ -4,7 +4,9 @@
 //! `$HOME/.local/state/portdaddy/registry.sqlite3` (`%LOCALAPPDATA%\portdaddy\…` on Windows);
 //! and last `<temp dir>/portdaddy-<uid>/registry.sqlite3`. Directories we create are `0700`
 //! and files `0600`. In the shared temp directory a pre-existing `portdaddy-<uid>` is used only
-//! if it is a real directory (not a symlink) owned by us and writable by nobody else.
+//! if it is a real directory (not a symlink) owned by us and writable by nobody else, and the
+//! registry's files in it only if they are regular files (not symlinks) of ours that nobody
+//! else may write.
 
 use std::fs;
 use std::io;
@@ -79,7 +81,20 @@ pub(crate) fn prepare_parent(path: &Path, shared_tmp: bool) -> Result<()> {
             Err(e) => return Err(open_err(e)),
         }
         let meta = fs::symlink_metadata(dir).map_err(open_err)?;
-        return check_private_dir(dir, &meta).map_err(open_err);
+        check_private_dir(dir, &meta).map_err(open_err)?;
+        // The files in it, if already there, must be as private: a link or someone else's file
+        // would send the registry's writes wherever its author chose.
+        for suffix in ["", ".lock", "-wal", "-shm", "-journal"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let file = Path::new(&name);
+            match fs::symlink_metadata(file) {
+                Ok(meta) => check_private_file(file, &meta).map_err(open_err)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(open_err(e)),
+            }
+        }
+        return Ok(());
     }
     if !dir.is_dir() {
         create_dirs(dir).map_err(open_err)?;
@@ -120,6 +135,46 @@ fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
     }
     if meta.mode() & 0o022 != 0 {
         return refuse("other users can write to it");
+    }
+    Ok(())
+}
+
+/// A file in the shared place must be a regular file, ours, and closed to others' writes.
+#[cfg(unix)]
+fn check_private_file(file: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing to use {}: {why}; remove it or set {ENV_VAR}",
+                file.display()
+            ),
+        ))
+    };
+    if meta.file_type().is_symlink() {
+        return refuse("it is a symbolic link");
+    }
+    if !meta.is_file() {
+        return refuse("it is not a regular file");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    if meta.uid() != unsafe { libc::getuid() } {
+        return refuse("it belongs to another user");
+    }
+    if meta.mode() & 0o022 != 0 {
+        return refuse("other users can write to it");
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private_file(file: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    if meta.file_type().is_symlink() || !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("refusing to use {}: not a plain file", file.display()),
+        ));
     }
     Ok(())
 }

@@ -441,3 +441,94 @@ fn a_prepared_shared_directory_is_refused() {
         assert!(!tmp.path().join("nowhere").exists(), "{why}");
     }
 }
+
+/// Inside a private `portdaddy-<uid>`, a registry file (or its lock file) that is a symbolic
+/// link, that others may write, or that another user owns is refused the same way, and the
+/// file a link points to is left alone.
+#[cfg(unix)]
+#[test]
+fn a_prepared_file_in_the_shared_directory_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut cases: Vec<(&str, &str, Prepare)> = vec![
+        (
+            "registry.sqlite3",
+            "symbolic link",
+            Box::new(|file: &Path| {
+                let target = file.parent().unwrap().with_file_name("attacker.sqlite3");
+                fs::write(&target, b"").unwrap();
+                std::os::unix::fs::symlink(&target, file).unwrap();
+            }),
+        ),
+        (
+            "registry.sqlite3",
+            "symbolic link",
+            Box::new(|file: &Path| {
+                std::os::unix::fs::symlink(file.with_file_name("nowhere"), file).unwrap();
+            }),
+        ),
+        (
+            "registry.sqlite3",
+            "other users can write",
+            Box::new(|file: &Path| {
+                fs::write(file, b"").unwrap();
+                fs::set_permissions(file, fs::Permissions::from_mode(0o666)).unwrap();
+            }),
+        ),
+        (
+            "registry.sqlite3.lock",
+            "symbolic link",
+            Box::new(|file: &Path| {
+                let target = file.parent().unwrap().with_file_name("attacker.lock");
+                fs::write(&target, b"").unwrap();
+                std::os::unix::fs::symlink(&target, file).unwrap();
+            }),
+        ),
+    ];
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        cases.push((
+            "registry.sqlite3",
+            "belongs to another user",
+            Box::new(|file: &Path| {
+                fs::write(file, b"").unwrap();
+                std::os::unix::fs::chown(file, Some(65534), Some(65534)).unwrap();
+            }),
+        ));
+    } else {
+        println!("not run: a file of another user (needs root to chown)");
+    }
+    for (name, why, prepare) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = shared_dir(tmp.path());
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        prepare(&dir.join(name));
+        let before: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let line = default_path_child("default_path_entry", &[("TMPDIR", tmp.path())]);
+        assert!(line.starts_with("err "), "{name} {why}: opened: {line}");
+        assert!(line.contains(why), "{name} {why}: {line}");
+        assert!(line.contains("PORTDADDY_DB"), "{name} {why}: {line}");
+        let after: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(after, before, "{name} {why}: files were created");
+        for target in ["attacker.sqlite3", "attacker.lock"] {
+            let target = tmp.path().join(target);
+            if target.exists() {
+                assert_eq!(
+                    fs::read(&target).unwrap(),
+                    b"",
+                    "{name} {why}: wrote through the link"
+                );
+            }
+        }
+        assert!(
+            !dir.join("nowhere").exists(),
+            "{name} {why}: created through the link"
+        );
+    }
+}
