@@ -619,55 +619,7 @@ const SCHEMA_V1: &str = "CREATE TABLE leases (
 fn a_first_schema_registry_keeps_its_leases_and_names_while_others_claim() {
     let _ports = lock_ports(&MIXED_RANGE);
     let (_dir, path) = common::temp_registry();
-    let me = Owner::current().unwrap();
-    let at = 1_700_000_000_000i64;
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
-        conn.execute_batch(SCHEMA_V1).unwrap();
-        conn.execute_batch("PRAGMA application_id = 1349796985; PRAGMA user_version = 1;")
-            .unwrap();
-        let mut insert = conn
-            .prepare(
-                "INSERT INTO leases (id, port, name, protocol, owner_pid, owner_start, owner_boot,
-                                     acquired_at, expires_at)
-                 VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, NULL)",
-            )
-            .unwrap();
-        for i in 0..4u16 {
-            insert
-                .execute(rusqlite::params![
-                    1000 + i64::from(i),
-                    26700 + i,
-                    format!("live-{i}"),
-                    me.pid(),
-                    me.start_time() as i64,
-                    me.boot_id(),
-                    at,
-                ])
-                .unwrap();
-        }
-        for i in 0..2u16 {
-            insert
-                .execute(rusqlite::params![
-                    2000 + i64::from(i),
-                    26704 + i,
-                    format!("kept-{i}"),
-                    None::<i64>,
-                    None::<i64>,
-                    None::<String>,
-                    at,
-                ])
-                .unwrap();
-        }
-        for i in 0..5u16 {
-            conn.execute(
-                "INSERT INTO names (name, port, used_at) VALUES (?1, ?2, ?3)",
-                rusqlite::params![format!("sticky-{i}"), 26790 + i, at],
-            )
-            .unwrap();
-        }
-    }
+    write_first_schema_registry(&path);
     let before = leases_by_sql(&path);
     assert_eq!(before.len(), 6);
 
@@ -733,6 +685,131 @@ fn a_first_schema_registry_keeps_its_leases_and_names_while_others_claim() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert!(version >= 1, "user_version {version}");
+}
+
+const MIGRATE_KILLS: usize = 24;
+
+/// A process that opens a registry of the first schema, and so migrates it, is killed at a
+/// random moment, again and again on fresh copies: each time the file is intact, of the first
+/// schema or of the current one (never in between), with every lease as it was, and the next
+/// process opens it and finds every lease and name.
+#[test]
+fn a_process_killed_while_it_migrates_leaves_the_old_schema_or_the_new_one_whole() {
+    let _ports = lock_ports(&MIXED_RANGE);
+    let current = {
+        let (_dir, path) = common::temp_registry();
+        drop(open_unprobed(&path, &MIXED_RANGE));
+        user_version(&path)
+    };
+    let mut rng = XorShift::new(0x6d16_7a7e);
+    let mut seen: BTreeMap<i64, usize> = BTreeMap::new();
+    for round in 0..MIGRATE_KILLS {
+        let (_dir, path) = common::temp_registry();
+        write_first_schema_registry(&path);
+        let before = leases_by_sql(&path);
+        let mut migrator = Worker::spawn(
+            &format!("migrator {round}"),
+            "claim",
+            &path,
+            &MIXED_RANGE,
+            &[(ID, round.to_string())],
+        );
+        assert_eq!(migrator.expect_line("READY", deadline()), "READY");
+        migrator.send("go");
+        thread::sleep(rng.below(Duration::from_millis(12)));
+        migrator.kill();
+
+        assert_eq!(integrity_check(&path), "ok", "round {round}");
+        let version = user_version(&path);
+        assert!(
+            version == 1 || version == current,
+            "round {round}: schema version {version}, neither 1 nor {current}"
+        );
+        *seen.entry(version).or_default() += 1;
+        assert_eq!(
+            leases_by_sql(&path),
+            before,
+            "round {round}: leases changed"
+        );
+        let registry = open_unprobed(&path, &MIXED_RANGE);
+        assert_eq!(user_version(&path), current);
+        let names: BTreeSet<String> = registry
+            .list()
+            .unwrap()
+            .iter()
+            .map(|l| l.name().to_owned())
+            .collect();
+        for name in ["live-0", "live-3", "kept-0", "kept-1"] {
+            assert!(
+                names.contains(name),
+                "round {round}: {name} lost: {names:?}"
+            );
+        }
+        let guard = registry.acquire("sticky-2").unwrap();
+        assert_eq!(guard.port(), 26792, "round {round}: sticky-2 lost its port");
+    }
+    eprintln!("schema versions found after the kills: {seen:?}");
+}
+
+/// `PRAGMA user_version` of the file at `path`.
+fn user_version(path: &Path) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
+/// Writes a registry of the first schema at `path`, as the first release would have left it:
+/// leases 1000-1003 of this (live) process on 26700-26703, detached leases 2000-2001 on
+/// 26704-26705, and the names `sticky-0` to `sticky-4` remembering 26790-26794.
+fn write_first_schema_registry(path: &Path) {
+    let me = Owner::current().unwrap();
+    let at = 1_700_000_000_000i64;
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
+    conn.execute_batch(SCHEMA_V1).unwrap();
+    conn.execute_batch("PRAGMA application_id = 1349796985; PRAGMA user_version = 1;")
+        .unwrap();
+    let mut insert = conn
+        .prepare(
+            "INSERT INTO leases (id, port, name, protocol, owner_pid, owner_start, owner_boot,
+                                 acquired_at, expires_at)
+             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, NULL)",
+        )
+        .unwrap();
+    for i in 0..4u16 {
+        insert
+            .execute(rusqlite::params![
+                1000 + i64::from(i),
+                26700 + i,
+                format!("live-{i}"),
+                me.pid(),
+                me.start_time() as i64,
+                me.boot_id(),
+                at,
+            ])
+            .unwrap();
+    }
+    for i in 0..2u16 {
+        insert
+            .execute(rusqlite::params![
+                2000 + i64::from(i),
+                26704 + i,
+                format!("kept-{i}"),
+                None::<i64>,
+                None::<i64>,
+                None::<String>,
+                at,
+            ])
+            .unwrap();
+    }
+    for i in 0..5u16 {
+        conn.execute(
+            "INSERT INTO names (name, port, used_at) VALUES (?1, ?2, ?3)",
+            rusqlite::params![format!("sticky-{i}"), 26790 + i, at],
+        )
+        .unwrap();
+    }
 }
 
 /// The original columns of every lease, read with plain SQL, by id.
