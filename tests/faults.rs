@@ -1,7 +1,9 @@
-//! Faults injected for real into processes that share a registry: `SIGKILL` at random moments,
-//! a process stopped while it holds the write lock, a file size limit that makes writes fail,
-//! a registry of the first schema opened while others claim, and owners in another PID
-//! namespace. `RELIABILITY.md` says what the registry promises under each.
+//! Faults injected for real into processes that share a registry: `SIGKILL` at random moments
+//! (while claiming, opening or migrating), a process stopped while it holds the write lock, a
+//! file size limit that makes writes fail, a registry of the first schema opened while others
+//! claim, owners in other PID namespaces, and a directory its user may only read. The
+//! sections are numbered as the faults in `RELIABILITY.md`, which says what the registry
+//! promises under each.
 //!
 //! # Workers
 //!
@@ -579,7 +581,7 @@ fn fill_worker(registry: &PortDaddy) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. A registry of the first schema, opened by this build while others claim.
+// 6. A registry of the first schema, opened by this build while others claim or are killed.
 // ---------------------------------------------------------------------------------------------
 
 const MIXED_RANGE: RangeInclusive<u16> = 26700..=26799;
