@@ -90,6 +90,30 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // `<registry>.owners/`, by which other namespaces tell whether it lives.
     "ALTER TABLE leases ADD COLUMN owner_ns INTEGER;
      ALTER TABLE leases ADD COLUMN owner_lock TEXT;",
+    // 4: leases stored in port order (the port is the key), so that a claim writes one page
+    // of the table instead of a table page and an index page, and the search for a vacant
+    // port reads each lease's `port` and `block_len` in one pass, without a lookup per row.
+    "CREATE TABLE leases_by_port (
+        port        INTEGER PRIMARY KEY CHECK (port BETWEEN 1 AND 65535),
+        id          INTEGER NOT NULL,
+        name        TEXT    NOT NULL,
+        protocol    INTEGER NOT NULL,
+        owner_pid   INTEGER,
+        owner_start INTEGER,
+        owner_boot  TEXT,
+        acquired_at INTEGER NOT NULL,
+        expires_at  INTEGER,
+        block_len   INTEGER NOT NULL DEFAULT 1 CHECK (block_len BETWEEN 1 AND 65535),
+        owner_ns    INTEGER,
+        owner_lock  TEXT
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO leases_by_port (port, id, name, protocol, owner_pid, owner_start, owner_boot,
+                                acquired_at, expires_at, block_len, owner_ns, owner_lock)
+        SELECT port, id, name, protocol, owner_pid, owner_start, owner_boot,
+               acquired_at, expires_at, block_len, owner_ns, owner_lock
+        FROM leases;
+    DROP TABLE leases;
+    ALTER TABLE leases_by_port RENAME TO leases;",
 ];
 
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
@@ -877,6 +901,52 @@ mod tests {
             })
             .unwrap();
         assert_eq!(len, 1);
+    }
+
+    #[test]
+    fn leases_keep_every_column_when_stored_in_port_order() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for migration in &MIGRATIONS[..3] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        let row = concat!(
+            "(9, 20010, 'svc', 3, 4242, 777, 'boot', 1000, 2000, 4, 4026531836, 'owner.lock'),",
+            "(8, 20001, 'old', 1, NULL, NULL, NULL, 500, NULL, 1, NULL, NULL)"
+        );
+        conn.execute_batch(&format!(
+            "INSERT INTO leases ({}) VALUES {row}",
+            lease_columns!()
+        ))
+        .unwrap();
+        let read = |conn: &Connection| -> Vec<String> {
+            let mut stmt = conn
+                .prepare(concat!(
+                    "SELECT ",
+                    lease_columns!(),
+                    " FROM leases ORDER BY id"
+                ))
+                .unwrap();
+            let rows = stmt
+                .query_map([], |r| {
+                    (0..12)
+                        .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .unwrap();
+            rows.map(|r| format!("{:?}", r.unwrap())).collect()
+        };
+        let before = read(&conn);
+        migrate(&mut conn).unwrap();
+        assert_eq!(read(&conn), before);
+        let without_rowid: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_index_list('leases') WHERE origin = 'pk'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(without_rowid, 1, "the port is the table's key");
     }
 
     #[test]
