@@ -369,6 +369,17 @@ fn list_shows_an_aligned_table_newest_last_and_hides_stale_leases_unless_all() {
 }
 
 #[test]
+fn acquire_block_leases_consecutive_ports_and_prints_the_first() {
+    let f = Fixture::new();
+    let first = port_of(&f.ok(&["acquire", "raft", "--block", "3", "--range", "26070-26079"]));
+    let leases = f.library(26070..=26079).list().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].ports(), first..=first + 2);
+    let line = error_line(&f.run(&["acquire", "raft", "--block", "0"]), 2);
+    assert!(line.contains("--block"), "{line}");
+}
+
+#[test]
 fn a_block_of_ports_is_listed_as_a_range_and_released_by_any_of_its_ports() {
     let f = Fixture::new();
     let lease = f

@@ -30,9 +30,10 @@ pub fn run(cli: Cli) -> Outcome {
             ttl,
             pid,
             udp,
+            block,
             json,
         } => {
-            let mut request = Request::new(name);
+            let mut request = Request::new(name).block(block);
             if let Some(port) = preferred {
                 request = request.preferred(port);
             }

@@ -71,6 +71,11 @@ enum Command {
         /// Check the port is free for UDP instead of TCP.
         #[arg(long)]
         udp: bool,
+        /// Lease N consecutive ports in one lease and print the first; the others are the
+        /// next N-1 ports.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        block: u16,
         /// Print a JSON object instead of the port alone.
         #[arg(long)]
         json: bool,
