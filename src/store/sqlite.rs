@@ -116,6 +116,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE leases_by_port RENAME TO leases;",
 ];
 
+/// How many prepared statements a connection keeps.
+const STATEMENT_CACHE: usize = 64;
+
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
 /// Length of the SQLite file header.
@@ -192,6 +195,9 @@ impl SqliteStore {
         };
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| open_sql_err(path, deadline, e))?;
+        // Room for every statement of the store (rusqlite keeps 16 by default), so none is
+        // parsed again on the hot path.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         tracing::debug!(path = %path.display(), "opened port registry");
         Ok(Self {
             path: path.to_owned(),
@@ -223,15 +229,16 @@ impl SqliteStore {
             })?;
         let sql = |e| sql_err(path, deadline, e);
         conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
+        // BEGIN and COMMIT as cached statements: parsed once per connection, not per call.
+        let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
+        run("BEGIN IMMEDIATE").map_err(sql)?;
+        let _open = RollbackUnlessCommitted(conn);
         let value = f(&mut SqlTx {
-            tx: &tx,
+            tx: conn,
             path,
             deadline,
         })?;
-        tx.commit().map_err(sql)?;
+        run("COMMIT").map_err(sql)?;
         Ok(value)
     }
 
@@ -459,8 +466,23 @@ fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
     }
 }
 
+/// Rolls back the connection's open transaction when dropped (an error or a panic came
+/// before the commit); does nothing after a commit.
+struct RollbackUnlessCommitted<'a>(&'a Connection);
+
+impl Drop for RollbackUnlessCommitted<'_> {
+    fn drop(&mut self) {
+        if !self.0.is_autocommit() {
+            if let Err(error) = self.0.execute_batch("ROLLBACK") {
+                tracing::warn!(%error, "could not roll back a registry transaction");
+            }
+        }
+    }
+}
+
+/// One transaction: the connection, inside `BEGIN … COMMIT`.
 struct SqlTx<'a> {
-    tx: &'a rusqlite::Transaction<'a>,
+    tx: &'a Connection,
     path: &'a Path,
     deadline: Deadline,
 }
@@ -947,6 +969,37 @@ mod tests {
             )
             .unwrap();
         assert_eq!(without_rowid, 1, "the port is the table's key");
+    }
+
+    #[test]
+    fn a_write_that_fails_or_panics_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store =
+            SqliteStore::open(&dir.path().join("r.sqlite3"), false, Duration::from_secs(5))
+                .unwrap();
+        let deadline = || Deadline::after(Duration::from_secs(5));
+        let failed = store.write(deadline(), |tx| {
+            tx.set_cursor(2000)?;
+            Err::<(), _>(Error::Exhausted {
+                range: PortRange::new(2000, 2001).unwrap(),
+                held: 2,
+            })
+        });
+        assert!(failed.is_err());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.write(deadline(), |tx| -> Result<()> {
+                tx.set_cursor(3000)?;
+                panic!("a bug half-way through a claim");
+            })
+        }));
+        assert!(panicked.is_err());
+        // Both were rolled back, and the connection takes a new transaction.
+        assert_eq!(store.write(deadline(), |tx| tx.cursor()).unwrap(), None);
+        store.write(deadline(), |tx| tx.set_cursor(4000)).unwrap();
+        assert_eq!(
+            store.read(deadline(), |tx| tx.cursor()).unwrap(),
+            Some(4000)
+        );
     }
 
     #[test]
