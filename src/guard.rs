@@ -178,6 +178,12 @@ impl PortGuard {
     #[must_use = "the lease stays in the registry; use it, or drop the guard to release instead"]
     pub fn into_lease(mut self) -> Lease {
         self.armed = false;
+        if self.lease.owner().is_some_and(|o| o.lock_name().is_some()) {
+            // Owned by this process through the handle's owner lock file, which other PID
+            // namespaces judge it by: the file must stay locked as long as the process runs,
+            // not only as long as the handle.
+            self.registry.keep_open_until_exit();
+        }
         self.lease.clone()
     }
 

@@ -209,6 +209,15 @@ impl PortDaddy {
         }))
     }
 
+    /// Keeps this handle, and with it its owner lock file, open until the process exits.
+    pub(crate) fn keep_open_until_exit(&self) {
+        static KEPT: Mutex<Vec<PortDaddy>> = Mutex::new(Vec::new());
+        let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+        if !kept.iter().any(|r| Arc::ptr_eq(&r.inner, &self.inner)) {
+            kept.push(self.clone());
+        }
+    }
+
     fn from_inner(inner: Inner) -> Self {
         Self {
             inner: Arc::new(inner),

@@ -225,6 +225,33 @@ fn into_lease_leaves_the_lease_to_its_owner_until_that_owner_dies() {
     }
 }
 
+#[test]
+fn a_lease_left_to_this_process_keeps_its_owner_lock_file_held_after_the_handle_drops() {
+    // Other PID namespaces judge this process by that lock file: it must stay locked as long
+    // as the process runs, not only as long as the handle that took the lease.
+    let (dir, path) = temp_registry();
+    let registry = PortDaddy::builder()
+        .path(&path)
+        .range(27060..=27060)
+        .port_probe(all_free)
+        .open()
+        .unwrap();
+    let lease = registry.acquire("svc").unwrap().into_lease();
+    drop(registry);
+    let owners: Vec<_> = std::fs::read_dir(dir.path().join("registry.sqlite3.owners"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    let err = std::fs::File::open(&owners[0])
+        .unwrap()
+        .try_lock()
+        .expect_err("the owner lock file must still be locked");
+    assert!(matches!(err, std::fs::TryLockError::WouldBlock), "{err:?}");
+    let reopened = PortDaddy::open(&path).unwrap();
+    assert_eq!(reopened.list().unwrap(), std::slice::from_ref(&lease));
+}
+
 fn range(start: u16, end: u16) -> PortRange {
     PortRange::new(start, end).unwrap()
 }
