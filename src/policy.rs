@@ -355,15 +355,16 @@ fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Result<Error> {
 
 /// Reclaims every lease (in `range`, if given) that has expired or whose owner is dead.
 pub(crate) fn reap(tx: &mut dyn Tx, env: &Env<'_>, range: Option<PortRange>) -> Result<usize> {
-    // Many leases often share one owner: ask the probe once per owner.
-    let mut alive: HashMap<Owner, bool> = HashMap::new();
+    // Many leases often share one owner: ask the probe once per owner. The owner's lock file
+    // is part of the key: one process's handles each hold their own, and one handle's file
+    // may be gone while another's is held.
+    let mut alive: HashMap<(Owner, Option<String>), bool> = HashMap::new();
     let mut reaped = 0;
     for lease in tx.leases(range)? {
         let dead = lease.is_expired_at(env.now)
             || lease.owner.as_ref().is_some_and(|owner| {
-                !*alive
-                    .entry(owner.clone())
-                    .or_insert_with(|| env.owner_alive(owner))
+                let key = (owner.clone(), owner.lock_name().map(str::to_owned));
+                !*alive.entry(key).or_insert_with(|| env.owner_alive(owner))
             });
         if dead && tx.delete_lease(lease.port, lease.id)? {
             log_reclaimed(&lease);
@@ -383,4 +384,51 @@ fn log_reclaimed(lease: &Lease) {
         pid = ?lease.pid(),
         "reclaimed a lease whose owner is gone or whose expiry passed"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::Protocol;
+    use crate::store::memory::MemoryStore;
+
+    #[test]
+    fn reap_judges_each_owner_lock_file_on_its_own() {
+        // One process with two handles: the first handle's lock file is gone, the second's
+        // is held. Only the first handle's lease may be reaped.
+        let process = Owner::new(7, 70, "boot");
+        let dropped = process.clone().with_lock(Some("gone".into()));
+        let open = process.with_lock(Some("held".into()));
+        let store = MemoryStore::default();
+        let lease = |port, owner: &Owner| Lease {
+            id: u64::from(port),
+            port,
+            block_len: 1,
+            name: "x".into(),
+            protocol: Protocol::Tcp,
+            owner: Some(owner.clone()),
+            acquired_at: SystemTime::UNIX_EPOCH,
+            expires_at: None,
+        };
+        let all_free = |_: u16, _: Protocol| true;
+        let by_lock = |o: &Owner| o.lock_name() == Some("held");
+        let me = Owner::new(1, 1, "boot");
+        let env = Env {
+            range: PortRange::new(20000, 20009).unwrap(),
+            reserved: &BTreeSet::new(),
+            ports: &all_free,
+            processes: &by_lock,
+            me: &me,
+            now: SystemTime::UNIX_EPOCH,
+        };
+        let left = store
+            .transact(|tx| {
+                tx.insert_lease(&lease(20000, &dropped))?;
+                tx.insert_lease(&lease(20001, &open))?;
+                assert_eq!(reap(tx, &env, None)?, 1);
+                tx.leases(None)
+            })
+            .unwrap();
+        assert_eq!(left.iter().map(|l| l.port).collect::<Vec<_>>(), [20001]);
+    }
 }
