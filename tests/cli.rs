@@ -513,6 +513,23 @@ fn start_run(f: &Fixture, script: &str) -> (Child, mpsc::Receiver<String>) {
     (child, rx)
 }
 
+/// Every line still to come from the command, up to the end of its output: the reader
+/// thread may not have passed the last lines on yet when `run` has exited.
+fn rest_of(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return lines,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the output did not end; so far: {lines:?}")
+            }
+        }
+    }
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill has no memory effects.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
@@ -544,7 +561,7 @@ fn run_passes_sigterm_and_sigint_on_to_the_command() {
             Some(42),
             "{name}: the command trapped it and exited"
         );
-        let rest: Vec<String> = rx.try_iter().collect();
+        let rest = rest_of(&rx);
         assert_eq!(rest, [format!("got-{name}")]);
         assert!(f.list_json().is_empty(), "{name}: released");
     }
