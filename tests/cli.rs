@@ -226,6 +226,18 @@ fn a_port_acquired_for_a_sleeping_process_is_held_while_it_lives_and_reclaimed_a
 }
 
 #[test]
+fn acquire_refuses_a_ttl_that_ends_after_the_year_9999() {
+    let f = Fixture::new();
+    for ttl in ["10000y", "8000y", "584542046090y"] {
+        let line = error_line(&f.run(&["acquire", "far", "--ttl", ttl, "--json"]), 2);
+        assert!(line.contains("9999"), "{ttl}: {line}");
+    }
+    assert!(f.list_json().is_empty(), "nothing was leased");
+    // The longest TTL that ends before then is still fine.
+    f.ok(&["acquire", "near", "--ttl", "7000y", "--json"]);
+}
+
+#[test]
 fn acquire_with_a_ttl_makes_a_detached_lease() {
     let f = Fixture::new();
     let port = port_of(&f.ok(&["acquire", "build", "--ttl", "2h"]));

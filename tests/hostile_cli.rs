@@ -192,3 +192,41 @@ fn list_never_prints_raw_control_characters_from_the_registry() {
     expected.sort_unstable();
     assert_eq!(listed, expected, "JSON carries the names exactly");
 }
+
+/// Times that RFC 3339 cannot write (before 1970, after 9999) can only come from a registry
+/// written by hand or by another program; `list` shows them, and the JSON has `null`.
+#[test]
+fn list_shows_times_before_1970_and_after_9999() {
+    let f = Fixture::new();
+    f.ok(&["acquire", "early", "--ttl", "1h"]);
+    f.ok(&["acquire", "late", "--ttl", "1h"]);
+    let conn = rusqlite::Connection::open(&f.db).unwrap();
+    // 1969-12-31T23:59:59Z, and a day in the year 10000.
+    conn.execute(
+        "UPDATE leases SET acquired_at = -1000 WHERE name = 'early'",
+        [],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE leases SET expires_at = 253402387200000 WHERE name = 'late'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let table = f.ok(&["list", "--all"]);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&f.ok(&["list", "--all", "--json"])).unwrap();
+    let lease = |name: &str| {
+        json.as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("{name} listed: {json}"))
+            .clone()
+    };
+    assert!(lease("early")["acquired_at"].is_null(), "{json}");
+    assert!(lease("early")["expires_at"].is_string(), "{json}");
+    assert!(lease("late")["expires_at"].is_null(), "{json}");
+    assert!(lease("late")["acquired_at"].is_string(), "{json}");
+}

@@ -156,7 +156,14 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
     if ttl.is_zero() {
         return Err("a TTL must be longer than zero".into());
     }
-    Ok(ttl)
+    // Times past the year 9999 cannot be written as RFC 3339, and nobody needs one.
+    let last = std::time::UNIX_EPOCH + output::LATEST;
+    match std::time::SystemTime::now().checked_add(ttl) {
+        Some(end) if end <= last => Ok(ttl),
+        _ => Err(format!(
+            "a TTL of {text} ends after the year 9999; give a shorter one, e.g. 1d or 30d"
+        )),
+    }
 }
 
 fn main() -> ExitCode {

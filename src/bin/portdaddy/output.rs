@@ -1,6 +1,6 @@
 //! What the commands print: escaped text, aligned tables, ages and JSON.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use portdaddy::{Lease, LeaseState};
 use serde_json::{json, Value};
@@ -132,7 +132,8 @@ fn protocol(lease: &Lease) -> &'static str {
 
 /// A lease as a JSON object: `port` (the first, with `block_len` ports from there), `name`,
 /// `pid` (null when detached), `protocol`,
-/// `state`, `acquired_at` and `expires_at` (RFC 3339, UTC; null without expiry), `age_secs`.
+/// `state`, `acquired_at` and `expires_at` (RFC 3339, UTC; null without expiry, and null for
+/// a time RFC 3339 cannot write: before 1970 or after the year 9999), `age_secs`.
 pub fn lease_json(lease: &Lease, state: LeaseState, now: SystemTime) -> Value {
     json!({
         "port": lease.port(),
@@ -142,13 +143,23 @@ pub fn lease_json(lease: &Lease, state: LeaseState, now: SystemTime) -> Value {
         "protocol": protocol(lease),
         "state": state.as_str(),
         "acquired_at": rfc3339(lease.acquired_at()),
-        "expires_at": lease.expires_at().map(rfc3339),
+        "expires_at": lease.expires_at().map_or(Value::Null, rfc3339),
         "age_secs": now.duration_since(lease.acquired_at()).unwrap_or_default().as_secs(),
     })
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+/// The last second RFC 3339 can write, 9999-12-31T23:59:59Z, after the Unix epoch.
+pub const LATEST: Duration = Duration::from_secs(253_402_300_799);
+
+/// `t` in RFC 3339 (UTC, whole seconds), or null for a time before 1970 or after the year
+/// 9999, which the formatter cannot write (a registry written by hand can hold one).
+fn rfc3339(t: SystemTime) -> Value {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(since) if since.as_secs() <= LATEST.as_secs() => {
+            Value::String(humantime::format_rfc3339_seconds(t).to_string())
+        }
+        _ => Value::Null,
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +197,19 @@ mod tests {
         assert_eq!(lines[0], "A   NAME  Z");
         assert_eq!(lines[1], "1   日本  x");
         assert_eq!(lines[2], "22  ab    y");
+    }
+
+    #[test]
+    fn times_rfc3339_cannot_write_are_null() {
+        let last = UNIX_EPOCH + LATEST;
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(last), "9999-12-31T23:59:59Z");
+        assert_eq!(
+            rfc3339(last + Duration::from_millis(999)),
+            "9999-12-31T23:59:59Z"
+        );
+        assert_eq!(rfc3339(last + Duration::from_secs(1)), Value::Null);
+        assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_millis(1)), Value::Null);
     }
 
     #[test]
