@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::builder::{Settings, DEFAULT_LOCK_TIMEOUT};
 use crate::lease::{LeaseState, Owner};
 use crate::policy::Env;
+use crate::probe::owner_lock::{owners_dir, Liveness};
 use crate::range::PortRange;
 use crate::store::sqlite;
 
@@ -351,11 +352,19 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
         Some(Result::Ok(leases)) => {
             let settings = Settings::defaults();
             let me = Owner::current().unwrap_or_else(|_| Owner::new(0, 0, ""));
+            // Judged as a claim would judge them, owners of other PID namespaces by their lock
+            // files included; but nothing is removed.
+            let liveness = Liveness {
+                inner: settings.processes.clone(),
+                namespace: me.pid_namespace(),
+                owners: Some(owners_dir(path)),
+                tidy: false,
+            };
             let env = Env {
                 range: settings.range,
                 reserved: &settings.reserved,
                 ports: &*settings.ports,
-                processes: &*settings.processes,
+                processes: &liveness,
                 me: &me,
                 now: settings.clock.now(),
             };

@@ -252,6 +252,46 @@ fn a_lease_left_to_this_process_keeps_its_owner_lock_file_held_after_the_handle_
     assert_eq!(reopened.list().unwrap(), std::slice::from_ref(&lease));
 }
 
+#[cfg(target_os = "linux")]
+#[test]
+fn diagnose_judges_owners_of_another_pid_namespace_by_their_lock_files_and_removes_none() {
+    use std::os::unix::fs::MetadataExt;
+    let (dir, path) = temp_registry();
+    // This handle's lock file stands for a live owner in another namespace.
+    let registry = PortDaddy::builder()
+        .path(&path)
+        .range(27110..=27119)
+        .port_probe(all_free)
+        .open()
+        .unwrap();
+    let owners = dir.path().join("registry.sqlite3.owners");
+    let held = std::fs::read_dir(&owners).unwrap().next().unwrap().unwrap();
+    let held = held.file_name().into_string().unwrap();
+    // A lock file nobody holds stands for a dead one.
+    let unheld = "7-4000001-1-abc";
+    std::fs::write(owners.join(unheld), b"").unwrap();
+    let ns = std::fs::metadata("/proc/self/ns/pid").unwrap().ino() as i64;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for (port, lock) in [(27110, held.as_str()), (27111, unheld)] {
+        conn.execute(
+            "INSERT INTO leases (port, id, name, protocol, owner_pid, owner_start, owner_boot,
+                                 acquired_at, owner_ns, owner_lock)
+             VALUES (?1, ?1, 'container', 1, 4000001, 1, ?2, 0, ?3, ?4)",
+            rusqlite::params![port, boot.trim(), ns + 1, lock],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let before = snapshot(&owners);
+    let d = PortDaddy::diagnose(&path, range(27110, 27119));
+    let stale = d.check("stale leases").unwrap();
+    assert_eq!(stale.status, Status::Warn, "{d}");
+    assert!(stale.detail.contains("1 of 2"), "{d}");
+    assert_eq!(snapshot(&owners), before, "diagnosing removed a lock file");
+    drop(registry);
+}
+
 fn range(start: u16, end: u16) -> PortRange {
     PortRange::new(start, end).unwrap()
 }

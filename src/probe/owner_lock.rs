@@ -134,7 +134,7 @@ fn sweep(dir: &Path) {
     };
     for entry in entries.flatten() {
         if let Some(name) = entry.file_name().to_str().filter(|n| is_lock_name(n)) {
-            lock_holder_alive(dir, name);
+            lock_holder_alive(dir, name, true);
         }
     }
 }
@@ -215,7 +215,7 @@ fn is_lock_name(name: &str) -> bool {
 }
 
 /// Whether the owner of the lock file `name` in `dir` still runs.
-fn lock_holder_alive(dir: &Path, name: &str) -> bool {
+fn lock_holder_alive(dir: &Path, name: &str, tidy: bool) -> bool {
     if !is_lock_name(name) {
         return true;
     }
@@ -228,7 +228,9 @@ fn lock_holder_alive(dir: &Path, name: &str) -> bool {
     match try_lock(&file) {
         Ok(()) => {
             // Nobody holds it: its owner is gone. Tidy up while holding it.
-            let _ = fs::remove_file(&path);
+            if tidy {
+                let _ = fs::remove_file(&path);
+            }
             false
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
@@ -244,6 +246,9 @@ pub(crate) struct Liveness {
     pub(crate) namespace: Option<u64>,
     /// Where the owner lock files are, for a file registry.
     pub(crate) owners: Option<PathBuf>,
+    /// Whether the lock files of dead owners are removed when found (not while diagnosing,
+    /// which changes nothing).
+    pub(crate) tidy: bool,
 }
 
 impl ProcessProbe for Liveness {
@@ -256,7 +261,7 @@ impl ProcessProbe for Liveness {
             let alive = self.inner.is_alive(owner);
             if let (false, Some(name), Some(dir)) = (alive, owner.lock_name(), &self.owners) {
                 // Dead by pid: its lock file, if still there, is unlocked; tidy it away.
-                lock_holder_alive(dir, name);
+                lock_holder_alive(dir, name, self.tidy);
             }
             return alive;
         }
@@ -266,7 +271,7 @@ impl ProcessProbe for Liveness {
             }
         }
         match (owner.lock_name(), &self.owners) {
-            (Some(name), Some(dir)) => lock_holder_alive(dir, name),
+            (Some(name), Some(dir)) => lock_holder_alive(dir, name, self.tidy),
             // Judged by pid from its own namespace.
             _ => true,
         }
@@ -289,6 +294,7 @@ mod tests {
             inner: Arc::new(|_: &Owner| panic!("the pid probe must not be asked")),
             namespace: Some(1),
             owners: Some(dir.to_owned()),
+            tidy: true,
         }
     }
 
@@ -387,6 +393,7 @@ mod tests {
             inner: Arc::new(|o: &Owner| o.pid() == 10),
             namespace: Some(1),
             owners: None,
+            tidy: true,
         };
         assert!(probe.is_alive(&Owner::new(10, 1, "b").in_namespace(Some(1))));
         assert!(!probe.is_alive(&Owner::new(11, 1, "b").in_namespace(Some(1))));
