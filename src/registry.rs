@@ -12,7 +12,7 @@ use crate::guard::PortGuard;
 use crate::lease::{Choice, Lease, LeaseState, Owner, Protocol};
 use crate::lock::Deadline;
 use crate::policy::{self, Env};
-use crate::probe::handover::{Handover, Sockets};
+use crate::probe::handover::{self, Handover, Sockets};
 use crate::probe::owner_lock::{owners_dir, Liveness, OwnerLock};
 use crate::range::PortRange;
 use crate::request::Request;
@@ -251,6 +251,7 @@ impl PortDaddy {
     /// [`Error::PortUnavailable`](crate::Error::PortUnavailable) for a required port that is
     /// taken and [`Error::InvalidRequest`](crate::Error::InvalidRequest).
     pub fn acquire_with(&self, request: &Request) -> Result<PortGuard> {
+        check_listen_address(request)?;
         let (lease, choice, sockets) = self.counted_claim(1, |tx, env| claim(tx, env, request))?;
         Ok(PortGuard::new(self.clone(), lease, choice, sockets))
     }
@@ -328,6 +329,7 @@ impl PortDaddy {
     ///
     /// As [`acquire_with`](Self::acquire_with); on any error no port is leased.
     pub fn acquire_many_with(&self, requests: &[Request]) -> Result<Vec<PortGuard>> {
+        requests.iter().try_for_each(check_listen_address)?;
         let claims = self.counted_claim(requests.len(), |tx, env| {
             requests
                 .iter()
@@ -599,6 +601,21 @@ fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Ch
             reason: format!("it cannot be bound on {ip} to be handed over ({e})"),
         })?;
     Ok((lease, choice, sockets))
+}
+
+/// Refuses a [`Request::listen_on`] address on which nothing can be bound (one of another
+/// host, or IPv6 where the host has none) before the claim: otherwise every port of the range
+/// would look taken, and the claim would search it all under the registry's lock.
+fn check_listen_address(request: &Request) -> Result<()> {
+    let Some(ip) = request.listen_on else {
+        return Ok(());
+    };
+    handover::check_address(ip, request.protocol).map_err(|e| Error::InvalidRequest {
+        reason: format!(
+            "no socket can be bound on {ip} ({e}); give an address of this host, such as \
+             127.0.0.1"
+        ),
+    })
 }
 
 /// A handover that returned no socket: cannot happen, since a claim with

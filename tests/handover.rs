@@ -228,3 +228,22 @@ fn taking_over_a_detached_lease_binds_its_port_or_fails_and_keeps_it() {
     );
     assert_eq!(again.take_tcp_listeners().len(), 1);
 }
+
+#[test]
+fn an_address_of_another_host_is_an_invalid_request() {
+    let registry = registry(30600..=30609);
+    // 192.0.2.0/24 is reserved for documentation: no host has it.
+    let ip: IpAddr = "192.0.2.1".parse().unwrap();
+    match registry.acquire_with(&Request::new("x").listen_on(ip)) {
+        Err(Error::InvalidRequest { reason }) => {
+            assert!(reason.contains("192.0.2.1"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(registry.list().unwrap().is_empty());
+    assert_eq!(
+        registry.stats().unwrap().errors,
+        0,
+        "refused before any claim"
+    );
+}

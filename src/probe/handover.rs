@@ -84,6 +84,13 @@ impl PortProbe for Handover<'_> {
     }
 }
 
+/// Whether sockets for `protocol` can be bound on `ip` at all (on a port the system picks),
+/// so that an address of another host fails at once instead of making every port of the
+/// range look taken.
+pub(crate) fn check_address(ip: IpAddr, protocol: Protocol) -> io::Result<()> {
+    bind(ip, 0, protocol).map(drop)
+}
+
 fn bind(ip: IpAddr, port: u16, protocol: Protocol) -> io::Result<Bound> {
     Ok(Bound {
         tcp: protocol
