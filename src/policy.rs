@@ -332,7 +332,7 @@ fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Resul
         Some(preferred) => preferred == port,
         None => fits_range(env.range, port, request.block_len),
     };
-    if !wanted || env.reserved.contains(&port) {
+    if !wanted || block_ports(port, request.block_len).any(|p| env.reserved.contains(&p)) {
         return Ok(None);
     }
     Ok(tx.lease_on(port)?.filter(|l| {

@@ -253,3 +253,34 @@ fn impossible_blocks_are_invalid_requests() {
         .unwrap();
     assert_eq!(edge.ports(), 65534..=65535);
 }
+
+#[test]
+fn a_detached_block_over_a_port_reserved_since_is_not_taken_over() {
+    let (_dir, path) = temp_registry();
+    let open = |reserved: &[u16]| {
+        PortDaddy::builder()
+            .path(&path)
+            .range(30130..=30139)
+            .reserve(reserved.iter().copied())
+            .port_probe(all_free)
+            .open()
+            .unwrap()
+    };
+    let build = || {
+        Request::new("build")
+            .block(2)
+            .ttl(std::time::Duration::from_secs(600))
+            .reuse_detached()
+    };
+    let kept = open(&[]).acquire_with(&build()).unwrap().keep().unwrap();
+    let registry = open(&[kept.port() + 1]);
+    let again = registry.acquire_with(&build()).unwrap();
+    assert!(
+        !again.ports().contains(&(kept.port() + 1)),
+        "{again:?} holds a reserved port"
+    );
+    assert!(
+        registry.list().unwrap().contains(&kept),
+        "the old lease stays"
+    );
+}
