@@ -344,9 +344,14 @@ fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Resul
     }))
 }
 
-/// The error for a full range; counts what is held (by now, only live holders).
+/// The error for a full range; counts the ports of the range that leases hold (by now, only
+/// live holders' leases are left).
 fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Result<Error> {
-    let held = tx.leases(Some(env.range))?.len();
+    let held = tx
+        .leases(Some(env.range))?
+        .iter()
+        .map(|l| l.ports().filter(|p| env.range.contains(*p)).count())
+        .sum();
     Ok(Error::Exhausted {
         range: env.range,
         held,
