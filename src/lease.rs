@@ -63,8 +63,8 @@ impl Protocol {
 /// # Owners in other PID namespaces
 ///
 /// A pid means nothing outside its PID namespace: a container's pid 1 is not the host's.
-/// A process that opens a file registry therefore also takes an exclusive lock on a file of
-/// its own in `<registry>.owners/` and records that file's name with its leases. A process in
+/// Each handle on a file registry therefore also takes an exclusive lock on a file of its own
+/// in `<registry>.owners/` and records that file's name with the leases it takes. A process in
 /// another namespace judges such an owner by that lock alone: held means alive, and the
 /// kernel drops it when the owner dies, however it dies. An owner recorded without a lock
 /// (one named with [`Request::owner`](crate::Request::owner)) counts as alive across the

@@ -136,8 +136,10 @@ impl Request {
     /// # Ok::<(), portdaddy::Error>(())
     /// ```
     ///
-    /// Default: 1 (a single port). A length of 0, or a block that runs past port 65535 or
-    /// does not fit in the range, fails with [`Error::InvalidRequest`].
+    /// Default: 1 (a single port). A length of 0, a block that runs past port 65535, or
+    /// without a preferred port a block longer than the range fails with
+    /// [`Error::InvalidRequest`]. When no run of `len` free ports is left,
+    /// [`Error::Exhausted`] says so.
     pub fn block(mut self, len: u16) -> Self {
         self.block_len = len;
         self

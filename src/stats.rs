@@ -7,7 +7,8 @@ use serde::Serialize;
 ///
 /// The counters only grow; they start at zero when the registry is created. A batch
 /// ([`PortDaddy::acquire_many`](crate::PortDaddy::acquire_many)) counts one acquisition per
-/// port when it succeeds, and one failure when it does not.
+/// lease when it succeeds (a block of consecutive ports is one lease), and one failure when it
+/// does not.
 ///
 /// ```
 /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
