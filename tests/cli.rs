@@ -493,6 +493,34 @@ fn run_exits_128_plus_the_signal_and_releases_when_the_command_is_killed() {
     assert!(f.list_json().is_empty());
 }
 
+/// Under `nohup portdaddy run … &` SIGHUP (and, in the background, SIGINT) arrives ignored:
+/// portdaddy and the command must both keep ignoring it.
+#[test]
+fn run_leaves_ignored_signals_ignored_for_itself_and_the_command() {
+    use std::os::unix::process::CommandExt;
+    let f = Fixture::new();
+    let mut cmd = f.command(&[
+        "run",
+        "api",
+        "--",
+        "sh",
+        "-c",
+        "kill -HUP $$; kill -INT $$; kill -HUP $PPID; kill -INT $PPID; echo survived",
+    ]);
+    // SAFETY: signal() is async-signal-safe and touches no memory of this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "survived\n");
+    assert!(f.list_json().is_empty());
+}
+
 #[test]
 fn run_reports_a_command_that_does_not_exist_with_127_and_releases() {
     let f = Fixture::new();

@@ -31,8 +31,12 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     use signal_hook::low_level::siginfo::Cause;
 
     // Installed before the spawn, so that no signal sent meanwhile kills this process and
-    // orphans the child. The child gets default handlers back when it executes.
-    let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
+    // orphans the child. The child gets default handlers back when it executes. A signal
+    // that arrived ignored (`nohup`, `&` in a script) is left ignored, for this process and
+    // for the child, which inherits the ignoring.
+    let wanted = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
+    let handled: Vec<i32> = wanted.into_iter().filter(|&s| !is_ignored(s)).collect();
+    let mut signals = SignalsInfo::<WithOrigin>::new(handled)?;
     let handle = signals.handle();
     let mut child = command.spawn()?;
     let pid = child.id() as libc::pid_t;
@@ -58,6 +62,16 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     let _ = forwarder.join();
     waited?;
     Ok(ended(child.wait()?))
+}
+
+/// Whether `signal` is ignored (`SIG_IGN`) in this process now.
+#[cfg(unix)]
+fn is_ignored(signal: libc::c_int) -> bool {
+    // SAFETY: an all-zero sigaction is a valid value for sigaction to fill in.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `current`.
+    let rc = unsafe { libc::sigaction(signal, std::ptr::null(), &mut current) };
+    rc == 0 && current.sa_sigaction == libc::SIG_IGN
 }
 
 /// Waits until the child `pid` has exited but leaves it unreaped (a zombie), so its pid is
