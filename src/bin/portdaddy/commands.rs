@@ -136,7 +136,28 @@ fn acquire(
 /// The process that ran this command.
 #[cfg(unix)]
 fn parent() -> Result<Owner, Failure> {
-    Ok(Owner::of_pid(std::os::unix::process::parent_id())?)
+    owner_for_parent(std::os::unix::process::parent_id())
+}
+
+/// The owner of a lease asked for by the process `ppid`, the parent of this command.
+///
+/// A parent pid of 0 (the parent lives outside this PID namespace, as under `docker exec`)
+/// or 1 (init: this command was orphaned, or started by systemd or a container's init) names
+/// no process that ends when the caller is done: the lease would never end, or would fail
+/// with a puzzling error. Both are refused; `--pid 1` still says so on purpose.
+#[cfg(unix)]
+fn owner_for_parent(ppid: u32) -> Result<Owner, Failure> {
+    if ppid <= 1 {
+        return Err(Failure::new(
+            exit::USAGE,
+            format!("the parent process (pid {ppid}) cannot own the lease: it would never end"),
+        )
+        .hint(
+            "give --pid or --ttl: --pid $$ for the calling shell, or --ttl 1h for a \
+             detached lease",
+        ));
+    }
+    Ok(Owner::of_pid(ppid)?)
 }
 
 #[cfg(not(unix))]
@@ -408,5 +429,28 @@ fn write_out(bytes: &[u8]) -> Outcome {
             exit::NOT_FOUND,
             format!("cannot write the output: {e}"),
         )),
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parent_pid_of_0_or_1_is_refused_with_a_hint_for_pid_or_ttl() {
+        for ppid in [0, 1] {
+            let failure = owner_for_parent(ppid).unwrap_err();
+            assert_eq!(failure.code(), exit::USAGE, "pid {ppid}");
+            let text = failure.to_string();
+            assert!(text.contains(&format!("pid {ppid}")), "{text}");
+            assert!(text.contains("give --pid or --ttl"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_running_parent_owns_the_lease() {
+        let me = std::process::id();
+        let owner = owner_for_parent(me).unwrap();
+        assert_eq!(owner.pid(), me);
     }
 }

@@ -44,15 +44,27 @@ impl Failure {
         self
     }
 
+    /// The exit code.
+    #[cfg(test)]
+    pub fn code(&self) -> u8 {
+        self.code
+    }
+
     /// Prints the one line to stderr and gives the exit code.
     pub fn report(self) -> ExitCode {
-        let mut line = format!("portdaddy: error: {}", escape(&self.message));
-        if let Some(hint) = &self.hint {
-            line.push_str("; hint: ");
-            line.push_str(&escape(hint));
-        }
-        eprintln!("{line}");
+        eprintln!("portdaddy: error: {}", escape(&self.to_string()));
         ExitCode::from(self.code)
+    }
+}
+
+/// The line `report` prints, without its prefix.
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
     }
 }
 

@@ -55,6 +55,10 @@ struct Cli {
 enum Command {
     /// Leases a port and prints it. The lease belongs to the calling process (the shell or
     /// script that runs this command), or to --pid, and ends when that process exits.
+    ///
+    /// Without --pid or --ttl, a caller that is init (pid 1: an orphaned command, systemd, a
+    /// container's init) or outside this PID namespace (pid 0: `docker exec`) is refused,
+    /// since the lease would never end.
     Acquire {
         /// A label for the port: shown in listings, and the name gets its last port back.
         name: String,
