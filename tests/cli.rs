@@ -742,8 +742,27 @@ fn help_documents_the_exit_codes() {
         "2  usage error",
         "3  no free port",
         "4  the registry",
+        "5  the output cannot be written",
     ] {
         assert!(help.contains(code), "{code}: {help}");
+    }
+}
+
+/// Exit code 1 means "nothing matched" or "a check failed" only: a script may take it as an
+/// answer. Output that cannot be written is a failure of its own.
+#[cfg(target_os = "linux")]
+#[test]
+fn output_that_cannot_be_written_exits_5_not_1() {
+    let f = Fixture::new();
+    f.ok(&["acquire", "a", "--ttl", "1h"]);
+    for args in [&["list"][..], &["list", "--json"], &["stats"]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = f.command(args).stdout(full).output().unwrap();
+        let line = error_line(&out, 5);
+        assert!(line.contains("cannot write"), "{args:?}: {line}");
     }
 }
 

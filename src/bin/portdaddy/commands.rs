@@ -426,7 +426,7 @@ fn write_out(bytes: &[u8]) -> Outcome {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
         Err(e) => Err(Failure::new(
-            exit::NOT_FOUND,
+            exit::OTHER,
             format!("cannot write the output: {e}"),
         )),
     }

@@ -17,6 +17,8 @@ pub const USAGE: u8 = 2;
 pub const EXHAUSTED: u8 = 3;
 /// The registry cannot be used.
 pub const REGISTRY: u8 = 4;
+/// Anything else: the output cannot be written, or the lease or port was lost meanwhile.
+pub const OTHER: u8 = 5;
 /// The command of `run` cannot be executed.
 pub const CANNOT_EXECUTE: u8 = 126;
 /// The command of `run` does not exist.
@@ -115,7 +117,8 @@ pub fn code_of(error: &Error) -> u8 {
         | Error::LockTimeout { .. }
         | Error::ForkedHandle { .. }
         | Error::Registry { .. } => REGISTRY,
-        _ => NOT_FOUND,
+        // Not "nothing matched": a script may take exit code 1 as an answer.
+        _ => OTHER,
     }
 }
 
@@ -153,5 +156,21 @@ pub fn usage(error: clap::Error) -> ExitCode {
                 .hint("run `portdaddy --help` for usage")
                 .report()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_lease_or_port_is_not_reported_as_nothing_matched() {
+        let lost = Error::LeaseLost { port: 26001 };
+        let taken = Error::PortUnavailable {
+            port: 26002,
+            reason: "another lease holds it".into(),
+        };
+        assert_eq!(code_of(&lost), OTHER);
+        assert_eq!(code_of(&taken), OTHER);
     }
 }
