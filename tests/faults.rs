@@ -312,7 +312,8 @@ const STALL_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Another process takes the registry's file lock and is stopped with `SIGSTOP`: a claim fails
 /// with `Error::LockTimeout` naming the registry after the configured wait; a claim that
-/// waits longer completes once the process is continued (`SIGCONT`) and lets go.
+/// waits longer, seen blocked behind the stopped process, completes once the process is
+/// continued (`SIGCONT`) and lets go.
 #[test]
 fn a_stopped_process_holding_the_file_lock_times_out_claims_until_it_continues() {
     stalled_lock_holder("flock");
@@ -369,6 +370,7 @@ fn stalled_lock_holder(how: &str) {
     assert!(started.elapsed() >= STALL_TIMEOUT);
 
     // A patient claim queues behind the stopped holder, and gets its port once it lets go.
+    let known_threads = thread_ids();
     let (sender, result) = mpsc::channel();
     let waiter = thread::spawn(move || {
         // The lease is kept so that its port stays taken for the claim below.
@@ -378,6 +380,21 @@ fn stalled_lock_holder(how: &str) {
                 .and_then(|g| Ok(g.keep()?.port())),
         );
     });
+    // Only once the claim is seen waiting on the stopped holder is the holder continued:
+    // queued in the kernel for the file lock, or sleeping in SQLite's busy handler between
+    // attempts at the write transaction.
+    let blocked_in: &[libc::c_long] = match how {
+        "flock" => &[libc::SYS_flock],
+        _ => &[libc::SYS_nanosleep, libc::SYS_clock_nanosleep],
+    };
+    wait_for_new_thread_blocked_in(&known_threads, blocked_in);
+    assert_eq!(
+        result.try_recv().err(),
+        Some(mpsc::TryRecvError::Empty),
+        "the patient claim finished while the holder was stopped"
+    );
+    // Still stopped: nothing but the signal below lets it go.
+    wait_for_state(holder.pid(), 'T');
     holder.signal(libc::SIGCONT);
     holder.close_stdin();
     let (lines, status) = holder.finish(deadline());
@@ -444,6 +461,36 @@ fn wait_for_state(pid: u32, state: char) {
         assert!(
             Instant::now() < give_up,
             "process {pid} never reached state {state}: {text}"
+        );
+        thread::yield_now();
+    }
+}
+
+/// The ids of this process's threads.
+fn thread_ids() -> BTreeSet<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("list /proc/self/task")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Waits (bounded) until a thread of this process that is not in `known` is blocked in one
+/// of `syscalls`, as `/proc/self/task/<tid>/syscall` shows.
+fn wait_for_new_thread_blocked_in(known: &BTreeSet<u32>, syscalls: &[libc::c_long]) {
+    let give_up = deadline();
+    loop {
+        for tid in thread_ids().difference(known) {
+            let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+                .unwrap_or_default();
+            // `<number> <arguments…>` while in a system call, `running` or `-1 …` otherwise.
+            let number = text.split_whitespace().next().and_then(|n| n.parse().ok());
+            if number.is_some_and(|n: libc::c_long| syscalls.contains(&n)) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < give_up,
+            "no new thread of this process was ever blocked in system call {syscalls:?}"
         );
         thread::yield_now();
     }
