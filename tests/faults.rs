@@ -698,7 +698,9 @@ fn a_first_schema_registry_keeps_its_leases_and_names_while_others_claim() {
             worker.label,
             worker.stderr()
         );
-        for line in lines {
+        let (announced, claims) = lines.split_at(lines.len().min(2));
+        assert_eq!(announced, ["OPENING", "OPENED"], "{}", worker.label);
+        for line in claims {
             let port: u16 = line
                 .strip_prefix("GOT ")
                 .and_then(|p| p.parse().ok())
@@ -737,11 +739,24 @@ fn a_first_schema_registry_keeps_its_leases_and_names_while_others_claim() {
 }
 
 const MIGRATE_KILLS: usize = 24;
+/// The most kills, when the planned ones did not all land on one side of the commit.
+const MIGRATE_MAX_KILLS: usize = 4 * MIGRATE_KILLS;
+/// Opens timed, unkilled, before the kills, to learn how long an open with its migration takes.
+const MIGRATE_CALIBRATIONS: usize = 3;
 
 /// A process that opens a registry of the first schema, and so migrates it, is killed at a
 /// random moment, again and again on fresh copies: each time the file is intact, of the first
 /// schema or of the current one (never in between), with every lease as it was, and the next
 /// process opens it and finds every lease and name.
+///
+/// The kill is timed from the worker's `OPENING` line, sent just before it opens, at a random
+/// moment within the longest time an open took in unkilled runs first. Each kill is classed
+/// by what can be seen of it: the schema version the next opener finds (the current one: the
+/// migration had committed) and whether the worker held the registry's file lock just before
+/// the kill (with the first schema still found: it was killed while it held the lock for the
+/// open, before its migration committed). At least one kill must land in each of these two
+/// classes, so that the kills span the migration; else the test fails, after up to
+/// [`MIGRATE_MAX_KILLS`] rounds with the window adjusted.
 #[test]
 fn a_process_killed_while_it_migrates_leaves_the_old_schema_or_the_new_one_whole() {
     let _ports = lock_ports(&MIXED_RANGE);
@@ -750,10 +765,53 @@ fn a_process_killed_while_it_migrates_leaves_the_old_schema_or_the_new_one_whole
         drop(open_unprobed(&path, &MIXED_RANGE));
         user_version(&path)
     };
-    let mut rng = XorShift::new(0x6d16_7a7e);
-    let mut seen: BTreeMap<i64, usize> = BTreeMap::new();
-    for round in 0..MIGRATE_KILLS {
+    assert!(
+        current > 1,
+        "no migration to interrupt: schema version {current}"
+    );
+    let mut took = Duration::ZERO;
+    for round in 0..MIGRATE_CALIBRATIONS {
         let (_dir, path) = common::temp_registry();
+        write_first_schema_registry(&path);
+        let mut opener = Worker::spawn(
+            &format!("timed opener {round}"),
+            "claim",
+            &path,
+            &MIXED_RANGE,
+            &[(ID, format!("timed-{round}"))],
+        );
+        assert_eq!(opener.expect_line("READY", deadline()), "READY");
+        opener.send("go");
+        assert_eq!(opener.expect_line("OPENING", deadline()), "OPENING");
+        let opening = Instant::now();
+        assert_eq!(opener.expect_line("OPENED", deadline()), "OPENED");
+        took = took.max(opening.elapsed());
+        let (_, status) = opener.finish(deadline());
+        assert!(status.success(), "{status}; stderr:\n{}", opener.stderr());
+        assert_eq!(user_version(&path), current);
+    }
+    let mut window = took;
+
+    let mut rng = XorShift::new(0x6d16_7a7e);
+    let (mut before_lock, mut inside_open, mut after_commit) = (0usize, 0usize, 0usize);
+    let mut round = 0;
+    while round < MIGRATE_KILLS
+        || (round < MIGRATE_MAX_KILLS && (inside_open == 0 || after_commit == 0))
+    {
+        // Past the planned rounds, on a machine much slower or faster than while it was
+        // timed, the window widens while no kill has landed after the migration, and
+        // narrows while none has landed inside the open.
+        if round >= MIGRATE_KILLS {
+            window = if after_commit == 0 {
+                window * 3 / 2
+            } else {
+                window / 2
+            };
+        }
+        let (dir, path) = common::temp_registry();
+        let lock_file = std::fs::canonicalize(dir.path())
+            .unwrap()
+            .join("registry.sqlite3.lock");
         write_first_schema_registry(&path);
         let before = leases_by_sql(&path);
         let mut migrator = Worker::spawn(
@@ -765,7 +823,9 @@ fn a_process_killed_while_it_migrates_leaves_the_old_schema_or_the_new_one_whole
         );
         assert_eq!(migrator.expect_line("READY", deadline()), "READY");
         migrator.send("go");
-        thread::sleep(rng.below(Duration::from_millis(12)));
+        assert_eq!(migrator.expect_line("OPENING", deadline()), "OPENING");
+        thread::sleep(rng.below(window));
+        let held_lock = holds_flock(migrator.pid(), &lock_file);
         migrator.kill();
 
         assert_eq!(integrity_check(&path), "ok", "round {round}");
@@ -774,7 +834,11 @@ fn a_process_killed_while_it_migrates_leaves_the_old_schema_or_the_new_one_whole
             version == 1 || version == current,
             "round {round}: schema version {version}, neither 1 nor {current}"
         );
-        *seen.entry(version).or_default() += 1;
+        match (version == current, held_lock) {
+            (true, _) => after_commit += 1,
+            (false, true) => inside_open += 1,
+            (false, false) => before_lock += 1,
+        }
         assert_eq!(
             leases_by_sql(&path),
             before,
@@ -796,8 +860,38 @@ fn a_process_killed_while_it_migrates_leaves_the_old_schema_or_the_new_one_whole
         }
         let guard = registry.acquire("sticky-2").unwrap();
         assert_eq!(guard.port(), 26792, "round {round}: sticky-2 lost its port");
+        round += 1;
     }
-    eprintln!("schema versions found after the kills: {seen:?}");
+    let found = format!(
+        "an open took up to {took:?}; of {round} kills (the last within {window:?} of its start), \
+         {before_lock} landed before it held the file lock, {inside_open} while it held the \
+         lock before its migration committed, {after_commit} after the migration committed"
+    );
+    eprintln!("{found}");
+    assert!(
+        inside_open > 0 && after_commit > 0,
+        "the kills did not span the migration: {found}"
+    );
+}
+
+/// Whether process `pid` holds a `flock` on the file at `path` (canonical): one of its
+/// descriptors is open on that file, and its `/proc/<pid>/fdinfo` lists a granted lock (a
+/// waiting one is marked `->`).
+fn holds_flock(pid: u32, path: &Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(Result::ok).any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| target == path)
+            && std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .is_ok_and(|info| {
+                info.lines()
+                    .any(|l| l.starts_with("lock:") && l.contains(" FLOCK ") && !l.contains("->"))
+            })
+    })
 }
 
 /// `PRAGMA user_version` of the file at `path`.
@@ -880,13 +974,15 @@ fn leases_by_sql(path: &Path) -> BTreeMap<i64, String> {
     .collect()
 }
 
-/// Says `READY`, waits for a line, opens the registry and claims [`MIXED_CLAIMS`] times,
-/// reporting `GOT <port>` for each.
+/// Says `READY`, waits for a line, says `OPENING`, opens the registry and says `OPENED`, then
+/// claims [`MIXED_CLAIMS`] times, reporting `GOT <port>` for each.
 fn claim_worker(path: &Path, range: &RangeInclusive<u16>) {
     let id = var(ID);
     say("READY");
     read_line().expect("a go line");
+    say("OPENING");
     let registry = open_unprobed(path, range);
+    say("OPENED");
     for n in 0..MIXED_CLAIMS {
         let guard = registry
             .acquire(&format!("claimer-{id}-{}", n % 3))
