@@ -181,6 +181,43 @@ fn acquire_in_a_command_substitution_belongs_to_the_script_until_it_exits() {
     assert_eq!(registry.acquire("other").unwrap().port(), 26060);
 }
 
+/// In a pipeline inside `$(…)` the parent is a subshell that exits at once; `--pid $$`
+/// gives the lease to the script, as README advises.
+#[test]
+fn acquire_in_a_substituted_pipeline_belongs_to_the_script_with_pid() {
+    use std::io::Write;
+    let f = Fixture::new();
+    let script = format!(
+        "port=$('{}' acquire web --range 26061-26061 --pid $$ | tr -d '\\n'); \
+         echo \"$$ $port\"; read _",
+        env!("CARGO_BIN_EXE_portdaddy")
+    );
+    let mut sh = Command::new("sh")
+        .args(["-c", &script])
+        .env("PORTDADDY_DB", &f.db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(sh.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let (pid, port) = line.trim().split_once(' ').unwrap();
+    assert_eq!(pid, sh.id().to_string());
+    assert_eq!(port, "26061");
+    let registry = f.library(26061..=26061);
+    assert_eq!(registry.list().unwrap()[0].pid(), Some(sh.id()));
+    // The subshell of the pipeline has exited, the script has not: the lease holds.
+    assert!(matches!(
+        registry.acquire("other"),
+        Err(Error::Exhausted { .. })
+    ));
+    sh.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert!(sh.wait().unwrap().success());
+    assert_eq!(registry.acquire("other").unwrap().port(), 26061);
+}
+
 #[test]
 fn acquire_for_udp_checks_and_records_udp() {
     let f = Fixture::new();
