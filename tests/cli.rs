@@ -568,8 +568,12 @@ fn run_reports_a_command_that_does_not_exist_with_127_and_releases() {
 
 /// Starts `portdaddy run api -- sh -c SCRIPT` and waits until the script printed `ready`.
 fn start_run(f: &Fixture, script: &str) -> (Child, mpsc::Receiver<String>) {
-    let mut child = f
-        .command(&["run", "api", "--", "sh", "-c", script])
+    start(f.command(&["run", "api", "--", "sh", "-c", script]))
+}
+
+/// Starts `portdaddy run` and waits for the command to print `ready`.
+fn start(mut cmd: Command) -> (Child, mpsc::Receiver<String>) {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -642,6 +646,38 @@ fn run_passes_sigterm_and_sigint_on_to_the_command() {
         assert_eq!(rest, [format!("got-{name}")]);
         assert!(f.list_json().is_empty(), "{name}: released");
     }
+}
+
+/// `timeout`, `kill -TERM -PGID` and CI runners signal a whole process group. Outside the
+/// terminal's foreground group the command runs in a group of its own, so such a signal
+/// reaches it once, passed on by portdaddy, not twice.
+#[test]
+fn run_outside_the_foreground_passes_a_group_signal_on_once() {
+    use std::os::unix::process::CommandExt;
+    let f = Fixture::new();
+    // Field 5 of /proc/PID/stat is the process group.
+    let script = "trap 'echo got-INT' INT; trap 'echo got-TERM; exit 42' TERM; \
+                  echo ready; cut -d' ' -f5 /proc/$$/stat; echo $$; \
+                  while :; do sleep 0.05; done";
+    let mut cmd = f.command(&["run", "api", "--", "sh", "-c", script]);
+    // A group of its own: never the terminal's foreground group.
+    cmd.process_group(0);
+    let (mut child, rx) = start(cmd);
+    let next = || rx.recv_timeout(Duration::from_secs(30)).expect("a line");
+    let (group, shell) = (next(), next());
+    assert_eq!(group, shell, "the command leads a process group of its own");
+    // SAFETY: kill has no memory effects.
+    assert_eq!(unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) }, 0);
+    assert_eq!(next(), "got-INT");
+    signal(&child, libc::SIGTERM);
+    let status = wait_bounded(&mut child);
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "the command trapped SIGTERM and exited"
+    );
+    assert_eq!(rest_of(&rx), ["got-TERM"], "SIGINT arrived once");
+    assert!(f.list_json().is_empty());
 }
 
 #[test]

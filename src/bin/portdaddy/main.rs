@@ -109,9 +109,11 @@ enum Command {
     /// `PORT` is the first port and `PORT_<NAME>` each name's port (NAME upper-cased, every
     /// character but ASCII letters and digits as `_`). SIGINT, SIGTERM, SIGHUP and SIGQUIT
     /// sent to portdaddy by another process are passed on to the command; those the terminal
-    /// sends (Ctrl-C) reach the command directly. A signal ignored when portdaddy starts
-    /// (`nohup`) stays ignored, for the command too. The exit code is the command's, or 128+N
-    /// when signal N killed it.
+    /// sends (Ctrl-C) reach the command directly. Outside the terminal's foreground (a
+    /// background job, `timeout`, CI) the command runs in a process group of its own, so a
+    /// signal sent to portdaddy's whole group reaches it once, passed on. A signal ignored
+    /// when portdaddy starts (`nohup`) stays ignored, for the command too. The exit code is
+    /// the command's, or 128+N when signal N killed it.
     #[command(after_help = "Example: portdaddy run api web -- npm run dev")]
     Run {
         /// The names to lease a port for.

@@ -38,14 +38,24 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     let handled: Vec<i32> = wanted.into_iter().filter(|&s| !is_ignored(s)).collect();
     let mut signals = SignalsInfo::<WithOrigin>::new(handled)?;
     let handle = signals.handle();
+    // In the terminal's foreground process group the child stays in ours, so that Ctrl-C,
+    // Ctrl-Z and reading the terminal work for it as for any command. Elsewhere (a script's
+    // background job, `timeout`, a CI runner, no terminal at all) whoever signals our whole
+    // group would reach the child directly and again through us: there the child gets a
+    // group of its own, and every signal reaches it through us alone.
+    let own_group = !in_foreground();
+    if own_group {
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
+    }
     let mut child = command.spawn()?;
     let pid = child.id() as libc::pid_t;
     let forwarder = std::thread::spawn(move || {
         for origin in signals.forever() {
-            // A signal the kernel raised itself (Ctrl-C, a hang-up at the terminal) went to
-            // the child's whole process group, the child included: passing it on would
-            // deliver it twice. Signals sent by a process (`kill`) reach only us.
-            if origin.cause == Cause::Kernel {
+            // In our group, a signal the kernel raised itself (Ctrl-C, a hang-up at the
+            // terminal) went to the whole foreground group, the child included: passing it
+            // on would deliver it twice. Signals sent by a process (`kill`) reach only us.
+            if origin.cause == Cause::Kernel && !own_group {
                 continue;
             }
             // SAFETY: kill has no memory effects; the child is not reaped before this
@@ -62,6 +72,30 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     let _ = forwarder.join();
     waited?;
     Ok(ended(child.wait()?))
+}
+
+/// Whether this process is in the foreground process group of its controlling terminal;
+/// false without a controlling terminal.
+#[cfg(unix)]
+fn in_foreground() -> bool {
+    // SAFETY: a constant, NUL-terminated path; the descriptor is closed below.
+    let tty = unsafe {
+        libc::open(
+            c"/dev/tty".as_ptr(),
+            libc::O_RDONLY | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if tty < 0 {
+        return false;
+    }
+    // SAFETY: `tty` is an open descriptor of this function's own.
+    let foreground = unsafe { libc::tcgetpgrp(tty) };
+    // SAFETY: getpgrp cannot fail; close takes the descriptor opened above.
+    unsafe {
+        let ours = libc::getpgrp();
+        libc::close(tty);
+        foreground == ours
+    }
 }
 
 /// Whether `signal` is ignored (`SIG_IGN`) in this process now.
