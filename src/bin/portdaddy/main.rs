@@ -22,7 +22,7 @@ Exit codes:
   0  success (for `run`: the command's own exit code is passed on)
   1  nothing matched (`release`), or a check failed (`doctor`)
   2  usage error: unknown command or flag, a bad port, duration or range, an invalid name,
-     a --pid that is not running
+     a --pid that is not running, `acquire` by init without --pid or --ttl
   3  no free port left in the range: run `portdaddy reap` or widen the range
   4  the registry cannot be used: it cannot be opened or created, is not a portdaddy
      registry, is damaged or too new, or stays locked
