@@ -7,8 +7,9 @@
 //! ```
 //!
 //! Options: `--seconds N` (default 600), `--procs N` workers at a time (default 8),
-//! `--range A-B` (default 27000-27015), `--kill-every-ms N`, the mean pause between kills
-//! (default 200), `--seed N` for the kill schedule.
+//! `--range A-B` (default 31500-31515, in the soak's own block 31500-31999, which no test of
+//! this crate uses), `--kill-every-ms N`, the mean pause between kills (default 200),
+//! `--seed N` for the kill schedule.
 //!
 //! Workers probe no port (their port probe says every port is free), so only the registry
 //! keeps them apart, and each binds `127.0.0.1:<port>` on every port it gets: a bind that
@@ -73,7 +74,7 @@ mod soak {
         let mut options = Options {
             seconds: 600,
             procs: 8,
-            range: (27000, 27015),
+            range: (31500, 31515),
             kill_every: Duration::from_millis(200),
             seed: 0x50ac_0001,
             worker: None,

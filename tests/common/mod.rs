@@ -4,23 +4,26 @@
 //! at the same time (nextest runs each test in its own process) never probe each other's
 //! ports:
 //!
-//! | file           | ports         |
-//! |----------------|---------------|
-//! | api.rs         | 23000-23499   |
-//! | bad_input.rs   | 23500-23999   |
-//! | processes.rs   | 24000-24999   |
-//! | model.rs       | 25000-25499   |
-//! | cli.rs         | 26000-26499   |
-//! | faults.rs      | 26500-26899   |
-//! | hostile.rs     | 26900-26949   |
-//! | hostile_cli.rs | 26950-26999   |
-//! | inspection.rs  | 27000-27499   |
-//! | blocks.rs      | 30000-30499   |
-//! | handover.rs    | 30500-30999   |
-//! | nextest_fixture.rs | 31000-31499 (and `examples/nextest_fixture.rs`) |
-//! | examples       | 15000-22999 (default registry range, temp registries) |
-//! | examples/load  | 28000-29999   |
-//! | benches        | 40000-59999   |
+//! | file                | ports         |
+//! |---------------------|---------------|
+//! | api.rs              | 23000-23499   |
+//! | logging.rs          | 23000-23499, shared with api.rs; binds and probes no port |
+//! | bad_input.rs        | 23500-23999   |
+//! | processes.rs        | 24000-24999   |
+//! | model.rs            | 25000-25499   |
+//! | cli.rs              | 26000-26499   |
+//! | faults.rs           | 26500-26899   |
+//! | hostile.rs          | 26900-26949   |
+//! | hostile_cli.rs      | 26950-26999   |
+//! | inspection.rs       | 27000-27499   |
+//! | examples/load.rs    | 28000-29999   |
+//! | blocks.rs           | 30000-30499   |
+//! | handover.rs         | 30500-30999   |
+//! | nextest_fixture.rs  | 31000-31499 (and `examples/nextest_fixture.rs`) |
+//! | examples/soak.rs    | 31500-31999 (not run in CI) |
+//! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
+//! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
+//! | benches             | 40000-59999   |
 #![allow(dead_code)]
 
 use std::path::PathBuf;
