@@ -372,7 +372,10 @@ fn stalled_lock_holder(how: &str) {
     // A patient claim queues behind the stopped holder, and gets its port once it lets go.
     let known_threads = thread_ids();
     let (sender, result) = mpsc::channel();
+    let (tid_sender, tid) = mpsc::channel();
     let waiter = thread::spawn(move || {
+        // SAFETY: gettid has no preconditions and cannot fail.
+        let _ = tid_sender.send(unsafe { libc::gettid() });
         // The lease is kept so that its port stays taken for the claim below.
         let _ = sender.send(
             patient
@@ -380,14 +383,18 @@ fn stalled_lock_holder(how: &str) {
                 .and_then(|g| Ok(g.keep()?.port())),
         );
     });
+    let patient_tid = u32::try_from(tid.recv_timeout(DEADLINE).expect("the claim's thread id"))
+        .expect("a thread id");
     // Only once the claim is seen waiting on the stopped holder is the holder continued:
-    // queued in the kernel for the file lock, or sleeping in SQLite's busy handler between
-    // attempts at the write transaction.
-    let blocked_in: &[libc::c_long] = match how {
-        "flock" => &[libc::SYS_flock],
-        _ => &[libc::SYS_nanosleep, libc::SYS_clock_nanosleep],
-    };
-    wait_for_new_thread_blocked_in(&known_threads, blocked_in);
+    // queued in the kernel for the file lock (on a thread that the claim starts, or its own),
+    // or sleeping in SQLite's busy handler between attempts at the write transaction.
+    match how {
+        "flock" => wait_for_thread_blocked_in(|t| !known_threads.contains(&t), &[libc::SYS_flock]),
+        _ => wait_for_thread_blocked_in(
+            |t| t == patient_tid,
+            &[libc::SYS_nanosleep, libc::SYS_clock_nanosleep],
+        ),
+    }
     assert_eq!(
         result.try_recv().err(),
         Some(mpsc::TryRecvError::Empty),
@@ -474,12 +481,12 @@ fn thread_ids() -> BTreeSet<u32> {
         .collect()
 }
 
-/// Waits (bounded) until a thread of this process that is not in `known` is blocked in one
-/// of `syscalls`, as `/proc/self/task/<tid>/syscall` shows.
-fn wait_for_new_thread_blocked_in(known: &BTreeSet<u32>, syscalls: &[libc::c_long]) {
+/// Waits (bounded) until a thread of this process that `candidate` accepts (by id) is
+/// blocked in one of `syscalls`, as `/proc/self/task/<tid>/syscall` shows.
+fn wait_for_thread_blocked_in(candidate: impl Fn(u32) -> bool, syscalls: &[libc::c_long]) {
     let give_up = deadline();
     loop {
-        for tid in thread_ids().difference(known) {
+        for tid in thread_ids().into_iter().filter(|t| candidate(*t)) {
             let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
                 .unwrap_or_default();
             // `<number> <arguments…>` while in a system call, `running` or `-1 …` otherwise.
@@ -490,7 +497,7 @@ fn wait_for_new_thread_blocked_in(known: &BTreeSet<u32>, syscalls: &[libc::c_lon
         }
         assert!(
             Instant::now() < give_up,
-            "no new thread of this process was ever blocked in system call {syscalls:?}"
+            "no thread of the claim was ever blocked in system call {syscalls:?}"
         );
         thread::yield_now();
     }
