@@ -330,6 +330,7 @@ mod soak {
                 Report::Anomaly(a) => anomalies.push(a),
             }
         }
+        checks += 1;
         match integrity_check(&registry) {
             Ok(check) if check == "ok" => {}
             Ok(check) => anomalies.push(format!("final integrity_check: {check}")),
