@@ -22,34 +22,25 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::fs::OpenOptions;
+use std::io;
 use std::net::{Ipv4Addr, TcpListener};
 use std::ops::RangeInclusive;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::all_free;
+use common::workers::{
+    self, parse_range, read_line, say, var, wait_for_eof, Worker, MODE, RANGE, REGISTRY,
+};
 use portdaddy::{Error, Owner, PortDaddy, ProcessProbe, SystemProcessProbe};
 
-/// The test that a worker process runs.
-const WORKER_TEST: &str = "worker_entry";
-/// Selects worker mode and the worker's part.
-const MODE: &str = "PORTDADDY_FAULTS_WORKER";
-/// The registry file a worker opens.
-const REGISTRY: &str = "PORTDADDY_FAULTS_REGISTRY";
-/// The registry range a worker uses, as `start-end`.
-const RANGE: &str = "PORTDADDY_FAULTS_RANGE";
 /// A worker's number, for its lease names.
 const ID: &str = "PORTDADDY_FAULTS_ID";
-/// Marks a protocol line on a worker's stdout.
-const PREFIX: &str = "@pd ";
 
 /// The longest any single wait on a worker may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -92,7 +83,7 @@ fn processes_killed_at_random_moments_never_corrupt_or_double_book() {
         let mut workers: Vec<Worker> = (0..CRASH_WORKERS)
             .map(|id| {
                 Worker::spawn(
-                    &format!("round {round} churn worker {id}"),
+                    format!("round {round} churn worker {id}"),
                     "churn",
                     &path,
                     &CRASH_RANGE,
@@ -102,7 +93,7 @@ fn processes_killed_at_random_moments_never_corrupt_or_double_book() {
             .collect();
         // One more is killed while it starts and opens the registry (under the file lock).
         let mut opener = Worker::spawn(
-            &format!("round {round} opener"),
+            format!("round {round} opener"),
             "churn",
             &path,
             &CRASH_RANGE,
@@ -148,7 +139,7 @@ fn processes_killed_at_random_moments_never_corrupt_or_double_book() {
         for worker in &workers {
             anomalies.extend(
                 worker
-                    .drain()
+                    .drain(deadline())
                     .into_iter()
                     .filter(|l| match l.strip_prefix("OPS ") {
                         Some(n) => {
@@ -188,7 +179,7 @@ fn processes_killed_at_random_moments_never_corrupt_or_double_book() {
         assert_eq!(steady_lease.pid(), Some(steady_pid));
         // A fresh process reclaims exactly the dead leases and gets every other port.
         let mut fresh = Worker::spawn(
-            &format!("round {round} fresh process"),
+            format!("round {round} fresh process"),
             "sweep",
             &path,
             &CRASH_RANGE,
@@ -682,7 +673,7 @@ fn a_first_schema_registry_keeps_its_leases_and_names_while_others_claim() {
     let mut workers: Vec<Worker> = (0..MIXED_WORKERS)
         .map(|id| {
             Worker::spawn(
-                &format!("claimer {id}"),
+                format!("claimer {id}"),
                 "claim",
                 &path,
                 &MIXED_RANGE,
@@ -781,7 +772,7 @@ fn a_process_killed_while_it_migrates_leaves_the_old_schema_or_the_new_one_whole
         let (_dir, path) = common::temp_registry();
         write_first_schema_registry(&path);
         let mut opener = Worker::spawn(
-            &format!("timed opener {round}"),
+            format!("timed opener {round}"),
             "claim",
             &path,
             &MIXED_RANGE,
@@ -822,7 +813,7 @@ fn a_process_killed_while_it_migrates_leaves_the_old_schema_or_the_new_one_whole
         write_first_schema_registry(&path);
         let before = leases_by_sql(&path);
         let mut migrator = Worker::spawn(
-            &format!("migrator {round}"),
+            format!("migrator {round}"),
             "claim",
             &path,
             &MIXED_RANGE,
@@ -1406,265 +1397,7 @@ impl XorShift {
     }
 }
 
-/// Writes one protocol line to stdout.
-fn say(message: &str) {
-    let mut out = io::stdout().lock();
-    // A leading newline keeps the line apart from anything libtest printed before it.
-    writeln!(out, "\n{PREFIX}{message}")
-        .and_then(|()| out.flush())
-        .expect("write to stdout");
-}
-
-/// Blocks until stdin is closed: by the test, or by the death of the test's process.
-fn wait_for_eof() {
-    io::stdin()
-        .read_to_end(&mut Vec::new())
-        .expect("read stdin");
-}
-
-/// Blocks until the next line on stdin; `None` at end-of-file.
-fn read_line() -> Option<String> {
-    let mut line = String::new();
-    match io::stdin().lock().read_line(&mut line) {
-        Ok(0) | Err(_) => None,
-        Ok(_) => Some(line.trim_end().to_owned()),
-    }
-}
-
-/// A worker's environment variable.
-fn var(key: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| panic!("worker: {key} is not set"))
-}
-
-fn parse_range(text: &str) -> RangeInclusive<u16> {
-    let (start, end) = text.split_once('-').expect("range as start-end");
-    start.parse().expect("range start")..=end.parse().expect("range end")
-}
-
-/// Takes the host-wide lock on `range`, held until the returned file is dropped, so that
-/// other runs of this file on the host do not bind these ports meanwhile.
-fn lock_ports(range: &RangeInclusive<u16>) -> File {
-    let path = std::env::temp_dir().join(format!(
-        "portdaddy-tests-faults-{}-{}.lock",
-        range.start(),
-        range.end()
-    ));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .or_else(|_| File::open(&path))
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let give_up = deadline();
-    loop {
-        // SAFETY: `flock` on an open descriptor; the lock goes when the file is closed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return file;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "another run of tests/faults.rs held {} for {DEADLINE:?}",
-            path.display()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A worker process; killed and reaped on drop if it still runs.
-struct Worker {
-    label: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-    stderr_thread: thread::JoinHandle<()>,
-}
-
-impl Worker {
-    /// Starts this test binary as a worker in `mode` on the registry at `path`.
-    fn spawn(
-        label: &str,
-        mode: &str,
-        path: &Path,
-        range: &RangeInclusive<u16>,
-        extra: &[(&str, String)],
-    ) -> Self {
-        Self::spawn_with(label, mode, path, range, extra, |_| {})
-    }
-
-    /// As [`spawn`](Self::spawn), letting `adjust` change the command first.
-    fn spawn_with(
-        label: &str,
-        mode: &str,
-        path: &Path,
-        range: &RangeInclusive<u16>,
-        extra: &[(&str, String)],
-        adjust: impl FnOnce(&mut Command),
-    ) -> Self {
-        let exe = std::env::current_exe().expect("locate the test binary");
-        let mut command = Command::new(exe);
-        command.args([WORKER_TEST, "--exact", "--nocapture"]);
-        adjust(&mut command);
-        command
-            .env(MODE, mode)
-            .env(REGISTRY, path)
-            .env(RANGE, format!("{}-{}", range.start(), range.end()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (key, value) in extra {
-            command.env(key, value);
-        }
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {label}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (sender, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(at) = line.find(PREFIX) {
-                    let _ = sender.send(line[at + PREFIX.len()..].to_owned());
-                }
-            }
-        });
-        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        let stderr_thread = thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = stderr_pipe.read(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let stdin = child.stdin.take();
-        Self {
-            label: label.to_owned(),
-            child,
-            stdin,
-            lines,
-            stderr,
-            stderr_thread,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What the worker wrote to stderr so far.
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Everything a worker that has closed its stdout wrote to stderr: waits (a few seconds at
-    /// most) until its stderr is closed too.
-    fn last_words(&self) -> String {
-        let give_up = Instant::now() + Duration::from_secs(5);
-        while !self.stderr_thread.is_finished() && Instant::now() < give_up {
-            thread::yield_now();
-        }
-        self.stderr()
-    }
-
-    /// The next protocol line, waiting until `deadline` at most.
-    fn expect_line(&self, what: &str, deadline: Instant) -> String {
-        match self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => panic!(
-                "{}: no {what} line before the deadline; stderr:\n{}",
-                self.label,
-                self.stderr()
-            ),
-            Err(RecvTimeoutError::Disconnected) => panic!(
-                "{}: exited before sending {what}; stderr:\n{}",
-                self.label,
-                self.last_words()
-            ),
-        }
-    }
-
-    /// The protocol lines of a worker that has ended, up to the end of its stdout.
-    fn drain(&self) -> Vec<String> {
-        let mut lines = Vec::new();
-        let give_up = deadline();
-        loop {
-            match self
-                .lines
-                .recv_timeout(give_up.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => lines.push(line),
-                Err(RecvTimeoutError::Disconnected) => return lines,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("{}: stdout stayed open after it ended", self.label)
-                }
-            }
-        }
-    }
-
-    /// Writes a line to the worker's stdin.
-    fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|()| stdin.flush())
-            .expect("write to a worker");
-    }
-
-    /// Closes the worker's stdin: it finishes what it does and exits.
-    fn close_stdin(&mut self) {
-        self.stdin = None;
-    }
-
-    /// Collects the remaining protocol lines until the worker closes its stdout, then reaps it.
-    fn finish(&mut self, deadline: Instant) -> (Vec<String>, ExitStatus) {
-        let mut lines = Vec::new();
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => lines.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "{}: did not finish before the deadline; lines so far {lines:?}; stderr:\n{}",
-                    self.label,
-                    self.stderr()
-                ),
-            }
-        }
-        let status = self.child.wait().expect("reap a worker");
-        (lines, status)
-    }
-
-    /// Sends `signal` to the worker.
-    fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.pid()).expect("a pid");
-        // SAFETY: a plain syscall on our own child, which has not been reaped.
-        assert_eq!(
-            unsafe { libc::kill(pid, signal) },
-            0,
-            "kill({pid}, {signal})"
-        );
-    }
-
-    /// Kills the worker with `SIGKILL` and reaps it.
-    fn kill(&mut self) -> ExitStatus {
-        self.child.kill().expect("kill a worker");
-        self.child.wait().expect("reap a worker")
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
+/// The host-wide lock on `range` (see [`workers::lock_ports`]).
+fn lock_ports(range: &RangeInclusive<u16>) -> std::fs::File {
+    workers::lock_ports(range, DEADLINE)
 }

@@ -34,29 +34,18 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::fs::OpenOptions;
+use std::io;
 use std::net::{Ipv4Addr, TcpListener};
 use std::ops::RangeInclusive;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::workers::{self, parse_range, say, var, wait_for_eof, Worker, MODE, RANGE, REGISTRY};
 use portdaddy::{Error, PortDaddy, PortGuard};
 
-/// The test that a worker process runs.
-const WORKER_TEST: &str = "worker_entry";
-/// Selects worker mode and the worker's part: `churn`, `hold`, `fork` or `create`.
-const MODE: &str = "PORTDADDY_PROCESSES_WORKER";
-/// The registry file a worker opens.
-const REGISTRY: &str = "PORTDADDY_PROCESSES_REGISTRY";
-/// The registry range a worker uses, as `start-end`.
-const RANGE: &str = "PORTDADDY_PROCESSES_RANGE";
 /// The directory in which a `create` worker opens its registries.
 const DIR: &str = "PORTDADDY_PROCESSES_DIR";
 /// A `churn` worker's number.
@@ -70,8 +59,6 @@ const MARKERS: &str = "PORTDADDY_PROCESSES_MARKERS";
 const NAME: &str = "PORTDADDY_PROCESSES_NAME";
 /// Whether a `hold` worker also binds a listener on its port (`1`) or not (`0`).
 const LISTEN: &str = "PORTDADDY_PROCESSES_LISTEN";
-/// Marks a protocol line on a worker's stdout.
-const PREFIX: &str = "@pd ";
 
 /// The longest any single wait on a worker may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -299,7 +286,7 @@ fn sigkilled_holders_ports_are_reclaimed_but_a_live_holders_port_is_not() {
 
     // The live holder takes its port first, then the victims take the rest.
     let mut live = Worker::spawn(
-        "live holder".into(),
+        "live holder",
         "hold",
         &path,
         &KILL_RANGE,
@@ -470,7 +457,7 @@ fn a_guard_dropped_released_or_kept_in_a_forked_child_keeps_the_parents_lease() 
     let _ports = lock_ports(&FORK_RANGE);
     let (_dir, path) = common::temp_registry();
     let deadline = Instant::now() + DEADLINE;
-    let mut worker = Worker::spawn("fork worker".into(), "fork", &path, &FORK_RANGE, &[]);
+    let mut worker = Worker::spawn("fork worker", "fork", &path, &FORK_RANGE, &[]);
     let line = worker.expect_line("FORKED", deadline);
     let (port, id, child_status) = match line.split(' ').collect::<Vec<_>>()[..] {
         ["FORKED", port, id, status] => (
@@ -834,32 +821,6 @@ fn wait_child(pid: libc::pid_t) -> String {
     }
 }
 
-/// Writes one protocol line to stdout.
-fn say(message: &str) {
-    let mut out = io::stdout().lock();
-    // A leading newline keeps the line apart from anything libtest printed before it.
-    writeln!(out, "\n{PREFIX}{message}")
-        .and_then(|()| out.flush())
-        .expect("write to stdout");
-}
-
-/// Blocks until stdin is closed: by the test, or by the death of the test's process.
-fn wait_for_eof() {
-    io::stdin()
-        .read_to_end(&mut Vec::new())
-        .expect("read stdin");
-}
-
-/// A worker's environment variable.
-fn var(key: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| panic!("worker: {key} is not set"))
-}
-
-fn parse_range(text: &str) -> RangeInclusive<u16> {
-    let (start, end) = text.split_once('-').expect("range as start-end");
-    start.parse().expect("range start")..=end.parse().expect("range end")
-}
-
 /// Opens the file registry at `path` with the default (real) port and process probes.
 fn open(path: &Path, range: &RangeInclusive<u16>) -> PortDaddy {
     PortDaddy::builder()
@@ -945,195 +906,11 @@ fn sockets_on(range: &RangeInclusive<u16>) -> String {
     format!("sockets: [{}]", described.join("; "))
 }
 
-/// Takes the host-wide lock on `range`, held until the returned file is dropped, so that
-/// other runs of this file on the host do not bind these ports meanwhile. Waits at most
-/// [`DEADLINE`].
-fn lock_ports(range: &RangeInclusive<u16>) -> File {
-    let path = std::env::temp_dir().join(format!(
-        "portdaddy-tests-processes-{}-{}.lock",
-        range.start(),
-        range.end()
-    ));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .or_else(|_| File::open(&path)) // made by another user: reading is enough to flock
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let give_up = Instant::now() + DEADLINE;
-    loop {
-        // SAFETY: `flock` on an open descriptor; the lock goes when the file is closed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return file;
-        }
-        let error = io::Error::last_os_error();
-        assert_eq!(
-            error.raw_os_error(),
-            Some(libc::EWOULDBLOCK),
-            "flock {}: {error}",
-            path.display()
-        );
-        assert!(
-            Instant::now() < give_up,
-            "another run of tests/processes.rs held {} for {DEADLINE:?}",
-            path.display()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The test side: a worker process and its pipes.
 // ---------------------------------------------------------------------------------------------
 
-/// A worker process; killed and reaped on drop if it still runs.
-struct Worker {
-    label: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Worker {
-    /// Starts this test binary as a worker in `mode` on the registry at `path`.
-    fn spawn(
-        label: String,
-        mode: &str,
-        path: &Path,
-        range: &RangeInclusive<u16>,
-        extra: &[(&str, String)],
-    ) -> Self {
-        let exe = std::env::current_exe().expect("locate the test binary");
-        let mut command = Command::new(exe);
-        command
-            .args([WORKER_TEST, "--exact", "--nocapture"])
-            .env(MODE, mode)
-            .env(REGISTRY, path)
-            .env(RANGE, format!("{}-{}", range.start(), range.end()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (key, value) in extra {
-            command.env(key, value);
-        }
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {label}: {e}"));
-
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (sender, lines) = mpsc::channel();
-        thread::spawn(move || {
-            // Keeps reading to the end even if nobody listens, so the worker never blocks on
-            // a full pipe.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(at) = line.find(PREFIX) {
-                    let _ = sender.send(line[at + PREFIX.len()..].to_owned());
-                }
-            }
-        });
-        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = stderr_pipe.read(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let stdin = child.stdin.take();
-        Self {
-            label,
-            child,
-            stdin,
-            lines,
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What the worker wrote to stderr so far.
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// The next protocol line, waiting until `deadline` at most.
-    fn expect_line(&self, what: &str, deadline: Instant) -> String {
-        match self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => {
-                panic!(
-                    "{}: no {what} line before the deadline; stderr:\n{}",
-                    self.label,
-                    self.stderr()
-                )
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!(
-                    "{}: exited before sending {what}; stderr:\n{}",
-                    self.label,
-                    self.stderr()
-                )
-            }
-        }
-    }
-
-    /// Writes a line to the worker's stdin.
-    fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin is open");
-        writeln!(stdin, "{line}")
-            .and_then(|()| stdin.flush())
-            .expect("write to a worker");
-    }
-
-    /// Closes the worker's stdin: a holder releases and exits.
-    fn close_stdin(&mut self) {
-        self.stdin = None;
-    }
-
-    /// Collects the remaining protocol lines until the worker closes its stdout, then reaps it.
-    fn finish(&mut self, deadline: Instant) -> (Vec<String>, ExitStatus) {
-        let mut lines = Vec::new();
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => lines.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "{}: did not finish before the deadline; lines so far {lines:?}; stderr:\n{}",
-                    self.label,
-                    self.stderr()
-                ),
-            }
-        }
-        let status = self.child.wait().expect("reap a worker");
-        (lines, status)
-    }
-
-    /// Kills the worker with `SIGKILL` and reaps it.
-    fn kill(&mut self) -> ExitStatus {
-        self.child.kill().expect("kill a worker");
-        self.child.wait().expect("reap a worker")
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
+/// The host-wide lock on `range` (see [`workers::lock_ports`]).
+fn lock_ports(range: &RangeInclusive<u16>) -> std::fs::File {
+    workers::lock_ports(range, DEADLINE)
 }

@@ -26,6 +26,9 @@
 //! | benches             | 40000-59999   |
 #![allow(dead_code)]
 
+#[cfg(unix)]
+pub mod workers;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
