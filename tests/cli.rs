@@ -147,14 +147,13 @@ fn acquire_prints_the_port_alone_and_the_lease_belongs_to_the_caller() {
     );
 }
 
-#[test]
-fn acquire_in_a_command_substitution_belongs_to_the_script_until_it_exits() {
+/// Runs `sh -c` with a script that stores `$(<substitution>)` as the port, prints its own
+/// pid and that port, and waits for a line on stdin; checks that the lease on `port` belongs
+/// to the script while it runs and is reclaimed after it exits.
+fn lease_belongs_to_the_script(substitution: &str, port: u16) {
     use std::io::Write;
     let f = Fixture::new();
-    let script = format!(
-        "port=$('{}' acquire web --range 26060-26060); echo \"$$ $port\"; read _",
-        env!("CARGO_BIN_EXE_portdaddy")
-    );
+    let script = format!("port=$({substitution}); echo \"$$ $port\"; read _");
     let mut sh = Command::new("sh")
         .args(["-c", &script])
         .env("PORTDADDY_DB", &f.db)
@@ -166,11 +165,12 @@ fn acquire_in_a_command_substitution_belongs_to_the_script_until_it_exits() {
     BufReader::new(sh.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let (pid, port) = line.trim().split_once(' ').unwrap();
+    let (pid, printed) = line.trim().split_once(' ').unwrap();
     assert_eq!(pid, sh.id().to_string());
-    assert_eq!(port, "26060");
-    let registry = f.library(26060..=26060);
+    assert_eq!(printed, port.to_string());
+    let registry = f.library(port..=port);
     assert_eq!(registry.list().unwrap()[0].pid(), Some(sh.id()));
+    // Whatever subshell ran the command has exited, the script has not: the lease holds.
     assert!(matches!(
         registry.acquire("other"),
         Err(Error::Exhausted { .. })
@@ -178,44 +178,24 @@ fn acquire_in_a_command_substitution_belongs_to_the_script_until_it_exits() {
     // The script ends: its lease is reclaimed by the next claim that needs the port.
     sh.stdin.take().unwrap().write_all(b"\n").unwrap();
     assert!(sh.wait().unwrap().success());
-    assert_eq!(registry.acquire("other").unwrap().port(), 26060);
+    assert_eq!(registry.acquire("other").unwrap().port(), port);
+}
+
+#[test]
+fn acquire_in_a_command_substitution_belongs_to_the_script_until_it_exits() {
+    let bin = env!("CARGO_BIN_EXE_portdaddy");
+    lease_belongs_to_the_script(&format!("'{bin}' acquire web --range 26060-26060"), 26060);
 }
 
 /// In a pipeline inside `$(…)` the parent is a subshell that exits at once; `--pid $$`
 /// gives the lease to the script, as README advises.
 #[test]
 fn acquire_in_a_substituted_pipeline_belongs_to_the_script_with_pid() {
-    use std::io::Write;
-    let f = Fixture::new();
-    let script = format!(
-        "port=$('{}' acquire web --range 26061-26061 --pid $$ | tr -d '\\n'); \
-         echo \"$$ $port\"; read _",
-        env!("CARGO_BIN_EXE_portdaddy")
+    let bin = env!("CARGO_BIN_EXE_portdaddy");
+    lease_belongs_to_the_script(
+        &format!("'{bin}' acquire web --range 26061-26061 --pid $$ | tr -d '\\n'"),
+        26061,
     );
-    let mut sh = Command::new("sh")
-        .args(["-c", &script])
-        .env("PORTDADDY_DB", &f.db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(sh.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let (pid, port) = line.trim().split_once(' ').unwrap();
-    assert_eq!(pid, sh.id().to_string());
-    assert_eq!(port, "26061");
-    let registry = f.library(26061..=26061);
-    assert_eq!(registry.list().unwrap()[0].pid(), Some(sh.id()));
-    // The subshell of the pipeline has exited, the script has not: the lease holds.
-    assert!(matches!(
-        registry.acquire("other"),
-        Err(Error::Exhausted { .. })
-    ));
-    sh.stdin.take().unwrap().write_all(b"\n").unwrap();
-    assert!(sh.wait().unwrap().success());
-    assert_eq!(registry.acquire("other").unwrap().port(), 26061);
 }
 
 #[test]
