@@ -362,13 +362,18 @@ fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Result<Error> {
 pub(crate) fn reap(tx: &mut dyn Tx, env: &Env<'_>, range: Option<PortRange>) -> Result<usize> {
     // Many leases often share one owner: ask the probe once per owner. The owner's lock file
     // is part of the key: one process's handles each hold their own, and one handle's file
-    // may be gone while another's is held.
-    let mut alive: HashMap<(Owner, Option<String>), bool> = HashMap::new();
+    // may be gone while another's is held. So is the time namespace its start time was read
+    // through, which decides whether that start time can be compared.
+    let mut alive: HashMap<(Owner, Option<String>, Option<u64>), bool> = HashMap::new();
     let mut reaped = 0;
     for lease in tx.leases(range)? {
         let dead = lease.is_expired_at(env.now)
             || lease.owner.as_ref().is_some_and(|owner| {
-                let key = (owner.clone(), owner.lock_name().map(str::to_owned));
+                let key = (
+                    owner.clone(),
+                    owner.lock_name().map(str::to_owned),
+                    owner.time_namespace(),
+                );
                 !*alive.entry(key).or_insert_with(|| env.owner_alive(owner))
             });
         if dead && tx.delete_lease(lease.port, lease.id)? {

@@ -114,6 +114,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         FROM leases;
     DROP TABLE leases;
     ALTER TABLE leases_by_port RENAME TO leases;",
+    // 5: the time namespace through which `owner_start` was read (start times read through
+    // another one are not compared), and the PID namespaces above `owner_ns` (space-separated,
+    // nearest first), which tell who sees every process of the owner's namespace.
+    "ALTER TABLE leases ADD COLUMN owner_time_ns INTEGER;
+     ALTER TABLE leases ADD COLUMN owner_ns_parents TEXT;",
 ];
 
 /// How many prepared statements a connection keeps.
@@ -128,7 +133,7 @@ const HEADER_LEN: usize = 100;
 macro_rules! lease_columns {
     () => {
         "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at, \
-         block_len, owner_ns, owner_lock"
+         block_len, owner_ns, owner_lock, owner_time_ns, owner_ns_parents"
     };
 }
 
@@ -147,7 +152,7 @@ const SELECT_LEASES_IN: &str = concat!(
 const INSERT_LEASE: &str = concat!(
     "INSERT INTO leases (",
     lease_columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
 );
 
 #[derive(Debug)]
@@ -260,6 +265,14 @@ impl SqliteStore {
             deadline,
         })
     }
+}
+
+/// The PID namespaces stored in `owner_ns_parents`: inode numbers separated by spaces;
+/// `None` if the text is anything else.
+fn parse_parents(text: &str) -> Option<Vec<u64>> {
+    text.split_ascii_whitespace()
+        .map(|n| n.parse().ok())
+        .collect()
 }
 
 /// What is left of `deadline`, as far as SQLite's busy timeout (an `int` of milliseconds)
@@ -532,6 +545,8 @@ impl<'t> SqlTx<'t> {
         let block_len: i64 = row.get(9)?;
         let namespace: Option<i64> = row.get(10)?;
         let lock: Option<String> = row.get(11)?;
+        let time_namespace: Option<i64> = row.get(12)?;
+        let parents: Option<String> = row.get(13)?;
         let bad = |what: &str| Error::Corrupt {
             path: self.path.to_owned(),
             detail: format!("lease {id} has an invalid {what}"),
@@ -547,12 +562,19 @@ impl<'t> SqlTx<'t> {
             Ok(n) if n >= 1 && u32::from(port) + u32::from(n) - 1 <= u32::from(u16::MAX) => n,
             _ => return Ok(Err(bad("block length"))),
         };
+        let parents = match parents.as_deref().map(parse_parents) {
+            None => None,
+            Some(Some(parents)) => Some(parents),
+            Some(None) => return Ok(Err(bad("owner namespace"))),
+        };
         let owner = match (pid, start) {
             (Some(pid), Some(start)) => match (u32::try_from(pid), u64::try_from(start)) {
                 (Ok(pid), Ok(start)) => Some(
                     Owner::new(pid, start, boot.unwrap_or_default())
                         .in_namespace(namespace.map(|ns| ns as u64))
-                        .with_lock(lock),
+                        .with_lock(lock)
+                        .in_time_namespace(time_namespace.map(|ns| ns as u64))
+                        .with_namespace_parents(parents),
                 ),
                 _ => return Ok(Err(bad("owner"))),
             },
@@ -639,6 +661,14 @@ impl Tx for SqlTx<'_> {
             lease.block_len,
             owner.and_then(Owner::pid_namespace).map(|ns| ns as i64),
             owner.and_then(Owner::lock_name),
+            owner.and_then(Owner::time_namespace).map(|ns| ns as i64),
+            owner
+                .and_then(Owner::namespace_parents)
+                .map(|parents| parents
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")),
         ])
         .map_err(|e| self.err(e))?;
         Ok(())
@@ -693,7 +723,8 @@ impl Tx for SqlTx<'_> {
             .tx
             .prepare_cached(
                 "UPDATE leases SET owner_pid = NULL, owner_start = NULL, owner_boot = NULL,
-                                  owner_ns = NULL, owner_lock = NULL
+                                  owner_ns = NULL, owner_lock = NULL,
+                                  owner_time_ns = NULL, owner_ns_parents = NULL
                  WHERE port = ?1 AND id = ?2",
             )
             .map_err(|e| self.err(e))?;
@@ -936,18 +967,14 @@ mod tests {
             "(9, 20010, 'svc', 3, 4242, 777, 'boot', 1000, 2000, 4, 4026531836, 'owner.lock'),",
             "(8, 20001, 'old', 1, NULL, NULL, NULL, 500, NULL, 1, NULL, NULL)"
         );
-        conn.execute_batch(&format!(
-            "INSERT INTO leases ({}) VALUES {row}",
-            lease_columns!()
-        ))
-        .unwrap();
+        // The columns as they were at version 3.
+        let columns = "id, port, name, protocol, owner_pid, owner_start, owner_boot, \
+                       acquired_at, expires_at, block_len, owner_ns, owner_lock";
+        conn.execute_batch(&format!("INSERT INTO leases ({columns}) VALUES {row}"))
+            .unwrap();
         let read = |conn: &Connection| -> Vec<String> {
             let mut stmt = conn
-                .prepare(concat!(
-                    "SELECT ",
-                    lease_columns!(),
-                    " FROM leases ORDER BY id"
-                ))
+                .prepare(&format!("SELECT {columns} FROM leases ORDER BY id"))
                 .unwrap();
             let rows = stmt
                 .query_map([], |r| {
