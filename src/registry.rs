@@ -75,7 +75,7 @@ struct Inner {
     me: Owner,
     path: Option<PathBuf>,
     /// Held while the handle lives, so that other PID namespaces can tell this process lives.
-    _owner_lock: Option<OwnerLock>,
+    owner_lock: Option<OwnerLock>,
 }
 
 enum Backend {
@@ -169,7 +169,7 @@ impl PortDaddy {
             settings,
             me,
             path: None,
-            _owner_lock: None,
+            owner_lock: None,
         })
     }
 
@@ -207,7 +207,7 @@ impl PortDaddy {
             settings,
             me,
             path,
-            _owner_lock: Some(lock),
+            owner_lock: Some(lock),
         }))
     }
 
@@ -452,6 +452,73 @@ impl PortDaddy {
     /// A registry error.
     pub fn list(&self) -> Result<Vec<Lease>> {
         self.read(|tx| tx.leases(None))
+    }
+
+    /// Makes `command` inherit this handle's owner lock, so that the leases of this handle
+    /// stay alive while the command (or any process it passes the descriptor on to) runs,
+    /// even if this process dies first, and are reclaimed once all of them have exited.
+    ///
+    /// A lease of a file registry lives while its owner's lock file in `<registry>.owners/`
+    /// is locked, and the lock belongs to the open file description, which the command then
+    /// shares. `portdaddy run` does this for the command it runs, so a `run` killed with
+    /// `SIGKILL` (or by the OOM killer) leaves the command's ports to the command.
+    ///
+    /// The command keeps this handle (and so its lock file) open for as long as it is not
+    /// dropped. In the command the descriptor is an open file like any other; a command that
+    /// closes it gives the leases up when this process also ends. An in-memory registry,
+    /// whose leases die with this process anyway, and systems other than Unix leave the
+    /// command unchanged.
+    ///
+    /// ```
+    /// # #[cfg(unix)] {
+    /// let dir = tempfile::tempdir()?;
+    /// let registry = portdaddy::PortDaddy::open(dir.path().join("ports.sqlite3"))?;
+    /// let guard = registry.acquire("web")?;
+    /// let mut command = std::process::Command::new("true");
+    /// command.env("PORT", guard.port().to_string());
+    /// registry.share_owner_lock(&mut command)?;
+    /// assert!(command.status()?.success());
+    /// # }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ForkedHandle`](crate::Error::ForkedHandle) in a child made by `fork` without
+    /// `exec`, where this handle's lock is the parent's. Spawning the command fails if its
+    /// descriptor cannot be kept open across `exec`.
+    pub fn share_owner_lock(&self, command: &mut std::process::Command) -> Result<()> {
+        let Some(lock) = &self.inner.owner_lock else {
+            return Ok(());
+        };
+        self.inner.check_not_forked()?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            let fd = lock.raw_fd();
+            // The command holds the handle, so that the descriptor stays open (and names
+            // the lock file) until the command is spawned.
+            let handle = self.clone();
+            // SAFETY: the hook runs in the child between fork and exec, where it only calls
+            // fcntl, which is async-signal-safe, and reads errno; it allocates nothing and
+            // takes no lock. `fd` is open in the child, since fork copies the descriptors
+            // and `handle` keeps it open in the parent.
+            unsafe {
+                command.pre_exec(move || {
+                    let _ = &handle;
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags == -1
+                        || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) == -1
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (lock, command);
+        Ok(())
     }
 
     /// Reclaims every lease whose owner is dead or whose expiry has passed; how many.

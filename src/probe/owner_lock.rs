@@ -114,6 +114,13 @@ impl OwnerLock {
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
+
+    /// The descriptor that holds the lock.
+    #[cfg(unix)]
+    pub(crate) fn raw_fd(&self) -> std::os::unix::io::RawFd {
+        use std::os::unix::io::AsRawFd;
+        self._file.as_raw_fd()
+    }
 }
 
 impl Drop for OwnerLock {

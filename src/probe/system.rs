@@ -436,8 +436,8 @@ fn sees_every_process() -> bool {
 fn proc_hides_processes(mountinfo: &str) -> Option<bool> {
     let line = mountinfo
         .lines()
-        .filter(|line| line.split(' ').nth(4) == Some("/proc"))
-        .last()?;
+        .rev()
+        .find(|line| line.split(' ').nth(4) == Some("/proc"))?;
     let (_, after) = line.split_once(" - ")?;
     let options = after.split(' ').nth(2).unwrap_or_default();
     Some(options.split(',').any(|option| {

@@ -326,6 +326,9 @@ fn run_command(
     for guard in &guards {
         child.env(env_name(guard.name()), guard.port().to_string());
     }
+    // The leases follow the command: it holds our owner lock too, so they stay alive while
+    // it runs even if this process is killed.
+    registry.share_owner_lock(&mut child)?;
     let ended = signals::run_forwarding(&mut child);
     // Released before the exit status is passed on: the ports are free once we exit.
     for guard in guards {

@@ -114,6 +114,10 @@ enum Command {
     /// signal sent to portdaddy's whole group reaches it once, passed on. A signal ignored
     /// when portdaddy starts (`nohup`) stays ignored, for the command too. The exit code is
     /// the command's, or 128+N when signal N killed it.
+    ///
+    /// The leases follow the command: if portdaddy itself is killed (SIGKILL, the OOM
+    /// killer), they stay live while the command, or a process it started, still runs, and
+    /// are reclaimed once they have all exited.
     #[command(after_help = "Example: portdaddy run api web -- npm run dev")]
     Run {
         /// The names to lease a port for.
