@@ -158,7 +158,13 @@ fn refused(unshare: &[&str], script: Option<&str>) -> Option<String> {
     }
 }
 
-const IN_TIME_NS: &[&str] = &["-T", "--boottime", "100000", "--fork", "--kill-child=SIGKILL"];
+const IN_TIME_NS: &[&str] = &[
+    "-T",
+    "--boottime",
+    "100000",
+    "--fork",
+    "--kill-child=SIGKILL",
+];
 const IN_MOUNT_NS: &[&str] = &["-m", "--"];
 const WITHOUT_BOOT_ID: &str =
     r#"mount --bind /dev/null /proc/sys/kernel/random/boot_id && exec "$0" "$@""#;
@@ -180,7 +186,11 @@ fn claim(
 ) -> Vec<String> {
     let mut claimant = Worker::spawn_with(label, "claim", path, range, extra, adjust);
     let (lines, status) = claimant.finish(deadline());
-    assert!(status.success(), "{label}: {status}; stderr:\n{}", claimant.stderr());
+    assert!(
+        status.success(),
+        "{label}: {status}; stderr:\n{}",
+        claimant.stderr()
+    );
     lines
 }
 
@@ -221,9 +231,7 @@ fn live_in_namespace(namespace: u64) -> Vec<String> {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
-        .filter(|p| {
-            fs::metadata(format!("/proc/{p}/ns/pid")).is_ok_and(|m| m.ino() == namespace)
-        })
+        .filter(|p| fs::metadata(format!("/proc/{p}/ns/pid")).is_ok_and(|m| m.ino() == namespace))
         .filter(|p| !is_gone(p))
         .collect()
 }
@@ -350,7 +358,9 @@ fn a_claimant_without_a_boot_id_judges_owners_by_what_it_can_read() {
         return;
     }
     holder_survives_then_is_reclaimed(32012..=32013, on_host, without_boot_id, |leases| {
-        assert!(leases.iter().all(|l| !l.owner().unwrap().boot_id().is_empty()));
+        assert!(leases
+            .iter()
+            .all(|l| !l.owner().unwrap().boot_id().is_empty()));
     });
 }
 
@@ -358,9 +368,8 @@ fn a_claimant_without_a_boot_id_judges_owners_by_what_it_can_read() {
 // hidepid
 // ---------------------------------------------------------------------------------------------
 
-const AS_NOBODY: &str = concat!(
-    r#"exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$@""#
-);
+const AS_NOBODY: &str =
+    concat!(r#"exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$@""#);
 const HIDEPID_AS_NOBODY: &str = concat!(
     r#"mount -t proc -o hidepid=2 proc /proc && "#,
     r#"exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$@""#
@@ -393,7 +402,10 @@ fn a_holder_hidden_by_hidepid_keeps_its_lease() {
         return;
     }
     let mut probe = Command::new(std::env::current_exe().unwrap());
-    probe.arg("--list").stdout(Stdio::null()).stderr(Stdio::null());
+    probe
+        .arg("--list")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     as_nobody(&mut probe);
     if !probe.status().is_ok_and(|s| s.success()) {
         println!("skipped: the test binary cannot run as uid {NOBODY} here");
@@ -466,7 +478,11 @@ fn leases_of_an_ended_pid_namespace_are_reclaimed_from_the_host() {
         .map(|l| l.port())
         .collect();
 
-    assert_eq!(host.reap().unwrap(), 0, "the host reaped a live namespace's lease");
+    assert_eq!(
+        host.reap().unwrap(),
+        0,
+        "the host reaped a live namespace's lease"
+    );
     assert!(matches!(host.acquire("host"), Err(Error::Exhausted { .. })));
 
     holder.kill();
@@ -518,7 +534,10 @@ fn a_shared_owner_lock_keeps_the_leases_while_the_command_runs() {
 
     let host = open(&path, range.clone());
     assert_eq!(host.reap().unwrap(), 0, "the command's lease was reaped");
-    assert!(matches!(host.acquire("other"), Err(Error::Exhausted { .. })));
+    assert!(matches!(
+        host.acquire("other"),
+        Err(Error::Exhausted { .. })
+    ));
     let leases = host.list().unwrap();
     assert_eq!(leases.len(), 1);
     assert_eq!(host.state_of(&leases[0]), portdaddy::LeaseState::Live);
