@@ -230,3 +230,120 @@ fn list_shows_times_before_1970_and_after_9999() {
     assert!(lease("late")["expires_at"].is_null(), "{json}");
     assert!(lease("late")["acquired_at"].is_string(), "{json}");
 }
+
+/// Set in the environment of [`bind_and_wait_entry`] to make it bind `$PORT` and wait.
+const BIND_AND_WAIT: &str = "PORTDADDY_HOSTILE_CLI_BIND_AND_WAIT";
+
+/// A command for `run`: binds `127.0.0.1:$PORT`, prints `BOUND <pid>`, and holds the port
+/// until its stdin ends. Does nothing unless [`BIND_AND_WAIT`] is set.
+#[test]
+fn bind_and_wait_entry() {
+    use std::io::{Read, Write};
+    if std::env::var_os(BIND_AND_WAIT).is_none() {
+        return;
+    }
+    let port: u16 = std::env::var("PORT").unwrap().parse().unwrap();
+    let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\nBOUND {}", std::process::id()).unwrap();
+    out.flush().unwrap();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+/// `portdaddy run` killed with SIGKILL: the lease follows the command. While the command
+/// still runs, the lease is live (`reap` leaves it, another claim on a one-port range is
+/// exhausted, `list` shows it); once the command has exited, the port is reclaimed.
+#[test]
+fn a_killed_run_leaves_the_lease_to_its_command_until_it_exits() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    const ONE_PORT: &str = "26999-26999";
+    let fixture = Fixture::new();
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_portdaddy"))
+            .args(args)
+            .env("PORTDADDY_DB", &fixture.db)
+            .env("PORTDADDY_RANGE", ONE_PORT)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run portdaddy")
+    };
+    let mut run = Command::new(env!("CARGO_BIN_EXE_portdaddy"))
+        .args(["run", "svc", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["bind_and_wait_entry", "--exact", "--nocapture"])
+        .env("PORTDADDY_DB", &fixture.db)
+        .env("PORTDADDY_RANGE", ONE_PORT)
+        .env(BIND_AND_WAIT, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn portdaddy run");
+    let stdin = run.stdin.take();
+    let stdout = run.stdout.take().unwrap();
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let command_pid: i32 = loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the command never bound its port");
+        if let Some(pid) = line.strip_prefix("BOUND ") {
+            break pid.parse().unwrap();
+        }
+    };
+    // Kill portdaddy itself; the command goes on.
+    run.kill().unwrap();
+    run.wait().unwrap();
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: a plain syscall on the command this test started.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+            }
+        }
+    }
+    let _command = KillOnDrop(command_pid);
+
+    let reap = cli(&["reap"]);
+    assert_eq!(lossy(&reap.stdout), "reaped 0\n", "{}", lossy(&reap.stderr));
+    let other = cli(&["acquire", "other"]);
+    assert_eq!(other.status.code(), Some(3), "{}", lossy(&other.stdout));
+    let list = lossy(&cli(&["list"]).stdout);
+    assert!(list.contains("svc") && list.contains("26999"), "{list}");
+
+    // The command exits (its stdin ends); the port is reclaimed.
+    drop(stdin);
+    // Gone, or a zombie (orphans may stay one) whose threads have all exited: its files,
+    // the lock among them, are closed by then.
+    let exited = || {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{command_pid}/stat")) else {
+            return true;
+        };
+        let threads = std::fs::read_to_string(format!("/proc/{command_pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Threads:"))
+                    .and_then(|n| n.trim().parse::<u32>().ok())
+            })
+            .unwrap_or(0);
+        stat[stat.rfind(')').unwrap() + 1..]
+            .trim_start()
+            .starts_with('Z')
+            && threads <= 1
+    };
+    while !exited() {
+        assert!(Instant::now() < deadline, "the command never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let other = cli(&["acquire", "other"]);
+    assert!(other.status.success(), "{}", lossy(&other.stderr));
+    assert_eq!(lossy(&other.stdout), "26999\n");
+}
