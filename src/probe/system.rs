@@ -202,6 +202,7 @@ fn pid_namespace_parents() -> Option<Vec<u64>> {
 
 /// How this process may use `/proc`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 enum ProcView {
     /// The `/proc` of this process's PID namespace: `/proc/<pid>` names the process `pid`.
     Ours,
@@ -234,6 +235,7 @@ fn proc_view() -> ProcView {
 
 /// What `kill(pid, 0)` says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) enum Kill {
     /// The pid exists (0 or `EPERM`), maybe as a zombie.
     Exists,
@@ -245,6 +247,7 @@ pub(crate) enum Kill {
 }
 
 #[cfg(unix)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn kill_says(pid: u32) -> Kill {
     match i32::try_from(pid) {
         Ok(signed) if signed > 0 => {
@@ -267,6 +270,7 @@ fn kill_says(pid: u32) -> Kill {
 /// zombie, or a missing `/proc` entry of a pid that `kill` could not be asked about is
 /// "gone"; an entry that is missing or unreadable while the pid exists (`hidepid`, a process
 /// that is not dumpable) cannot tell.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) fn from_evidence(kill: Kill, stat: Option<std::io::Result<&str>>) -> ProcState {
     if kill == Kill::NoSuch {
         return ProcState::Gone;

@@ -999,6 +999,64 @@ mod tests {
     }
 
     #[test]
+    fn owners_keep_their_time_namespace_and_namespace_parents() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for migration in &MIGRATIONS[..4] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        // A lease written before the time namespace was recorded.
+        conn.execute_batch(
+            "INSERT INTO leases (id, port, name, protocol, owner_pid, owner_start, owner_boot,
+                                 acquired_at, block_len, owner_ns)
+             VALUES (1, 20000, 'old', 1, 42, 777, 'boot', 0, 1, 7)",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let path = Path::new("memory");
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let mut tx = SqlTx {
+            tx: &conn,
+            path,
+            deadline,
+        };
+        let old = tx.lease_on(20000).unwrap().unwrap();
+        let owner = old.owner().unwrap();
+        assert_eq!(
+            (owner.time_namespace(), owner.namespace_parents()),
+            (None, None)
+        );
+        let recorded = Owner::new(43, 778, "boot")
+            .in_namespace(Some(7))
+            .in_time_namespace(Some(9))
+            .with_namespace_parents(Some(vec![5, 3]));
+        let top = Owner::new(44, 779, "boot").with_namespace_parents(Some(Vec::new()));
+        for (port, owner) in [(20001, &recorded), (20002, &top)] {
+            tx.insert_lease(&Lease {
+                owner: Some(owner.clone()),
+                port,
+                id: u64::from(port),
+                ..old.clone()
+            })
+            .unwrap();
+        }
+        let read = tx.lease_on(20001).unwrap().unwrap();
+        let owner = read.owner().unwrap();
+        assert_eq!(owner.time_namespace(), Some(9));
+        assert_eq!(owner.namespace_parents(), Some(&[5, 3][..]));
+        let read = tx.lease_on(20002).unwrap().unwrap();
+        assert_eq!(read.owner().unwrap().namespace_parents(), Some(&[][..]));
+        conn.execute_batch("UPDATE leases SET owner_ns_parents = '5 x' WHERE port = 20001")
+            .unwrap();
+        let mut tx = SqlTx {
+            tx: &conn,
+            path,
+            deadline,
+        };
+        assert!(matches!(tx.lease_on(20001), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
     fn a_write_that_fails_or_panics_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let mut store =
