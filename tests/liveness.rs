@@ -119,10 +119,12 @@ fn share_worker(path: &Path, range: std::ops::RangeInclusive<u16>) {
     registry
         .share_owner_lock(&mut command)
         .expect("share the owner lock");
-    let child = command.spawn().expect("share: spawn sleep");
+    let mut child = command.spawn().expect("share: spawn sleep");
     say(&format!("SHARED {}", child.id()));
     wait_for_eof();
     drop(guard);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,8 +370,7 @@ fn a_claimant_without_a_boot_id_judges_owners_by_what_it_can_read() {
 // hidepid
 // ---------------------------------------------------------------------------------------------
 
-const AS_NOBODY: &str =
-    concat!(r#"exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$@""#);
+const AS_NOBODY: &str = r#"exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$@""#;
 const HIDEPID_AS_NOBODY: &str = concat!(
     r#"mount -t proc -o hidepid=2 proc /proc && "#,
     r#"exec setpriv --reuid=65534 --regid=65534 --clear-groups "$0" "$@""#
@@ -449,7 +450,8 @@ fn in_pid_namespace(command: &mut Command) {
 
 /// Leases taken inside `unshare --pid --fork --mount-proc` for a process there, without a
 /// lock file, are kept from the host while the namespace lives, and reclaimed by the host
-/// once it has ended: by a claim that needs the port, and by `reap`.
+/// once it has ended: by a claim that needs the port, and by `reap`. A sibling PID namespace,
+/// which cannot see the ended one, cannot tell and keeps them.
 #[test]
 fn leases_of_an_ended_pid_namespace_are_reclaimed_from_the_host() {
     if let Some(why) = refused(IN_PID_NS, None) {
@@ -489,12 +491,16 @@ fn leases_of_an_ended_pid_namespace_are_reclaimed_from_the_host() {
     wait_until("the end of the namespace", || {
         live_in_namespace(namespace).is_empty()
     });
+    // A sibling namespace cannot see the ended one: it reclaims the lease by lock file, and
+    // keeps the two it cannot judge.
+    let lines = claim("sibling", &path, &range, &[], in_pid_namespace);
+    assert_eq!(lines, ["REAPED 1", "GOT 1"]);
     // A claim that needs one of the pid-judged ports reclaims it.
     let needy = open(&path, by_pid[0]..=by_pid[0]);
     let guard = needy.acquire("needy").expect("the ended namespace's port");
     assert_eq!(guard.port(), by_pid[0]);
-    // `reap` reclaims the rest: the other pid-judged lease and the one by lock file.
-    assert_eq!(host.reap().unwrap(), 2);
+    // `reap` reclaims the other pid-judged lease.
+    assert_eq!(host.reap().unwrap(), 1);
     assert_eq!(host.list().unwrap().len(), 1);
 }
 
