@@ -64,11 +64,11 @@ impl Protocol {
 ///
 /// A pid means nothing outside its PID namespace: a container's pid 1 is not the host's.
 /// Each handle on a file registry therefore also takes an exclusive lock on a file of its own
-/// in `<registry>.owners/` and records that file's name with the leases it takes. A process in
-/// another namespace judges such an owner by that lock alone: held means alive, and the
-/// kernel drops it when the owner dies, however it dies. An owner recorded without a lock
-/// (one named with [`Request::owner`](crate::Request::owner)) counts as alive across the
-/// boundary unless this process can see the owner's namespace (see below).
+/// in `<registry>.owners/` and records that file's name with the leases it takes. Every
+/// process judges such an owner by that lock first: held means alive, and the kernel drops
+/// it when the owner dies, however it dies. An owner recorded without a lock (one named with
+/// [`Request::owner`](crate::Request::owner)) is judged across the boundary only by a
+/// process that can see every process of the owner's namespace (see below).
 ///
 /// # How liveness is judged
 ///
@@ -78,7 +78,10 @@ impl Protocol {
 ///
 /// 1. An owner with a lock file: held means alive, whatever its pid, start time or boot
 ///    says; present and free means dead. (The `portdaddy run` command hands its lock to the
-///    command it runs, so its leases live as long as the command does.)
+///    command it runs, so its leases live as long as the command does; see
+///    [`PortDaddy::share_owner_lock`](crate::PortDaddy::share_owner_lock).) A missing file
+///    means its owner closed its handle: across PID namespaces that is dead, in the owner's
+///    own namespace the pid decides, as below.
 /// 2. An owner whose pid is meaningful here (same PID namespace, or none recorded): dead if
 ///    `kill(pid, 0)` says the pid is gone, if both boot identities are known and differ, or
 ///    if the process runs with another start time read through the same time namespace
@@ -88,9 +91,11 @@ impl Protocol {
 /// 3. An owner in another PID namespace without a lock file (one named with
 ///    [`Request::owner`](crate::Request::owner) there): a process in an ancestor namespace
 ///    (the host, for a container) sees the namespace's processes and compares the owner's
-///    pid and start time with them; when the namespace recorded this process's namespace
-///    among its ancestors and nothing hides processes from it (it is root, or `/proc` has no
-///    `hidepid`), an owner it cannot find, or a namespace without processes, is dead. A
+///    pid (its pid in that namespace) and start time with them. When this process sees the
+///    whole namespace (it sees processes of it, or the owner recorded this process's
+///    namespace among its namespace's ancestors; and nothing hides processes from it: it is
+///    root, or `/proc` has no `hidepid`), an owner it cannot find, or a namespace without
+///    processes left, is dead. A
 ///    process that cannot see the owner's namespace (a sibling container, or the namespace
 ///    of a container seen from inside it) cannot tell, and keeps the lease: such a lease is
 ///    reclaimed by a process that can see it, or by its expiry, or at reboot.
