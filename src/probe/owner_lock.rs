@@ -268,8 +268,9 @@ fn lock_holder_alive(dir: &Path, name: &str, tidy: bool) -> bool {
     lock_state(dir, name, tidy) != LockState::Free
 }
 
-/// The process probe a registry handle uses: the configured probe for owners whose pid means
-/// something here, the owners' lock files for the others.
+/// The process probe a registry handle uses: the owners' lock files first, then the
+/// configured probe for owners whose pid means something here, and a look at their
+/// namespace's processes for the others.
 pub(crate) struct Liveness {
     pub(crate) inner: Arc<dyn ProcessProbe>,
     /// This process's PID namespace.
