@@ -450,8 +450,9 @@ fn in_pid_namespace(command: &mut Command) {
 
 /// Leases taken inside `unshare --pid --fork --mount-proc` for a process there, without a
 /// lock file, are kept from the host while the namespace lives, and reclaimed by the host
-/// once it has ended: by a claim that needs the port, and by `reap`. A sibling PID namespace,
-/// which cannot see the ended one, cannot tell and keeps them.
+/// once it has ended: by a claim that needs the port, and by `reap`; `doctor` reports them
+/// stale. A sibling PID namespace, which cannot see the ended one, cannot tell and keeps
+/// them.
 #[test]
 fn leases_of_an_ended_pid_namespace_are_reclaimed_from_the_host() {
     if let Some(why) = refused(IN_PID_NS, None) {
@@ -495,6 +496,17 @@ fn leases_of_an_ended_pid_namespace_are_reclaimed_from_the_host() {
     // keeps the two it cannot judge.
     let lines = claim("sibling", &path, &range, &[], in_pid_namespace);
     assert_eq!(lines, ["REAPED 1", "GOT 1"]);
+    // `doctor` sees them as stale, without reclaiming them.
+    let diagnosis = PortDaddy::diagnose(&path, portdaddy::PortRange::new(32030, 32032).unwrap());
+    let stale = diagnosis
+        .check("stale leases")
+        .expect("a stale-lease check");
+    assert_eq!(stale.status, portdaddy::Status::Warn, "{}", stale.detail);
+    assert!(
+        stale.detail.starts_with("2 of 2 leases"),
+        "{}",
+        stale.detail
+    );
     // A claim that needs one of the pid-judged ports reclaims it.
     let needy = open(&path, by_pid[0]..=by_pid[0]);
     let guard = needy.acquire("needy").expect("the ended namespace's port");

@@ -116,8 +116,8 @@ enum Command {
     /// the command's, or 128+N when signal N killed it.
     ///
     /// The leases follow the command: if portdaddy itself is killed (SIGKILL, the OOM
-    /// killer), they stay live while the command, or a process it started, still runs, and
-    /// are reclaimed once they have all exited.
+    /// killer), they stay live while the command (or a process it started that kept its
+    /// descriptors) still runs, and are reclaimed once they have all exited.
     #[command(after_help = "Example: portdaddy run api web -- npm run dev")]
     Run {
         /// The names to lease a port for.
