@@ -36,7 +36,7 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 use crate::lease::{
-    at_storage_precision, new_lease_id, to_millis, Choice, Lease, LeaseState, Owner, Protocol,
+    at_storage_precision, ceil_to_storage_precision, new_lease_id, to_millis, Choice, Lease, LeaseState, Owner, Protocol,
 };
 use crate::probe::{PortProbe, ProcessProbe};
 use crate::range::PortRange;
@@ -263,7 +263,8 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
 
     let expires_at = match request.ttl {
         None => None,
-        Some(ttl) => Some(at_storage_precision(expiry(env.now, ttl)?)),
+        // Rounded up: the lease lasts at least its TTL.
+        Some(ttl) => Some(ceil_to_storage_precision(expiry(env.now, ttl)?)),
     };
     let lease = Lease {
         id: new_lease_id(),

@@ -9,6 +9,9 @@ use crate::lease::{Owner, Protocol};
 /// The longest name accepted, in bytes of UTF-8.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// The shortest TTL accepted: the registry's time resolution.
+const MIN_TTL: Duration = Duration::from_millis(1);
+
 /// A request for one port.
 ///
 /// ```
@@ -83,6 +86,11 @@ impl Request {
     /// Gives the lease an expiry: once `ttl` has passed since it was taken, the lease can be
     /// reclaimed even if its owner is still alive. Pair with
     /// [`PortGuard::keep`](crate::PortGuard::keep) for a lease that outlives the process.
+    ///
+    /// The registry keeps times in whole milliseconds. A TTL shorter than one millisecond
+    /// fails at acquire time with [`Error::InvalidRequest`]; any other is kept in full: the
+    /// stored expiry is rounded *up* to the next millisecond, so a lease never expires
+    /// before `ttl` has passed.
     ///
     /// Default: no expiry.
     pub fn ttl(mut self, ttl: Duration) -> Self {
@@ -199,6 +207,14 @@ impl Request {
                     .into(),
             });
         }
+        if let Some(ttl) = self.ttl.filter(|ttl| *ttl < MIN_TTL) {
+            return Err(Error::InvalidRequest {
+                reason: format!(
+                    "a TTL of {ttl:?} is shorter than the registry's resolution of 1ms and \
+                     would expire the lease at once; give a TTL of at least 1ms, or none"
+                ),
+            });
+        }
         Ok(())
     }
 }
@@ -282,6 +298,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_ttl_below_the_registrys_resolution_is_refused() {
+        for short in [Duration::from_nanos(1), Duration::from_micros(999)] {
+            let err = Request::new("x").ttl(short).validate().unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidRequest { reason } if reason.contains("1ms")),
+                "{err}"
+            );
+        }
+        assert!(Request::new("x")
+            .ttl(Duration::from_millis(1))
+            .validate()
+            .is_ok());
     }
 
     #[test]

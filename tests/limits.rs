@@ -1,0 +1,109 @@
+//! The edges of what a host, a clock or a caller can do to a claim: TTLs below the
+//! registry's resolution, blocks that find no run, hostile text in errors, forks in the
+//! middle of a claim, signals during the lock wait, running out of file descriptors, and
+//! clocks that jump.
+//!
+//! Ports 32300-32399 belong to this file (see `common`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{all_free, temp_registry, FakeClock};
+use portdaddy::{Error, PortDaddy, Request};
+
+/// A file registry over `range` whose probe says every port is free, telling time by `clock`.
+fn file_at(
+    path: &std::path::Path,
+    range: std::ops::RangeInclusive<u16>,
+    clock: &FakeClock,
+) -> PortDaddy {
+    PortDaddy::builder()
+        .path(path)
+        .range(range)
+        .port_probe(all_free)
+        .clock(clock.as_fn())
+        .open()
+        .expect("open")
+}
+
+// ---------------------------------------------------------------------------------------
+// TTLs and the registry's resolution
+
+#[test]
+fn a_ttl_below_one_millisecond_is_refused() {
+    let (_dir, path) = temp_registry();
+    let registry = file_at(&path, 32300..=32309, &FakeClock::new());
+    let err = registry
+        .acquire_with(&Request::new("short").ttl(Duration::from_micros(500)))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidRequest { reason } if reason.contains("1ms")),
+        "{err}"
+    );
+    assert!(registry.list().unwrap().is_empty(), "nothing was leased");
+}
+
+#[test]
+fn a_one_millisecond_ttl_lasts_at_least_one_millisecond() {
+    let (_dir, path) = temp_registry();
+    // A clock in the middle of a millisecond: truncating the expiry would shorten the TTL.
+    let clock = FakeClock::new();
+    clock.advance(Duration::from_micros(999));
+    let registry = file_at(&path, 32300..=32309, &clock);
+    let lease = registry
+        .acquire_with(&Request::new("short").ttl(Duration::from_millis(1)))
+        .unwrap()
+        .keep()
+        .unwrap();
+    let now = clock.as_fn()();
+    let expires = lease.expires_at().expect("a TTL lease expires");
+    assert!(
+        expires >= now + Duration::from_millis(1),
+        "{expires:?} < {now:?} + 1ms"
+    );
+    assert_eq!(registry.reap().unwrap(), 0, "expired at once");
+    assert_eq!(registry.list().unwrap(), [lease.clone()]);
+    // Rounded up by less than a millisecond: two milliseconds on, it has surely expired.
+    clock.advance(Duration::from_millis(2));
+    assert_eq!(registry.reap().unwrap(), 1, "expired once its TTL passed");
+}
+
+#[cfg(feature = "cli")]
+mod command {
+    use std::process::{Command, Output, Stdio};
+
+    pub const RANGE: &str = "32300-32399";
+
+    pub fn portdaddy(db: &std::path::Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portdaddy"));
+        cmd.args(args)
+            .env("PORTDADDY_DB", db)
+            .env("PORTDADDY_RANGE", RANGE)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    pub fn run(db: &std::path::Path, args: &[&str]) -> Output {
+        portdaddy(db, args).output().expect("run portdaddy")
+    }
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn the_command_refuses_a_ttl_under_one_second() {
+    let (_dir, path) = temp_registry();
+    for ttl in ["1ms", "999ms", "500us"] {
+        let out = command::run(&path, &["acquire", "short", "--ttl", ttl]);
+        let stderr = command::text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--ttl {ttl}: {stderr}");
+        assert!(stderr.contains("at least 1s"), "--ttl {ttl}: {stderr}");
+    }
+    let out = command::run(&path, &["acquire", "ok", "--ttl", "1s"]);
+    assert!(out.status.success(), "{}", command::text(&out.stderr));
+}
