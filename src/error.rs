@@ -21,15 +21,17 @@ type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[non_exhaustive]
 pub enum Error {
     /// No port of the range is free: every one is leased, reserved or bound by another program.
-    #[error(
-        "no free port in {range}: {held} leased by live holders, the rest reserved or bound \
-         by other programs; release ports or widen the range"
-    )]
+    /// For a block ([`Request::block`](crate::Request::block)), no run of `block_len`
+    /// consecutive ports is free.
+    #[error("{}", exhausted_message(*range, *held, *block_len))]
     Exhausted {
         /// The range that was searched.
         range: PortRange,
-        /// How many ports of the range are leased by holders that are still alive.
+        /// How many ports of the range are leased by holders that are still alive, or by
+        /// detached leases that have not expired.
         held: usize,
+        /// How many consecutive ports the claim asked for (1 for a single port).
+        block_len: u16,
     },
 
     /// A lease name breaks the naming rule (see [`Request::new`](crate::Request::new)).
@@ -175,6 +177,31 @@ pub enum Error {
         #[source]
         source: Source,
     },
+}
+
+/// What [`Error::Exhausted`] says: for a block, that no run of its length was left, which
+/// is not the same as a full range.
+fn exhausted_message(range: PortRange, held: usize, block_len: u16) -> String {
+    let ports = range.len();
+    if block_len <= 1 {
+        format!(
+            "no free port in {range}: {held} leased by live holders, the rest reserved or \
+             bound by other programs; release ports or widen the range"
+        )
+    } else if usize::from(block_len) > ports {
+        format!(
+            "no {block_len} consecutive free ports: the preferred block is taken, and a block \
+             of {block_len} does not fit in the range {range} ({ports} ports); prefer another \
+             first port, ask for a shorter block, or widen the range"
+        )
+    } else {
+        format!(
+            "no {block_len} consecutive free ports in {range}: {held} of its {ports} ports are \
+             leased by live holders, and the rest hold no run of {block_len} without a \
+             reserved port or one bound by another program; release ports, ask for a shorter \
+             block, or widen the range"
+        )
+    }
 }
 
 /// An explicit operation on a [`PortGuard`] failed.

@@ -249,7 +249,7 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         None => {
             let port = match search_range(tx, env, protocol, len)? {
                 Some(port) => port,
-                None => return Err(exhausted(tx, env)?),
+                None => return Err(exhausted(tx, env, len)?),
             };
             let next = u32::from(port) + u32::from(len);
             tx.set_cursor(if next > u32::from(env.range.end()) {
@@ -345,17 +345,20 @@ fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Resul
     }))
 }
 
-/// The error for a full range; counts the ports of the range that leases hold (by now, only
-/// live holders' leases are left).
-fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Result<Error> {
+/// The error for a full range, or for a block that found no run: counts the ports of the
+/// range that leases still holding their port hold (dead and expired ones may be left when
+/// the search was skipped, as for a block longer than the range).
+fn exhausted(tx: &mut dyn Tx, env: &Env<'_>, block_len: u16) -> Result<Error> {
     let held = tx
         .leases(Some(env.range))?
         .iter()
+        .filter(|l| env.state(l).holds_port())
         .map(|l| l.ports().filter(|p| env.range.contains(*p)).count())
         .sum();
     Ok(Error::Exhausted {
         range: env.range,
         held,
+        block_len,
     })
 }
 

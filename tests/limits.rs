@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{all_free, temp_registry, FakeClock};
+use common::{all_free, temp_registry, FakeClock, FakeProcesses};
 use portdaddy::{Error, PortDaddy, Request};
 
 /// A file registry over `range` whose probe says every port is free, telling time by `clock`.
@@ -67,6 +67,82 @@ fn a_one_millisecond_ttl_lasts_at_least_one_millisecond() {
     // Rounded up by less than a millisecond: two milliseconds on, it has surely expired.
     clock.advance(Duration::from_millis(2));
     assert_eq!(registry.reap().unwrap(), 1, "expired once its TTL passed");
+}
+
+// ---------------------------------------------------------------------------------------
+// What Exhausted says for a block
+
+#[test]
+fn a_block_without_a_free_run_says_so_and_counts_only_live_holders() {
+    let (_dir, path) = temp_registry();
+    let registry = file_at(&path, 32300..=32309, &FakeClock::new());
+    // Three live holders leave runs of at most two free ports.
+    let _held: Vec<_> = [32302, 32305, 32308]
+        .into_iter()
+        .map(|p| registry.acquire_with(&Request::new("x").require(p)).unwrap())
+        .collect();
+    let err = registry
+        .acquire_with(&Request::new("raft").block(4))
+        .unwrap_err();
+    match &err {
+        Error::Exhausted {
+            range,
+            held,
+            block_len,
+        } => assert_eq!((range.start(), *held, *block_len), (32300, 3, 4)),
+        other => panic!("expected Exhausted, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("no 4 consecutive free ports in 32300-32309")
+            && text.contains("3 of its 10 ports"),
+        "{text}"
+    );
+    assert!(!text.contains("no free port"), "{text}");
+}
+
+#[test]
+fn a_taken_preferred_block_longer_than_the_range_does_not_count_dead_holders() {
+    let (_dir, path) = temp_registry();
+    let procs = FakeProcesses::default();
+    let registry = PortDaddy::builder()
+        .path(&path)
+        .range(32300..=32302)
+        .port_probe(all_free)
+        .process_probe(procs.probe())
+        .open()
+        .unwrap();
+    // A dead holder in the range, and a live one on the preferred block outside it.
+    let dead = procs.spawn(4_000_001);
+    // Left behind as by a crash: the guard's drop never runs.
+    std::mem::forget(
+        registry
+            .acquire_with(&Request::new("gone").require(32300).owner(dead.clone()))
+            .unwrap(),
+    );
+    procs.kill(&dead);
+    let _live = registry
+        .acquire_with(&Request::new("live").require(32310))
+        .unwrap();
+    let err = registry
+        .acquire_with(&Request::new("raft").block(4).preferred(32310))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Exhausted {
+                held: 0,
+                block_len: 4,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("preferred block is taken") && text.contains("does not fit"),
+        "{text}"
+    );
 }
 
 #[cfg(feature = "cli")]

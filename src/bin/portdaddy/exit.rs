@@ -74,7 +74,15 @@ impl From<Error> for Failure {
     fn from(error: Error) -> Self {
         let failure = Failure::new(code_of(&error), &error);
         match &error {
-            Error::Exhausted { range, held } => failure.hint(format!(
+            Error::Exhausted {
+                range,
+                held,
+                block_len,
+            } if *block_len > 1 => failure.hint(format!(
+                "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
+                 reclaim dead ones, ask for a shorter --block, or widen the range with --range"
+            )),
+            Error::Exhausted { range, held, .. } => failure.hint(format!(
                 "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
                  reclaim dead ones, or widen the range with --range"
             )),
