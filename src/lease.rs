@@ -343,18 +343,6 @@ pub(crate) fn at_storage_precision(t: SystemTime) -> SystemTime {
     from_millis(to_millis(t))
 }
 
-/// The first time at the registry's precision that is not before `t`: `t` rounded up to
-/// whole milliseconds.
-pub(crate) fn ceil_to_storage_precision(t: SystemTime) -> SystemTime {
-    let ms = to_millis(t);
-    let down = from_millis(ms);
-    if down < t && ms < i64::MAX {
-        from_millis(ms + 1)
-    } else {
-        down
-    }
-}
-
 pub(crate) fn from_millis(ms: i64) -> SystemTime {
     let offset = Duration::from_millis(ms.unsigned_abs());
     let t = if ms >= 0 {
@@ -398,19 +386,6 @@ mod tests {
     fn millis_round_trip() {
         let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         assert_eq!(from_millis(to_millis(t)), t);
-    }
-
-    #[test]
-    fn rounding_up_never_lands_before_the_time() {
-        for t in [
-            UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_000_001),
-            UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
-            UNIX_EPOCH - Duration::from_nanos(5_500_000),
-        ] {
-            let up = ceil_to_storage_precision(t);
-            assert!(up >= t && up.duration_since(t).unwrap() < Duration::from_millis(1));
-            assert_eq!(at_storage_precision(up), up);
-        }
     }
 
     #[test]

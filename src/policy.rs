@@ -32,11 +32,11 @@
 //! remembered by at most one name.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
 use crate::lease::{
-    at_storage_precision, ceil_to_storage_precision, new_lease_id, to_millis, Choice, Lease, LeaseState, Owner, Protocol,
+    at_storage_precision, new_lease_id, to_millis, Choice, Lease, LeaseState, Owner, Protocol,
 };
 use crate::probe::{PortProbe, ProcessProbe};
 use crate::range::PortRange;
@@ -261,10 +261,12 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         }
     };
 
+    let acquired_at = at_storage_precision(env.now);
     let expires_at = match request.ttl {
         None => None,
-        // Rounded up: the lease lasts at least its TTL.
-        Some(ttl) => Some(ceil_to_storage_precision(expiry(env.now, ttl)?)),
+        // From the stored start, the TTL rounded up to whole milliseconds: a TTL of at least
+        // 1 ms (see `Request::validate`) never ends at or before the claim.
+        Some(ttl) => Some(expiry(acquired_at, ttl_at_storage_precision(ttl))?),
     };
     let lease = Lease {
         id: new_lease_id(),
@@ -273,7 +275,7 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         name: request.name.clone(),
         protocol,
         owner: Some(request.owner.clone().unwrap_or_else(|| env.me.clone())),
-        acquired_at: at_storage_precision(env.now),
+        acquired_at,
         expires_at,
     };
     tx.insert_lease(&lease)?;
@@ -310,8 +312,18 @@ fn fits_range(range: PortRange, first: u16, len: u16) -> bool {
     range.contains(first) && u32::from(first) + u32::from(len) - 1 <= u32::from(range.end())
 }
 
+/// `ttl` rounded up to the registry's precision, whole milliseconds.
+fn ttl_at_storage_precision(ttl: Duration) -> Duration {
+    let whole = Duration::from_millis(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    if whole < ttl {
+        whole.saturating_add(Duration::from_millis(1))
+    } else {
+        whole
+    }
+}
+
 /// `now + ttl`, if the registry can store it.
-fn expiry(now: SystemTime, ttl: std::time::Duration) -> Result<SystemTime> {
+fn expiry(now: SystemTime, ttl: Duration) -> Result<SystemTime> {
     now.checked_add(ttl)
         .filter(|t| to_millis(*t) < i64::MAX)
         .ok_or_else(|| Error::InvalidRequest {

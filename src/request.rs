@@ -87,10 +87,10 @@ impl Request {
     /// reclaimed even if its owner is still alive. Pair with
     /// [`PortGuard::keep`](crate::PortGuard::keep) for a lease that outlives the process.
     ///
-    /// The registry keeps times in whole milliseconds. A TTL shorter than one millisecond
-    /// fails at acquire time with [`Error::InvalidRequest`]; any other is kept in full: the
-    /// stored expiry is rounded *up* to the next millisecond, so a lease never expires
-    /// before `ttl` has passed.
+    /// The registry keeps times in whole milliseconds: a lease starts at the millisecond of
+    /// its claim and lasts `ttl` rounded *up* to whole milliseconds. A TTL shorter than one
+    /// millisecond, which would expire at once, fails at acquire time with
+    /// [`Error::InvalidRequest`].
     ///
     /// Default: no expiry.
     pub fn ttl(mut self, ttl: Duration) -> Self {

@@ -45,9 +45,9 @@ fn a_ttl_below_one_millisecond_is_refused() {
 }
 
 #[test]
-fn a_one_millisecond_ttl_lasts_at_least_one_millisecond() {
+fn a_one_millisecond_ttl_does_not_expire_at_once() {
     let (_dir, path) = temp_registry();
-    // A clock in the middle of a millisecond: truncating the expiry would shorten the TTL.
+    // A clock late in a millisecond: the stored start is rounded down by almost 1 ms.
     let clock = FakeClock::new();
     clock.advance(Duration::from_micros(999));
     let registry = file_at(&path, 32300..=32309, &clock);
@@ -56,17 +56,29 @@ fn a_one_millisecond_ttl_lasts_at_least_one_millisecond() {
         .unwrap()
         .keep()
         .unwrap();
-    let now = clock.as_fn()();
     let expires = lease.expires_at().expect("a TTL lease expires");
-    assert!(
-        expires >= now + Duration::from_millis(1),
-        "{expires:?} < {now:?} + 1ms"
+    assert!(expires > clock.as_fn()(), "expired at once: {expires:?}");
+    assert_eq!(
+        expires.duration_since(lease.acquired_at()).unwrap(),
+        Duration::from_millis(1)
     );
     assert_eq!(registry.reap().unwrap(), 0, "expired at once");
     assert_eq!(registry.list().unwrap(), [lease.clone()]);
-    // Rounded up by less than a millisecond: two milliseconds on, it has surely expired.
-    clock.advance(Duration::from_millis(2));
+    clock.advance(Duration::from_millis(1));
     assert_eq!(registry.reap().unwrap(), 1, "expired once its TTL passed");
+}
+
+#[test]
+fn a_ttl_with_a_fraction_of_a_millisecond_is_rounded_up() {
+    let (_dir, path) = temp_registry();
+    let registry = file_at(&path, 32300..=32309, &FakeClock::new());
+    let lease = registry
+        .acquire_with(&Request::new("frac").ttl(Duration::from_micros(1500)))
+        .unwrap()
+        .keep()
+        .unwrap();
+    let ttl = lease.expires_at().unwrap().duration_since(lease.acquired_at());
+    assert_eq!(ttl.unwrap(), Duration::from_millis(2));
 }
 
 // ---------------------------------------------------------------------------------------

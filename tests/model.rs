@@ -976,8 +976,8 @@ impl Harness {
 const TIME_PRECISION: Duration = Duration::from_millis(1);
 
 /// Learns the id and the recorded times of a lease the model predicted, from its guard, and
-/// checks the rest of the guard's lease against the prediction. A recorded start may be
-/// rounded down, and a recorded expiry up, by less than [`TIME_PRECISION`]; from then on the model uses it as recorded
+/// checks the rest of the guard's lease against the prediction. A recorded time may be
+/// rounded down by less than [`TIME_PRECISION`]; from then on the model uses it as recorded
 /// (so expiry is decided on the recorded value), and the listing must show exactly it.
 fn adopt(model: &mut Model, guard: &PortGuard) -> Check<u64> {
     let got = MLease::of(guard.lease());
@@ -990,15 +990,9 @@ fn adopt(model: &mut Model, guard: &PortGuard) -> Check<u64> {
             .duration_since(recorded)
             .is_ok_and(|d| d < TIME_PRECISION)
     };
-    // The expiry is rounded up instead, so that a lease lasts at least its TTL.
-    let rounded_up = |recorded: SystemTime, exact: SystemTime| {
-        recorded
-            .duration_since(exact)
-            .is_ok_and(|d| d < TIME_PRECISION)
-    };
     let times_ok = rounded(got.acquired_at, lease.acquired_at)
         && match (got.expires_at, lease.expires_at) {
-            (Some(g), Some(e)) => rounded_up(g, e),
+            (Some(g), Some(e)) => rounded(g, e),
             (g, e) => g == e,
         };
     ensure!(
