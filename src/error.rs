@@ -1,10 +1,11 @@
 //! The one error type of the crate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::guard::PortGuard;
 use crate::range::PortRange;
+use crate::text::escape;
 
 /// A specialised `Result` whose error is [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -35,7 +36,7 @@ pub enum Error {
     },
 
     /// A lease name breaks the naming rule (see [`Request::new`](crate::Request::new)).
-    #[error("invalid lease name {name}: {reason}")]
+    #[error("invalid lease name {}: {reason}", escape(name))]
     InvalidName {
         /// The offending name, quoted and shortened for display.
         name: String,
@@ -55,14 +56,14 @@ pub enum Error {
     },
 
     /// A request carries a value that cannot be honoured (port 0, a zero TTL, …).
-    #[error("invalid request: {reason}")]
+    #[error("invalid request: {}", escape(reason))]
     InvalidRequest {
         /// What is wrong with it.
         reason: String,
     },
 
     /// A port asked for with [`Request::require`](crate::Request::require) is not available.
-    #[error("port {port} is not available: {reason}")]
+    #[error("port {port} is not available: {}", escape(reason))]
     PortUnavailable {
         /// The port that was required.
         port: u16,
@@ -71,7 +72,7 @@ pub enum Error {
     },
 
     /// The registry file or its directory cannot be opened or created.
-    #[error("cannot open the port registry at {}: {source}", path.display())]
+    #[error("cannot open the port registry at {}: {}", shown(path), escape(&source.to_string()))]
     Open {
         /// The registry path.
         path: PathBuf,
@@ -85,9 +86,10 @@ pub enum Error {
     /// The file is left exactly as it was so that it can be inspected; move it away or point
     /// `PORTDADDY_DB` elsewhere to start afresh.
     #[error(
-        "{} is not a usable port registry ({detail}); it was left untouched: move it away or \
+        "{} is not a usable port registry ({}); it was left untouched: move it away or \
          set PORTDADDY_DB to another path",
-        path.display()
+        shown(path),
+        escape(detail)
     )]
     Corrupt {
         /// The registry path.
@@ -100,7 +102,7 @@ pub enum Error {
     #[error(
         "the port registry at {} has schema version {found}, newer than the {supported} this \
          version of portdaddy understands; upgrade portdaddy or use another registry path",
-        path.display()
+        shown(path)
     )]
     SchemaTooNew {
         /// The registry path.
@@ -115,7 +117,7 @@ pub enum Error {
     #[error(
         "timed out after {waited:?} waiting for the lock on the port registry at {}; another \
          process holds it (is one stopped in a debugger?)",
-        path.display()
+        shown(path)
     )]
     LockTimeout {
         /// The registry path.
@@ -169,7 +171,7 @@ pub enum Error {
     },
 
     /// Reading or writing the registry failed.
-    #[error("port registry at {} failed: {source}", path.display())]
+    #[error("port registry at {} failed: {}", shown(path), escape(&source.to_string()))]
     Registry {
         /// The registry path.
         path: PathBuf,
@@ -177,6 +179,12 @@ pub enum Error {
         #[source]
         source: Source,
     },
+}
+
+/// A path as an error message shows it: control and layout characters escaped, so that a
+/// hostile file name cannot steer the terminal the message is printed on.
+fn shown(path: &Path) -> String {
+    escape(&path.display().to_string())
 }
 
 /// What [`Error::Exhausted`] says: for a block, that no run of its length was left, which
@@ -251,5 +259,60 @@ impl std::error::Error for GuardError {
 impl From<GuardError> for Error {
     fn from(e: GuardError) -> Self {
         e.error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_escapes_control_and_bidi_characters_of_paths_and_text() {
+        let evil = "a\u{1b}[2J\u{202e}b\nc\u{9b}d";
+        let path = || PathBuf::from(format!("/tmp/{evil}/r.sqlite3"));
+        let errors = [
+            Error::InvalidName {
+                name: evil.into(),
+                reason: "r",
+            },
+            Error::InvalidRequest {
+                reason: evil.into(),
+            },
+            Error::PortUnavailable {
+                port: 1,
+                reason: evil.into(),
+            },
+            Error::Open {
+                path: path(),
+                source: evil.into(),
+            },
+            Error::Corrupt {
+                path: path(),
+                detail: evil.into(),
+            },
+            Error::SchemaTooNew {
+                path: path(),
+                found: 9,
+                supported: 4,
+            },
+            Error::LockTimeout {
+                path: path(),
+                waited: Duration::from_secs(1),
+            },
+            Error::Registry {
+                path: path(),
+                source: evil.into(),
+            },
+        ];
+        for error in errors {
+            let text = error.to_string();
+            assert!(
+                !text
+                    .chars()
+                    .any(|c| c.is_control() || crate::text::is_layout_char(c)),
+                "{text:?}"
+            );
+            assert!(text.contains(r"\u{1b}[2J\u{202e}b"), "{text:?}");
+        }
     }
 }

@@ -71,6 +71,7 @@ mod registry;
 mod request;
 mod stats;
 mod store;
+mod text;
 
 pub use builder::Builder;
 pub use clock::{Clock, SystemClock};

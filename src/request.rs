@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::lease::{Owner, Protocol};
+use crate::text::is_layout_char;
 
 /// The longest name accepted, in bytes of UTF-8.
 pub const MAX_NAME_LEN: usize = 128;
@@ -252,18 +253,6 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Characters that are not control characters but still change how text around them is
-/// laid out: line and paragraph separators and the bidirectional controls, with which a
-/// name could disguise itself or the text after it in a listing.
-fn is_layout_char(c: char) -> bool {
-    matches!(c,
-        '\u{2028}' | '\u{2029}'                       // line and paragraph separators
-        | '\u{061C}' | '\u{200E}' | '\u{200F}'         // bidi marks
-        | '\u{202A}'..='\u{202E}'                      // bidi embeddings and overrides
-        | '\u{2066}'..='\u{2069}'                      // bidi isolates
-    )
 }
 
 /// The name as a quoted, escaped string short enough for an error message.

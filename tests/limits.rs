@@ -157,6 +157,26 @@ fn a_taken_preferred_block_longer_than_the_range_does_not_count_dead_holders() {
     );
 }
 
+// ---------------------------------------------------------------------------------------
+// Hostile text in errors
+
+#[test]
+fn an_error_shows_a_hostile_path_escaped() {
+    let (dir, _) = temp_registry();
+    // A file where the registry's directory should be: opening fails and names the path.
+    let evil = dir.path().join("x\u{1b}[2J\u{202e}txt.\n");
+    std::fs::write(&evil, b"").unwrap();
+    let err = PortDaddy::open(evil.join("registry.sqlite3")).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        !text
+            .chars()
+            .any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c)),
+        "{text:?}"
+    );
+    assert!(text.contains(r"x\u{1b}[2J\u{202e}txt.\n"), "{text:?}");
+}
+
 #[cfg(feature = "cli")]
 mod command {
     use std::process::{Command, Output, Stdio};

@@ -7,6 +7,10 @@ mod commands;
 mod exit;
 mod output;
 mod signals;
+// The library's escaping, compiled here too: one rule for what the library's errors and the
+// command's output show.
+#[path = "../../text.rs"]
+mod text;
 
 use std::ffi::OsString;
 use std::path::PathBuf;

@@ -6,19 +6,8 @@ use portdaddy::{Lease, LeaseState};
 use serde_json::{json, Value};
 use unicode_width::UnicodeWidthStr;
 
-/// `text` with every control character and every character that reorders or breaks lines
-/// written as an escape, so that nothing read from the registry can steer the terminal.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() || is_layout_char(c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+pub(crate) use crate::text::escape;
+use crate::text::is_layout_char;
 
 /// `value` as one line of JSON in which no character can steer a terminal either: serde_json
 /// escapes the C0 controls, and the rest (DEL, the C1 controls such as the one-byte CSI, line
@@ -35,14 +24,6 @@ pub fn json_text(value: &Value) -> String {
         }
     }
     out
-}
-
-/// Line separators and bidirectional controls: not control characters, yet they change how
-/// the text around them is laid out.
-fn is_layout_char(c: char) -> bool {
-    matches!(c,
-        '\u{2028}' | '\u{2029}' | '\u{061C}' | '\u{200E}' | '\u{200F}'
-        | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Rows under a header, each column padded to its widest cell; the last column is not padded.
