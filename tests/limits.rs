@@ -215,3 +215,157 @@ fn the_command_refuses_a_ttl_under_one_second() {
     let out = command::run(&path, &["acquire", "ok", "--ttl", "1s"]);
     assert!(out.status.success(), "{}", command::text(&out.stderr));
 }
+
+// ---------------------------------------------------------------------------------------
+// Signals during the lock wait
+
+#[cfg(target_os = "linux")]
+mod interrupted {
+    use std::fs::File;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    static CAUGHT: AtomicUsize = AtomicUsize::new(0);
+
+    extern "C" fn count(_: libc::c_int) {
+        CAUGHT.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Installs a handler for SIGUSR1 *without* `SA_RESTART`, so that a blocking call the
+    /// signal lands in fails with `EINTR` instead of going on.
+    fn catch_sigusr1_without_restart() {
+        // SAFETY: the sigaction struct is zeroed (no flags, empty mask) and then given a
+        // handler that only touches an atomic, which is async-signal-safe.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = count as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&raw mut action.sa_mask);
+            action.sa_flags = 0;
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR1, &raw const action, std::ptr::null_mut()),
+                0
+            );
+        }
+    }
+
+    /// Whether some open file description waits in the kernel's queue for the lock on
+    /// inode `ino` (`/proc/locks` marks waiters with `->`).
+    fn someone_waits_for(ino: u64) -> bool {
+        let id = format!(":{ino} ");
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|line| line.contains("->") && line.contains(&id))
+    }
+
+    /// The threads of this process named `names` (by `/proc/self/task/*/comm`).
+    fn threads_named(names: &[&str]) -> Vec<libc::pid_t> {
+        let mut tids = Vec::new();
+        for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            if names.contains(&comm.trim_end()) {
+                tids.push(entry.file_name().to_string_lossy().parse().unwrap());
+            }
+        }
+        tids
+    }
+
+    fn signal_thread(tid: libc::pid_t) {
+        // SAFETY: tgkill with this process's id, one of its thread ids and a signal that
+        // has a handler; a thread that has exited meanwhile only gives ESRCH.
+        unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                tid,
+                libc::SIGUSR1,
+            );
+        }
+    }
+
+    fn wait_for(what: &str, deadline: Instant, mut done: impl FnMut() -> bool) {
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Holds the registry's lock from another open file description, starts a claim that
+    /// waits for it, hits the waiting threads with SIGUSR1 again and again while they wait,
+    /// then releases: the claim must succeed.
+    fn claim_survives_signals_while_waiting(lock_timeout: Duration) {
+        catch_sigusr1_without_restart();
+        let (_dir, path) = temp_registry();
+        let registry = PortDaddy::builder()
+            .path(&path)
+            .range(32310..=32319)
+            .port_probe(all_free)
+            .lock_timeout(lock_timeout)
+            .open()
+            .unwrap();
+        let lock_path = {
+            let mut name = path.clone().into_os_string();
+            name.push(".lock");
+            std::path::PathBuf::from(name)
+        };
+        // Creates the lock file.
+        drop(registry.acquire("warm-up").unwrap());
+        let holder = File::options()
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .unwrap();
+        let ino = holder.metadata().unwrap().ino();
+        holder.lock().unwrap();
+
+        let (done_tx, done) = mpsc::channel();
+        let claimer = std::thread::Builder::new()
+            .name("patient-claim".into())
+            .spawn({
+                let registry = registry.clone();
+                move || done_tx.send(registry.acquire("patient")).unwrap()
+            })
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for _ in 0..30 {
+            // Signal only while the claim is queued for the lock.
+            wait_for("the claim to wait for the lock", deadline, || {
+                someone_waits_for(ino)
+            });
+            let before = CAUGHT.load(Ordering::SeqCst);
+            let targets = threads_named(&["portdaddy-lock", "patient-claim"]);
+            assert!(!targets.is_empty());
+            for tid in &targets {
+                signal_thread(*tid);
+            }
+            wait_for("the signals to be handled", deadline, || {
+                CAUGHT.load(Ordering::SeqCst) >= before + targets.len()
+            });
+            assert!(
+                done.try_recv().is_err(),
+                "the claim ended while the lock was held"
+            );
+        }
+        holder.unlock().unwrap();
+        let result = done
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the claim returned once the lock was free");
+        let guard = result.expect("the interrupted claim succeeds");
+        assert!((32310..=32319).contains(&guard.port()));
+        claimer.join().unwrap();
+    }
+
+    #[test]
+    fn a_signal_without_sa_restart_does_not_end_a_bounded_lock_wait() {
+        claim_survives_signals_while_waiting(Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_signal_without_sa_restart_does_not_end_an_unbounded_lock_wait() {
+        claim_survives_signals_while_waiting(Duration::MAX);
+    }
+}
