@@ -71,6 +71,21 @@ pub enum Error {
         reason: String,
     },
 
+    /// The port probe could not tell whether a port is free, for a reason that says nothing
+    /// about the port: the process is out of file descriptors (`EMFILE`), the host out of
+    /// them (`ENFILE`) or of memory (`ENOBUFS`, `ENOMEM`). Nothing was leased; the range is
+    /// not full.
+    #[error(
+        "cannot check whether port {port} is free: {error}; the process or host may be out \
+         of file descriptors or memory (raise `ulimit -n` or close some), then try again"
+    )]
+    Probe {
+        /// The port being checked.
+        port: u16,
+        /// What the operating system said.
+        error: std::io::Error,
+    },
+
     /// The registry file or its directory cannot be opened or created.
     #[error("cannot open the port registry at {}: {}", shown(path), escape(&source.to_string()))]
     Open {

@@ -97,6 +97,14 @@ impl Env<'_> {
         owner == self.me || self.processes.is_alive(owner)
     }
 
+    /// Whether the port probe finds `port` free; a probe that cannot tell (out of file
+    /// descriptors, say) fails the claim instead of passing the port over.
+    fn is_free(&self, port: u16, protocol: Protocol) -> Result<bool> {
+        self.ports
+            .try_is_free(port, protocol)
+            .map_err(|error| Error::Probe { port, error })
+    }
+
     /// Checks one port, reclaiming a lease on it that no longer counts.
     fn check(&self, tx: &mut dyn Tx, port: u16, protocol: Protocol) -> Result<Option<Blocked>> {
         if self.reserved.contains(&port) {
@@ -111,7 +119,7 @@ impl Env<'_> {
                 log_reclaimed(&lease);
             }
         }
-        if !self.ports.is_free(port, protocol) {
+        if !self.is_free(port, protocol)? {
             return Ok(Some(Blocked::Foreign));
         }
         Ok(None)
@@ -183,7 +191,7 @@ impl Env<'_> {
     ) -> Result<Option<u16>> {
         for port in block_ports(first, len) {
             let vacant = port == first || tx.first_vacant(port, port, avoid)? == Some(port);
-            if !vacant || self.reserved.contains(&port) || !self.ports.is_free(port, protocol) {
+            if !vacant || self.reserved.contains(&port) || !self.is_free(port, protocol)? {
                 return Ok(Some(port));
             }
         }

@@ -369,3 +369,187 @@ mod interrupted {
         claim_survives_signals_while_waiting(Duration::MAX);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Out of file descriptors
+
+/// The worker processes of this file (see `common::workers`).
+#[cfg(unix)]
+#[test]
+fn worker_entry() {
+    use common::workers::{parse_range, var, MODE, RANGE, REGISTRY};
+    let Ok(mode) = std::env::var(MODE) else {
+        return;
+    };
+    let path = std::path::PathBuf::from(var(REGISTRY));
+    let range = parse_range(&var(RANGE));
+    match mode.as_str() {
+        "no-fds" => descriptors::starved_worker(&path, range),
+        other => panic!("unknown worker mode {other:?}"),
+    }
+}
+
+#[cfg(unix)]
+mod descriptors {
+    use std::fs::File;
+    use std::time::{Duration, Instant};
+
+    use common::workers::{say, Worker};
+
+    use super::*;
+
+    /// The soft limit on open files of this process.
+    fn soft_limit() -> libc::rlimit {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the live struct it is given.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) },
+            0
+        );
+        limit
+    }
+
+    fn set_limit(limit: &libc::rlimit) {
+        // SAFETY: setrlimit reads one live rlimit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) }, 0);
+    }
+
+    /// Lowers the soft limit on open files to what is open now and fills any free slot
+    /// below it, so that no new descriptor can be created; the fillers are returned to be
+    /// closed later.
+    fn use_up_descriptors() -> Vec<File> {
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .expect("list open descriptors")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .expect("some descriptor is open");
+        let mut limit = soft_limit();
+        limit.rlim_cur = highest as libc::rlim_t + 1;
+        set_limit(&limit);
+        let mut fillers = Vec::new();
+        loop {
+            match File::open("/dev/null") {
+                Ok(f) => fillers.push(f),
+                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => return fillers,
+                Err(e) => panic!("open /dev/null: {e}"),
+            }
+        }
+    }
+
+    /// Opens the registry with the real port probe, takes one port, then uses up every
+    /// descriptor the process may have and claims again: reports `RESULT <variant> <text>`,
+    /// then how many claims the registry counted as exhausted, then whether a claim works
+    /// once descriptors are free again.
+    pub fn starved_worker(path: &std::path::Path, range: std::ops::RangeInclusive<u16>) {
+        let registry = PortDaddy::builder()
+            .path(path)
+            .range(range)
+            .lock_timeout(Duration::from_secs(30))
+            .open()
+            .expect("worker: open");
+        drop(registry.acquire("warm-up").expect("worker: first claim"));
+        let before = soft_limit();
+        let fillers = use_up_descriptors();
+        let result = registry.acquire("starved");
+        set_limit(&before);
+        drop(fillers);
+        let line = match &result {
+            Ok(guard) => format!("RESULT ok {}", guard.port()),
+            Err(e @ Error::Probe { .. }) => format!("RESULT probe {e}"),
+            Err(e @ Error::Exhausted { .. }) => format!("RESULT exhausted {e}"),
+            Err(e) => format!("RESULT other {e:?}"),
+        };
+        drop(result);
+        say(&line);
+        say(&format!(
+            "EXHAUSTED {}",
+            registry.stats().expect("worker: stats").exhausted
+        ));
+        match registry.acquire("fed") {
+            Ok(_) => say("AFTER ok"),
+            Err(e) => say(&format!("AFTER {e}")),
+        }
+    }
+
+    #[test]
+    fn out_of_descriptors_a_claim_reports_the_cause_not_a_full_range() {
+        let (_dir, path) = temp_registry();
+        let range = 32320..=32329;
+        let mut worker = Worker::spawn("starved", "no-fds", &path, &range, &[]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let result = worker.expect_line("RESULT", deadline);
+        assert!(
+            result.starts_with("RESULT probe ") && result.contains("os error 24"),
+            "{result}"
+        );
+        assert!(result.contains("file descriptors"), "{result}");
+        assert_eq!(worker.expect_line("EXHAUSTED", deadline), "EXHAUSTED 0");
+        assert_eq!(worker.expect_line("AFTER", deadline), "AFTER ok");
+        let (_, status) = worker.finish(deadline);
+        assert!(status.success(), "{}", worker.last_words());
+    }
+}
+
+/// The command under a limit of `n` open files, from very few upwards: it may fail to open
+/// the registry (exit code 4) or to probe (exit code 5), but it never reports a full range
+/// (exit code 3), and somewhere between it fails to probe and says why.
+#[cfg(all(unix, feature = "cli"))]
+#[test]
+fn out_of_descriptors_the_command_exits_5_naming_the_cause_never_3() {
+    use std::os::unix::process::CommandExt;
+
+    let (_dir, path) = temp_registry();
+    // Create the registry unhindered first.
+    let first = command::run(&path, &["acquire", "setup", "--ttl", "1h"]);
+    assert!(first.status.success(), "{}", command::text(&first.stderr));
+    let mut probe_failures = 0;
+    let mut successes = 0;
+    for n in 3..=64u64 {
+        let mut cmd = command::portdaddy(&path, &["acquire", "starved", "--ttl", "1h"]);
+        // SAFETY: between fork and exec the closure only calls setrlimit, which is
+        // async-signal-safe, on a value on its own stack.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: n as libc::rlim_t,
+                    rlim_max: n as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().expect("run portdaddy");
+        let stderr = command::text(&out.stderr);
+        let code = out.status.code();
+        if code == Some(127) && stderr.contains("error while loading shared libraries") {
+            // The dynamic loader failed before portdaddy ran.
+            continue;
+        }
+        eprintln!("limit {n}: exit {code:?}: {}", stderr.trim_end());
+        assert_ne!(code, Some(3), "limit {n}: reported a full range: {stderr}");
+        assert!(
+            matches!(code, Some(0 | 4 | 5)),
+            "limit {n}: exit {code:?}: {stderr}"
+        );
+        if code == Some(5) {
+            assert!(
+                stderr.contains("cannot check whether port") && stderr.contains("os error 24"),
+                "limit {n}: {stderr}"
+            );
+            probe_failures += 1;
+        }
+        if code == Some(0) {
+            successes += 1;
+            if successes == 3 {
+                break;
+            }
+        }
+    }
+    assert!(probe_failures > 0, "no limit made the probe fail");
+    assert_eq!(successes, 3, "the command never succeeded under a limit");
+}
