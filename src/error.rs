@@ -151,13 +151,18 @@ pub enum Error {
         port: u16,
     },
 
-    /// A file registry handle was used in a child process made by `fork` (without `exec`).
+    /// A file registry was used or opened in a child process made by `fork` (without
+    /// `exec`) from a process that had file registries open.
     ///
-    /// Its SQLite connection and lock belong to the parent; open a new handle in the child.
-    /// [`portdaddy::acquire`](crate::acquire) does that by itself.
+    /// SQLite's connections and lock state do not cross `fork`: the child inherits the
+    /// parent's in-memory view of the file's locks, possibly mid-transaction, and a connection
+    /// it opened itself would share that view. So the child can use no file registry, neither
+    /// an inherited handle nor a new one ([`portdaddy::acquire`](crate::acquire) included),
+    /// and is told so at once. `exec` a program in the child, or fork before opening any.
     #[error(
-        "this port registry handle was opened by process {parent} and cannot be used in its \
-         forked child {child}; open a new handle in the child"
+        "process {child} was forked from process {parent} while that had port registries \
+         open, and cannot use one (SQLite connections and locks do not survive fork); exec a \
+         program in the child, or fork before opening a registry"
     )]
     ForkedHandle {
         /// The process that opened the handle.

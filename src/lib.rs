@@ -60,6 +60,7 @@ mod builder;
 mod clock;
 mod doctor;
 mod error;
+mod fork;
 mod guard;
 mod lease;
 mod lock;

@@ -553,3 +553,147 @@ fn out_of_descriptors_the_command_exits_5_naming_the_cause_never_3() {
     assert!(probe_failures > 0, "no limit made the probe fail");
     assert_eq!(successes, 3, "the command never succeeded under a limit");
 }
+
+// ---------------------------------------------------------------------------------------
+// fork while another thread is inside a claim
+
+/// A multi-threaded process whose claiming thread runs claims without pause forks eight
+/// children; each child calls `portdaddy::acquire` and opens a new handle with a 30 s lock
+/// timeout, and must get `Error::ForkedHandle` from both at once (well within 10 s), while
+/// the parent's claims go on.
+#[cfg(target_os = "linux")]
+#[test]
+fn forked_children_of_a_claiming_process_fail_at_once_and_never_block_it() {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    const CHILDREN: usize = 8;
+    let (_dir, path) = temp_registry();
+    // The default registry of `portdaddy::acquire` in the children is this one too.
+    std::env::set_var(portdaddy::ENV_VAR, &path);
+    let open = {
+        let path = path.clone();
+        move |range: std::ops::RangeInclusive<u16>| {
+            PortDaddy::builder()
+                .path(&path)
+                .range(range)
+                .lock_timeout(Duration::from_secs(30))
+                .open()
+        }
+    };
+    let registry = open(32340..=32349).unwrap();
+    let claims = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let claimer = std::thread::spawn({
+        let (registry, claims, stop) = (registry.clone(), claims.clone(), stop.clone());
+        move || -> Result<(), Error> {
+            while !stop.load(Ordering::SeqCst) {
+                drop(registry.acquire("parent")?);
+                claims.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+    });
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read_fd, write_fd) = (fds[0], fds[1]);
+
+    /// Kills and reaps the children still listed, should the test fail before they exit.
+    struct Children(Vec<libc::pid_t>);
+    impl Drop for Children {
+        fn drop(&mut self) {
+            for pid in self.0.drain(..) {
+                let mut status = 0;
+                // SAFETY: plain syscalls on our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+            }
+        }
+    }
+    let mut children = Vec::new();
+    let mut cleanup = Children(Vec::new());
+    let started = Instant::now();
+    for i in 0..CHILDREN {
+        // Fork while the claimer is busy: wait for it to start one more claim.
+        let seen = claims.load(Ordering::SeqCst);
+        while claims.load(Ordering::SeqCst) == seen {
+            assert!(started.elapsed() < Duration::from_secs(30), "the claimer stalled");
+            std::thread::yield_now();
+        }
+        // SAFETY: the child does only what the test is about (two portdaddy calls, one
+        // write to a pipe) and leaves with `_exit`, running no destructors.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let verdict = |r: Result<portdaddy::PortGuard, Error>| match r {
+                Err(Error::ForkedHandle { .. }) => b'F',
+                Ok(_) => b'O',
+                Err(_) => b'E',
+            };
+            let by_acquire = verdict(portdaddy::acquire("child"));
+            let by_handle = verdict(open(32350..=32359).and_then(|r| r.acquire("child")));
+            let report = [i as u8, by_acquire, by_handle];
+            // SAFETY: writes three bytes (less than PIPE_BUF: one atomic write) from a live
+            // array, then ends the child at once.
+            unsafe {
+                libc::write(write_fd, report.as_ptr().cast(), report.len());
+                libc::_exit(0);
+            }
+        }
+        assert!(pid > 0, "fork failed: {}", std::io::Error::last_os_error());
+        children.push((pid, Instant::now()));
+        cleanup.0.push(pid);
+    }
+    // SAFETY: the parent's copy of the write end is no longer needed; the read end becomes
+    // a File owned here.
+    let mut reports = unsafe {
+        libc::close(write_fd);
+        std::fs::File::from_raw_fd(read_fd)
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut report = [0u8; 3];
+        while reports.read_exact(&mut report).is_ok() {
+            let _ = tx.send(report);
+        }
+    });
+    let mut answered = vec![false; CHILDREN];
+    for _ in 0..CHILDREN {
+        let report = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("every child reports within 10 s");
+        let (i, by_acquire, by_handle) = (usize::from(report[0]), report[1], report[2]);
+        assert!(
+            children[i].1.elapsed() < Duration::from_secs(10),
+            "child {i} took {:?}",
+            children[i].1.elapsed()
+        );
+        assert_eq!(
+            (by_acquire as char, by_handle as char),
+            ('F', 'F'),
+            "child {i}: acquire and a new handle must fail with ForkedHandle"
+        );
+        answered[i] = true;
+    }
+    assert!(answered.iter().all(|a| *a));
+    for (pid, _) in &children {
+        let mut status = 0;
+        // SAFETY: reaps our own child, which has reported and exits.
+        assert_eq!(unsafe { libc::waitpid(*pid, &mut status, 0) }, *pid);
+        cleanup.0.retain(|p| p != pid);
+    }
+    // The parent was never blocked: its claims go on.
+    let after = claims.load(Ordering::SeqCst);
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while claims.load(Ordering::SeqCst) < after + 20 {
+        assert!(Instant::now() < give_up, "the parent's claims stalled");
+        std::thread::yield_now();
+    }
+    stop.store(true, Ordering::SeqCst);
+    claimer.join().unwrap().expect("every claim of the parent succeeded");
+}
