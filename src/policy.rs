@@ -24,6 +24,16 @@
 //! or 2 that no longer counts is reclaimed on the spot. Everything happens in the caller's
 //! single transaction, so no other participant sees a half-made choice.
 //!
+//! # Clocks that were wrong
+//!
+//! A TTL lease never lives longer than its TTL as measured by the clock that judges it. A
+//! TTL lease stamped in the future (its clock was ahead, or this one was set back since) is
+//! started again, with the same TTL, by the claim or reap that meets it: it is written back
+//! with `acquired_at` = now and `expires_at` = now + its TTL. A claim meets the leases on its
+//! preferred and remembered ports; a reap meets every lease. (A claim that fails is rolled
+//! back, its restamping with it.) A lease stamped in the past (its clock was behind) simply
+//! expires earlier: that only hands back a port whose holder asked for a limit.
+//!
 //! # Remembered ports
 //!
 //! A name remembers the port of its latest claim, except when its remembered port was taken
@@ -105,12 +115,49 @@ impl Env<'_> {
             .map_err(|error| Error::Probe { port, error })
     }
 
+    /// Bounds what a clock can do to a TTL lease: one stamped in the future (by a clock that
+    /// was ahead, or set back since) would otherwise live its TTL *plus* that lead, as this
+    /// clock judges it; years, for a clock that was years ahead. Such a lease is started
+    /// again now, keeping its TTL, and written back so that every participant sees the new
+    /// times. Other leases come back as they were.
+    pub(crate) fn clamp(&self, tx: &mut dyn Tx, lease: Lease) -> Result<Lease> {
+        let Some(expires_at) = lease.expires_at else {
+            return Ok(lease);
+        };
+        if lease.acquired_at <= self.now {
+            return Ok(lease);
+        }
+        let ttl = expires_at
+            .duration_since(lease.acquired_at)
+            .unwrap_or_default();
+        let acquired_at = at_storage_precision(self.now);
+        let Ok(expires_at) = expiry(acquired_at, ttl) else {
+            return Ok(lease);
+        };
+        let clamped = Lease {
+            acquired_at,
+            expires_at: Some(expires_at),
+            ..lease.clone()
+        };
+        if tx.delete_lease(lease.port, lease.id)? {
+            tx.insert_lease(&clamped)?;
+            tracing::info!(
+                port = lease.port,
+                name = %lease.name,
+                ?ttl,
+                "a lease was stamped in the future by a clock that was ahead; it starts again now"
+            );
+        }
+        Ok(clamped)
+    }
+
     /// Checks one port, reclaiming a lease on it that no longer counts.
     fn check(&self, tx: &mut dyn Tx, port: u16, protocol: Protocol) -> Result<Option<Blocked>> {
         if self.reserved.contains(&port) {
             return Ok(Some(Blocked::Reserved));
         }
         if let Some(lease) = tx.lease_on(port)? {
+            let lease = self.clamp(tx, lease)?;
             if !self.is_reclaimable(&lease) {
                 return Ok(Some(Blocked::Leased(lease)));
             }
@@ -395,7 +442,9 @@ pub(crate) fn reap(tx: &mut dyn Tx, env: &Env<'_>, range: Option<PortRange>) -> 
                 let key = (owner.clone(), owner.lock_name().map(str::to_owned));
                 !*alive.entry(key).or_insert_with(|| env.owner_alive(owner))
             });
-        if dead && tx.delete_lease(lease.port, lease.id)? {
+        if !dead {
+            env.clamp(tx, lease)?;
+        } else if tx.delete_lease(lease.port, lease.id)? {
             log_reclaimed(&lease);
             reaped += 1;
         }

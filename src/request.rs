@@ -93,6 +93,10 @@ impl Request {
     /// millisecond, which would expire at once, fails at acquire time with
     /// [`Error::InvalidRequest`].
     ///
+    /// A lease never lives longer than its TTL by the clock of whoever judges it: one stamped
+    /// by a clock that was ahead (a machine whose clock is fixed by NTP later) starts again
+    /// with its TTL when a claim or [`PortDaddy::reap`](crate::PortDaddy::reap) meets it.
+    ///
     /// Default: no expiry.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);

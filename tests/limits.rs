@@ -697,3 +697,157 @@ fn forked_children_of_a_claiming_process_fail_at_once_and_never_block_it() {
     stop.store(true, Ordering::SeqCst);
     claimer.join().unwrap().expect("every claim of the parent succeeded");
 }
+
+// ---------------------------------------------------------------------------------------
+// Clocks that were wrong when a lease was stamped
+
+mod clocks {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A file registry on `path` whose clock is `offset` ahead of `clock`.
+    fn ahead(path: &std::path::Path, clock: &FakeClock, offset: Duration) -> PortDaddy {
+        let now = clock.as_fn();
+        PortDaddy::builder()
+            .path(path)
+            .range(32360..=32369)
+            .port_probe(all_free)
+            .clock(move || now() + offset)
+            .open()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_ttl_lease_stamped_by_a_clock_far_ahead_lives_its_ttl_from_when_a_reap_meets_it() {
+        let (_dir, path) = temp_registry();
+        let clock = FakeClock::new();
+        // A machine whose clock was 1000 days ahead until NTP corrected it.
+        let wrong = ahead(&path, &clock, 1000 * DAY);
+        let right = file_at(&path, 32360..=32369, &clock);
+        let stamped = wrong
+            .acquire_with(&Request::new("job").ttl(HOUR))
+            .unwrap()
+            .keep()
+            .unwrap();
+        let now = clock.as_fn()();
+        assert!(stamped.acquired_at() > now + 999 * DAY);
+
+        assert_eq!(right.reap().unwrap(), 0, "not expired: its TTL has not passed");
+        let listed = right.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        let lease = &listed[0];
+        assert_eq!(lease.id(), stamped.id());
+        assert!(
+            lease.acquired_at() <= now && now - Duration::from_millis(1) < lease.acquired_at(),
+            "started again now: {:?}",
+            lease.acquired_at()
+        );
+        assert_eq!(
+            lease
+                .expires_at()
+                .unwrap()
+                .duration_since(lease.acquired_at())
+                .unwrap(),
+            HOUR,
+            "kept its TTL"
+        );
+        clock.advance(HOUR - Duration::from_secs(1));
+        assert_eq!(right.reap().unwrap(), 0);
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(right.reap().unwrap(), 1, "expired an hour after it was met");
+    }
+
+    #[test]
+    fn a_claim_that_meets_a_lease_stamped_ahead_clamps_it() {
+        let (_dir, path) = temp_registry();
+        let clock = FakeClock::new();
+        let wrong = ahead(&path, &clock, 3650 * DAY);
+        let right = file_at(&path, 32360..=32369, &clock);
+        let _kept = wrong
+            .acquire_with(&Request::new("job").require(32361).ttl(HOUR))
+            .unwrap()
+            .keep()
+            .unwrap();
+        // The claim meets the lease on its preferred port, finds it live, takes another port.
+        let other = right
+            .acquire_with(&Request::new("other").preferred(32361))
+            .unwrap();
+        assert_ne!(other.port(), 32361);
+        let lease = right
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.port() == 32361)
+            .unwrap();
+        assert!(lease.acquired_at() <= clock.as_fn()(), "{lease:?}");
+        clock.advance(HOUR);
+        let guard = right
+            .acquire_with(&Request::new("other").require(32361))
+            .expect("the clamped lease expired after its TTL");
+        assert_eq!(guard.port(), 32361);
+    }
+
+    #[test]
+    fn a_lease_without_ttl_stamped_ahead_keeps_its_times() {
+        let (_dir, path) = temp_registry();
+        let clock = FakeClock::new();
+        let wrong = ahead(&path, &clock, 10 * DAY);
+        let right = file_at(&path, 32360..=32369, &clock);
+        let guard = wrong.acquire("owned").unwrap();
+        assert_eq!(right.reap().unwrap(), 0);
+        assert_eq!(right.list().unwrap(), [guard.lease().clone()]);
+    }
+
+    #[test]
+    fn a_lease_stamped_before_1970_keeps_its_real_times() {
+        let (_dir, path) = temp_registry();
+        let before_1970 = PortDaddy::builder()
+            .path(&path)
+            .range(32360..=32369)
+            .port_probe(all_free)
+            .clock(|| UNIX_EPOCH - 10 * DAY)
+            .open()
+            .unwrap();
+        let lease = before_1970
+            .acquire_with(&Request::new("old").ttl(HOUR))
+            .unwrap()
+            .keep()
+            .unwrap();
+        let listed = before_1970.list().unwrap().remove(0);
+        assert_eq!(listed.acquired_at(), UNIX_EPOCH - 10 * DAY);
+        assert_eq!(listed.expires_at(), Some(UNIX_EPOCH - 10 * DAY + HOUR));
+        assert_eq!(listed, lease);
+        // Judged by a clock in the present, its TTL has long passed.
+        let now = file_at(&path, 32360..=32369, &FakeClock::new());
+        assert!(SystemTime::now() > UNIX_EPOCH);
+        assert_eq!(now.reap().unwrap(), 1);
+    }
+
+    #[cfg(feature = "cli")]
+    #[test]
+    fn the_command_lists_times_before_1970_instead_of_null() {
+        let (_dir, path) = temp_registry();
+        let before_1970 = PortDaddy::builder()
+            .path(&path)
+            .range(32360..=32369)
+            .port_probe(all_free)
+            // 1969-12-22T00:00:00Z
+            .clock(|| UNIX_EPOCH - 10 * DAY)
+            .open()
+            .unwrap();
+        before_1970
+            .acquire_with(&Request::new("old").ttl(HOUR))
+            .unwrap()
+            .keep()
+            .unwrap();
+        let out = command::run(&path, &["list", "--all", "--json"]);
+        assert!(out.status.success(), "{}", command::text(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json[0]["acquired_at"], "1969-12-22T00:00:00Z", "{json}");
+        assert_eq!(json[0]["expires_at"], "1969-12-22T01:00:00Z", "{json}");
+    }
+}
