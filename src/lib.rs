@@ -95,7 +95,8 @@ pub use stats::Stats;
 /// # Errors
 ///
 /// [`Error::InvalidName`], [`Error::Exhausted`], or an error opening the registry (which is
-/// tried again on the next call).
+/// tried again on the next call). [`Error::ForkedHandle`] at once in a child made by `fork`
+/// from a process that had a file registry open (see [`PortDaddy`]'s "Forking").
 pub fn acquire(name: &str) -> Result<PortGuard> {
     registry::default_registry()?.acquire(name)
 }

@@ -225,8 +225,16 @@ fn list_shows_times_before_1970_and_after_9999() {
             .unwrap_or_else(|| panic!("{name} listed: {json}"))
             .clone()
     };
-    assert_eq!(lease("early")["acquired_at"], "1969-12-31T23:59:59Z", "{json}");
+    assert_eq!(
+        lease("early")["acquired_at"],
+        "1969-12-31T23:59:59Z",
+        "{json}"
+    );
     assert!(lease("early")["expires_at"].is_string(), "{json}");
-    assert_eq!(lease("late")["expires_at"], "+10000-01-02T00:00:00Z", "{json}");
+    assert_eq!(
+        lease("late")["expires_at"],
+        "+10000-01-02T00:00:00Z",
+        "{json}"
+    );
     assert!(lease("late")["acquired_at"].is_string(), "{json}");
 }

@@ -63,7 +63,7 @@ fn a_one_millisecond_ttl_does_not_expire_at_once() {
         Duration::from_millis(1)
     );
     assert_eq!(registry.reap().unwrap(), 0, "expired at once");
-    assert_eq!(registry.list().unwrap(), [lease.clone()]);
+    assert_eq!(registry.list().unwrap(), std::slice::from_ref(&lease));
     clock.advance(Duration::from_millis(1));
     assert_eq!(registry.reap().unwrap(), 1, "expired once its TTL passed");
 }
@@ -77,7 +77,10 @@ fn a_ttl_with_a_fraction_of_a_millisecond_is_rounded_up() {
         .unwrap()
         .keep()
         .unwrap();
-    let ttl = lease.expires_at().unwrap().duration_since(lease.acquired_at());
+    let ttl = lease
+        .expires_at()
+        .unwrap()
+        .duration_since(lease.acquired_at());
     assert_eq!(ttl.unwrap(), Duration::from_millis(2));
 }
 
@@ -91,7 +94,11 @@ fn a_block_without_a_free_run_says_so_and_counts_only_live_holders() {
     // Three live holders leave runs of at most two free ports.
     let _held: Vec<_> = [32302, 32305, 32308]
         .into_iter()
-        .map(|p| registry.acquire_with(&Request::new("x").require(p)).unwrap())
+        .map(|p| {
+            registry
+                .acquire_with(&Request::new("x").require(p))
+                .unwrap()
+        })
         .collect();
     let err = registry
         .acquire_with(&Request::new("raft").block(4))
@@ -278,12 +285,7 @@ mod interrupted {
         // SAFETY: tgkill with this process's id, one of its thread ids and a signal that
         // has a handler; a thread that has exited meanwhile only gives ESRCH.
         unsafe {
-            libc::syscall(
-                libc::SYS_tgkill,
-                libc::getpid(),
-                tid,
-                libc::SIGUSR1,
-            );
+            libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1);
         }
     }
 
@@ -623,7 +625,10 @@ fn forked_children_of_a_claiming_process_fail_at_once_and_never_block_it() {
         // Fork while the claimer is busy: wait for it to start one more claim.
         let seen = claims.load(Ordering::SeqCst);
         while claims.load(Ordering::SeqCst) == seen {
-            assert!(started.elapsed() < Duration::from_secs(30), "the claimer stalled");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the claimer stalled"
+            );
             std::thread::yield_now();
         }
         // SAFETY: the child does only what the test is about (two portdaddy calls, one
@@ -662,7 +667,7 @@ fn forked_children_of_a_claiming_process_fail_at_once_and_never_block_it() {
             let _ = tx.send(report);
         }
     });
-    let mut answered = vec![false; CHILDREN];
+    let mut answered = [false; CHILDREN];
     for _ in 0..CHILDREN {
         let report = rx
             .recv_timeout(Duration::from_secs(10))
@@ -695,7 +700,10 @@ fn forked_children_of_a_claiming_process_fail_at_once_and_never_block_it() {
         std::thread::yield_now();
     }
     stop.store(true, Ordering::SeqCst);
-    claimer.join().unwrap().expect("every claim of the parent succeeded");
+    claimer
+        .join()
+        .unwrap()
+        .expect("every claim of the parent succeeded");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -736,7 +744,11 @@ mod clocks {
         let now = clock.as_fn()();
         assert!(stamped.acquired_at() > now + 999 * DAY);
 
-        assert_eq!(right.reap().unwrap(), 0, "not expired: its TTL has not passed");
+        assert_eq!(
+            right.reap().unwrap(),
+            0,
+            "not expired: its TTL has not passed"
+        );
         let listed = right.list().unwrap();
         assert_eq!(listed.len(), 1);
         let lease = &listed[0];

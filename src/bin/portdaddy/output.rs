@@ -215,7 +215,10 @@ mod tests {
             rfc3339(last + Duration::from_millis(999)),
             "9999-12-31T23:59:59Z"
         );
-        assert_eq!(rfc3339(last + Duration::from_secs(1)), "+10000-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(last + Duration::from_secs(1)),
+            "+10000-01-01T00:00:00Z"
+        );
         assert_eq!(
             rfc3339(UNIX_EPOCH - Duration::from_millis(1)),
             "1969-12-31T23:59:59Z"
@@ -235,10 +238,7 @@ mod tests {
         // Agrees with humantime wherever that can write the time.
         for secs in [0, 59, 86_399, 1_700_000_000, 4_102_444_800, 253_402_300_799] {
             let t = UNIX_EPOCH + Duration::from_secs(secs);
-            assert_eq!(
-                rfc3339(t),
-                humantime::format_rfc3339_seconds(t).to_string()
-            );
+            assert_eq!(rfc3339(t), humantime::format_rfc3339_seconds(t).to_string());
         }
     }
 
