@@ -181,4 +181,13 @@ mod tests {
         assert_eq!(code_of(&lost), OTHER);
         assert_eq!(code_of(&taken), OTHER);
     }
+
+    #[test]
+    fn a_probe_that_cannot_create_sockets_is_not_a_full_range() {
+        let starved = Error::Probe {
+            port: 26003,
+            error: std::io::Error::from_raw_os_error(24),
+        };
+        assert_eq!(code_of(&starved), OTHER);
+    }
 }
