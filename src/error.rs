@@ -1,10 +1,11 @@
 //! The one error type of the crate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::guard::PortGuard;
 use crate::range::PortRange;
+use crate::text::escape;
 
 /// A specialised `Result` whose error is [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,19 +22,21 @@ type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[non_exhaustive]
 pub enum Error {
     /// No port of the range is free: every one is leased, reserved or bound by another program.
-    #[error(
-        "no free port in {range}: {held} leased by live holders, the rest reserved or bound \
-         by other programs; release ports or widen the range"
-    )]
+    /// For a block ([`Request::block`](crate::Request::block)), no run of `block_len`
+    /// consecutive ports is free.
+    #[error("{}", exhausted_message(*range, *held, *block_len))]
     Exhausted {
         /// The range that was searched.
         range: PortRange,
-        /// How many ports of the range are leased by holders that are still alive.
+        /// How many ports of the range are leased by holders that are still alive, or by
+        /// detached leases that have not expired.
         held: usize,
+        /// How many consecutive ports the claim asked for (1 for a single port).
+        block_len: u16,
     },
 
     /// A lease name breaks the naming rule (see [`Request::new`](crate::Request::new)).
-    #[error("invalid lease name {name}: {reason}")]
+    #[error("invalid lease name {}: {reason}", escape(name))]
     InvalidName {
         /// The offending name, quoted and shortened for display.
         name: String,
@@ -53,14 +56,14 @@ pub enum Error {
     },
 
     /// A request carries a value that cannot be honoured (port 0, a zero TTL, …).
-    #[error("invalid request: {reason}")]
+    #[error("invalid request: {}", escape(reason))]
     InvalidRequest {
         /// What is wrong with it.
         reason: String,
     },
 
     /// A port asked for with [`Request::require`](crate::Request::require) is not available.
-    #[error("port {port} is not available: {reason}")]
+    #[error("port {port} is not available: {}", escape(reason))]
     PortUnavailable {
         /// The port that was required.
         port: u16,
@@ -68,8 +71,23 @@ pub enum Error {
         reason: String,
     },
 
+    /// The port probe could not tell whether a port is free, for a reason that says nothing
+    /// about the port: the process is out of file descriptors (`EMFILE`), the host out of
+    /// them (`ENFILE`) or of memory (`ENOBUFS`, `ENOMEM`). Nothing was leased; the range is
+    /// not full.
+    #[error(
+        "cannot check whether port {port} is free: {error}; the process or host may be out \
+         of file descriptors or memory (raise `ulimit -n` or close some), then try again"
+    )]
+    Probe {
+        /// The port being checked.
+        port: u16,
+        /// What the operating system said.
+        error: std::io::Error,
+    },
+
     /// The registry file or its directory cannot be opened or created.
-    #[error("cannot open the port registry at {}: {source}", path.display())]
+    #[error("cannot open the port registry at {}: {}", shown(path), escape(&source.to_string()))]
     Open {
         /// The registry path.
         path: PathBuf,
@@ -83,9 +101,10 @@ pub enum Error {
     /// The file is left exactly as it was so that it can be inspected; move it away or point
     /// `PORTDADDY_DB` elsewhere to start afresh.
     #[error(
-        "{} is not a usable port registry ({detail}); it was left untouched: move it away or \
+        "{} is not a usable port registry ({}); it was left untouched: move it away or \
          set PORTDADDY_DB to another path",
-        path.display()
+        shown(path),
+        escape(detail)
     )]
     Corrupt {
         /// The registry path.
@@ -98,7 +117,7 @@ pub enum Error {
     #[error(
         "the port registry at {} has schema version {found}, newer than the {supported} this \
          version of portdaddy understands; upgrade portdaddy or use another registry path",
-        path.display()
+        shown(path)
     )]
     SchemaTooNew {
         /// The registry path.
@@ -113,7 +132,7 @@ pub enum Error {
     #[error(
         "timed out after {waited:?} waiting for the lock on the port registry at {}; another \
          process holds it (is one stopped in a debugger?)",
-        path.display()
+        shown(path)
     )]
     LockTimeout {
         /// The registry path.
@@ -132,13 +151,18 @@ pub enum Error {
         port: u16,
     },
 
-    /// A file registry handle was used in a child process made by `fork` (without `exec`).
+    /// A file registry was used or opened in a child process made by `fork` (without
+    /// `exec`) from a process that had file registries open.
     ///
-    /// Its SQLite connection and lock belong to the parent; open a new handle in the child.
-    /// [`portdaddy::acquire`](crate::acquire) does that by itself.
+    /// SQLite's connections and lock state do not cross `fork`: the child inherits the
+    /// parent's in-memory view of the file's locks, possibly mid-transaction, and a connection
+    /// it opened itself would share that view. So the child can use no file registry, neither
+    /// an inherited handle nor a new one ([`portdaddy::acquire`](crate::acquire) included),
+    /// and is told so at once. `exec` a program in the child, or fork before opening any.
     #[error(
-        "this port registry handle was opened by process {parent} and cannot be used in its \
-         forked child {child}; open a new handle in the child"
+        "process {child} was forked from process {parent} while that had port registries \
+         open, and cannot use one (SQLite connections and locks do not survive fork); exec a \
+         program in the child, or fork before opening a registry"
     )]
     ForkedHandle {
         /// The process that opened the handle.
@@ -167,7 +191,7 @@ pub enum Error {
     },
 
     /// Reading or writing the registry failed.
-    #[error("port registry at {} failed: {source}", path.display())]
+    #[error("port registry at {} failed: {}", shown(path), escape(&source.to_string()))]
     Registry {
         /// The registry path.
         path: PathBuf,
@@ -175,6 +199,37 @@ pub enum Error {
         #[source]
         source: Source,
     },
+}
+
+/// A path as an error message shows it: control and layout characters escaped, so that a
+/// hostile file name cannot steer the terminal the message is printed on.
+fn shown(path: &Path) -> String {
+    escape(&path.display().to_string())
+}
+
+/// What [`Error::Exhausted`] says: for a block, that no run of its length was left, which
+/// is not the same as a full range.
+fn exhausted_message(range: PortRange, held: usize, block_len: u16) -> String {
+    let ports = range.len();
+    if block_len <= 1 {
+        format!(
+            "no free port in {range}: {held} leased by live holders, the rest reserved or \
+             bound by other programs; release ports or widen the range"
+        )
+    } else if usize::from(block_len) > ports {
+        format!(
+            "no {block_len} consecutive free ports: the preferred block is taken, and a block \
+             of {block_len} does not fit in the range {range} ({ports} ports); prefer another \
+             first port, ask for a shorter block, or widen the range"
+        )
+    } else {
+        format!(
+            "no {block_len} consecutive free ports in {range}: {held} of its {ports} ports are \
+             leased by live holders, and the rest hold no run of {block_len} without a \
+             reserved port or one bound by another program; release ports, ask for a shorter \
+             block, or widen the range"
+        )
+    }
 }
 
 /// An explicit operation on a [`PortGuard`] failed.
@@ -224,5 +279,60 @@ impl std::error::Error for GuardError {
 impl From<GuardError> for Error {
     fn from(e: GuardError) -> Self {
         e.error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_escapes_control_and_bidi_characters_of_paths_and_text() {
+        let evil = "a\u{1b}[2J\u{202e}b\nc\u{9b}d";
+        let path = || PathBuf::from(format!("/tmp/{evil}/r.sqlite3"));
+        let errors = [
+            Error::InvalidName {
+                name: evil.into(),
+                reason: "r",
+            },
+            Error::InvalidRequest {
+                reason: evil.into(),
+            },
+            Error::PortUnavailable {
+                port: 1,
+                reason: evil.into(),
+            },
+            Error::Open {
+                path: path(),
+                source: evil.into(),
+            },
+            Error::Corrupt {
+                path: path(),
+                detail: evil.into(),
+            },
+            Error::SchemaTooNew {
+                path: path(),
+                found: 9,
+                supported: 4,
+            },
+            Error::LockTimeout {
+                path: path(),
+                waited: Duration::from_secs(1),
+            },
+            Error::Registry {
+                path: path(),
+                source: evil.into(),
+            },
+        ];
+        for error in errors {
+            let text = error.to_string();
+            assert!(
+                !text
+                    .chars()
+                    .any(|c| c.is_control() || crate::text::is_layout_char(c)),
+                "{text:?}"
+            );
+            assert!(text.contains(r"\u{1b}[2J\u{202e}b"), "{text:?}");
+        }
     }
 }

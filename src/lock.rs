@@ -106,7 +106,7 @@ impl FileLock {
             Ok(()) => Ok(Some(Held { file: &self.fast })),
             Err(TryLockError::WouldBlock) if deadline.remaining().is_none() => {
                 // No limit: wait in the kernel's queue on this thread.
-                self.fast.lock()?;
+                lock_blocking(&self.fast)?;
                 Ok(Some(Held { file: &self.fast }))
             }
             Err(TryLockError::WouldBlock) => {
@@ -181,7 +181,7 @@ impl Waiter {
                 while let Ok(message) = inbox.recv() {
                     match message {
                         Message::Lock(generation) => {
-                            if let Err(error) = mine.lock() {
+                            if let Err(error) = lock_blocking(&mine) {
                                 tracing::warn!(%error, "blocking lock on the registry lock file failed");
                                 break;
                             }
@@ -205,6 +205,17 @@ impl Waiter {
             granted,
             thread,
         })
+    }
+}
+
+/// Waits in the kernel's queue until the lock is taken. A signal whose handler was installed
+/// without `SA_RESTART` interrupts the wait (`EINTR`); that ends nothing, so wait again.
+fn lock_blocking(file: &File) -> io::Result<()> {
+    loop {
+        match file.lock() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            result => return result,
+        }
     }
 }
 

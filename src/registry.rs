@@ -58,9 +58,12 @@ use crate::store::{Counter, Tx};
 ///
 /// # Forking
 ///
-/// A file registry handle refuses to work in a child created by `fork` without `exec`
-/// ([`Error::ForkedHandle`]): open a new one there. [`portdaddy::acquire`](crate::acquire)
-/// does that by itself.
+/// A child created by `fork` without `exec` from a process that has a file registry open
+/// can use no file registry: the handle it inherited, a new one, and
+/// [`portdaddy::acquire`](crate::acquire) all fail at once with [`Error::ForkedHandle`],
+/// touching neither the file nor its lock, so the parent goes on undisturbed. (SQLite keeps
+/// each file's lock state in process memory, which the child inherits as it was, perhaps
+/// mid-transaction.) `exec` a program in the child, or fork before opening a registry.
 #[derive(Clone)]
 pub struct PortDaddy {
     inner: Arc<Inner>,
@@ -76,6 +79,9 @@ struct Inner {
     path: Option<PathBuf>,
     /// Held while the handle lives, so that other PID namespaces can tell this process lives.
     owner_lock: Option<OwnerLock>,
+    /// Counts an open file registry, so that a forked child knows it inherited one. Last, so
+    /// that it is dropped after the store.
+    _opened: Option<crate::fork::Opened>,
 }
 
 enum Backend {
@@ -170,6 +176,7 @@ impl PortDaddy {
             me,
             path: None,
             owner_lock: None,
+            _opened: None,
         })
     }
 
@@ -179,6 +186,8 @@ impl PortDaddy {
         timeout: Duration,
         settings: Settings,
     ) -> Result<Self> {
+        // Before anything touches SQLite: a child that inherited connections must not.
+        let opened = crate::fork::opening()?;
         // Leases must name this process exactly, or others would take them for dead.
         let me = Owner::current()?;
         let store = SqliteStore::open(path, shared_tmp, timeout)?;
@@ -208,6 +217,7 @@ impl PortDaddy {
             me,
             path,
             owner_lock: Some(lock),
+            _opened: Some(opened),
         }))
     }
 
@@ -721,12 +731,16 @@ impl Inner {
     }
 }
 
-/// The handle behind [`crate::acquire`]: opened on first use, and again in a forked child.
+/// The handle behind [`crate::acquire`]: opened on first use. In a child made by `fork` it
+/// fails at once with [`Error::ForkedHandle`] if the parent had file registries open.
 pub(crate) fn default_registry() -> Result<PortDaddy> {
     static DEFAULT: Mutex<Option<PortDaddy>> = Mutex::new(None);
+    // Counted before the lock is taken, so that a child forked while another thread holds
+    // it (opening the registry) fails here instead of waiting for ever.
+    let opening = crate::fork::opening()?;
     let mut slot = DEFAULT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(registry) = slot.as_ref() {
-        if registry.inner.me.pid() == std::process::id() {
+        if registry.inner.me.pid() == opening.pid() {
             return Ok(registry.clone());
         }
         // Inherited from the parent across fork: closing its connection here could

@@ -193,8 +193,8 @@ fn list_never_prints_raw_control_characters_from_the_registry() {
     assert_eq!(listed, expected, "JSON carries the names exactly");
 }
 
-/// Times that RFC 3339 cannot write (before 1970, after 9999) can only come from a registry
-/// written by hand or by another program; `list` shows them, and the JSON has `null`.
+/// Times before 1970 and after 9999 come from a registry written by hand or by a clock gone
+/// wild; `list` shows them, and the JSON writes them too (null would mean "no expiry").
 #[test]
 fn list_shows_times_before_1970_and_after_9999() {
     let f = Fixture::new();
@@ -225,9 +225,17 @@ fn list_shows_times_before_1970_and_after_9999() {
             .unwrap_or_else(|| panic!("{name} listed: {json}"))
             .clone()
     };
-    assert!(lease("early")["acquired_at"].is_null(), "{json}");
+    assert_eq!(
+        lease("early")["acquired_at"],
+        "1969-12-31T23:59:59Z",
+        "{json}"
+    );
     assert!(lease("early")["expires_at"].is_string(), "{json}");
-    assert!(lease("late")["expires_at"].is_null(), "{json}");
+    assert_eq!(
+        lease("late")["expires_at"],
+        "+10000-01-02T00:00:00Z",
+        "{json}"
+    );
     assert!(lease("late")["acquired_at"].is_string(), "{json}");
 }
 

@@ -1068,6 +1068,7 @@ mod tests {
             Err::<(), _>(Error::Exhausted {
                 range: PortRange::new(2000, 2001).unwrap(),
                 held: 2,
+                block_len: 1,
             })
         });
         assert!(failed.is_err());

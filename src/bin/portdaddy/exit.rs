@@ -74,7 +74,15 @@ impl From<Error> for Failure {
     fn from(error: Error) -> Self {
         let failure = Failure::new(code_of(&error), &error);
         match &error {
-            Error::Exhausted { range, held } => failure.hint(format!(
+            Error::Exhausted {
+                range,
+                held,
+                block_len,
+            } if *block_len > 1 => failure.hint(format!(
+                "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
+                 reclaim dead ones, ask for a shorter --block, or widen the range with --range"
+            )),
+            Error::Exhausted { range, held, .. } => failure.hint(format!(
                 "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
                  reclaim dead ones, or widen the range with --range"
             )),
@@ -172,5 +180,14 @@ mod tests {
         };
         assert_eq!(code_of(&lost), OTHER);
         assert_eq!(code_of(&taken), OTHER);
+    }
+
+    #[test]
+    fn a_probe_that_cannot_create_sockets_is_not_a_full_range() {
+        let starved = Error::Probe {
+            port: 26003,
+            error: std::io::Error::from_raw_os_error(24),
+        };
+        assert_eq!(code_of(&starved), OTHER);
     }
 }

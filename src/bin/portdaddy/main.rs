@@ -7,6 +7,10 @@ mod commands;
 mod exit;
 mod output;
 mod signals;
+// The library's escaping, compiled here too: one rule for what the library's errors and the
+// command's output show.
+#[path = "../../text.rs"]
+mod text;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -26,8 +30,9 @@ Exit codes:
   3  no free port left in the range: run `portdaddy reap` or widen the range
   4  the registry cannot be used: it cannot be opened or created, is not a portdaddy
      registry, is damaged or too new, or stays locked
-  5  the output cannot be written, or another process took the lease or the port while
-     the command ran (also any other failure)
+  5  the output cannot be written, another process took the lease or the port while
+     the command ran, or ports cannot be probed (out of file descriptors or memory; also
+     any other failure)
   `run` exits with the command's exit code, 128+N when a signal N killed it, 126 when the
   command cannot be executed and 127 when it is not found.
 
@@ -67,8 +72,8 @@ enum Command {
         /// Ask for this port; another is chosen if it is taken.
         #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
         preferred: Option<u16>,
-        /// Make a detached lease that lasts this long (30s, 10m, 2h, 1d), whatever process
-        /// runs; end it early with `portdaddy release`.
+        /// Make a detached lease that lasts this long (30s, 10m, 2h, 1d; at least 1s),
+        /// whatever process runs; end it early with `portdaddy release`.
         #[arg(long, value_name = "DURATION", value_parser = parse_ttl, conflicts_with = "pid")]
         ttl: Option<Duration>,
         /// The process the lease belongs to [default: the parent process].
@@ -168,6 +173,13 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 30s, 10m, 2h or 1d"))?;
     if ttl.is_zero() {
         return Err("a TTL must be longer than zero".into());
+    }
+    // The lease is detached and its port handed to a script: a shorter TTL would let it
+    // expire before the script could start a server on the port.
+    if ttl < Duration::from_secs(1) {
+        return Err(format!(
+            "a TTL of {text} would expire before the port could be used; give at least 1s"
+        ));
     }
     // Times past the year 9999 cannot be written as RFC 3339, and nobody needs one.
     let last = std::time::UNIX_EPOCH + output::LATEST;
