@@ -3,6 +3,9 @@
 //! `list`. Every error is one line without raw control characters, and no output of the
 //! command ever carries a raw control character taken from a name.
 //!
+//! And every signal a supervisor or a person may send to `portdaddy run`: passed on to the
+//! command, while `run` holds the command's port until it exits.
+//!
 //! Ports 26950-26999 belong to this file (see `common`).
 #![cfg(unix)]
 
@@ -346,4 +349,295 @@ fn a_killed_run_leaves_the_lease_to_its_command_until_it_exits() {
     let other = cli(&["acquire", "other"]);
     assert!(other.status.success(), "{}", lossy(&other.stderr));
     assert_eq!(lossy(&other.stdout), "26999\n");
+}
+
+/// `portdaddy run svc -- sh -c …` whose command traps one signal, reports each one on a
+/// line of its own, and runs until the file `stop` appears.
+struct Supervised {
+    child: std::process::Child,
+    /// The command's pid.
+    command: i32,
+    lines: std::sync::mpsc::Receiver<String>,
+    stop: PathBuf,
+}
+
+/// How long any one step may take before the test fails.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Supervised {
+    /// Starts the command trapping `signal` and waits until it reports `ready`. `run` gets
+    /// a process group of its own, so that it is never in a terminal's foreground: the
+    /// command then has a group of its own too, and gets each signal only through `run`.
+    fn start(f: &Fixture, signal: i32) -> Self {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let stop = f.db.with_file_name("stop");
+        let script = format!(
+            "trap 'echo got-{signal}' {signal}; echo \"ready $$\"; \
+             while [ ! -e \"$STOP\" ]; do sleep 0.05; done; echo stopping; exit 7"
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portdaddy"))
+            .args(["run", "svc", "--", "sh", "-c", &script])
+            .env("PORTDADDY_DB", &f.db)
+            .env("PORTDADDY_RANGE", RANGE)
+            .env("STOP", &stop)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("start portdaddy run");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                if tx.send(line.unwrap_or_default()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut supervised = Self {
+            child,
+            command: 0,
+            lines,
+            stop,
+        };
+        let ready = supervised.next_line();
+        let pid = ready
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("{ready:?}"));
+        supervised.command = pid.parse().unwrap();
+        supervised
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The next line from the command; fails at once if `run` has exited meanwhile.
+    fn next_line(&mut self) -> String {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            match self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(20))
+            {
+                Ok(line) => return line,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(e) => panic!("no more lines from the command: {e}"),
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("portdaddy run ended ({status}) while its command runs");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no line from the command"
+            );
+        }
+    }
+
+    /// Sends `signal` to the `run` process.
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory effects.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// The state letter of the `run` process in /proc/PID/stat (R, S, T, Z, …).
+    fn state(&self) -> char {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+        after_name.trim_start().chars().next().unwrap()
+    }
+
+    /// Waits until `run` is stopped (`stopped`) or no longer stopped.
+    fn wait_stopped(&self, stopped: bool) {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while (self.state() == 'T') != stopped {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "portdaddy run is still in state {}",
+                self.state()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Asserts that `run` still runs and that its lease is listed as live and its own.
+    fn assert_holding(&mut self, f: &Fixture, what: &str) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "{what}: portdaddy run exited while its command runs"
+        );
+        let listed: serde_json::Value = serde_json::from_str(&f.ok(&["list", "--json"])).unwrap();
+        let leases = listed.as_array().unwrap();
+        assert_eq!(leases.len(), 1, "{what}: {listed}");
+        assert_eq!(leases[0]["name"], "svc", "{what}: {listed}");
+        assert_eq!(leases[0]["state"], "live", "{what}: {listed}");
+        assert_eq!(leases[0]["pid"], self.pid(), "{what}: {listed}");
+    }
+
+    /// Lets the command end, and asserts that `run` passes its exit code on, that nothing
+    /// more came out of the command, and that the lease is gone.
+    fn finish(mut self, f: &Fixture, what: &str) {
+        std::fs::write(&self.stop, b"").unwrap();
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: portdaddy run did not exit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(7), "{what}: the command's exit code");
+        let mut rest = Vec::new();
+        loop {
+            match self.lines.recv_timeout(DEADLINE) {
+                Ok(line) => rest.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(e) => panic!("{what}: the output did not end ({e}); so far {rest:?}"),
+            }
+        }
+        assert_eq!(rest, ["stopping"], "{what}: the signal came once");
+        assert_eq!(
+            f.ok(&["list", "--all", "--json"]).trim(),
+            "[]",
+            "{what}: released once the command exited"
+        );
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        // Ends a command left running by a failed assertion, even one orphaned by `run`.
+        let _ = std::fs::write(&self.stop, b"");
+        if std::thread::panicking() && self.command > 0 {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(self.command, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `signal` to `portdaddy run` while its command traps it and keeps running: the
+/// command gets it once, `run` lives on and holds the lease, and releases it only once the
+/// command has exited.
+fn run_passes_on(signal: i32) {
+    let f = Fixture::new();
+    let mut run = Supervised::start(&f, signal);
+    let what = format!("signal {signal}");
+    run.signal(signal);
+    assert_eq!(run.next_line(), format!("got-{signal}"), "{what}");
+    run.assert_holding(&f, &what);
+    run.finish(&f, &what);
+}
+
+#[test]
+fn run_passes_sighup_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGHUP);
+}
+
+#[test]
+fn run_passes_sigint_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGINT);
+}
+
+#[test]
+fn run_passes_sigquit_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGQUIT);
+}
+
+#[test]
+fn run_passes_sigterm_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGTERM);
+}
+
+#[test]
+fn run_passes_sigusr1_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGUSR1);
+}
+
+#[test]
+fn run_passes_sigusr2_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGUSR2);
+}
+
+#[test]
+fn run_passes_sigalrm_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGALRM);
+}
+
+#[test]
+fn run_passes_sigwinch_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGWINCH);
+}
+
+#[test]
+fn run_passes_sigvtalrm_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGVTALRM);
+}
+
+#[test]
+fn run_passes_sigprof_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGPROF);
+}
+
+#[test]
+fn run_passes_sigurg_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGURG);
+}
+
+#[test]
+fn run_passes_sigio_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGIO);
+}
+
+#[test]
+fn run_passes_sigxcpu_sent_by_a_process_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGXCPU);
+}
+
+#[test]
+fn run_passes_sigxfsz_sent_by_a_process_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGXFSZ);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn run_passes_sigpwr_on_and_holds_the_port_until_the_command_exits() {
+    run_passes_on(libc::SIGPWR);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn run_passes_the_first_and_last_real_time_signals_on_and_holds_the_port() {
+    run_passes_on(libc::SIGRTMIN());
+    run_passes_on(libc::SIGRTMAX());
+}
+
+/// Outside the terminal's foreground the command has a process group of its own, and
+/// `run` passes SIGCONT on too.
+#[test]
+fn run_passes_sigcont_on_outside_the_foreground_and_holds_the_port() {
+    run_passes_on(libc::SIGCONT);
+}
+
+/// The job-control stop keeps its default action, so that Ctrl-Z stops a foreground `run`
+/// together with its command. Outside the foreground, a SIGTSTP sent to `run` stops `run`
+/// alone: the command runs on and keeps its port, and the SIGCONT that continues `run` is
+/// passed on.
+#[test]
+fn run_stops_on_sigtstp_and_its_command_keeps_the_port_until_it_exits() {
+    let f = Fixture::new();
+    let mut run = Supervised::start(&f, libc::SIGCONT);
+    run.signal(libc::SIGTSTP);
+    run.wait_stopped(true);
+    run.assert_holding(&f, "stopped");
+    run.signal(libc::SIGCONT);
+    run.wait_stopped(false);
+    assert_eq!(run.next_line(), format!("got-{}", libc::SIGCONT));
+    run.assert_holding(&f, "continued");
+    run.finish(&f, "SIGTSTP");
 }

@@ -107,9 +107,11 @@ enum Command {
     /// them when it exits.
     ///
     /// `PORT` is the first port and `PORT_<NAME>` each name's port (NAME upper-cased, every
-    /// character but ASCII letters and digits as `_`). SIGINT, SIGTERM, SIGHUP and SIGQUIT
-    /// sent to portdaddy by another process are passed on to the command; those the terminal
-    /// sends (Ctrl-C) reach the command directly. Outside the terminal's foreground (a
+    /// character but ASCII letters and digits as `_`). Every signal portdaddy can catch is
+    /// passed on to the command (SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM,
+    /// SIGWINCH and the rest), but not SIGCHLD, SIGPIPE, faults or the job-control stops
+    /// (Ctrl-Z stops portdaddy and the command together); those the terminal sends (Ctrl-C)
+    /// reach the command directly. Outside the terminal's foreground (a
     /// background job, `timeout`, CI) the command runs in a process group of its own, so a
     /// signal sent to portdaddy's whole group reaches it once, passed on. A signal ignored
     /// when portdaddy starts (`nohup`) stays ignored, for the command too. The exit code is
