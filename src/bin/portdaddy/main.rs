@@ -26,8 +26,8 @@ Exit codes:
   3  no free port left in the range: run `portdaddy reap` or widen the range
   4  the registry cannot be used: it cannot be opened or created, is not a portdaddy
      registry, is damaged or too new, or stays locked
-  5  the output cannot be written, or another process took the lease or the port while
-     the command ran (also any other failure)
+  5  the output cannot be written (`acquire` then releases the lease), or another process
+     took the lease or the port while the command ran (also any other failure)
   `run` exits with the command's exit code, 128+N when a signal N killed it, 126 when the
   command cannot be executed and 127 when it is not found.
 
@@ -61,6 +61,9 @@ enum Command {
     /// Without --pid or --ttl, a caller that is init (pid 1: an orphaned command, systemd, a
     /// container's init) or outside this PID namespace (pid 0: `docker exec`) is refused,
     /// since the lease would never end.
+    ///
+    /// A port that cannot be printed (stdout closed, a full disk, a pipe whose reader has
+    /// gone) is released again, with exit code 5.
     Acquire {
         /// A label for the port: shown in listings, and the name gets its last port back.
         name: String,

@@ -1,10 +1,45 @@
-//! What the commands print: escaped text, aligned tables, ages and JSON.
+//! What the commands print: escaped text, aligned tables, ages and JSON; and whether there
+//! was anywhere to print it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use portdaddy::{Lease, LeaseState};
 use serde_json::{json, Value};
 use unicode_width::UnicodeWidthStr;
+
+/// Whether standard output was closed when the process started (`>&-`).
+///
+/// Rust's runtime opens `/dev/null` in place of a closed standard descriptor before `main`
+/// runs, so that writing the output would succeed and go nowhere. This is recorded before
+/// that, by a function the loader runs on start (`.init_array`). Elsewhere than on Linux it
+/// is not known, and false.
+pub fn stdout_closed_at_start() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_os = "linux")]
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Run by the loader before Rust's runtime starts (and before it replaces a closed stdout).
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static RECORD_STDOUT: extern "C" fn() = {
+    extern "C" fn record_stdout() {
+        // SAFETY: F_GETFD only reads the descriptor's flags; it fails (EBADF) only for a
+        // descriptor that is not open.
+        let closed = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFD) } == -1;
+        STDOUT_CLOSED.store(closed, std::sync::atomic::Ordering::Relaxed);
+    }
+    record_stdout
+};
 
 /// `text` with every control character and every character that reorders or breaks lines
 /// written as an escape, so that nothing read from the registry can steer the terminal.

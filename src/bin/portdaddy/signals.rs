@@ -1,4 +1,4 @@
-//! Signals: passing them on to the child of `run`, and dying quietly on a closed pipe.
+//! Signals: passing them on to the child of `run`, and what a closed pipe does.
 
 use std::io;
 use std::process::{Command, ExitStatus};
@@ -10,6 +10,16 @@ pub fn restore_sigpipe() {
     // SAFETY: setting a signal's disposition to its default touches no Rust state.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Makes a write to a closed pipe fail with `EPIPE` instead of killing the process, for a
+/// command that must undo its work when its output is lost (`acquire`).
+pub fn report_closed_pipes() {
+    #[cfg(unix)]
+    // SAFETY: ignoring a signal touches no Rust state.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
 }
 
