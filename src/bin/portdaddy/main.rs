@@ -112,9 +112,9 @@ enum Command {
     /// `PORT` is the first port and `PORT_<NAME>` each name's port (NAME upper-cased, every
     /// character but ASCII letters and digits as `_`). Every signal portdaddy can catch is
     /// passed on to the command (SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM,
-    /// SIGWINCH and the rest), but not SIGCHLD, SIGPIPE, faults or the job-control stops
-    /// (Ctrl-Z stops portdaddy and the command together); those the terminal sends (Ctrl-C)
-    /// reach the command directly. Outside the terminal's foreground (a
+    /// SIGWINCH and the rest); those the terminal sends (Ctrl-C) reach the command directly.
+    /// SIGCHLD, SIGPIPE and faults are not passed on, nor are the job-control stops: Ctrl-Z
+    /// stops portdaddy and the command together. Outside the terminal's foreground (a
     /// background job, `timeout`, CI) the command runs in a process group of its own, so a
     /// signal sent to portdaddy's whole group reaches it once, passed on. A signal ignored
     /// when portdaddy starts (`nohup`) stays ignored, for the command too. The exit code is
