@@ -1,6 +1,7 @@
 //! Exit codes, and the one line that tells a person what went wrong.
 
 use std::fmt::Display;
+use std::io::Write;
 use std::process::ExitCode;
 
 use portdaddy::Error;
@@ -52,9 +53,11 @@ impl Failure {
         self.code
     }
 
-    /// Prints the one line to stderr and gives the exit code.
+    /// Prints the one line to stderr and gives the exit code. A stderr that cannot be
+    /// written changes nothing: the exit code still tells.
     pub fn report(self) -> ExitCode {
-        eprintln!("portdaddy: error: {}", escape(&self.to_string()));
+        let line = format!("portdaddy: error: {}\n", escape(&self.to_string()));
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
         ExitCode::from(self.code)
     }
 }

@@ -30,9 +30,9 @@ Exit codes:
   3  no free port left in the range: run `portdaddy reap` or widen the range
   4  the registry cannot be used: it cannot be opened or created, is not a portdaddy
      registry, is damaged or too new, or stays locked
-  5  the output cannot be written, another process took the lease or the port while
-     the command ran, or ports cannot be probed (out of file descriptors or memory; also
-     any other failure)
+  5  the output cannot be written (`acquire` then releases the lease), another process
+     took the lease or the port while the command ran, or ports cannot be probed (out of
+     file descriptors or memory; also any other failure)
   `run` exits with the command's exit code, 128+N when a signal N killed it, 126 when the
   command cannot be executed and 127 when it is not found.
 
@@ -66,6 +66,9 @@ enum Command {
     /// Without --pid or --ttl, a caller that is init (pid 1: an orphaned command, systemd, a
     /// container's init) or outside this PID namespace (pid 0: `docker exec`) is refused,
     /// since the lease would never end.
+    ///
+    /// A port that cannot be printed (stdout closed, a full disk, a pipe whose reader has
+    /// gone) is released again, with exit code 5.
     Acquire {
         /// A label for the port: shown in listings, and the name gets its last port back.
         name: String,
@@ -112,9 +115,11 @@ enum Command {
     /// them when it exits.
     ///
     /// `PORT` is the first port and `PORT_<NAME>` each name's port (NAME upper-cased, every
-    /// character but ASCII letters and digits as `_`). SIGINT, SIGTERM, SIGHUP and SIGQUIT
-    /// sent to portdaddy by another process are passed on to the command; those the terminal
-    /// sends (Ctrl-C) reach the command directly. Outside the terminal's foreground (a
+    /// character but ASCII letters and digits as `_`). Every signal portdaddy can catch is
+    /// passed on to the command (SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM,
+    /// SIGWINCH and the rest); those the terminal sends (Ctrl-C) reach the command directly.
+    /// SIGCHLD, SIGPIPE and faults are not passed on, nor are the job-control stops: Ctrl-Z
+    /// stops portdaddy and the command together. Outside the terminal's foreground (a
     /// background job, `timeout`, CI) the command runs in a process group of its own, so a
     /// signal sent to portdaddy's whole group reaches it once, passed on. A signal ignored
     /// when portdaddy starts (`nohup`) stays ignored, for the command too. The exit code is
