@@ -175,6 +175,30 @@ pub enum Error {
         #[source]
         source: Source,
     },
+
+    /// A file or directory of the registry was refused before anything was written to it or
+    /// created through it: another user could have planted it or can change it (a symbolic
+    /// link of another user, a file or directory of another user, one that group or others
+    /// may write, a directory others may write without the sticky bit), it would make one
+    /// registry two (a second hard link, a file mounted on its own), creating it would put a
+    /// directory of ours into another user's, or its name leaves no room for the side files.
+    ///
+    /// The refused file is left exactly as it was.
+    #[error(
+        "refusing {} for the port registry at {}: {reason}; it was left as it was: {advice}",
+        file.display(),
+        path.display()
+    )]
+    Refused {
+        /// The registry path, as given.
+        path: PathBuf,
+        /// The file or directory that was refused.
+        file: PathBuf,
+        /// Why it was refused (naming its owner where that is the reason).
+        reason: String,
+        /// What to do about it.
+        advice: &'static str,
+    },
 }
 
 /// An explicit operation on a [`PortGuard`] failed.

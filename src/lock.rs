@@ -100,6 +100,11 @@ impl FileLock {
         })
     }
 
+    /// The lock file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Takes the lock, waiting until `deadline` at most; `Ok(None)` when it passed.
     pub(crate) fn lock(&mut self, deadline: Deadline) -> io::Result<Option<Held<'_>>> {
         match self.fast.try_lock() {
@@ -208,12 +213,81 @@ impl Waiter {
     }
 }
 
+/// A lock file that is not ours alone: the error inside the `io::Error` that
+/// [`FileLock::open`] returns then.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// The lock file.
+    pub(crate) file: PathBuf,
+    /// Why it cannot be used.
+    pub(crate) reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refusing {}: {}", self.file.display(), self.reason)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Opens (creating it `0600` if missing) the lock file, never through a symbolic link, and
+/// only if it is a regular file of ours that nobody else may write: another user's file
+/// there could be held locked by them for ever, or replaced.
 fn open_lock_file(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    let file = match options.open(path) {
+        Ok(file) => file,
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(refuse(
+                path,
+                "it is a symbolic link, which is never followed there",
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(refuse(path, "it is not a regular file"));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if meta.uid() != unsafe { libc::geteuid() } {
+            return Err(refuse(
+                path,
+                &format!("it belongs to another user (uid {})", meta.uid()),
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(refuse(
+                path,
+                &format!(
+                    "group or other users can write to it (mode {:04o})",
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(file)
+}
+
+fn refuse(path: &Path, reason: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        Refusal {
+            file: path.to_owned(),
+            reason: reason.to_owned(),
+        },
+    )
 }
 
 #[cfg(test)]

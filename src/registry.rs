@@ -182,7 +182,8 @@ impl PortDaddy {
         // Leases must name this process exactly, or others would take them for dead.
         let me = Owner::current()?;
         let store = SqliteStore::open(path, shared_tmp, timeout)?;
-        let owners = owners_dir(store.path());
+        // Beside the real file, as the lock file is, however the registry was reached.
+        let owners = owners_dir(&store.real_path());
         let lock = OwnerLock::take(&owners, &me).map_err(|e| Error::Open {
             path: store.path().to_owned(),
             source: format!(
@@ -606,7 +607,8 @@ impl PortDaddy {
             | Error::Corrupt { .. }
             | Error::SchemaTooNew { .. }
             | Error::LockTimeout { .. }
-            | Error::ForkedHandle { .. } => return,
+            | Error::ForkedHandle { .. }
+            | Error::Refused { .. } => return,
             _ => Counter::Errors,
         };
         if let Err(e) = self.write(|tx, _| tx.count(counter, 1)) {
