@@ -7,6 +7,27 @@
 //! if it is a real directory (not a symlink) owned by us and writable by nobody else, and the
 //! registry's files in it only if they are regular files (not symlinks) of ours that nobody
 //! else may write.
+//!
+//! # One registry, one set of side files
+//!
+//! Wherever the registry lives, its path is first resolved to the real file ([`resolve`]),
+//! following only symbolic links that belong to us or to root (nobody else can have planted
+//! those), and every side file is named after the real file, as SQLite names its own:
+//! `<real>.lock`, `<real>.owners/`, `<real>-wal`, `<real>-shm`, `<real>-journal`. So a
+//! registry reached through a link, a linked directory or a bind-mounted directory has one
+//! lock and one owners directory. A registry file that other names reach too, which no
+//! resolution can see, is refused: one with a second hard link, and one that is a mount point
+//! of its own (a single file bind-mounted, as `docker run -v file:file` does).
+//!
+//! # Files others could have planted
+//!
+//! The registry, its side files and the owners directory must be ours, never symbolic
+//! links, and closed to the writes of group and others ([`check_files`]); the registry's
+//! directory must be ours or root's, and closed to others unless it has the sticky bit (as
+//! `/tmp`); a missing directory is created only inside one of ours or a sticky one of root's,
+//! never in another user's (root with a user's `HOME` would lock the user out). Whatever is
+//! refused is reported as [`Error::Refused`], naming the file and its owner, and left as it
+//! was. These checks run when a handle opens, never per claim.
 
 use std::fs;
 use std::io;
@@ -199,10 +220,12 @@ const STICKY: u32 = 0o1000;
 const ADVICE_OWN: &str =
     "remove it (as its owner), or set PORTDADDY_DB to a registry in a directory of your own";
 /// Advice for a registry file reached by more than one name.
+#[cfg_attr(not(unix), allow(dead_code))]
 const ADVICE_SHARE_DIR: &str =
     "share the directory that holds the registry (bind-mount or link the directory), not the \
      file alone";
 /// Advice for a registry path inside a directory of another user.
+#[cfg_attr(not(unix), allow(dead_code))]
 const ADVICE_OTHER_USER: &str =
     "run as the user who owns it, or set PORTDADDY_DB to a path of your own";
 
@@ -638,6 +661,7 @@ fn is_mount_root(path: &Path) -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
+#[cfg_attr(not(unix), allow(dead_code))]
 fn is_mount_root(_: &Path) -> bool {
     false
 }

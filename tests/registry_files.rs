@@ -397,7 +397,8 @@ fn root_with_another_users_home_creates_nothing_there() {
 // ---------------------------------------------------------------------------------------------
 
 /// A registry file with a second hard link is refused by both names (each would get a lock
-/// of its own), with advice to share the directory; both are left as they were.
+/// of its own), with advice to share the directory; both are left as they were, and
+/// `diagnose` reports the same failure.
 #[test]
 fn a_registry_with_a_second_hard_link_is_refused_by_both_names() {
     let (tmp, path) = common::temp_registry();
@@ -412,6 +413,13 @@ fn a_registry_with_a_second_hard_link_is_refused_by_both_names() {
         assert_eq!(snapshot(tmp.path()), before, "{}", name.display());
     }
     assert!(!sibling(&other, ".lock").exists());
+    // The diagnosis says the same, and changes nothing either.
+    let range = portdaddy::PortRange::new(FIRST, LAST).unwrap();
+    let diagnosis = PortDaddy::diagnose(&other, range);
+    let check = diagnosis.check("file permissions").expect("a file check");
+    assert_eq!(check.status, portdaddy::Status::Fail, "{diagnosis}");
+    assert!(check.detail.contains("hard links"), "{diagnosis}");
+    assert_eq!(snapshot(tmp.path()), before);
 }
 
 /// A registry name with no room for the side files' suffixes (248 to 255 bytes: `-journal`

@@ -5,6 +5,15 @@
 //! Everything after creating the lock file `<registry>.lock` (mode `0600`, its directory
 //! `0700`) happens under the write lock, so no process sees a registry half created.
 //!
+//! 0. The path is resolved to the real file, through links of ours or root's only, and every
+//!    side file (the lock file, the owners directory, SQLite's `-wal`, `-shm` and
+//!    `-journal`) is named after the real file; the files already there are checked before
+//!    the lock file is created, again under the lock, and once more after SQLite has opened
+//!    its side files (see the `paths` module: anything another user planted or may change is
+//!    refused). SQLite opens the real file with `SQLITE_OPEN_NOFOLLOW` and its side files
+//!    with `O_NOFOLLOW`; in a directory others may write (sticky), `-wal` and `-shm` are
+//!    created by us (`O_EXCL`, `0600`) before SQLite opens them. SQLite removes them again
+//!    when the last connection closes, so this runs at every open.
 //! 1. The path is checked before SQLite sees it: anything but a regular file we can read and
 //!    write, a non-empty file without the SQLite header, or one whose header names another
 //!    application is refused, and nothing is written. (The plainest of these are refused
