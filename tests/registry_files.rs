@@ -662,3 +662,76 @@ fn dir_mount_entry() {
     two_paths_are_one_registry(&mounted, &real, &real);
     say("passed");
 }
+
+/// Makes `command` run its program in a new PID namespace (with its own `/proc`) as the
+/// namespace's first process; killing `unshare` kills it.
+fn in_new_pid_namespace(command: &mut Command) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
+        .arg(program)
+        .args(args);
+    *command = wrapped;
+}
+
+/// An owner in a PID namespace of its own that opened the registry through a symbolic link
+/// keeps its lock file beside the real file, where the host, which opened the real path,
+/// looks: the host neither reaps its leases nor hands out its ports.
+#[test]
+fn an_owner_in_another_pid_namespace_on_a_symlink_keeps_its_ports() {
+    let probe = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        other => {
+            println!("skipped: cannot make a PID namespace here: {other:?}");
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("reg.sqlite3");
+    let link = tmp.path().join("link.sqlite3");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let host = open_at(&real).unwrap();
+    let mut holder = Worker::spawn_with(
+        "namespaced holder",
+        "hold",
+        &link,
+        &RANGE_ALL,
+        &[],
+        in_new_pid_namespace,
+    );
+    assert_eq!(holder.expect_line("READY", deadline()), "READY");
+    holder.send("go");
+    let line = holder.expect_line("PORTS", deadline());
+    let held: BTreeSet<u16> = line
+        .strip_prefix("PORTS ")
+        .expect("a PORTS line")
+        .split(' ')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(held.len(), HELD);
+    assert_eq!(host.reap().unwrap(), 0, "the host reaped a live lease");
+    let mut guards = Vec::new();
+    loop {
+        match host.acquire("host") {
+            Ok(guard) => {
+                assert!(
+                    !held.contains(&guard.port()),
+                    "the host got port {}, held in the other namespace",
+                    guard.port()
+                );
+                guards.push(guard);
+            }
+            Err(Error::Exhausted { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(guards.len(), RANGE_ALL.len() - HELD);
+    holder.close_stdin();
+    let (_, status) = holder.finish(deadline());
+    assert!(status.success(), "{status}; stderr:\n{}", holder.stderr());
+}
