@@ -183,7 +183,12 @@ fn check_path(d: &mut Diagnosis, path: &Path) -> bool {
     };
     match std::fs::metadata(&dir) {
         Result::Ok(meta) if meta.is_dir() => {
-            let (status, detail) = permissions(&dir, &meta, 0o700);
+            // What an open would refuse: a directory of another user, or one that others
+            // may write without the sticky bit.
+            let (status, detail) = match crate::paths::check_registry_dir(path, &dir, &meta) {
+                Result::Ok(()) => permissions(&dir, &meta, 0o700),
+                Err(refusal) => (Fail, refusal.to_string()),
+            };
             d.push("directory permissions", status, detail);
         }
         Result::Ok(_) => d.push(

@@ -185,9 +185,8 @@ pub enum Error {
     ///
     /// The refused file is left exactly as it was.
     #[error(
-        "refusing {} for the port registry at {}: {reason}; it was left as it was: {advice}",
-        file.display(),
-        path.display()
+        "refusing {}: {reason}; it was left as it was: {advice}",
+        refused_what(path, file)
     )]
     Refused {
         /// The registry path, as given.
@@ -199,6 +198,19 @@ pub enum Error {
         /// What to do about it.
         advice: &'static str,
     },
+}
+
+/// What [`Error::Refused`] refused: the registry itself, or a file beside it.
+fn refused_what(path: &std::path::Path, file: &std::path::Path) -> String {
+    if path == file {
+        format!("the port registry at {}", path.display())
+    } else {
+        format!(
+            "{} for the port registry at {}",
+            file.display(),
+            path.display()
+        )
+    }
 }
 
 /// An explicit operation on a [`PortGuard`] failed.

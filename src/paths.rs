@@ -465,7 +465,7 @@ fn may_create_in(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
 /// The directory of the registry must be ours (or root's), and closed to others' writes
 /// unless sticky, where nobody may remove or rename another's files.
 #[cfg(unix)]
-fn check_registry_dir(registry: &Path, dir: &Path, meta: &fs::Metadata) -> Result<()> {
+pub(crate) fn check_registry_dir(registry: &Path, dir: &Path, meta: &fs::Metadata) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     if meta.uid() != euid() && meta.uid() != 0 {
         return Err(refused(
@@ -496,7 +496,7 @@ fn check_registry_dir(registry: &Path, dir: &Path, meta: &fs::Metadata) -> Resul
 }
 
 #[cfg(not(unix))]
-fn check_registry_dir(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
+pub(crate) fn check_registry_dir(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
     Ok(())
 }
 

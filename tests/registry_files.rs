@@ -290,8 +290,9 @@ fn a_registry_file_others_may_write_is_refused_and_its_mode_kept() {
     }
 }
 
-/// A registry directory that group or others may write without the sticky bit is refused:
-/// they could replace its files. With the sticky bit (as `/tmp`) it is used.
+/// A registry directory that group or others may write without the sticky bit is refused
+/// (and `diagnose` says so): they could replace its files. With the sticky bit (as `/tmp`)
+/// it is used.
 #[test]
 fn a_directory_others_may_write_is_refused_unless_sticky() {
     let tmp = tempfile::tempdir().unwrap();
@@ -302,6 +303,13 @@ fn a_directory_others_may_write_is_refused_unless_sticky() {
     let err = open_at(&path).expect_err("an open directory must be refused");
     assert_refused(&err, &dir, "no sticky bit");
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "files were created");
+    let range = portdaddy::PortRange::new(FIRST, LAST).unwrap();
+    let diagnosis = PortDaddy::diagnose(&path, range);
+    let check = diagnosis
+        .check("directory permissions")
+        .expect("a directory check");
+    assert_eq!(check.status, portdaddy::Status::Fail, "{diagnosis}");
+    assert!(check.detail.contains("no sticky bit"), "{diagnosis}");
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
     let registry = open_at(&path).expect("a sticky directory is fine");
     drop(registry.acquire("web").unwrap());
