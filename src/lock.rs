@@ -318,6 +318,29 @@ mod tests {
             .is_some());
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_that_is_a_link_or_others_may_write_is_refused_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        let link = dir.path().join("link.lock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = FileLock::open(&link).unwrap_err();
+        let refusal = err.get_ref().and_then(|e| e.downcast_ref::<Refusal>());
+        assert!(refusal.is_some_and(|r| r.file == link), "{err:?}");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(!target.exists(), "the link's target was created");
+
+        let open = dir.path().join("open.lock");
+        std::fs::write(&open, b"").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = FileLock::open(&open).unwrap_err();
+        assert!(err.to_string().contains("can write to it"), "{err}");
+        let mode = std::fs::metadata(&open).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666, "the mode was changed");
+    }
+
     #[test]
     fn an_unrepresentable_timeout_means_no_limit() {
         let deadline = Deadline::after(Duration::MAX);

@@ -402,6 +402,20 @@ mod tests {
     }
 
     #[test]
+    fn an_owners_directory_others_may_write_is_refused_and_left_as_it_was() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r.owners");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+        let err = OwnerLock::take(&dir, &owner(2, None)).unwrap_err();
+        assert!(err.to_string().contains("can write to it"), "{err}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o770);
+    }
+
+    #[test]
     fn an_unlocked_file_is_dead_and_tidied_away() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("r.owners");
