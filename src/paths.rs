@@ -702,10 +702,16 @@ fn unescape_octal(field: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A side file that [`precreate_side_files`] made: its path and identity (device, inode).
+pub(crate) type Created = (PathBuf, Option<(u64, u64)>);
+
 /// Creates SQLite's `-wal` and `-shm` beside `real` ourselves (`0600`, never through a link)
 /// where they are missing, so that nobody else can create them first in a directory open to
-/// others. Returns the files it created, for removal if the open fails.
-pub(crate) fn precreate_side_files(real: &Path) -> io::Result<Vec<PathBuf>> {
+/// others. Returns the files it created, for [`remove_created`].
+///
+/// No descriptor of them stays open: closing one after SQLite has locked the file would drop
+/// SQLite's POSIX locks on it.
+pub(crate) fn precreate_side_files(real: &Path) -> io::Result<Vec<Created>> {
     let mut created = Vec::new();
     for suffix in ["-wal", "-shm"] {
         let file = sibling(real, suffix);
@@ -717,12 +723,39 @@ pub(crate) fn precreate_side_files(real: &Path) -> io::Result<Vec<PathBuf>> {
             options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
         }
         match options.open(&file) {
-            Ok(_) => created.push(file),
+            Ok(handle) => {
+                let id = identity(&handle.metadata()?);
+                created.push((file, id));
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
     }
     Ok(created)
+}
+
+#[cfg(unix)]
+fn identity(meta: &fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((meta.dev(), meta.ino()))
+}
+
+#[cfg(not(unix))]
+fn identity(_: &fs::Metadata) -> Option<(u64, u64)> {
+    None
+}
+
+/// Removes the side files [`precreate_side_files`] made, if their names still lead to them.
+pub(crate) fn remove_created(created: Vec<Created>) {
+    for (file, id) in created {
+        let still = fs::symlink_metadata(&file).is_ok_and(|meta| identity(&meta) == id);
+        if !still {
+            continue;
+        }
+        if let Err(error) = fs::remove_file(&file) {
+            tracing::debug!(file = %file.display(), %error, "could not remove a side file");
+        }
+    }
 }
 
 /// Creates `path` empty with mode `0600` if it does not exist; leaves an existing file alone.

@@ -334,6 +334,27 @@ fn a_registry_in_a_sticky_directory_keeps_its_files_private() {
     }
 }
 
+/// Another application's database in a sticky directory is refused as before, and the side
+/// files created for it before SQLite opened it are gone again: the directory is as it was.
+#[test]
+fn a_foreign_database_in_a_sticky_directory_is_refused_and_nothing_is_left_beside_it() {
+    let (tmp, shared) = sticky_dir();
+    let path = shared.join("other.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+    }
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    let before = snapshot(tmp.path());
+    let err = open_at(&path).expect_err("another application's database");
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    let mut after = snapshot(tmp.path());
+    // The lock file stays, as beside any refused file.
+    after.remove(&sibling(&path, ".lock"));
+    assert_eq!(after, before);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Root with another user's environment
 // ---------------------------------------------------------------------------------------------

@@ -226,8 +226,12 @@ impl SqliteStore {
             match opened {
                 Ok(conn) => conn,
                 Err(e) => {
-                    for file in created {
-                        let _ = std::fs::remove_file(file);
+                    // Beside a file that is no registry of ours, nothing of ours uses them.
+                    // Beside one of ours (a newer schema, say) a reader may have opened them
+                    // meanwhile, and removing them would split its WAL from the next one's:
+                    // they stay then, as SQLite would leave them.
+                    if matches!(e, Error::Corrupt { .. }) {
+                        paths::remove_created(created);
                     }
                     return Err(e);
                 }
