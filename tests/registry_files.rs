@@ -180,8 +180,9 @@ fn assert_refused(err: &Error, file: &Path, why: &str) {
 // ---------------------------------------------------------------------------------------------
 
 /// A symbolic link that another user planted at the registry path, pointing at a file of
-/// ours or at nothing, is not followed: refused, naming the link and its owner, the target
-/// byte for byte as it was, nothing created at a missing target.
+/// ours or at nothing, or on the way to it (to a directory), is not followed: refused, naming
+/// the link and its owner, the target byte for byte as it was, nothing created at a missing
+/// target or in a linked directory.
 #[test]
 fn a_registry_symlink_planted_by_another_user_is_refused_and_its_target_untouched() {
     let Some(user) = OtherUser::add() else { return };
@@ -199,6 +200,21 @@ fn a_registry_symlink_planted_by_another_user_is_refused_and_its_target_untouche
         assert_eq!(fs::read(&victim).unwrap(), b"precious bytes");
         assert!(!missing.exists(), "{name}: the link's target was created");
     }
+    // A link of theirs to a directory, anywhere on the path, is not followed either.
+    let victim_dir = tmp.path().join("victim-dir");
+    fs::create_dir(&victim_dir).unwrap();
+    user.run(
+        &shared,
+        &format!("ln -s '{}' dir-link", victim_dir.display()),
+    );
+    let link = shared.join("dir-link");
+    let err = open_at(&link.join("reg.sqlite3")).expect_err("a planted directory link");
+    assert_refused(&err, &link, &format!("user {}", user.name));
+    assert_eq!(
+        fs::read_dir(&victim_dir).unwrap().count(),
+        0,
+        "created through the link"
+    );
 }
 
 /// A symbolic link that another user planted at the lock file, SQLite's `-wal`, `-shm` or
