@@ -534,7 +534,8 @@ impl PortDaddy {
         self.write(|tx, env| policy::reap(tx, env, None))
     }
 
-    /// The registry file, or `None` for an in-memory registry.
+    /// The registry file as its path was given (its side files sit beside the file that path
+    /// leads to), or `None` for an in-memory registry.
     pub fn path(&self) -> Option<&Path> {
         self.inner.path.as_deref()
     }
