@@ -199,6 +199,42 @@ pub enum Error {
         #[source]
         source: Source,
     },
+
+    /// A file or directory of the registry was refused before anything was written to it or
+    /// created through it: another user could have planted it or can change it (a symbolic
+    /// link of another user, a file or directory of another user, one that group or others
+    /// may write, a directory others may write without the sticky bit), it would make one
+    /// registry two (a second hard link, a file mounted on its own), creating it would put a
+    /// directory of ours into another user's, or its name leaves no room for the side files.
+    ///
+    /// The refused file is left exactly as it was.
+    #[error(
+        "refusing {}: {reason}; it was left as it was: {advice}",
+        refused_what(path, file)
+    )]
+    Refused {
+        /// The registry path, as given.
+        path: PathBuf,
+        /// The file or directory that was refused.
+        file: PathBuf,
+        /// Why it was refused (naming its owner where that is the reason).
+        reason: String,
+        /// What to do about it.
+        advice: &'static str,
+    },
+}
+
+/// What [`Error::Refused`] refused: the registry itself, or a file beside it.
+fn refused_what(path: &std::path::Path, file: &std::path::Path) -> String {
+    if path == file {
+        format!("the port registry at {}", path.display())
+    } else {
+        format!(
+            "{} for the port registry at {}",
+            file.display(),
+            path.display()
+        )
+    }
 }
 
 /// A path as an error message shows it: control and layout characters escaped, so that a

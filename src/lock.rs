@@ -100,6 +100,11 @@ impl FileLock {
         })
     }
 
+    /// The lock file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Takes the lock, waiting until `deadline` at most; `Ok(None)` when it passed.
     pub(crate) fn lock(&mut self, deadline: Deadline) -> io::Result<Option<Held<'_>>> {
         match self.fast.try_lock() {
@@ -219,12 +224,81 @@ fn lock_blocking(file: &File) -> io::Result<()> {
     }
 }
 
+/// A lock file that is not ours alone: the error inside the `io::Error` that
+/// [`FileLock::open`] returns then.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// The lock file.
+    pub(crate) file: PathBuf,
+    /// Why it cannot be used.
+    pub(crate) reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refusing {}: {}", self.file.display(), self.reason)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Opens (creating it `0600` if missing) the lock file, never through a symbolic link, and
+/// only if it is a regular file of ours that nobody else may write: another user's file
+/// there could be held locked by them for ever, or replaced.
 fn open_lock_file(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    let file = match options.open(path) {
+        Ok(file) => file,
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(refuse(
+                path,
+                "it is a symbolic link, which is never followed there",
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(refuse(path, "it is not a regular file"));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if meta.uid() != unsafe { libc::geteuid() } {
+            return Err(refuse(
+                path,
+                &format!("it belongs to another user (uid {})", meta.uid()),
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(refuse(
+                path,
+                &format!(
+                    "group or other users can write to it (mode {:04o})",
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(file)
+}
+
+fn refuse(path: &Path, reason: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        Refusal {
+            file: path.to_owned(),
+            reason: reason.to_owned(),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -253,6 +327,29 @@ mod tests {
             .lock(Deadline::after(Duration::from_secs(5)))
             .unwrap()
             .is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_that_is_a_link_or_others_may_write_is_refused_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        let link = dir.path().join("link.lock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = FileLock::open(&link).unwrap_err();
+        let refusal = err.get_ref().and_then(|e| e.downcast_ref::<Refusal>());
+        assert!(refusal.is_some_and(|r| r.file == link), "{err:?}");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(!target.exists(), "the link's target was created");
+
+        let open = dir.path().join("open.lock");
+        std::fs::write(&open, b"").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = FileLock::open(&open).unwrap_err();
+        assert!(err.to_string().contains("can write to it"), "{err}");
+        let mode = std::fs::metadata(&open).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666, "the mode was changed");
     }
 
     #[test]

@@ -191,7 +191,8 @@ impl PortDaddy {
         // Leases must name this process exactly, or others would take them for dead.
         let me = Owner::current()?;
         let store = SqliteStore::open(path, shared_tmp, timeout)?;
-        let owners = owners_dir(store.path());
+        // Beside the real file, as the lock file is, however the registry was reached.
+        let owners = owners_dir(&store.real_path());
         let lock = OwnerLock::take(&owners, &me).map_err(|e| Error::Open {
             path: store.path().to_owned(),
             source: format!(
@@ -543,7 +544,8 @@ impl PortDaddy {
         self.write(|tx, env| policy::reap(tx, env, None))
     }
 
-    /// The registry file, or `None` for an in-memory registry.
+    /// The registry file as its path was given (its side files sit beside the file that path
+    /// leads to), or `None` for an in-memory registry.
     pub fn path(&self) -> Option<&Path> {
         self.inner.path.as_deref()
     }
@@ -616,7 +618,8 @@ impl PortDaddy {
             | Error::Corrupt { .. }
             | Error::SchemaTooNew { .. }
             | Error::LockTimeout { .. }
-            | Error::ForkedHandle { .. } => return,
+            | Error::ForkedHandle { .. }
+            | Error::Refused { .. } => return,
             _ => Counter::Errors,
         };
         if let Err(e) = self.write(|tx, _| tx.count(counter, 1)) {

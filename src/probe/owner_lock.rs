@@ -167,8 +167,9 @@ fn still_linked(path: &Path, file: &File) -> bool {
     }
 }
 
-/// Creates `dir` with mode `0700`, or accepts it if it is already a real directory of ours:
-/// never a symbolic link, which could lead the lock files somewhere chosen by someone else.
+/// Creates `dir` with mode `0700`, or accepts it if it is already a real directory of ours
+/// that nobody else may write: never a symbolic link, which could lead the lock files
+/// somewhere chosen by someone else.
 fn create_private_dir(dir: &Path) -> io::Result<()> {
     let mut builder = fs::DirBuilder::new();
     #[cfg(unix)]
@@ -196,6 +197,11 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if meta.uid() != unsafe { libc::geteuid() } {
             return refuse("it belongs to another user");
+        }
+        // Others could plant or remove lock files there: a dead owner made to look alive, or
+        // a live one dead.
+        if meta.mode() & 0o022 != 0 {
+            return refuse("group or other users can write to it");
         }
     }
     Ok(())
@@ -393,6 +399,20 @@ mod tests {
         fs::write(&file, b"").unwrap();
         let err = OwnerLock::take(&file, &owner(2, None)).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn an_owners_directory_others_may_write_is_refused_and_left_as_it_was() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r.owners");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+        let err = OwnerLock::take(&dir, &owner(2, None)).unwrap_err();
+        assert!(err.to_string().contains("can write to it"), "{err}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o770);
     }
 
     #[test]

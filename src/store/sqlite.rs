@@ -5,6 +5,15 @@
 //! Everything after creating the lock file `<registry>.lock` (mode `0600`, its directory
 //! `0700`) happens under the write lock, so no process sees a registry half created.
 //!
+//! 0. The path is resolved to the real file, through links of ours or root's only, and every
+//!    side file (the lock file, the owners directory, SQLite's `-wal`, `-shm` and
+//!    `-journal`) is named after the real file; the files already there are checked before
+//!    the lock file is created, again under the lock, and once more after SQLite has opened
+//!    its side files (see the `paths` module: anything another user planted or may change is
+//!    refused). SQLite opens the real file with `SQLITE_OPEN_NOFOLLOW` and its side files
+//!    with `O_NOFOLLOW`; in a directory others may write (sticky), `-wal` and `-shm` are
+//!    created by us (`O_EXCL`, `0600`) before SQLite opens them. SQLite removes them again
+//!    when the last connection closes, so this runs at every open.
 //! 1. The path is checked before SQLite sees it: anything but a regular file we can read and
 //!    write, a non-empty file without the SQLite header, or one whose header names another
 //!    application is refused, and nothing is written. (The plainest of these are refused
@@ -53,7 +62,7 @@ use super::{first_gap, held_ports, Counter, Tx};
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
 use crate::lock::{Deadline, FileLock};
-use crate::paths;
+use crate::paths::{self, sibling};
 use crate::range::PortRange;
 
 /// Marks a database as a portdaddy registry (`PRAGMA application_id`): ASCII "PtDy".
@@ -179,11 +188,19 @@ impl SqliteStore {
                 "the path is a directory; give a file path",
             )));
         }
-        paths::prepare_parent(path, shared_tmp)?;
-        // What a registry being created by another process cannot look like is refused at
-        // once, without even a lock file beside it.
-        check_existing_file(path, false)?;
-        let mut lock = FileLock::open(&lock_path(path)).map_err(open_err)?;
+        if shared_tmp {
+            paths::prepare_shared_dir(path)?;
+        }
+        // Every side file is named after the real file, as SQLite names its own, so that one
+        // registry has one lock and one owners directory however it is reached.
+        let real = paths::resolve(path)?;
+        paths::check_name_length(path, &real)?;
+        paths::prepare_dirs(path, &real)?;
+        // What a registry being created by another process cannot look like, and files
+        // planted by others, are refused at once, without even a lock file beside them.
+        paths::check_files(path, &real)?;
+        check_existing_file(path, &real, false)?;
+        let mut lock = FileLock::open(&lock_path(&real)).map_err(|e| lock_err(path, e))?;
         let conn = {
             // The whole sequence runs under the write lock, so no process ever inspects a
             // registry that another is still creating or migrating.
@@ -194,9 +211,31 @@ impl SqliteStore {
                         path: path.to_owned(),
                         waited: deadline.elapsed(),
                     })?;
-            check_existing_file(path, true)?;
-            paths::create_private_file(path).map_err(open_err)?;
-            open_checked(path, deadline)?
+            // Again under the lock: the files SQLite is about to open are as they were
+            // checked, since every process of ours checks under this lock too.
+            paths::check_files(path, &real)?;
+            check_existing_file(path, &real, true)?;
+            paths::create_private_file(&real).map_err(open_err)?;
+            let created = if paths::dir_open_to_others(&real) {
+                paths::precreate_side_files(&real).map_err(open_err)?
+            } else {
+                Vec::new()
+            };
+            let opened = open_checked(path, &real, deadline)
+                .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
+            match opened {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Beside a file that is no registry of ours, nothing of ours uses them.
+                    // Beside one of ours (a newer schema, say) a reader may have opened them
+                    // meanwhile, and removing them would split its WAL from the next one's:
+                    // they stay then, as SQLite would leave them.
+                    if matches!(e, Error::Corrupt { .. }) {
+                        paths::remove_created(created);
+                    }
+                    return Err(e);
+                }
+            }
         };
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| open_sql_err(path, deadline, e))?;
@@ -213,6 +252,16 @@ impl SqliteStore {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The registry file with its links resolved, beside which every side file lives.
+    pub(crate) fn real_path(&self) -> PathBuf {
+        // The lock file is `<real>.lock`.
+        let lock = self.lock.path().as_os_str().as_encoded_bytes();
+        let real = &lock[..lock.len().saturating_sub(".lock".len())];
+        // SAFETY: the bytes come from an `OsStr` and are cut just before an ASCII suffix,
+        // which is a valid boundary of the encoding.
+        PathBuf::from(unsafe { std::ffi::OsStr::from_encoded_bytes_unchecked(real) })
     }
 
     /// Runs `f` as one write transaction under the file lock, giving up at `deadline`.
@@ -284,14 +333,19 @@ fn busy_timeout(deadline: Deadline) -> Duration {
 
 /// Opens the connection, inspects the file read-only, then sets WAL mode and migrates.
 /// The caller holds the write lock.
-fn open_checked(path: &Path, deadline: Deadline) -> Result<Connection> {
+/// `real` is the registry file with its links resolved; `path` names it in errors.
+fn open_checked(path: &Path, real: &Path, deadline: Deadline) -> Result<Connection> {
     let sql = |e| open_sql_err(path, deadline, e);
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn = Connection::open_with_flags(path, flags).map_err(sql)?;
+    // The links are resolved: a link in the path now was put there since, and is not
+    // followed.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    let mut conn = Connection::open_with_flags(real, flags).map_err(sql)?;
     conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
     // Closing the last connection checkpoints the WAL into the file: not before we know the
     // file is ours.
-    let guard_wal = sibling(path, "-wal").exists();
+    let guard_wal = sibling(real, "-wal").exists();
     if guard_wal {
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(sql)?;
@@ -315,6 +369,23 @@ fn lock_path(path: &Path) -> PathBuf {
     sibling(path, ".lock")
 }
 
+/// Maps a failure to open the lock file: a refusal of the file when it is one.
+fn lock_err(path: &Path, e: io::Error) -> Error {
+    match e.downcast::<crate::lock::Refusal>() {
+        Ok(refusal) => Error::Refused {
+            path: path.to_owned(),
+            file: refusal.file,
+            reason: refusal.reason,
+            advice: "remove it (as its owner), or set PORTDADDY_DB to a registry in a \
+                     directory of your own",
+        },
+        Err(e) => Error::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        },
+    }
+}
+
 /// Refuses, without letting SQLite touch it, an existing path that is not a regular file
 /// we can read and write, is not SQLite at all, or is plainly another application's database.
 ///
@@ -322,12 +393,13 @@ fn lock_path(path: &Path) -> PathBuf {
 /// into the file, so a foreign database must be turned away before SQLite opens it.
 /// `locked` says whether the caller holds the write lock: only then can a rollback journal
 /// be told from the transient one of a registry that another process is creating.
-fn check_existing_file(path: &Path, locked: bool) -> Result<()> {
-    check_file(path, locked, true)
+fn check_existing_file(path: &Path, real: &Path, locked: bool) -> Result<()> {
+    check_file(path, real, locked, true)
 }
 
 /// [`check_existing_file`], opening the file for writing too only when `write`.
-fn check_file(path: &Path, locked: bool, write: bool) -> Result<()> {
+/// `real` is the file with its links resolved; `path` names it in errors.
+fn check_file(path: &Path, real: &Path, locked: bool, write: bool) -> Result<()> {
     let open_err = |e: io::Error| Error::Open {
         path: path.to_owned(),
         source: e.into(),
@@ -339,9 +411,14 @@ fn check_file(path: &Path, locked: bool, write: bool) -> Result<()> {
     let mut options = OpenOptions::new();
     options.read(true).write(write);
     // Non-blocking, so that a FIFO at the path cannot hang the open or the read.
+    // When opening for use, `real` has its links resolved already: one there now is not
+    // followed.
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
-    let file = match options.open(path) {
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NONBLOCK | if write { libc::O_NOFOLLOW } else { 0 },
+    );
+    let file = match options.open(real) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(open_err(e)),
@@ -372,19 +449,12 @@ fn check_file(path: &Path, locked: bool, write: bool) -> Result<()> {
     }
     // A registry is only ever written in WAL mode, so a rollback journal beside a file that
     // does not yet say it is ours belongs to someone else.
-    if locked && app_id == 0 && sibling(path, "-journal").exists() {
+    if locked && app_id == 0 && sibling(real, "-journal").exists() {
         return Err(corrupt(
             "an SQLite database of another application (it has a rollback journal)".into(),
         ));
     }
     Ok(())
-}
-
-/// `<path><suffix>`, as SQLite names its side files.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 /// Read-only checks: is this an empty database or one of ours, of a schema we know, intact?
@@ -813,7 +883,7 @@ pub(crate) struct Examination {
 /// cannot open, is an error.
 pub(crate) fn examine(path: &Path, timeout: Duration) -> Result<Examination> {
     let deadline = Deadline::after(timeout);
-    check_file(path, true, false)?;
+    check_file(path, path, true, false)?;
     let sql = |e| open_sql_err(path, deadline, e);
     // A read-only connection still creates the `-wal` and `-shm` files of a WAL database
     // that nobody has open, and cannot remove them again. Without a `-wal` file the main

@@ -22,6 +22,7 @@
 //! | nextest_fixture.rs  | 31000-31499 (and `examples/nextest_fixture.rs`) |
 //! | examples/soak.rs    | 31500-31999 (not run in CI) |
 //! | liveness.rs         | 32000-32099   |
+//! | registry_files.rs   | 32100-32199   |
 //! | limits.rs           | 32300-32399   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |

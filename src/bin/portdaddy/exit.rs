@@ -99,6 +99,7 @@ impl From<Error> for Failure {
             Error::Open { .. }
             | Error::Corrupt { .. }
             | Error::SchemaTooNew { .. }
+            | Error::Refused { .. }
             | Error::Registry { .. } => failure.hint(
                 "choose the registry file with --db or PORTDADDY_DB; `portdaddy doctor` checks it",
             ),
@@ -127,6 +128,7 @@ pub fn code_of(error: &Error) -> u8 {
         | Error::SchemaTooNew { .. }
         | Error::LockTimeout { .. }
         | Error::ForkedHandle { .. }
+        | Error::Refused { .. }
         | Error::Registry { .. } => REGISTRY,
         // Not "nothing matched": a script may take exit code 1 as an answer.
         _ => OTHER,
