@@ -488,6 +488,9 @@ fn worker_entry() {
     let Ok(mode) = std::env::var(MODE) else {
         return;
     };
+    if mode == "visit" {
+        return visit();
+    }
     assert_eq!(mode, "hold", "unknown worker mode");
     let _ = var(RANGE);
     let registry = open_at(Path::new(&var(REGISTRY))).expect("open the registry");
@@ -779,4 +782,91 @@ fn an_owner_in_another_pid_namespace_on_a_symlink_keeps_its_ports() {
     holder.close_stdin();
     let (_, status) = holder.finish(deadline());
     assert!(status.success(), "{status}; stderr:\n{}", holder.stderr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two handles on one registry in one process
+
+/// The ports of the test below, probed as free without binding them.
+const VISIT_RANGE: std::ops::RangeInclusive<u16> = 32400..=32499;
+
+fn open_in_visit_range(path: &Path) -> portdaddy::Result<PortDaddy> {
+    PortDaddy::builder()
+        .path(path)
+        .range(VISIT_RANGE)
+        .port_probe(all_free)
+        .lock_timeout(Duration::from_secs(10))
+        .open()
+}
+
+/// A worker that opens the registry, asks for the port `PREFERRED` and says which port it
+/// got.
+fn visit() {
+    let registry = open_in_visit_range(Path::new(&var(REGISTRY))).expect("open the registry");
+    let preferred: u16 = var("PREFERRED").parse().unwrap();
+    let guard = registry
+        .acquire_with(&portdaddy::Request::new("visitor").preferred(preferred))
+        .unwrap();
+    say(&format!("GOT {}", guard.port()));
+}
+
+/// Runs a [`visit`] worker asking for `preferred`; the port it got.
+fn visitor_gets(path: &Path, preferred: u16) -> u16 {
+    let extra = [("PREFERRED", preferred.to_string())];
+    let mut worker = Worker::spawn("visitor", "visit", path, &VISIT_RANGE, &extra);
+    let line = worker.expect_line("GOT", deadline());
+    let (_, status) = worker.finish(deadline());
+    assert!(status.success(), "visitor: {status}: {}", worker.stderr());
+    line.strip_prefix("GOT ").unwrap().parse().unwrap()
+}
+
+/// Reads the registry as any other SQLite client would (the `sqlite3` shell, a backup
+/// script): when it closes its connection and finds itself the last user of the database,
+/// it checkpoints it and removes its `-wal` and `-shm` files. `None` when the shell is not
+/// installed.
+fn read_with_sqlite_shell(path: &Path) -> Option<String> {
+    let out = Command::new("sqlite3")
+        .arg(path)
+        .arg("SELECT count(*) FROM leases;")
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "sqlite3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+}
+
+/// SQLite locks its files with POSIX locks, which a process loses on every descriptor of a
+/// file when it closes any one of them. A second handle opened in a process that has one
+/// open must not drop the first one's locks: another client would then take itself for the
+/// last user of the registry, remove the write-ahead log under the first handle, and the
+/// first handle would go on writing leases that no other process sees.
+#[test]
+fn a_second_handle_in_one_process_keeps_the_first_ones_leases_visible_to_others() {
+    let (_dir, path) = common::temp_registry();
+    let first = open_in_visit_range(&path).unwrap();
+    let held = first.acquire("first").unwrap();
+    let second = open_in_visit_range(&path).unwrap();
+    drop(open_in_visit_range(&path).unwrap());
+    // Another client opens and closes the registry.
+    let Some(count) = read_with_sqlite_shell(&path) else {
+        println!("skipped: the sqlite3 shell is not installed");
+        return;
+    };
+    assert_eq!(count, "1");
+    // What the first handle leases now must be seen by every other process.
+    let later = first.acquire("later").unwrap();
+    let got = visitor_gets(&path, later.port());
+    assert_ne!(
+        got,
+        later.port(),
+        "another process was given port {got}, which this process holds"
+    );
+    assert!(
+        sibling(&path, "-wal").exists() && sibling(&path, "-shm").exists(),
+        "another client removed the write-ahead log while this process uses it"
+    );
+    drop((held, later, second));
 }

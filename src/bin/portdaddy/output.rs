@@ -44,7 +44,6 @@ static RECORD_STDOUT: extern "C" fn() = {
     record_stdout
 };
 
-
 /// `value` as one line of JSON in which no character can steer a terminal either: serde_json
 /// escapes the C0 controls, and the rest (DEL, the C1 controls such as the one-byte CSI, line
 /// separators, bidirectional controls) are written as `\uXXXX` too, which every JSON
