@@ -712,8 +712,21 @@ pub(crate) type Created = (PathBuf, Option<(u64, u64)>);
 /// No descriptor of them stays open: closing one after SQLite has locked the file would drop
 /// SQLite's POSIX locks on it.
 pub(crate) fn precreate_side_files(real: &Path) -> io::Result<Vec<Created>> {
+    precreate(real, &["-wal", "-shm"])
+}
+
+/// Creates an empty rollback journal beside `real` (`0600`, never through a link) where it
+/// is missing, for the moment SQLite first reads the registry: it then looks for a journal
+/// to roll back into the file, and in a directory open to others nobody else may put one
+/// there. Empty, it is rolled back never. A registry in WAL mode writes none: remove it with
+/// [`remove_created`] once the registry is open.
+pub(crate) fn precreate_journal(real: &Path) -> io::Result<Vec<Created>> {
+    precreate(real, &["-journal"])
+}
+
+fn precreate(real: &Path, suffixes: &[&str]) -> io::Result<Vec<Created>> {
     let mut created = Vec::new();
-    for suffix in ["-wal", "-shm"] {
+    for suffix in suffixes {
         let file = sibling(real, suffix);
         let mut options = fs::OpenOptions::new();
         options.write(true).create_new(true);

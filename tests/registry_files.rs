@@ -870,3 +870,147 @@ fn a_second_handle_in_one_process_keeps_the_first_ones_leases_visible_to_others(
     );
     drop((held, later, second));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Files planted while the registry opens
+
+/// A rollback journal of one page: rolled back, it writes `page` at page `pgno` of a database
+/// of `pages` pages of `page_size` bytes (SQLite's journal format: a header padded to a
+/// 512-byte sector, then page number, page, checksum).
+fn hot_journal(pgno: u32, page: &[u8], pages: u32, page_size: u32) -> Vec<u8> {
+    const NONCE: u32 = 0x1234_5678;
+    let mut journal = vec![0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
+    for field in [1, NONCE, pages, 512, page_size] {
+        journal.extend_from_slice(&u32::to_be_bytes(field));
+    }
+    journal.resize(512, 0);
+    journal.extend_from_slice(&pgno.to_be_bytes());
+    journal.extend_from_slice(page);
+    let mut checksum = NONCE;
+    let mut i = page_size as isize - 200;
+    while i > 0 {
+        checksum = checksum.wrapping_add(u32::from(page[i as usize]));
+        i -= 200;
+    }
+    journal.extend_from_slice(&checksum.to_be_bytes());
+    journal
+}
+
+/// Writes a registry's write-ahead log into its file and removes it, as the last process
+/// to close it does; the registry's page size, page count and the root page of its leases.
+fn checkpoint(path: &Path) -> (u32, u32, u32) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    let get = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, u32>(0)).unwrap();
+    let shape = (
+        get("PRAGMA page_size"),
+        get("PRAGMA page_count"),
+        get("SELECT rootpage FROM sqlite_schema WHERE name = 'leases'"),
+    );
+    conn.close().unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = fs::remove_file(sibling(path, suffix));
+    }
+    shape
+}
+
+/// Another user who plants a rollback journal beside a registry in a sticky directory the
+/// moment it is opened (after its files were checked, before SQLite first reads it) gets
+/// nothing written into it: SQLite would roll the journal back into the registry, here
+/// emptying the table of leases. The open is held at that moment by a POSIX lock on the
+/// registry that SQLite waits for, taken before and released once the journal is planted.
+#[test]
+fn a_journal_planted_while_the_registry_opens_is_never_rolled_back_into_it() {
+    let Some(user) = OtherUser::add() else {
+        return;
+    };
+    let (tmp, shared) = sticky_dir();
+    // A page of an empty table of leases, from a registry without leases.
+    let empty = tmp.path().join("empty.sqlite3");
+    drop(open_in_visit_range(&empty).unwrap());
+    let (page_size, _, empty_root) = checkpoint(&empty);
+    let bytes = fs::read(&empty).unwrap();
+    let at = (empty_root - 1) as usize * page_size as usize;
+    let empty_page = bytes[at..at + page_size as usize].to_vec();
+
+    let path = shared.join("reg.sqlite3");
+    let registry = open_in_visit_range(&path).unwrap();
+    let lease = registry
+        .acquire_with(&portdaddy::Request::new("web").ttl(Duration::from_secs(3600)))
+        .unwrap()
+        .keep()
+        .unwrap();
+    drop(registry);
+    let (size, pages, root) = checkpoint(&path);
+    assert_eq!(
+        (size, root),
+        (page_size, empty_root),
+        "registries differ in shape"
+    );
+    let planted = tmp.path().join("journal");
+    fs::write(&planted, hot_journal(root, &empty_page, pages, page_size)).unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o644)).unwrap();
+
+    // SQLite's shared lock on the registry waits while a write lock holds its pending byte.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let lock = |kind: libc::c_short| {
+        // SAFETY: an all-zero flock is a valid value; the fields are set below.
+        let mut region: libc::flock = unsafe { std::mem::zeroed() };
+        region.l_type = kind;
+        region.l_whence = libc::SEEK_SET as libc::c_short;
+        region.l_start = 0x4000_0000;
+        region.l_len = 1;
+        // SAFETY: F_SETLK on a descriptor `file` keeps open, with a valid flock.
+        let rc = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &region)
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    };
+    lock(libc::F_WRLCK as libc::c_short);
+    let opener = Command::new(env!("CARGO_BIN_EXE_portdaddy"))
+        .arg("--db")
+        .arg(&path)
+        .arg("list")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The opener creates the `-wal` once the files are checked, just before SQLite opens.
+    let until = deadline();
+    while !sibling(&path, "-wal").exists() {
+        assert!(
+            Instant::now() < until,
+            "the opener never got past its checks"
+        );
+        std::thread::yield_now();
+    }
+    user.run(
+        &shared,
+        &format!(
+            "cp {} reg.sqlite3-journal 2>/dev/null || true",
+            planted.display()
+        ),
+    );
+    lock(libc::F_UNLCK as libc::c_short);
+    drop(file);
+    let out = opener.wait_with_output().unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains(&lease.port().to_string()),
+        "the registry lost its lease ({}): {listed}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !sibling(&path, "-journal").exists(),
+        "a rollback journal was left beside the registry"
+    );
+    let registry = open_in_visit_range(&path).unwrap();
+    assert_eq!(registry.list().unwrap(), vec![lease]);
+}

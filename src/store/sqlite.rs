@@ -275,13 +275,25 @@ impl SqliteStore {
             paths::create_private_file(&real).map_err(open_err)?;
             // Before SQLite locks it: from now on nothing of this process closes it again.
             let in_use = InUse::mark(&real).map_err(open_err)?;
-            let created = if paths::dir_open_to_others(&real) {
-                paths::precreate_side_files(&real).map_err(open_err)?
+            let (created, journal) = if paths::dir_open_to_others(&real) {
+                let created = paths::precreate_side_files(&real).map_err(open_err)?;
+                let journal = paths::precreate_journal(&real).map_err(open_err)?;
+                // What another user put there after the check, before ours were made, is
+                // refused before SQLite opens it.
+                if let Err(e) = paths::check_files(path, &real) {
+                    paths::remove_created(journal);
+                    paths::remove_created(created);
+                    return Err(e);
+                }
+                (created, journal)
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             let opened = open_checked(path, &real, deadline)
                 .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
+            // In WAL mode no journal is written: ours only kept others from planting one
+            // for SQLite's first read.
+            paths::remove_created(journal);
             match opened {
                 Ok(conn) => (conn, in_use),
                 Err(e) => {
