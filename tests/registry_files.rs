@@ -1014,3 +1014,40 @@ fn a_journal_planted_while_the_registry_opens_is_never_rolled_back_into_it() {
     let registry = open_in_visit_range(&path).unwrap();
     assert_eq!(registry.list().unwrap(), vec![lease]);
 }
+
+/// A registry below a directory that another user may change (theirs, or one they may
+/// write without a sticky bit) is refused, naming that directory, and nothing is created:
+/// they could rename the registry's directory and put one of their own in its place, whose
+/// lock files would then be the ones opened. Below a sticky directory such as `/tmp` it is
+/// used.
+#[test]
+fn a_registry_below_a_directory_another_user_may_change_is_refused() {
+    let Some(user) = OtherUser::add() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let above = tmp.path().join("above");
+    let dir = above.join("ours");
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("reg.sqlite3");
+    let chown = |uid: u32| {
+        let c_path = std::ffi::CString::new(above.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::chown(c_path.as_ptr(), uid, u32::MAX) }, 0);
+    };
+    chown(user.uid);
+    let before = snapshot(tmp.path());
+    let err = open_at(&path).expect_err("a directory of another user above the registry");
+    assert_refused(&err, &above, "belongs to");
+    assert_eq!(snapshot(tmp.path()), before);
+
+    chown(0);
+    fs::set_permissions(&above, fs::Permissions::from_mode(0o775)).unwrap();
+    let before = snapshot(tmp.path());
+    let err = open_at(&path).expect_err("a directory others may write above the registry");
+    assert_refused(&err, &above, "can write to this directory");
+    assert_eq!(snapshot(tmp.path()), before);
+
+    fs::set_permissions(&above, fs::Permissions::from_mode(0o1777)).unwrap();
+    open_at(&path).expect("below a sticky directory");
+}
