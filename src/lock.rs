@@ -12,6 +12,12 @@
 //! free again before the call returns and the next call takes the non-blocking path. If the
 //! timeout passes first, the caller tells the helper, which drops the lock as soon as it gets
 //! it.
+//!
+//! The lock file may be deleted or replaced while a process has it open (a temp cleaner,
+//! or someone removing the registry's directory): a process that locked the old inode and
+//! one that locked the new file would then both believe they hold the lock. So after taking
+//! the lock, [`FileLock::lock`] checks that `<registry>.lock` still names the inode it locked
+//! (one `stat`); if not, it opens the file the path names now (creating it) and locks again.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
@@ -54,8 +60,18 @@ impl Deadline {
 pub(crate) struct FileLock {
     path: PathBuf,
     fast: File,
+    /// The identity of the file `fast` has open, taken once when it was opened.
+    fast_id: FileId,
     waiter: Option<Waiter>,
     generation: u64,
+}
+
+/// Which file description a lock was taken on.
+enum Taken {
+    /// On `fast`.
+    Fast,
+    /// On the helper's file, whose identity is this.
+    Waiter(FileId),
 }
 
 /// A helper thread that blocks in the lock queue on its own file description.
@@ -92,28 +108,133 @@ impl Drop for Held<'_> {
 
 impl FileLock {
     pub(crate) fn open(path: &Path) -> io::Result<Self> {
+        let fast = open_lock_file(path)?;
         Ok(Self {
             path: path.to_owned(),
-            fast: open_lock_file(path)?,
+            fast_id: FileId::of_file(&fast)?,
+            fast,
             waiter: None,
             generation: 0,
         })
     }
 
     /// Takes the lock, waiting until `deadline` at most; `Ok(None)` when it passed.
+    ///
+    /// The lock is always taken on the file that the path names once it is held: if the
+    /// file was deleted or replaced since it was opened, it is opened again (and created if
+    /// missing) and locked again.
     pub(crate) fn lock(&mut self, deadline: Deadline) -> io::Result<Option<Held<'_>>> {
+        loop {
+            let Some(taken) = self.take(deadline)? else {
+                return Ok(None);
+            };
+            let locked = match &taken {
+                Taken::Fast => self.fast_id,
+                Taken::Waiter(id) => *id,
+            };
+            let named = FileId::of_path(&self.path);
+            if matches!(named, Ok(Some(id)) if id == locked) {
+                return Ok(Some(Held {
+                    file: self.file_of(&taken),
+                }));
+            }
+            // Locked a file that the path no longer names (or that cannot be checked): let
+            // it go, and lock the one the path names now.
+            drop(Held {
+                file: self.file_of(&taken),
+            });
+            named?;
+            tracing::warn!(path = %self.path.display(),
+                "the registry lock file was deleted or replaced; locking the file now there");
+            let fast = open_lock_file(&self.path)?;
+            self.fast_id = FileId::of_file(&fast)?;
+            self.fast = fast;
+            // The helper's file is the old one too; the next slow wait starts a new helper.
+            self.waiter = None;
+        }
+    }
+
+    /// The file description that `taken` took the lock on.
+    fn file_of(&self, taken: &Taken) -> &File {
+        match taken {
+            Taken::Fast => &self.fast,
+            Taken::Waiter(_) => &self.waiter.as_ref().expect("a waiter took it").file,
+        }
+    }
+
+    /// Takes the lock on whichever file description gets it, waiting until `deadline` at
+    /// most.
+    fn take(&mut self, deadline: Deadline) -> io::Result<Option<Taken>> {
         match self.fast.try_lock() {
-            Ok(()) => Ok(Some(Held { file: &self.fast })),
+            Ok(()) => Ok(Some(Taken::Fast)),
             Err(TryLockError::WouldBlock) if deadline.remaining().is_none() => {
                 // No limit: wait in the kernel's queue on this thread.
                 self.fast.lock()?;
-                Ok(Some(Held { file: &self.fast }))
+                Ok(Some(Taken::Fast))
             }
             Err(TryLockError::WouldBlock) => {
-                wait(&self.path, &mut self.waiter, &mut self.generation, deadline)
+                let Some(held) =
+                    wait(&self.path, &mut self.waiter, &mut self.generation, deadline)?
+                else {
+                    return Ok(None);
+                };
+                let id = FileId::of_file(held.file);
+                // The lock stays taken: `lock` makes a new `Held` for it, or unlocks it.
+                std::mem::forget(held);
+                match id {
+                    Ok(id) => Ok(Some(Taken::Waiter(id))),
+                    Err(e) => {
+                        if let Some(waiter) = &self.waiter {
+                            let _ = waiter.file.unlock();
+                        }
+                        Err(e)
+                    }
+                }
             }
             Err(TryLockError::Error(e)) => Err(e),
         }
+    }
+}
+
+/// The identity of a file (device and inode on Unix), to tell whether a path still names
+/// the file that a descriptor has open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileId {
+    #[cfg(unix)]
+    dev: u64,
+    #[cfg(unix)]
+    ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file `file` has open.
+    pub(crate) fn of_file(file: &File) -> io::Result<Self> {
+        Ok(Self::of(&file.metadata()?))
+    }
+
+    /// The identity of the file at `path` (following symbolic links, as opening it would);
+    /// `None` if nothing is there.
+    pub(crate) fn of_path(path: &Path) -> io::Result<Option<Self>> {
+        match std::fs::metadata(path) {
+            Ok(meta) => Ok(Some(Self::of(&meta))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    #[cfg(unix)]
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    /// Without inode numbers every file looks the same: a replaced file goes unnoticed.
+    #[cfg(not(unix))]
+    fn of(_meta: &std::fs::Metadata) -> Self {
+        Self {}
     }
 }
 
@@ -319,6 +440,46 @@ mod tests {
             .lock(Deadline::after(Duration::from_secs(30)))
             .unwrap()
             .is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn two_handles_exclude_each_other_after_the_lock_file_is_deleted_or_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.lock");
+        let mut locks = [
+            FileLock::open(&path).unwrap(),
+            FileLock::open(&path).unwrap(),
+        ];
+        let short = || Deadline::after(Duration::from_millis(50));
+        let long = || Deadline::after(Duration::from_secs(30));
+        // Deleted, then replaced by another file; each time the one who locks first must
+        // keep the other out, whichever of them notices the change.
+        let changes: [fn(&Path); 2] = [
+            |p| std::fs::remove_file(p).unwrap(),
+            |p| {
+                std::fs::remove_file(p).unwrap();
+                std::fs::write(p, b"").unwrap();
+            },
+        ];
+        for change in changes {
+            for order in [[0, 1], [1, 0]] {
+                let [first, second] = locks.get_disjoint_mut(order).unwrap();
+                let before = FileId::of_path(&path).unwrap();
+                change(&path);
+                let held = first.lock(long()).unwrap().expect("a free lock");
+                let now = FileId::of_path(&path).unwrap();
+                assert!(now.is_some() && now != before, "the path names a new file");
+                assert!(
+                    second.lock(short()).unwrap().is_none(),
+                    "two handles held the lock at once after the lock file changed"
+                );
+                drop(held);
+                let held = second.lock(long()).unwrap();
+                assert!(held.is_some(), "the released lock must be granted");
+                drop(held);
+            }
+        }
     }
 
     #[test]
