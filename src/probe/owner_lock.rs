@@ -59,6 +59,8 @@ pub(crate) struct OwnerLock {
     name: String,
     /// Held (locked) for as long as the handle lives.
     _file: File,
+    /// The identity of that file, to tell whether `path` still names it.
+    id: crate::lock::FileId,
     /// The process that took it: a forked child must not remove its parent's file.
     creator: u32,
 }
@@ -98,6 +100,7 @@ impl OwnerLock {
                 continue;
             }
             return Ok(Self {
+                id: crate::lock::FileId::of_file(&file)?,
                 path,
                 name,
                 _file: file,
@@ -109,6 +112,13 @@ impl OwnerLock {
     /// The file's name, as recorded with the leases.
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the lock file is still where others look for it (one `stat`). When it was
+    /// removed (a temp cleaner, or the directory removed with the registry), others take its
+    /// owner for dead: the handle must take a new one.
+    pub(crate) fn is_in_place(&self) -> bool {
+        matches!(crate::lock::FileId::of_path(&self.path), Ok(Some(id)) if id == self.id)
     }
 }
 

@@ -52,7 +52,7 @@ use rusqlite::{
 use super::{first_gap, held_ports, Counter, Tx};
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
-use crate::lock::{Deadline, FileLock};
+use crate::lock::{Deadline, FileId, FileLock};
 use crate::paths;
 use crate::range::PortRange;
 
@@ -155,6 +155,21 @@ pub(crate) struct SqliteStore {
     path: PathBuf,
     conn: Connection,
     lock: FileLock,
+    /// The registry file the connection has open, as it was named at open.
+    id: FileId,
+    /// How the store was opened, to open the path again if its file is replaced.
+    shared_tmp: bool,
+}
+
+/// Whether the file a write ran on is the one the store had open before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Opened {
+    /// The same file as the previous operation.
+    Same,
+    /// The path no longer named the file the store had open (it was deleted, or replaced
+    /// with another): the store opened the file the path names now, creating a new registry
+    /// if there was none. Nothing written through the store before is in it.
+    Anew,
 }
 
 impl SqliteStore {
@@ -179,7 +194,7 @@ impl SqliteStore {
         // once, without even a lock file beside it.
         check_existing_file(path, false)?;
         let mut lock = FileLock::open(&lock_path(path)).map_err(open_err)?;
-        let conn = {
+        let (conn, id) = {
             // The whole sequence runs under the write lock, so no process ever inspects a
             // registry that another is still creating or migrating.
             let _held =
@@ -190,8 +205,17 @@ impl SqliteStore {
                         waited: deadline.elapsed(),
                     })?;
             check_existing_file(path, true)?;
+            remove_orphaned_side_files(path).map_err(open_err)?;
             paths::create_private_file(path).map_err(open_err)?;
-            open_checked(path, deadline)?
+            let conn = open_checked(path, deadline)?;
+            // The file SQLite has open, stated by path under the lock (opening a descriptor
+            // of our own and closing it would drop SQLite's POSIX locks on the file).
+            let id = FileId::of_path(path).map_err(open_err)?.ok_or_else(|| {
+                open_err(io::Error::other(
+                    "the registry file was removed while it was being opened",
+                ))
+            })?;
+            (conn, id)
         };
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| open_sql_err(path, deadline, e))?;
@@ -203,6 +227,8 @@ impl SqliteStore {
             path: path.to_owned(),
             conn,
             lock,
+            id,
+            shared_tmp,
         })
     }
 
@@ -211,38 +237,87 @@ impl SqliteStore {
     }
 
     /// Runs `f` as one write transaction under the file lock, giving up at `deadline`.
+    ///
+    /// Under the lock, the path is checked to still name the file the store has open. If it
+    /// does not (the registry was deleted or replaced), the store opens the file the path
+    /// names now, as [`open`](Self::open) does, and `f` is told so with [`Opened::Anew`]:
+    /// it runs in the first transaction on that file.
     pub(crate) fn write<R>(
         &mut self,
         deadline: Deadline,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R>,
+        f: impl FnOnce(&mut dyn Tx, Opened) -> Result<R>,
     ) -> Result<R> {
-        let Self { path, conn, lock } = self;
-        let _held = lock
-            .lock(deadline)
-            .map_err(|e| Error::Registry {
-                path: path.clone(),
-                source: e.into(),
-            })?
-            .ok_or_else(|| Error::LockTimeout {
-                path: path.clone(),
-                waited: deadline.elapsed(),
-            })?;
-        let sql = |e| sql_err(path, deadline, e);
-        conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
-        // BEGIN and COMMIT as cached statements: parsed once per connection, not per call.
-        let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
-        run("BEGIN IMMEDIATE").map_err(sql)?;
-        let _open = RollbackUnlessCommitted(conn);
-        let value = f(&mut SqlTx {
-            tx: conn,
-            path,
-            deadline,
-        })?;
-        run("COMMIT").map_err(sql)?;
-        Ok(value)
+        let mut opened = Opened::Same;
+        // A registry replaced again while it was being opened anew is opened once more; a
+        // path that keeps changing under us is an error rather than a loop.
+        for _ in 0..3 {
+            {
+                let Self {
+                    path,
+                    conn,
+                    lock,
+                    id,
+                    ..
+                } = self;
+                let registry_err = |e: io::Error| Error::Registry {
+                    path: path.clone(),
+                    source: e.into(),
+                };
+                match lock.lock(deadline) {
+                    Ok(Some(_held)) => {
+                        if names(path, *id).map_err(registry_err)? {
+                            return run_write(conn, path, deadline, opened, f);
+                        }
+                    }
+                    Ok(None) => {
+                        return Err(Error::LockTimeout {
+                            path: path.clone(),
+                            waited: deadline.elapsed(),
+                        })
+                    }
+                    // The lock file cannot be opened again, say because its directory went
+                    // with the registry: then the open below makes both anew.
+                    Err(e) => {
+                        if names(path, *id).map_err(registry_err)? {
+                            return Err(registry_err(e));
+                        }
+                    }
+                }
+            }
+            self.reopen(deadline)?;
+            opened = Opened::Anew;
+        }
+        Err(Error::Registry {
+            path: self.path.clone(),
+            source: "the registry file was deleted or replaced again each time it was opened \
+                     anew"
+                .into(),
+        })
+    }
+
+    /// Opens the file the path names now in place of the one the store has open.
+    fn reopen(&mut self, deadline: Deadline) -> Result<()> {
+        tracing::warn!(path = %self.path.display(),
+            "the port registry file was deleted or replaced; opening the one now at its path");
+        let timeout = deadline.remaining().unwrap_or(Duration::MAX);
+        let fresh = Self::open(&self.path, self.shared_tmp, timeout)?;
+        // The old store closes without checkpointing: see `Drop`.
+        drop(std::mem::replace(self, fresh));
+        Ok(())
+    }
+
+    /// Whether the path still names the file the store has open.
+    pub(crate) fn is_current(&self) -> Result<bool> {
+        names(&self.path, self.id).map_err(|e| Error::Registry {
+            path: self.path.clone(),
+            source: e.into(),
+        })
     }
 
     /// Runs `f` on a consistent snapshot, without the file lock.
+    ///
+    /// The caller checks [`is_current`](Self::is_current) first if it needs to: a store whose
+    /// file was replaced reads the old file.
     pub(crate) fn read<R>(
         &mut self,
         deadline: Deadline,
@@ -260,6 +335,84 @@ impl SqliteStore {
             deadline,
         })
     }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the last connection checkpoints the WAL and then deletes `<path>-wal` and
+        // `<path>-shm` by name. When the path names another registry now, those are its
+        // files, in use by others: close without checkpointing, which deletes nothing.
+        if matches!(names(&self.path, self.id), Ok(true)) {
+            return;
+        }
+        if let Err(error) = self
+            .conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        {
+            tracing::warn!(path = %self.path.display(), %error,
+                "cannot close the connection on a replaced registry safely; leaving it open");
+            if let Ok(stand_in) = Connection::open_in_memory() {
+                std::mem::forget(std::mem::replace(&mut self.conn, stand_in));
+            }
+        }
+    }
+}
+
+/// Whether `path` names the file `id`: `false` if it names another or none.
+fn names(path: &Path, id: FileId) -> io::Result<bool> {
+    Ok(FileId::of_path(path)? == Some(id))
+}
+
+/// The transaction of [`SqliteStore::write`], once the lock is held on the right file.
+fn run_write<R>(
+    conn: &mut Connection,
+    path: &Path,
+    deadline: Deadline,
+    opened: Opened,
+    f: impl FnOnce(&mut dyn Tx, Opened) -> Result<R>,
+) -> Result<R> {
+    let sql = |e| sql_err(path, deadline, e);
+    conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
+    // BEGIN and COMMIT as cached statements: parsed once per connection, not per call.
+    let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
+    run("BEGIN IMMEDIATE").map_err(sql)?;
+    let _open = RollbackUnlessCommitted(conn);
+    let value = f(
+        &mut SqlTx {
+            tx: conn,
+            path,
+            deadline,
+        },
+        opened,
+    )?;
+    run("COMMIT").map_err(sql)?;
+    Ok(value)
+}
+
+/// Removes `<path>-wal` and `<path>-shm` when `path` itself is missing: they are what is left
+/// of a registry deleted while processes had it open (those keep their open files), and
+/// SQLite would fail with "disk I/O error" on a new registry beside them. The caller holds
+/// the write lock and is about to create the file.
+fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        _ => return Ok(()),
+    }
+    for suffix in ["-wal", "-shm"] {
+        let side = sibling(path, suffix);
+        match std::fs::symlink_metadata(&side) {
+            Ok(meta) if !meta.is_dir() => {
+                tracing::warn!(path = %side.display(),
+                    "removing what is left of a deleted registry beside the new one");
+                match std::fs::remove_file(&side) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// What is left of `deadline`, as far as SQLite's busy timeout (an `int` of milliseconds)
@@ -978,7 +1131,7 @@ mod tests {
             SqliteStore::open(&dir.path().join("r.sqlite3"), false, Duration::from_secs(5))
                 .unwrap();
         let deadline = || Deadline::after(Duration::from_secs(5));
-        let failed = store.write(deadline(), |tx| {
+        let failed = store.write(deadline(), |tx, _| {
             tx.set_cursor(2000)?;
             Err::<(), _>(Error::Exhausted {
                 range: PortRange::new(2000, 2001).unwrap(),
@@ -987,15 +1140,17 @@ mod tests {
         });
         assert!(failed.is_err());
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            store.write(deadline(), |tx| -> Result<()> {
+            store.write(deadline(), |tx, _| -> Result<()> {
                 tx.set_cursor(3000)?;
                 panic!("a bug half-way through a claim");
             })
         }));
         assert!(panicked.is_err());
         // Both were rolled back, and the connection takes a new transaction.
-        assert_eq!(store.write(deadline(), |tx| tx.cursor()).unwrap(), None);
-        store.write(deadline(), |tx| tx.set_cursor(4000)).unwrap();
+        assert_eq!(store.write(deadline(), |tx, _| tx.cursor()).unwrap(), None);
+        store
+            .write(deadline(), |tx, _| tx.set_cursor(4000))
+            .unwrap();
         assert_eq!(
             store.read(deadline(), |tx| tx.cursor()).unwrap(),
             Some(4000)
