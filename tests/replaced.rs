@@ -233,6 +233,49 @@ fn a_removed_owners_directory_is_retaken_at_the_holders_next_write() {
     assert_eq!(lines, ["RELEASED ok"]);
 }
 
+/// A handle that never noticed the replacement closes when its process ends: closing the
+/// last connection on the deleted file must not checkpoint and delete `<path>-wal` and
+/// `<path>-shm` by name, which are the new registry's files, in use by others.
+#[test]
+fn an_old_handle_closing_unaware_leaves_the_new_registrys_files_alone() {
+    let ports = 32260..=32260;
+    let _ports = lock_ports(&ports);
+    let (_dir, path) = registry_in_subdir();
+    let mut old = Worker::spawn("old handle", "open", &path, &ports, &[]);
+    assert_eq!(old.expect_line("OPEN", deadline()), "OPEN");
+
+    Removal::Registry.apply(&path);
+    let newcomer = open_unprobed(&path, &ports);
+    let guard = newcomer.acquire("newcomer").unwrap();
+    let side_files = || {
+        ["-wal", "-shm"].map(|suffix| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(sibling(&path, suffix))
+                .map(|m| m.ino())
+                .unwrap_or_else(|e| panic!("{suffix}: {e}"))
+        })
+    };
+    let before = side_files();
+
+    old.close_stdin();
+    let (lines, status) = old.finish(deadline());
+    assert!(
+        status.success(),
+        "old handle: {status}; {}",
+        old.last_words()
+    );
+    assert_eq!(lines, ["CLOSED"]);
+    assert_eq!(
+        side_files(),
+        before,
+        "the old handle deleted or replaced the new registry's -wal or -shm"
+    );
+    assert_eq!(newcomer.list().unwrap(), [guard.lease().clone()]);
+    drop(guard);
+    drop(newcomer);
+    assert_eq!(integrity_check(&path), "ok");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Worker entry
 // ---------------------------------------------------------------------------------------------
@@ -247,6 +290,13 @@ fn worker_entry() {
     let range = parse_range(&var(RANGE));
     match mode.as_str() {
         "hold" => hold_worker(&open_unprobed(&path, &range)),
+        "open" => {
+            let registry = open_unprobed(&path, &range);
+            say("OPEN");
+            workers::wait_for_eof();
+            drop(registry);
+            say("CLOSED");
+        }
         other => panic!("unknown worker mode {other:?}"),
     }
 }

@@ -34,6 +34,18 @@
 //! WAL needs shared memory that works across processes, so the registry must live on a local
 //! filesystem, not on NFS or another network mount.
 //!
+//! # A registry deleted or replaced under open handles
+//!
+//! The identity (device and inode) of the registry file is taken at open, by path, under the
+//! write lock (a descriptor of our own on the file would drop SQLite's POSIX locks when
+//! closed). Every write checks under the lock that the path still names it; when it does
+//! not, the store opens the file the path names now through the same open sequence and
+//! tells the caller ([`Opened::Anew`]), which records its leases there again. Closing the
+//! old connection is safe: SQLite does not checkpoint on close (nor delete `-wal` and
+//! `-shm` by name) once the path no longer names its file. A registry created where the
+//! main file is missing first removes `-wal` and `-shm` left of a deleted one, on which
+//! SQLite would otherwise fail with "disk I/O error".
+//!
 //! # Schema
 //!
 //! [`MIGRATIONS`] is an append-only list; `PRAGMA user_version` counts how many have run.
@@ -301,7 +313,10 @@ impl SqliteStore {
             "the port registry file was deleted or replaced; opening the one now at its path");
         let timeout = deadline.remaining().unwrap_or(Duration::MAX);
         let fresh = Self::open(&self.path, self.shared_tmp, timeout)?;
-        // The old store closes without checkpointing: see `Drop`.
+        // Closing the old connection does not touch the new registry: SQLite checkpoints on
+        // close (and then deletes `<path>-wal` and `<path>-shm` by name) only while the path
+        // still names the file it has open, which it checks itself. The `replaced` tests
+        // hold it to that.
         drop(std::mem::replace(self, fresh));
         Ok(())
     }
@@ -334,27 +349,6 @@ impl SqliteStore {
             path,
             deadline,
         })
-    }
-}
-
-impl Drop for SqliteStore {
-    fn drop(&mut self) {
-        // Closing the last connection checkpoints the WAL and then deletes `<path>-wal` and
-        // `<path>-shm` by name. When the path names another registry now, those are its
-        // files, in use by others: close without checkpointing, which deletes nothing.
-        if matches!(names(&self.path, self.id), Ok(true)) {
-            return;
-        }
-        if let Err(error) = self
-            .conn
-            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
-        {
-            tracing::warn!(path = %self.path.display(), %error,
-                "cannot close the connection on a replaced registry safely; leaving it open");
-            if let Ok(stand_in) = Connection::open_in_memory() {
-                std::mem::forget(std::mem::replace(&mut self.conn, stand_in));
-            }
-        }
     }
 }
 
