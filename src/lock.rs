@@ -16,8 +16,9 @@
 //! The lock file may be deleted or replaced while a process has it open (a temp cleaner,
 //! or someone removing the registry's directory): a process that locked the old inode and
 //! one that locked the new file would then both believe they hold the lock. So after taking
-//! the lock, [`FileLock::lock`] checks that `<registry>.lock` still names the inode it locked
-//! (one `stat`); if not, it opens the file the path names now (creating it) and locks again.
+//! the lock, [`FileLock::lock`] checks that the file it locked is still linked (one `fstat`
+//! of the locked descriptor: a deleted or replaced file has no links left); if not, it opens
+//! the file the path names now (creating it) and locks again.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
@@ -60,8 +61,6 @@ impl Deadline {
 pub(crate) struct FileLock {
     path: PathBuf,
     fast: File,
-    /// The identity of the file `fast` has open, taken once when it was opened.
-    fast_id: FileId,
     waiter: Option<Waiter>,
     generation: u64,
 }
@@ -70,8 +69,8 @@ pub(crate) struct FileLock {
 enum Taken {
     /// On `fast`.
     Fast,
-    /// On the helper's file, whose identity is this.
-    Waiter(FileId),
+    /// On the helper's file.
+    Waiter,
 }
 
 /// A helper thread that blocks in the lock queue on its own file description.
@@ -108,11 +107,9 @@ impl Drop for Held<'_> {
 
 impl FileLock {
     pub(crate) fn open(path: &Path) -> io::Result<Self> {
-        let fast = open_lock_file(path)?;
         Ok(Self {
             path: path.to_owned(),
-            fast_id: FileId::of_file(&fast)?,
-            fast,
+            fast: open_lock_file(path)?,
             waiter: None,
             generation: 0,
         })
@@ -128,12 +125,8 @@ impl FileLock {
             let Some(taken) = self.take(deadline)? else {
                 return Ok(None);
             };
-            let locked = match &taken {
-                Taken::Fast => self.fast_id,
-                Taken::Waiter(id) => *id,
-            };
-            let named = FileId::of_path(&self.path);
-            if matches!(named, Ok(Some(id)) if id == locked) {
+            let unlinked = is_unlinked(self.file_of(&taken));
+            if matches!(unlinked, Ok(false)) {
                 return Ok(Some(Held {
                     file: self.file_of(&taken),
                 }));
@@ -143,12 +136,10 @@ impl FileLock {
             drop(Held {
                 file: self.file_of(&taken),
             });
-            named?;
+            unlinked?;
             tracing::warn!(path = %self.path.display(),
                 "the registry lock file was deleted or replaced; locking the file now there");
-            let fast = open_lock_file(&self.path)?;
-            self.fast_id = FileId::of_file(&fast)?;
-            self.fast = fast;
+            self.fast = open_lock_file(&self.path)?;
             // The helper's file is the old one too; the next slow wait starts a new helper.
             self.waiter = None;
         }
@@ -158,7 +149,7 @@ impl FileLock {
     fn file_of(&self, taken: &Taken) -> &File {
         match taken {
             Taken::Fast => &self.fast,
-            Taken::Waiter(_) => &self.waiter.as_ref().expect("a waiter took it").file,
+            Taken::Waiter => &self.waiter.as_ref().expect("a waiter took it").file,
         }
     }
 
@@ -173,68 +164,107 @@ impl FileLock {
                 Ok(Some(Taken::Fast))
             }
             Err(TryLockError::WouldBlock) => {
-                let Some(held) =
-                    wait(&self.path, &mut self.waiter, &mut self.generation, deadline)?
-                else {
-                    return Ok(None);
-                };
-                let id = FileId::of_file(held.file);
+                let held = wait(&self.path, &mut self.waiter, &mut self.generation, deadline)?;
                 // The lock stays taken: `lock` makes a new `Held` for it, or unlocks it.
-                std::mem::forget(held);
-                match id {
-                    Ok(id) => Ok(Some(Taken::Waiter(id))),
-                    Err(e) => {
-                        if let Some(waiter) = &self.waiter {
-                            let _ = waiter.file.unlock();
-                        }
-                        Err(e)
-                    }
-                }
+                Ok(held.map(|held| {
+                    std::mem::forget(held);
+                    Taken::Waiter
+                }))
             }
             Err(TryLockError::Error(e)) => Err(e),
         }
     }
 }
 
-/// The identity of a file (device and inode on Unix), to tell whether a path still names
-/// the file that a descriptor has open.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct FileId {
+/// Whether the file `file` has open was deleted (it has no links left): it was removed, its
+/// directory was, or another file was renamed over it. One `fstat`, without a path lookup.
+/// A file renamed or moved elsewhere is still linked, and so goes unnoticed.
+pub(crate) fn is_unlinked(file: &File) -> io::Result<bool> {
     #[cfg(unix)]
-    dev: u64,
-    #[cfg(unix)]
-    ino: u64,
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on a descriptor that `file` keeps open, writing into `stat`.
+        if unsafe { libc::fstat(file.as_raw_fd(), &mut stat) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stat.st_nlink == 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        Ok(false)
+    }
 }
 
-impl FileId {
-    /// The identity of the file `file` has open.
-    pub(crate) fn of_file(file: &File) -> io::Result<Self> {
-        Ok(Self::of(&file.metadata()?))
-    }
+/// Tells whether the file at a path, opened by someone else (SQLite), was deleted since,
+/// without taking part in the file's locks.
+///
+/// On Linux it holds an `O_PATH` descriptor of the file: closing it, unlike closing any
+/// other descriptor of the file, does not drop this process's POSIX locks on the file (the
+/// kernel skips that for `O_PATH`), so SQLite's locks are safe; and [`is_unlinked`] asks it
+/// with one `fstat`. Elsewhere it keeps the file's identity and compares it with the path's
+/// (one `stat`).
+#[derive(Debug)]
+pub(crate) struct Anchor {
+    #[cfg(target_os = "linux")]
+    file: File,
+    #[cfg(not(target_os = "linux"))]
+    path: PathBuf,
+    #[cfg(all(unix, not(target_os = "linux")))]
+    id: (u64, u64),
+}
 
-    /// The identity of the file at `path` (following symbolic links, as opening it would);
-    /// `None` if nothing is there.
-    pub(crate) fn of_path(path: &Path) -> io::Result<Option<Self>> {
-        match std::fs::metadata(path) {
-            Ok(meta) => Ok(Some(Self::of(&meta))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+impl Anchor {
+    /// Anchors the file `path` names now.
+    pub(crate) fn at(path: &Path) -> io::Result<Self> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(path)?;
+            Ok(Self { file })
+        }
+        #[cfg(all(unix, not(target_os = "linux")))]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(path)?;
+            Ok(Self {
+                path: path.to_owned(),
+                id: (meta.dev(), meta.ino()),
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            std::fs::metadata(path)?;
+            Ok(Self {
+                path: path.to_owned(),
+            })
         }
     }
 
-    #[cfg(unix)]
-    fn of(meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
+    /// Whether the anchored file was deleted or (where that can be told) replaced.
+    pub(crate) fn is_gone(&self) -> io::Result<bool> {
+        #[cfg(target_os = "linux")]
+        {
+            is_unlinked(&self.file)
         }
-    }
-
-    /// Without inode numbers every file looks the same: a replaced file goes unnoticed.
-    #[cfg(not(unix))]
-    fn of(_meta: &std::fs::Metadata) -> Self {
-        Self {}
+        #[cfg(all(unix, not(target_os = "linux")))]
+        {
+            use std::os::unix::fs::MetadataExt;
+            match std::fs::metadata(&self.path) {
+                Ok(meta) => Ok((meta.dev(), meta.ino()) != self.id),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+                Err(e) => Err(e),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(!self.path.exists())
+        }
     }
 }
 
@@ -465,10 +495,12 @@ mod tests {
         for change in changes {
             for order in [[0, 1], [1, 0]] {
                 let [first, second] = locks.get_disjoint_mut(order).unwrap();
-                let before = FileId::of_path(&path).unwrap();
+                use std::os::unix::fs::MetadataExt;
+                let inode = || std::fs::metadata(&path).map(|m| m.ino()).ok();
+                let before = inode();
                 change(&path);
                 let held = first.lock(long()).unwrap().expect("a free lock");
-                let now = FileId::of_path(&path).unwrap();
+                let now = inode();
                 assert!(now.is_some() && now != before, "the path names a new file");
                 assert!(
                     second.lock(short()).unwrap().is_none(),

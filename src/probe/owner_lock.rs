@@ -59,8 +59,6 @@ pub(crate) struct OwnerLock {
     name: String,
     /// Held (locked) for as long as the handle lives.
     _file: File,
-    /// The identity of that file, to tell whether `path` still names it.
-    id: crate::lock::FileId,
     /// The process that took it: a forked child must not remove its parent's file.
     creator: u32,
 }
@@ -100,7 +98,6 @@ impl OwnerLock {
                 continue;
             }
             return Ok(Self {
-                id: crate::lock::FileId::of_file(&file)?,
                 path,
                 name,
                 _file: file,
@@ -114,11 +111,11 @@ impl OwnerLock {
         &self.name
     }
 
-    /// Whether the lock file is still where others look for it (one `stat`). When it was
-    /// removed (a temp cleaner, or the directory removed with the registry), others take its
-    /// owner for dead: the handle must take a new one.
+    /// Whether the lock file is still where others look for it (one `fstat`: a removed file
+    /// has no links left). When it was removed (a temp cleaner, or the directory removed with
+    /// the registry), others take its owner for dead: the handle must take a new one.
     pub(crate) fn is_in_place(&self) -> bool {
-        matches!(crate::lock::FileId::of_path(&self.path), Ok(Some(id)) if id == self.id)
+        !matches!(crate::lock::is_unlinked(&self._file), Ok(true))
     }
 }
 

@@ -36,12 +36,15 @@
 //!
 //! # A registry deleted or replaced under open handles
 //!
-//! The identity (device and inode) of the registry file is taken at open, by path, under the
-//! write lock (a descriptor of our own on the file would drop SQLite's POSIX locks when
-//! closed). Every write checks under the lock that the path still names it; when it does
-//! not, the store opens the file the path names now through the same open sequence and
-//! tells the caller ([`Opened::Anew`]), which records its leases there again. Closing the
-//! old connection is safe: SQLite does not checkpoint on close (nor delete `-wal` and
+//! The registry file is anchored at open, by path, under the write lock (on Linux with an
+//! `O_PATH` descriptor, which unlike any other descriptor of our own does not drop SQLite's
+//! POSIX locks when closed). Every write checks under the lock, with one `fstat`, that the
+//! file is still linked, and every read checks before it reads; when it is not (deleted, or
+//! another file put in its place), the store opens the file the path names now through the
+//! same open sequence and tells the caller ([`Opened::Anew`]), which records its leases there
+//! again. A registry renamed or moved elsewhere is still linked and goes unnoticed (where
+//! there is no `O_PATH`, the path's inode is compared instead, which notices that too).
+//! Closing the old connection is safe: SQLite does not checkpoint on close (nor delete `-wal` and
 //! `-shm` by name) once the path no longer names its file. A registry created where the
 //! main file is missing first removes `-wal` and `-shm` left of a deleted one, on which
 //! SQLite would otherwise fail with "disk I/O error".
@@ -64,7 +67,7 @@ use rusqlite::{
 use super::{first_gap, held_ports, Counter, Tx};
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
-use crate::lock::{Deadline, FileId, FileLock};
+use crate::lock::{Anchor, Deadline, FileLock};
 use crate::paths;
 use crate::range::PortRange;
 
@@ -167,8 +170,8 @@ pub(crate) struct SqliteStore {
     path: PathBuf,
     conn: Connection,
     lock: FileLock,
-    /// The registry file the connection has open, as it was named at open.
-    id: FileId,
+    /// Tells whether the registry file the connection has open was deleted or replaced.
+    anchor: Anchor,
     /// How the store was opened, to open the path again if its file is replaced.
     shared_tmp: bool,
 }
@@ -206,7 +209,7 @@ impl SqliteStore {
         // once, without even a lock file beside it.
         check_existing_file(path, false)?;
         let mut lock = FileLock::open(&lock_path(path)).map_err(open_err)?;
-        let (conn, id) = {
+        let (conn, anchor) = {
             // The whole sequence runs under the write lock, so no process ever inspects a
             // registry that another is still creating or migrating.
             let _held =
@@ -220,14 +223,10 @@ impl SqliteStore {
             remove_orphaned_side_files(path).map_err(open_err)?;
             paths::create_private_file(path).map_err(open_err)?;
             let conn = open_checked(path, deadline)?;
-            // The file SQLite has open, stated by path under the lock (opening a descriptor
-            // of our own and closing it would drop SQLite's POSIX locks on the file).
-            let id = FileId::of_path(path).map_err(open_err)?.ok_or_else(|| {
-                open_err(io::Error::other(
-                    "the registry file was removed while it was being opened",
-                ))
-            })?;
-            (conn, id)
+            // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
+            // that is no ordinary descriptor).
+            let anchor = Anchor::at(path).map_err(open_err)?;
+            (conn, anchor)
         };
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| open_sql_err(path, deadline, e))?;
@@ -239,7 +238,7 @@ impl SqliteStore {
             path: path.to_owned(),
             conn,
             lock,
-            id,
+            anchor,
             shared_tmp,
         })
     }
@@ -250,8 +249,8 @@ impl SqliteStore {
 
     /// Runs `f` as one write transaction under the file lock, giving up at `deadline`.
     ///
-    /// Under the lock, the path is checked to still name the file the store has open. If it
-    /// does not (the registry was deleted or replaced), the store opens the file the path
+    /// Under the lock, the file the store has open is checked to be still linked. If it is
+    /// not (the registry was deleted or replaced), the store opens the file the path
     /// names now, as [`open`](Self::open) does, and `f` is told so with [`Opened::Anew`]:
     /// it runs in the first transaction on that file.
     pub(crate) fn write<R>(
@@ -268,7 +267,7 @@ impl SqliteStore {
                     path,
                     conn,
                     lock,
-                    id,
+                    anchor,
                     ..
                 } = self;
                 let registry_err = |e: io::Error| Error::Registry {
@@ -277,7 +276,7 @@ impl SqliteStore {
                 };
                 match lock.lock(deadline) {
                     Ok(Some(_held)) => {
-                        if names(path, *id).map_err(registry_err)? {
+                        if !anchor.is_gone().map_err(registry_err)? {
                             return run_write(conn, path, deadline, opened, f);
                         }
                     }
@@ -290,7 +289,7 @@ impl SqliteStore {
                     // The lock file cannot be opened again, say because its directory went
                     // with the registry: then the open below makes both anew.
                     Err(e) => {
-                        if names(path, *id).map_err(registry_err)? {
+                        if !anchor.is_gone().map_err(registry_err)? {
                             return Err(registry_err(e));
                         }
                     }
@@ -321,12 +320,16 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Whether the path still names the file the store has open.
+    /// Whether the file the store has open is still the registry at its path (still linked;
+    /// see [`Anchor`]).
     pub(crate) fn is_current(&self) -> Result<bool> {
-        names(&self.path, self.id).map_err(|e| Error::Registry {
-            path: self.path.clone(),
-            source: e.into(),
-        })
+        match self.anchor.is_gone() {
+            Ok(gone) => Ok(!gone),
+            Err(e) => Err(Error::Registry {
+                path: self.path.clone(),
+                source: e.into(),
+            }),
+        }
     }
 
     /// Runs `f` on a consistent snapshot, without the file lock.
@@ -350,11 +353,6 @@ impl SqliteStore {
             deadline,
         })
     }
-}
-
-/// Whether `path` names the file `id`: `false` if it names another or none.
-fn names(path: &Path, id: FileId) -> io::Result<bool> {
-    Ok(FileId::of_path(path)? == Some(id))
 }
 
 /// The transaction of [`SqliteStore::write`], once the lock is held on the right file.
