@@ -1149,6 +1149,47 @@ mod tests {
         );
     }
 
+    /// The anchor is a descriptor of our own on the registry file: closing it must leave
+    /// SQLite's POSIX locks on the file in place, as closing any other descriptor would not.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn closing_an_anchor_keeps_sqlites_locks_on_the_registry() {
+        use std::os::unix::fs::MetadataExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        let posix_locks = || -> Vec<String> {
+            let id = format!(":{ino} ");
+            let pid = format!(" {} ", std::process::id());
+            std::fs::read_to_string("/proc/locks")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("POSIX") && l.contains(&id) && l.contains(&pid))
+                .map(str::to_owned)
+                .collect()
+        };
+        let deadline = Deadline::after(Duration::from_secs(5));
+        store
+            .read(deadline, |tx| {
+                tx.cursor()?;
+                let held = posix_locks();
+                assert!(!held.is_empty(), "SQLite holds a lock while it reads");
+                drop(Anchor::at(&path).unwrap());
+                assert_eq!(
+                    posix_locks(),
+                    held,
+                    "closing the anchor dropped SQLite's locks"
+                );
+                // What the anchor avoids: any other descriptor drops them when closed.
+                drop(std::fs::File::open(&path).unwrap());
+                assert!(posix_locks().is_empty(), "a plain descriptor drops them");
+                Ok(())
+            })
+            .unwrap();
+    }
+
     #[test]
     fn the_schema_refuses_two_leases_on_one_port() {
         let mut conn = Connection::open_in_memory().unwrap();
