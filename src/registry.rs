@@ -57,6 +57,16 @@ use crate::store::{Counter, Tx};
 /// trusts every process that can write it: anyone who can write the file can hand out or
 /// free any port in it. Share it with other users only if you trust them that far.
 ///
+/// # A registry deleted under open handles
+///
+/// If the registry file or its directory is deleted (or another file put in its place) while
+/// handles are open, new processes create a new registry at the path. Each handle notices
+/// at its next operation, opens the new file and records there again the leases it holds; a
+/// lease whose port someone took meanwhile is lost, and its guard's
+/// [`release`](PortGuard::release) reports [`Error::LeaseLost`]. Until the handle's next
+/// operation only the port probe keeps its ports from newcomers, so bind a leased port early
+/// (or take the listener with [`acquire_listener`](Self::acquire_listener)).
+///
 /// # Forking
 ///
 /// A file registry handle refuses to work in a child created by `fork` without `exec`
