@@ -244,8 +244,9 @@ impl Builder {
     ///
     /// [`Error::InvalidRange`] for an empty or reversed range or one made only of reserved
     /// ports; for a file registry, [`Error::Open`], [`Error::Corrupt`],
-    /// [`Error::SchemaTooNew`] or [`Error::LockTimeout`]. A file that cannot be used is left
-    /// exactly as it was.
+    /// [`Error::SchemaTooNew`] or [`Error::LockTimeout`], and [`Error::OutOfDescriptors`]
+    /// when the process or host has no file descriptor left to open it. A file that cannot
+    /// be used is left exactly as it was.
     pub fn open(self) -> Result<PortDaddy> {
         let opts = self.opts;
         let range = match opts.range {

@@ -50,6 +50,7 @@ use rusqlite::{
 };
 
 use super::{first_gap, held_ports, Counter, Tx};
+use crate::descriptors;
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
 use crate::lock::{Deadline, FileLock};
@@ -462,8 +463,19 @@ fn open_sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
 }
 
 /// Maps an SQLite error met while using an open registry.
+///
+/// SQLite reports a file it could not open (the database, its `-wal`, `-shm` or a temporary
+/// file) as "unable to open database file", whatever the reason; when this process cannot
+/// open the descriptors a connection needs at that moment, the reason is named instead
+/// (see the `descriptors` module).
 fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
-    match e.sqlite_error_code() {
+    let code = e.sqlite_error_code();
+    if code == Some(ErrorCode::CannotOpen) {
+        if let Some(error) = descriptors::lacking(descriptors::SQLITE_NEEDS) {
+            return descriptors::out_of_descriptors(path, format!("SQLite: {e}"), error);
+        }
+    }
+    match code {
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
             path: path.to_owned(),
             detail: e.to_string(),
