@@ -190,7 +190,21 @@ impl PortDaddy {
         // Before anything touches SQLite: a child that inherited connections must not.
         let opened = crate::fork::opening()?;
         // Leases must name this process exactly, or others would take them for dead.
-        let me = Owner::current()?;
+        let me = Owner::current().map_err(|e| match e {
+            // Reading /proc/self takes a descriptor: without one, this process only seems
+            // to be unreadable.
+            Error::ProcessUnreadable { .. } | Error::NoSuchProcess { .. } => {
+                match descriptors::lacking(1) {
+                    Some(error) => descriptors::out_of_descriptors(
+                        path,
+                        "cannot read the identity of this process from /proc",
+                        error,
+                    ),
+                    None => e,
+                }
+            }
+            other => other,
+        })?;
         let store =
             SqliteStore::open(path, shared_tmp, timeout).map_err(descriptors::name_cause)?;
         let owners = owners_dir(store.path());

@@ -466,8 +466,10 @@ mod descriptors {
         }
     }
 
-    /// Opens the registry with the real port probe, takes one port, then uses up every
-    /// descriptor the process may have and claims again: reports `RESULT <variant> <text>`.
+    /// With no descriptor free, opens a registry before anything else: reports `FIRST
+    /// <outcome>`. Then opens the registry with the real port probe, takes one port, uses up
+    /// every descriptor the process may have and claims again: reports `RESULT <variant>
+    /// <text>`.
     /// Then, leaving 0 to [`MOST_FREE`] descriptors free, claims with the open handle and,
     /// apart, opens a new handle and claims with it: reports each step as
     /// `STEP <free> <claim|open> <outcome>`. Then reports how many claims the registry
@@ -480,9 +482,16 @@ mod descriptors {
                 .lock_timeout(Duration::from_secs(30))
                 .open()
         };
+        let before = soft_limit();
+        // Before this process has opened anything or read its own identity.
+        let fillers = leave_free(0);
+        let first = open();
+        set_limit(&before);
+        drop(fillers);
+        say(&format!("FIRST {}", outcome(&first)));
+        drop(first);
         let registry = open().expect("worker: open");
         drop(registry.acquire("warm-up").expect("worker: first claim"));
-        let before = soft_limit();
         let fillers = use_up_descriptors();
         let result = registry.acquire("starved");
         set_limit(&before);
@@ -530,6 +539,12 @@ mod descriptors {
         let range = 32320..=32329;
         let mut worker = Worker::spawn("starved", "no-fds", &path, &range, &[]);
         let deadline = Instant::now() + Duration::from_secs(60);
+        let first = worker.expect_line("FIRST", deadline);
+        eprintln!("{first}");
+        assert!(
+            first.starts_with("FIRST fds ") && first.contains("too many open files (EMFILE: "),
+            "the first open, with no descriptor free: {first}"
+        );
         let result = worker.expect_line("RESULT", deadline);
         assert!(
             result.starts_with("RESULT probe ")

@@ -50,7 +50,6 @@ use rusqlite::{
 };
 
 use super::{first_gap, held_ports, Counter, Tx};
-use crate::descriptors;
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
 use crate::lock::{Deadline, FileLock};
@@ -471,8 +470,9 @@ fn open_sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
 fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
     let code = e.sqlite_error_code();
     if code == Some(ErrorCode::CannotOpen) {
-        if let Some(error) = descriptors::lacking(descriptors::SQLITE_NEEDS) {
-            return descriptors::out_of_descriptors(path, format!("SQLite: {e}"), error);
+        use crate::descriptors::{lacking, out_of_descriptors, SQLITE_NEEDS};
+        if let Some(error) = lacking(SQLITE_NEEDS) {
+            return out_of_descriptors(path, format!("SQLite: {e}"), error);
         }
     }
     match code {
