@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::builder::{Builder, Settings};
+use crate::descriptors;
 use crate::error::{Error, Result};
 use crate::guard::PortGuard;
 use crate::lease::{Choice, Lease, LeaseState, Owner, Protocol};
@@ -189,17 +190,34 @@ impl PortDaddy {
         // Before anything touches SQLite: a child that inherited connections must not.
         let opened = crate::fork::opening()?;
         // Leases must name this process exactly, or others would take them for dead.
-        let me = Owner::current()?;
-        let store = SqliteStore::open(path, shared_tmp, timeout)?;
+        let me = Owner::current().map_err(|e| match e {
+            // Reading /proc/self takes a descriptor: without one, this process only seems
+            // to be unreadable.
+            Error::ProcessUnreadable { .. } | Error::NoSuchProcess { .. } => {
+                match descriptors::lacking(1) {
+                    Some(error) => descriptors::out_of_descriptors(
+                        path,
+                        "cannot read the identity of this process from /proc",
+                        error,
+                    ),
+                    None => e,
+                }
+            }
+            other => other,
+        })?;
+        let store =
+            SqliteStore::open(path, shared_tmp, timeout).map_err(descriptors::name_cause)?;
         // Beside the real file, as the lock file is, however the registry was reached.
         let owners = owners_dir(&store.real_path());
-        let lock = OwnerLock::take(&owners, &me).map_err(|e| Error::Open {
-            path: store.path().to_owned(),
-            source: format!(
-                "cannot create an owner lock file in {}: {e}",
-                owners.display()
-            )
-            .into(),
+        let lock = OwnerLock::take(&owners, &me).map_err(|e| {
+            let detail = format!("cannot create an owner lock file in {}", owners.display());
+            if descriptors::exhausted(&e) {
+                return descriptors::out_of_descriptors(store.path(), detail, e);
+            }
+            Error::Open {
+                path: store.path().to_owned(),
+                source: format!("{detail}: {e}").into(),
+            }
         })?;
         let me = me.with_lock(Some(lock.name().to_owned()));
         let path = Some(store.path().to_owned());
@@ -641,6 +659,7 @@ impl PortDaddy {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .write(deadline, run)
+                    .map_err(descriptors::name_cause)
             }
             Backend::Memory(store) => store.transact(run),
         }
@@ -655,6 +674,7 @@ impl PortDaddy {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .read(deadline, f)
+                    .map_err(descriptors::name_cause)
             }
             Backend::Memory(store) => store.transact(f),
         }

@@ -532,8 +532,20 @@ fn open_sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
 }
 
 /// Maps an SQLite error met while using an open registry.
+///
+/// SQLite reports a file it could not open (the database, its `-wal`, `-shm` or a temporary
+/// file) as "unable to open database file", whatever the reason; when this process cannot
+/// open the descriptors a connection needs at that moment, the reason is named instead
+/// (see the `descriptors` module).
 fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
-    match e.sqlite_error_code() {
+    let code = e.sqlite_error_code();
+    if code == Some(ErrorCode::CannotOpen) {
+        use crate::descriptors::{lacking, out_of_descriptors, SQLITE_NEEDS};
+        if let Some(error) = lacking(SQLITE_NEEDS) {
+            return out_of_descriptors(path, format!("SQLite: {e}"), error);
+        }
+    }
+    match code {
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
             path: path.to_owned(),
             detail: e.to_string(),
