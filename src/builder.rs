@@ -244,8 +244,18 @@ impl Builder {
     ///
     /// [`Error::InvalidRange`] for an empty or reversed range or one made only of reserved
     /// ports; for a file registry, [`Error::Open`], [`Error::Corrupt`],
-    /// [`Error::SchemaTooNew`] or [`Error::LockTimeout`]. A file that cannot be used is left
-    /// exactly as it was.
+    /// [`Error::SchemaTooNew`], [`Error::LockTimeout`] or [`Error::Refused`] (a file another
+    /// user planted or may change, a registry file reached by other names too, a name too
+    /// long for the side files), and [`Error::OutOfDescriptors`] when the process or host has
+    /// no file descriptor left to open it. A file that cannot be used is left exactly as it
+    /// was.
+    ///
+    /// # Security
+    ///
+    /// The path is resolved to the real file through symbolic links of this user or root only,
+    /// and every side file (`.lock`, `.owners/`, SQLite's `-wal`, `-shm`, `-journal`) is named
+    /// after the real file. Nothing is opened through a link among them, and no directory is
+    /// created inside another user's.
     pub fn open(self) -> Result<PortDaddy> {
         let opts = self.opts;
         let range = match opts.range {

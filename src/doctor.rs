@@ -183,7 +183,12 @@ fn check_path(d: &mut Diagnosis, path: &Path) -> bool {
     };
     match std::fs::metadata(&dir) {
         Result::Ok(meta) if meta.is_dir() => {
-            let (status, detail) = permissions(&dir, &meta, 0o700);
+            // What an open would refuse: a directory of another user, or one that others
+            // may write without the sticky bit.
+            let (status, detail) = match crate::paths::check_registry_dir(path, &dir, &meta) {
+                Result::Ok(()) => permissions(&dir, &meta, 0o700),
+                Err(refusal) => (Fail, refusal.to_string()),
+            };
             d.push("directory permissions", status, detail);
         }
         Result::Ok(_) => d.push(
@@ -209,6 +214,15 @@ fn check_path(d: &mut Diagnosis, path: &Path) -> bool {
 }
 
 fn check_file(d: &mut Diagnosis, path: &Path) {
+    // What an open would refuse (a link, file or directory another user planted or may
+    // change, a second hard link, a file mounted on its own), without creating anything.
+    let refused = crate::paths::resolve(path)
+        .and_then(|real| crate::paths::check_files(path, &real))
+        .err();
+    if let Some(refusal) = refused {
+        d.push("file permissions", Status::Fail, refusal.to_string());
+        return;
+    }
     match std::fs::metadata(path) {
         Result::Ok(meta) => {
             let (status, detail) = permissions(path, &meta, 0o600);
@@ -357,7 +371,10 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
             let liveness = Liveness {
                 inner: settings.processes.clone(),
                 namespace: me.pid_namespace(),
-                owners: Some(owners_dir(path)),
+                // Beside the real file, where every handle keeps them.
+                owners: Some(owners_dir(
+                    &crate::paths::resolve(path).unwrap_or_else(|_| path.to_owned()),
+                )),
                 tidy: false,
             };
             let env = Env {

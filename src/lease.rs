@@ -64,11 +64,41 @@ impl Protocol {
 ///
 /// A pid means nothing outside its PID namespace: a container's pid 1 is not the host's.
 /// Each handle on a file registry therefore also takes an exclusive lock on a file of its own
-/// in `<registry>.owners/` and records that file's name with the leases it takes. A process in
-/// another namespace judges such an owner by that lock alone: held means alive, and the
-/// kernel drops it when the owner dies, however it dies. An owner recorded without a lock
-/// (one named with [`Request::owner`](crate::Request::owner)) counts as alive across the
-/// boundary, and is judged by pid from its own namespace.
+/// in `<registry>.owners/` and records that file's name with the leases it takes. Every
+/// process judges such an owner by that lock first: held means alive, and the kernel drops
+/// it when the owner dies, however it dies. An owner recorded without a lock (one named with
+/// [`Request::owner`](crate::Request::owner)) is judged across the boundary only by a
+/// process that can see every process of the owner's namespace (see below).
+///
+/// # How liveness is judged
+///
+/// Only positive evidence makes an owner dead; evidence that cannot be read or compared
+/// keeps the lease (a false "alive" costs one port until the next positive evidence, a
+/// false "dead" hands a port to two holders). In order:
+///
+/// 1. An owner with a lock file: held means alive, whatever its pid, start time or boot
+///    says; present and free means dead. (The `portdaddy run` command hands its lock to the
+///    command it runs, so its leases live as long as the command does; see
+///    [`PortDaddy::share_owner_lock`](crate::PortDaddy::share_owner_lock).) A missing file
+///    means its owner closed its handle: across PID namespaces that is dead, in the owner's
+///    own namespace the pid decides, as below.
+/// 2. An owner whose pid is meaningful here (same PID namespace, or none recorded): dead if
+///    `kill(pid, 0)` says the pid is gone, if both boot identities are known and differ, or
+///    if the process runs with another start time read through the same time namespace
+///    (see [`time_namespace`](Self::time_namespace)). A process that exists but whose
+///    `/proc` entry is hidden (`hidepid`) or unreadable counts as alive, and so does one
+///    whose start time was read through another time namespace.
+/// 3. An owner in another PID namespace without a lock file (one named with
+///    [`Request::owner`](crate::Request::owner) there): a process in an ancestor namespace
+///    (the host, for a container) sees the namespace's processes and compares the owner's
+///    pid (its pid in that namespace) and start time with them. When this process sees the
+///    whole namespace (it sees processes of it, or the owner recorded this process's
+///    namespace among its namespace's ancestors; and nothing hides processes from it: it is
+///    root, or `/proc` has no `hidepid`), an owner it cannot find, or a namespace without
+///    processes left, is dead. A
+///    process that cannot see the owner's namespace (a sibling container, or the namespace
+///    of a container seen from inside it) cannot tell, and keeps the lease: such a lease is
+///    reclaimed by a process that can see it, or by its expiry, or at reboot.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Owner {
     pid: u32,
@@ -80,6 +110,16 @@ pub struct Owner {
     /// of the identity: it says how to check liveness from another namespace.
     #[serde(default)]
     lock: Option<String>,
+    /// The time namespace through which the start time was read (on Linux, the inode number
+    /// of `/proc/self/ns/time` of the recorder). Not part of the identity: it says whether a
+    /// start time read here can be compared with the recorded one.
+    #[serde(default)]
+    time_namespace: Option<u64>,
+    /// The PID namespaces above [`pid_namespace`](Self::pid_namespace), nearest first, as
+    /// far as the recorder could see them. Not part of the identity: it says which
+    /// namespaces can see every process of the owner's namespace.
+    #[serde(default)]
+    namespace_parents: Option<Vec<u64>>,
 }
 
 impl PartialEq for Owner {
@@ -111,7 +151,21 @@ impl Owner {
             boot_id: boot_id.into(),
             pid_namespace: None,
             lock: None,
+            time_namespace: None,
+            namespace_parents: None,
         }
+    }
+
+    /// The same owner, its start time read through the time namespace `namespace`.
+    pub(crate) fn in_time_namespace(mut self, namespace: Option<u64>) -> Self {
+        self.time_namespace = namespace;
+        self
+    }
+
+    /// The same owner, its PID namespace below `parents` (nearest first).
+    pub(crate) fn with_namespace_parents(mut self, parents: Option<Vec<u64>>) -> Self {
+        self.namespace_parents = parents;
+        self
     }
 
     /// The same owner, its pid meaningful in the PID namespace `namespace`.
@@ -167,6 +221,24 @@ impl Owner {
     /// unknown.
     pub fn pid_namespace(&self) -> Option<u64> {
         self.pid_namespace
+    }
+
+    /// The time namespace through which [`start_time`](Self::start_time) was read (on
+    /// Linux, the inode number of `/proc/self/ns/time` of the process that recorded it), or
+    /// `None` where unknown.
+    ///
+    /// Linux shifts the start times that a process reads by the boot-time offset of the
+    /// reader's time namespace, so a start time is compared only with one read through the
+    /// same time namespace. An owner recorded without one (by an older version) is compared
+    /// as before.
+    pub fn time_namespace(&self) -> Option<u64> {
+        self.time_namespace
+    }
+
+    /// The PID namespaces above [`pid_namespace`](Self::pid_namespace), nearest first, as far
+    /// as the recording process could see them (`None` where unknown).
+    pub(crate) fn namespace_parents(&self) -> Option<&[u64]> {
+        self.namespace_parents.as_deref()
     }
 
     /// The owner's lock file in `<registry>.owners/`, if it holds one.

@@ -58,8 +58,10 @@
 
 mod builder;
 mod clock;
+mod descriptors;
 mod doctor;
 mod error;
+mod fork;
 mod guard;
 mod lease;
 mod lock;
@@ -71,6 +73,7 @@ mod registry;
 mod request;
 mod stats;
 mod store;
+mod text;
 
 pub use builder::Builder;
 pub use clock::{Clock, SystemClock};
@@ -93,7 +96,8 @@ pub use stats::Stats;
 /// # Errors
 ///
 /// [`Error::InvalidName`], [`Error::Exhausted`], or an error opening the registry (which is
-/// tried again on the next call).
+/// tried again on the next call). [`Error::ForkedHandle`] at once in a child made by `fork`
+/// from a process that had a file registry open (see [`PortDaddy`]'s "Forking").
 pub fn acquire(name: &str) -> Result<PortGuard> {
     registry::default_registry()?.acquire(name)
 }

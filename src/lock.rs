@@ -115,6 +115,11 @@ impl FileLock {
         })
     }
 
+    /// The lock file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Takes the lock, waiting until `deadline` at most; `Ok(None)` when it passed.
     ///
     /// The lock is always taken on the file that the path names once it is held: if the
@@ -160,7 +165,7 @@ impl FileLock {
             Ok(()) => Ok(Some(Taken::Fast)),
             Err(TryLockError::WouldBlock) if deadline.remaining().is_none() => {
                 // No limit: wait in the kernel's queue on this thread.
-                self.fast.lock()?;
+                lock_blocking(&self.fast)?;
                 Ok(Some(Taken::Fast))
             }
             Err(TryLockError::WouldBlock) => {
@@ -332,7 +337,7 @@ impl Waiter {
                 while let Ok(message) = inbox.recv() {
                     match message {
                         Message::Lock(generation) => {
-                            if let Err(error) = mine.lock() {
+                            if let Err(error) = lock_blocking(&mine) {
                                 tracing::warn!(%error, "blocking lock on the registry lock file failed");
                                 break;
                             }
@@ -359,12 +364,92 @@ impl Waiter {
     }
 }
 
+/// Waits in the kernel's queue until the lock is taken. A signal whose handler was installed
+/// without `SA_RESTART` interrupts the wait (`EINTR`); that ends nothing, so wait again.
+fn lock_blocking(file: &File) -> io::Result<()> {
+    loop {
+        match file.lock() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            result => return result,
+        }
+    }
+}
+
+/// A lock file that is not ours alone: the error inside the `io::Error` that
+/// [`FileLock::open`] returns then.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// The lock file.
+    pub(crate) file: PathBuf,
+    /// Why it cannot be used.
+    pub(crate) reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refusing {}: {}", self.file.display(), self.reason)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Opens (creating it `0600` if missing) the lock file, never through a symbolic link, and
+/// only if it is a regular file of ours that nobody else may write: another user's file
+/// there could be held locked by them for ever, or replaced.
 fn open_lock_file(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    let file = match options.open(path) {
+        Ok(file) => file,
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(refuse(
+                path,
+                "it is a symbolic link, which is never followed there",
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(refuse(path, "it is not a regular file"));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if meta.uid() != unsafe { libc::geteuid() } {
+            return Err(refuse(
+                path,
+                &format!("it belongs to another user (uid {})", meta.uid()),
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(refuse(
+                path,
+                &format!(
+                    "group or other users can write to it (mode {:04o})",
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(file)
+}
+
+fn refuse(path: &Path, reason: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        Refusal {
+            file: path.to_owned(),
+            reason: reason.to_owned(),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -393,6 +478,29 @@ mod tests {
             .lock(Deadline::after(Duration::from_secs(5)))
             .unwrap()
             .is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_that_is_a_link_or_others_may_write_is_refused_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        let link = dir.path().join("link.lock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = FileLock::open(&link).unwrap_err();
+        let refusal = err.get_ref().and_then(|e| e.downcast_ref::<Refusal>());
+        assert!(refusal.is_some_and(|r| r.file == link), "{err:?}");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(!target.exists(), "the link's target was created");
+
+        let open = dir.path().join("open.lock");
+        std::fs::write(&open, b"").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = FileLock::open(&open).unwrap_err();
+        assert!(err.to_string().contains("can write to it"), "{err}");
+        let mode = std::fs::metadata(&open).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666, "the mode was changed");
     }
 
     #[test]

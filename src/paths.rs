@@ -7,6 +7,27 @@
 //! if it is a real directory (not a symlink) owned by us and writable by nobody else, and the
 //! registry's files in it only if they are regular files (not symlinks) of ours that nobody
 //! else may write.
+//!
+//! # One registry, one set of side files
+//!
+//! Wherever the registry lives, its path is first resolved to the real file ([`resolve`]),
+//! following only symbolic links that belong to us or to root (nobody else can have planted
+//! those), and every side file is named after the real file, as SQLite names its own:
+//! `<real>.lock`, `<real>.owners/`, `<real>-wal`, `<real>-shm`, `<real>-journal`. So a
+//! registry reached through a link, a linked directory or a bind-mounted directory has one
+//! lock and one owners directory. A registry file that other names reach too, which no
+//! resolution can see, is refused: one with a second hard link, and one that is a mount point
+//! of its own (a single file bind-mounted, as `docker run -v file:file` does).
+//!
+//! # Files others could have planted
+//!
+//! The registry, its side files and the owners directory must be ours, never symbolic
+//! links, and closed to the writes of group and others ([`check_files`]); the registry's
+//! directory must be ours or root's, and closed to others unless it has the sticky bit (as
+//! `/tmp`); a missing directory is created only inside one of ours or a sticky one of root's,
+//! never in another user's (root with a user's `HOME` would lock the user out). Whatever is
+//! refused is reported as [`Error::Refused`], naming the file and its owner, and left as it
+//! was. These checks run when a handle opens, never per claim.
 
 use std::fs;
 use std::io;
@@ -60,8 +81,9 @@ fn user_tag() -> String {
     std::env::var("USERNAME").unwrap_or_else(|_| "user".into())
 }
 
-/// Makes sure the directory that will hold `path` exists and is ours.
-pub(crate) fn prepare_parent(path: &Path, shared_tmp: bool) -> Result<()> {
+/// In the shared temp directory: creates `portdaddy-<uid>` for `path` if missing, and refuses
+/// it, or the registry's files in it, unless they are ours and closed to others.
+pub(crate) fn prepare_shared_dir(path: &Path) -> Result<()> {
     let open_err = |source: io::Error| Error::Open {
         path: path.to_owned(),
         source: source.into(),
@@ -69,45 +91,29 @@ pub(crate) fn prepare_parent(path: &Path, shared_tmp: bool) -> Result<()> {
     let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
     };
-    if shared_tmp {
-        // Create without `recursive`, so that a directory someone else made first (between
-        // a check and the creation) fails with AlreadyExists and is inspected, not adopted.
-        let mut builder = fs::DirBuilder::new();
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        match builder.create(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(open_err(e)),
-        }
-        let meta = fs::symlink_metadata(dir).map_err(open_err)?;
-        check_private_dir(dir, &meta).map_err(open_err)?;
-        // The files in it, if already there, must be as private: a link or someone else's file
-        // would send the registry's writes wherever its author chose.
-        for suffix in ["", ".lock", "-wal", "-shm", "-journal"] {
-            let mut name = path.as_os_str().to_owned();
-            name.push(suffix);
-            let file = Path::new(&name);
-            match fs::symlink_metadata(file) {
-                Ok(meta) => check_private_file(file, &meta).map_err(open_err)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(open_err(e)),
-            }
-        }
-        return Ok(());
-    }
-    if !dir.is_dir() {
-        create_dirs(dir).map_err(open_err)?;
-    }
-    Ok(())
-}
-
-fn create_dirs(dir: &Path) -> io::Result<()> {
+    // Create without `recursive`, so that a directory someone else made first (between
+    // a check and the creation) fails with AlreadyExists and is inspected, not adopted.
     let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
+    match builder.create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(open_err(e)),
+    }
+    let meta = fs::symlink_metadata(dir).map_err(open_err)?;
+    check_private_dir(dir, &meta).map_err(open_err)?;
+    // The files in it, if already there, must be as private: a link or someone else's file
+    // would send the registry's writes wherever its author chose.
+    for suffix in ["", ".lock", "-wal", "-shm", "-journal"] {
+        let file = sibling(path, suffix);
+        match fs::symlink_metadata(&file) {
+            Ok(meta) => check_private_file(&file, &meta).map_err(open_err)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(open_err(e)),
+        }
+    }
+    Ok(())
 }
 
 /// A directory in a shared place must be a real directory, ours, and closed to others.
@@ -190,6 +196,568 @@ fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
     Ok(())
 }
 
+/// `<path><suffix>`, as SQLite names its side files.
+pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// The longest file name most filesystems allow, in bytes.
+const NAME_MAX: usize = 255;
+
+/// The suffixes of the files beside a registry: ours, then SQLite's.
+pub(crate) const SIDE_SUFFIXES: [&str; 5] = [".lock", ".owners", "-wal", "-shm", "-journal"];
+
+/// The longest of [`SIDE_SUFFIXES`], in bytes.
+const LONGEST_SUFFIX: usize = "-journal".len();
+
+/// The sticky bit of a mode: only a file's owner may remove or rename it in the directory.
+#[cfg(unix)]
+const STICKY: u32 = 0o1000;
+
+/// Advice for a file that another user planted or may change.
+const ADVICE_OWN: &str =
+    "remove it (as its owner), or set PORTDADDY_DB to a registry in a directory of your own";
+/// Advice for a registry file reached by more than one name.
+#[cfg_attr(not(unix), allow(dead_code))]
+const ADVICE_SHARE_DIR: &str =
+    "share the directory that holds the registry (bind-mount or link the directory), not the \
+     file alone";
+/// Advice for a registry path inside a directory of another user.
+#[cfg_attr(not(unix), allow(dead_code))]
+const ADVICE_OTHER_USER: &str =
+    "run as the user who owns it, or set PORTDADDY_DB to a path of your own";
+
+fn refused(registry: &Path, file: &Path, reason: String, advice: &'static str) -> Error {
+    Error::Refused {
+        path: registry.to_owned(),
+        file: file.to_owned(),
+        reason,
+        advice,
+    }
+}
+
+/// The effective user id.
+#[cfg(unix)]
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// `user NAME (uid N)`, or `uid N` for a uid that `/etc/passwd` does not list.
+#[cfg(unix)]
+fn owner_name(uid: u32) -> String {
+    let listed = fs::read_to_string("/etc/passwd").ok().and_then(|passwd| {
+        passwd.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let id: u32 = fields.nth(1)?.parse().ok()?;
+            (id == uid).then(|| name.to_owned())
+        })
+    });
+    match listed {
+        Some(name) => format!("user {name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+/// Resolves the symbolic links on `path` to the real file, following only links that belong
+/// to us or to root (which no other user can have planted), so that every side file is named
+/// after the real file, as SQLite names its own. A missing last component is fine (the file
+/// is created later), and so are missing directories of the path as given (they are created
+/// later); a link into a directory that does not exist is refused.
+#[cfg(unix)]
+pub(crate) fn resolve(path: &Path) -> Result<PathBuf> {
+    use std::collections::VecDeque;
+    use std::ffi::OsString;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Component;
+
+    enum Part {
+        Root,
+        Parent,
+        Name(OsString),
+    }
+    fn parts(path: &Path, from_link: bool) -> Vec<(Part, bool)> {
+        path.components()
+            .filter_map(|c| match c {
+                Component::RootDir => Some(Part::Root),
+                Component::ParentDir => Some(Part::Parent),
+                Component::Normal(name) => Some(Part::Name(name.to_owned())),
+                Component::CurDir | Component::Prefix(_) => None,
+            })
+            .map(|p| (p, from_link))
+            .collect()
+    }
+    let open_err = |source: io::Error| Error::Open {
+        path: path.to_owned(),
+        source: source.into(),
+    };
+    let mut out = if path.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        std::env::current_dir().map_err(open_err)?
+    };
+    let mut pending: VecDeque<(Part, bool)> = parts(path, false).into();
+    let mut hops = 0;
+    // Once a component is missing, nothing below it exists: the rest is taken as written.
+    let mut missing = false;
+    while let Some((part, from_link)) = pending.pop_front() {
+        let name = match part {
+            Part::Root => {
+                out = PathBuf::from("/");
+                continue;
+            }
+            Part::Parent => {
+                out.pop();
+                continue;
+            }
+            Part::Name(name) => name,
+        };
+        let next = out.join(&name);
+        if missing {
+            out = next;
+            continue;
+        }
+        match fs::symlink_metadata(&next) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if meta.uid() != euid() && meta.uid() != 0 {
+                    return Err(refused(
+                        path,
+                        &next,
+                        format!(
+                            "it is a symbolic link that belongs to {}, and links are followed \
+                             only when they are ours or root's",
+                            owner_name(meta.uid())
+                        ),
+                        ADVICE_OWN,
+                    ));
+                }
+                hops += 1;
+                if hops > 40 {
+                    return Err(open_err(io::Error::other(
+                        "too many levels of symbolic links",
+                    )));
+                }
+                let target = fs::read_link(&next).map_err(open_err)?;
+                for p in parts(&target, true).into_iter().rev() {
+                    pending.push_front(p);
+                }
+            }
+            Ok(_) => out = next,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let more = pending.iter().any(|(p, _)| matches!(p, Part::Name(_)));
+                if from_link && more {
+                    return Err(open_err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!(
+                            "a symbolic link on the path leads into {}, which does not exist",
+                            next.display()
+                        ),
+                    )));
+                }
+                missing = true;
+                out = next;
+            }
+            Err(e) => return Err(open_err(e)),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn resolve(path: &Path) -> Result<PathBuf> {
+    Ok(path.to_owned())
+}
+
+/// Refuses a registry whose name leaves no room for the longest side-file suffix.
+pub(crate) fn check_name_length(registry: &Path, real: &Path) -> Result<()> {
+    let len = real.file_name().map_or(0, |n| n.len());
+    if len + LONGEST_SUFFIX > NAME_MAX {
+        return Err(refused(
+            registry,
+            real,
+            format!(
+                "its name is {len} bytes long, and with the suffix of its side files (such as \
+                 -journal) it would pass the {NAME_MAX}-byte limit of a file name"
+            ),
+            "choose a name of at most 247 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the missing directories above the real registry file `real` (mode `0700`), never
+/// inside a directory of another user, then refuses a registry directory that another user
+/// owns, or that others may write without the sticky bit.
+pub(crate) fn prepare_dirs(registry: &Path, real: &Path) -> Result<()> {
+    let open_err = |source: io::Error| Error::Open {
+        path: registry.to_owned(),
+        source: source.into(),
+    };
+    let Some(dir) = real.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let mut missing = Vec::new();
+    let mut existing = dir;
+    let mut meta = loop {
+        match fs::symlink_metadata(existing) {
+            Ok(meta) => break meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                missing.push(existing);
+                match existing.parent() {
+                    Some(up) => existing = up,
+                    None => return Err(open_err(e)),
+                }
+            }
+            Err(e) => return Err(open_err(e)),
+        }
+    };
+    let mut parent = existing;
+    for new in missing.into_iter().rev() {
+        may_create_in(registry, parent, &meta)?;
+        let mut builder = fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        match builder.create(new) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(open_err(e)),
+        }
+        meta = fs::symlink_metadata(new).map_err(open_err)?;
+        parent = new;
+    }
+    if !meta.is_dir() {
+        return Err(open_err(io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        ))));
+    }
+    check_registry_dir(registry, dir, &meta)
+}
+
+/// A directory may be created in `parent` if it is ours, or root's with the sticky bit (as
+/// `/tmp`): never in another user's, where it would lock its owner out.
+#[cfg(unix)]
+fn may_create_in(registry: &Path, parent: &Path, meta: &fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let sticky = meta.mode() & STICKY != 0;
+    if meta.uid() == euid() || (meta.uid() == 0 && sticky) {
+        return Ok(());
+    }
+    Err(refused(
+        registry,
+        parent,
+        format!(
+            "it belongs to {}, and a directory of ours created in it would lock its owner out",
+            owner_name(meta.uid())
+        ),
+        ADVICE_OTHER_USER,
+    ))
+}
+
+#[cfg(not(unix))]
+fn may_create_in(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
+    Ok(())
+}
+
+/// The directory of the registry must be ours (or root's), and closed to others' writes
+/// unless sticky, where nobody may remove or rename another's files.
+#[cfg(unix)]
+pub(crate) fn check_registry_dir(registry: &Path, dir: &Path, meta: &fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.uid() != euid() && meta.uid() != 0 {
+        return Err(refused(
+            registry,
+            dir,
+            format!(
+                "the registry's directory belongs to {}, who could replace its files",
+                owner_name(meta.uid())
+            ),
+            ADVICE_OTHER_USER,
+        ));
+    }
+    let sticky = meta.mode() & STICKY != 0;
+    if meta.mode() & 0o022 != 0 && !sticky {
+        return Err(refused(
+            registry,
+            dir,
+            format!(
+                "group or other users can write to the registry's directory (mode {:04o}) \
+                 and it has no sticky bit, so they could replace its files",
+                meta.mode() & 0o7777
+            ),
+            "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path in a \
+             directory of your own",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+pub(crate) fn check_registry_dir(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
+    Ok(())
+}
+
+/// Whether others may create files in the registry's directory (a sticky directory such as
+/// `/tmp`), so that the side files should be created by us before SQLite opens them.
+#[cfg(unix)]
+pub(crate) fn dir_open_to_others(real: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dir = real.parent().filter(|d| !d.as_os_str().is_empty());
+    dir.and_then(|d| fs::metadata(d).ok())
+        .is_some_and(|m| m.mode() & 0o022 != 0)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn dir_open_to_others(_: &Path) -> bool {
+    false
+}
+
+/// Refuses, without changing anything, a registry file or side file that another user could
+/// have planted or may change: a symbolic link, a file or directory of another user or that
+/// group or others may write; and a registry file reached by other names too (a second hard
+/// link, or a file mounted on its own). A registry path that is not a regular file is left
+/// for the open to report.
+pub(crate) fn check_files(registry: &Path, real: &Path) -> Result<()> {
+    let open_err = |source: io::Error| Error::Open {
+        path: registry.to_owned(),
+        source: source.into(),
+    };
+    let entries = std::iter::once((real.to_owned(), Kind::Registry)).chain(
+        SIDE_SUFFIXES.iter().map(|suffix| {
+            let kind = if *suffix == ".owners" {
+                Kind::Dir
+            } else {
+                Kind::Side
+            };
+            (sibling(real, suffix), kind)
+        }),
+    );
+    for (file, kind) in entries {
+        match fs::symlink_metadata(&file) {
+            Ok(meta) => check_meta(registry, &file, &meta, kind)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(open_err(e)),
+        }
+    }
+    Ok(())
+}
+
+/// What a file beside the registry should be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Registry,
+    Side,
+    Dir,
+}
+
+#[cfg(unix)]
+fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |reason: String, advice| Err(refused(registry, file, reason, advice));
+    if meta.file_type().is_symlink() {
+        return refuse(
+            format!(
+                "it is a symbolic link (of {}), which is never followed there",
+                owner_name(meta.uid())
+            ),
+            ADVICE_OWN,
+        );
+    }
+    match kind {
+        // Not a regular file: reported by the open, which says what a registry path must be.
+        Kind::Registry if !meta.is_file() => return Ok(()),
+        Kind::Side if !meta.is_file() => {
+            return refuse("it is not a regular file".into(), ADVICE_OWN);
+        }
+        Kind::Dir if !meta.is_dir() => {
+            return refuse("it is not a directory".into(), ADVICE_OWN);
+        }
+        _ => {}
+    }
+    if meta.uid() != euid() {
+        return refuse(
+            format!("it belongs to {}", owner_name(meta.uid())),
+            ADVICE_OWN,
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        return refuse(
+            format!(
+                "group or other users can write to it (mode {:04o})",
+                meta.mode() & 0o7777
+            ),
+            "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path of \
+             your own",
+        );
+    }
+    if kind == Kind::Registry {
+        if meta.nlink() > 1 {
+            return refuse(
+                format!(
+                    "it has {} hard links, and each name would get a lock of its own, so \
+                     two processes could lease one port",
+                    meta.nlink()
+                ),
+                ADVICE_SHARE_DIR,
+            );
+        }
+        if is_mount_root(file) {
+            return refuse(
+                "it is mounted on its own (a single-file bind mount), so its lock file and \
+                 owners directory are not the ones beside the original"
+                    .into(),
+                ADVICE_SHARE_DIR,
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> Result<()> {
+    if meta.file_type().is_symlink() || (kind == Kind::Side && !meta.is_file()) {
+        return Err(refused(
+            registry,
+            file,
+            "it is not a plain file".into(),
+            ADVICE_OWN,
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `path` is the root of a mount of its own (a single file bind-mounted there).
+#[cfg(target_os = "linux")]
+fn is_mount_root(path: &Path) -> bool {
+    #[cfg(any(target_env = "gnu", target_env = "musl"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
+        let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: `c_path` is NUL-terminated and outlives the call; `buf` is a valid, writable
+        // statx buffer.
+        let rc = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                libc::STATX_BASIC_STATS,
+                &mut buf,
+            )
+        };
+        let flag = libc::STATX_ATTR_MOUNT_ROOT as u64;
+        if rc == 0 && buf.stx_attributes_mask & flag != 0 {
+            return buf.stx_attributes & flag != 0;
+        }
+    }
+    // Kernels before 5.8 do not say: look for the path among the mount points.
+    mounted_at(path)
+}
+
+#[cfg(not(target_os = "linux"))]
+#[cfg_attr(not(unix), allow(dead_code))]
+fn is_mount_root(_: &Path) -> bool {
+    false
+}
+
+/// Whether `/proc/self/mountinfo` lists a mount at `path`.
+#[cfg(target_os = "linux")]
+fn mounted_at(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(info) = fs::read(std::path::Path::new("/proc/self/mountinfo")) else {
+        return false;
+    };
+    let wanted = path.as_os_str().as_bytes();
+    info.split(|b| *b == b'\n').any(|line| {
+        line.split(|b| *b == b' ')
+            .nth(4)
+            .is_some_and(|point| unescape_octal(point) == wanted)
+    })
+}
+
+/// Undoes the `\ooo` escapes of mountinfo's fields.
+#[cfg(target_os = "linux")]
+fn unescape_octal(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let digits = field.get(i + 1..i + 4);
+        match digits {
+            Some(d) if field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            _ => {
+                out.push(field[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// A side file that [`precreate_side_files`] made: its path and identity (device, inode).
+pub(crate) type Created = (PathBuf, Option<(u64, u64)>);
+
+/// Creates SQLite's `-wal` and `-shm` beside `real` ourselves (`0600`, never through a link)
+/// where they are missing, so that nobody else can create them first in a directory open to
+/// others. Returns the files it created, for [`remove_created`].
+///
+/// No descriptor of them stays open: closing one after SQLite has locked the file would drop
+/// SQLite's POSIX locks on it.
+pub(crate) fn precreate_side_files(real: &Path) -> io::Result<Vec<Created>> {
+    let mut created = Vec::new();
+    for suffix in ["-wal", "-shm"] {
+        let file = sibling(real, suffix);
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+        }
+        match options.open(&file) {
+            Ok(handle) => {
+                let id = identity(&handle.metadata()?);
+                created.push((file, id));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(created)
+}
+
+#[cfg(unix)]
+fn identity(meta: &fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((meta.dev(), meta.ino()))
+}
+
+#[cfg(not(unix))]
+fn identity(_: &fs::Metadata) -> Option<(u64, u64)> {
+    None
+}
+
+/// Removes the side files [`precreate_side_files`] made, if their names still lead to them.
+pub(crate) fn remove_created(created: Vec<Created>) {
+    for (file, id) in created {
+        let still = fs::symlink_metadata(&file).is_ok_and(|meta| identity(&meta) == id);
+        if !still {
+            continue;
+        }
+        if let Err(error) = fs::remove_file(&file) {
+            tracing::debug!(file = %file.display(), %error, "could not remove a side file");
+        }
+    }
+}
+
 /// Creates `path` empty with mode `0600` if it does not exist; leaves an existing file alone.
 pub(crate) fn create_private_file(path: &Path) -> io::Result<()> {
     let mut options = fs::OpenOptions::new();
@@ -213,7 +781,7 @@ mod tests {
     fn creates_private_directories_and_files() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("a/b/registry.sqlite3");
-        prepare_parent(&path, false).unwrap();
+        prepare_dirs(&path, &path).unwrap();
         create_private_file(&path).unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&tmp.path().join("a")), 0o700);
@@ -227,7 +795,7 @@ mod tests {
         let dir = tmp.path().join("portdaddy-x");
         fs::create_dir(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
-        let err = prepare_parent(&dir.join(FILE_NAME), true).unwrap_err();
+        let err = prepare_shared_dir(&dir.join(FILE_NAME)).unwrap_err();
         assert!(err.to_string().contains("other users can write"), "{err}");
     }
 
@@ -238,16 +806,57 @@ mod tests {
         fs::create_dir(&real).unwrap();
         let link = tmp.path().join("portdaddy-x");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        let err = prepare_parent(&link.join(FILE_NAME), true).unwrap_err();
+        let err = prepare_shared_dir(&link.join(FILE_NAME)).unwrap_err();
         assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn resolves_our_links_to_the_real_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real_dir = tmp.path().join("real");
+        fs::create_dir(&real_dir).unwrap();
+        std::os::unix::fs::symlink(&real_dir, tmp.path().join("dir-link")).unwrap();
+        std::os::unix::fs::symlink("../real/r.sqlite3", real_dir.join("file-link")).unwrap();
+        let real = resolve(&tmp.path().join("dir-link/file-link")).unwrap();
+        let expected = fs::canonicalize(tmp.path()).unwrap().join("real/r.sqlite3");
+        assert_eq!(real, expected);
+        // Missing directories of the path as given are fine: they are created later.
+        let fresh = resolve(&tmp.path().join("dir-link/new/r.sqlite3")).unwrap();
+        assert_eq!(fresh, expected.with_file_name("new").join("r.sqlite3"));
+    }
+
+    #[test]
+    fn a_link_into_a_missing_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("r.sqlite3");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere/r.sqlite3"), &link).unwrap();
+        let err = resolve(&link).unwrap_err();
+        assert!(matches!(err, Error::Open { .. }), "{err:?}");
+        assert!(!tmp.path().join("nowhere").exists());
+    }
+
+    #[test]
+    fn a_name_without_room_for_the_journal_suffix_is_refused() {
+        let ok = PathBuf::from("x".repeat(NAME_MAX - LONGEST_SUFFIX));
+        check_name_length(&ok, &ok).unwrap();
+        let long = PathBuf::from("x".repeat(NAME_MAX - LONGEST_SUFFIX + 1));
+        let err = check_name_length(&long, &long).unwrap_err();
+        assert!(matches!(err, Error::Refused { .. }), "{err:?}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_octal(br"/a\040b\011c"), b"/a b\tc");
+        assert_eq!(unescape_octal(br"/plain\9"), br"/plain\9");
     }
 
     #[test]
     fn accepts_our_own_private_shared_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("portdaddy-x");
-        prepare_parent(&dir.join(FILE_NAME), true).unwrap();
-        prepare_parent(&dir.join(FILE_NAME), true).unwrap();
+        prepare_shared_dir(&dir.join(FILE_NAME)).unwrap();
+        prepare_shared_dir(&dir.join(FILE_NAME)).unwrap();
         assert_eq!(
             fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
             0o700

@@ -24,6 +24,16 @@
 //! or 2 that no longer counts is reclaimed on the spot. Everything happens in the caller's
 //! single transaction, so no other participant sees a half-made choice.
 //!
+//! # Clocks that were wrong
+//!
+//! A TTL lease never lives longer than its TTL as measured by the clock that judges it. A
+//! TTL lease stamped in the future (its clock was ahead, or this one was set back since) is
+//! started again, with the same TTL, by the claim or reap that meets it: it is written back
+//! with `acquired_at` = now and `expires_at` = now + its TTL. A claim meets the leases on its
+//! preferred and remembered ports; a reap meets every lease. (A claim that fails is rolled
+//! back, its restamping with it.) A lease stamped in the past (its clock was behind) simply
+//! expires earlier: that only hands back a port whose holder asked for a limit.
+//!
 //! # Remembered ports
 //!
 //! A name remembers the port of its latest claim, except when its remembered port was taken
@@ -32,7 +42,7 @@
 //! remembered by at most one name.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
 use crate::lease::{
@@ -97,12 +107,57 @@ impl Env<'_> {
         owner == self.me || self.processes.is_alive(owner)
     }
 
+    /// Whether the port probe finds `port` free; a probe that cannot tell (out of file
+    /// descriptors, say) fails the claim instead of passing the port over.
+    fn is_free(&self, port: u16, protocol: Protocol) -> Result<bool> {
+        self.ports
+            .try_is_free(port, protocol)
+            .map_err(|error| Error::Probe { port, error })
+    }
+
+    /// Bounds what a clock can do to a TTL lease: one stamped in the future (by a clock that
+    /// was ahead, or set back since) would otherwise live its TTL *plus* that lead, as this
+    /// clock judges it; years, for a clock that was years ahead. Such a lease is started
+    /// again now, keeping its TTL, and written back so that every participant sees the new
+    /// times. Other leases come back as they were.
+    pub(crate) fn clamp(&self, tx: &mut dyn Tx, lease: Lease) -> Result<Lease> {
+        let Some(expires_at) = lease.expires_at else {
+            return Ok(lease);
+        };
+        if lease.acquired_at <= self.now {
+            return Ok(lease);
+        }
+        let ttl = expires_at
+            .duration_since(lease.acquired_at)
+            .unwrap_or_default();
+        let acquired_at = at_storage_precision(self.now);
+        let Ok(expires_at) = expiry(acquired_at, ttl) else {
+            return Ok(lease);
+        };
+        let clamped = Lease {
+            acquired_at,
+            expires_at: Some(expires_at),
+            ..lease.clone()
+        };
+        if tx.delete_lease(lease.port, lease.id)? {
+            tx.insert_lease(&clamped)?;
+            tracing::info!(
+                port = lease.port,
+                name = %lease.name,
+                ?ttl,
+                "a lease was stamped in the future by a clock that was ahead; it starts again now"
+            );
+        }
+        Ok(clamped)
+    }
+
     /// Checks one port, reclaiming a lease on it that no longer counts.
     fn check(&self, tx: &mut dyn Tx, port: u16, protocol: Protocol) -> Result<Option<Blocked>> {
         if self.reserved.contains(&port) {
             return Ok(Some(Blocked::Reserved));
         }
         if let Some(lease) = tx.lease_on(port)? {
+            let lease = self.clamp(tx, lease)?;
             if !self.is_reclaimable(&lease) {
                 return Ok(Some(Blocked::Leased(lease)));
             }
@@ -111,7 +166,7 @@ impl Env<'_> {
                 log_reclaimed(&lease);
             }
         }
-        if !self.ports.is_free(port, protocol) {
+        if !self.is_free(port, protocol)? {
             return Ok(Some(Blocked::Foreign));
         }
         Ok(None)
@@ -183,7 +238,7 @@ impl Env<'_> {
     ) -> Result<Option<u16>> {
         for port in block_ports(first, len) {
             let vacant = port == first || tx.first_vacant(port, port, avoid)? == Some(port);
-            if !vacant || self.reserved.contains(&port) || !self.ports.is_free(port, protocol) {
+            if !vacant || self.reserved.contains(&port) || !self.is_free(port, protocol)? {
                 return Ok(Some(port));
             }
         }
@@ -249,7 +304,7 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         None => {
             let port = match search_range(tx, env, protocol, len)? {
                 Some(port) => port,
-                None => return Err(exhausted(tx, env)?),
+                None => return Err(exhausted(tx, env, len)?),
             };
             let next = u32::from(port) + u32::from(len);
             tx.set_cursor(if next > u32::from(env.range.end()) {
@@ -261,9 +316,12 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         }
     };
 
+    let acquired_at = at_storage_precision(env.now);
     let expires_at = match request.ttl {
         None => None,
-        Some(ttl) => Some(at_storage_precision(expiry(env.now, ttl)?)),
+        // From the stored start, the TTL rounded up to whole milliseconds: a TTL of at least
+        // 1 ms (see `Request::validate`) never ends at or before the claim.
+        Some(ttl) => Some(expiry(acquired_at, ttl_at_storage_precision(ttl))?),
     };
     let lease = Lease {
         id: new_lease_id(),
@@ -272,7 +330,7 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         name: request.name.clone(),
         protocol,
         owner: Some(request.owner.clone().unwrap_or_else(|| env.me.clone())),
-        acquired_at: at_storage_precision(env.now),
+        acquired_at,
         expires_at,
     };
     tx.insert_lease(&lease)?;
@@ -309,8 +367,18 @@ fn fits_range(range: PortRange, first: u16, len: u16) -> bool {
     range.contains(first) && u32::from(first) + u32::from(len) - 1 <= u32::from(range.end())
 }
 
+/// `ttl` rounded up to the registry's precision, whole milliseconds.
+fn ttl_at_storage_precision(ttl: Duration) -> Duration {
+    let whole = Duration::from_millis(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    if whole < ttl {
+        whole.saturating_add(Duration::from_millis(1))
+    } else {
+        whole
+    }
+}
+
 /// `now + ttl`, if the registry can store it.
-fn expiry(now: SystemTime, ttl: std::time::Duration) -> Result<SystemTime> {
+fn expiry(now: SystemTime, ttl: Duration) -> Result<SystemTime> {
     now.checked_add(ttl)
         .filter(|t| to_millis(*t) < i64::MAX)
         .ok_or_else(|| Error::InvalidRequest {
@@ -344,17 +412,20 @@ fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Resul
     }))
 }
 
-/// The error for a full range; counts the ports of the range that leases hold (by now, only
-/// live holders' leases are left).
-fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Result<Error> {
+/// The error for a full range, or for a block that found no run: counts the ports of the
+/// range that leases still holding their port hold (dead and expired ones may be left when
+/// the search was skipped, as for a block longer than the range).
+fn exhausted(tx: &mut dyn Tx, env: &Env<'_>, block_len: u16) -> Result<Error> {
     let held = tx
         .leases(Some(env.range))?
         .iter()
+        .filter(|l| env.state(l).holds_port())
         .map(|l| l.ports().filter(|p| env.range.contains(*p)).count())
         .sum();
     Ok(Error::Exhausted {
         range: env.range,
         held,
+        block_len,
     })
 }
 
@@ -362,16 +433,23 @@ fn exhausted(tx: &mut dyn Tx, env: &Env<'_>) -> Result<Error> {
 pub(crate) fn reap(tx: &mut dyn Tx, env: &Env<'_>, range: Option<PortRange>) -> Result<usize> {
     // Many leases often share one owner: ask the probe once per owner. The owner's lock file
     // is part of the key: one process's handles each hold their own, and one handle's file
-    // may be gone while another's is held.
-    let mut alive: HashMap<(Owner, Option<String>), bool> = HashMap::new();
+    // may be gone while another's is held. So is the time namespace its start time was read
+    // through, which decides whether that start time can be compared.
+    let mut alive: HashMap<(Owner, Option<String>, Option<u64>), bool> = HashMap::new();
     let mut reaped = 0;
     for lease in tx.leases(range)? {
         let dead = lease.is_expired_at(env.now)
             || lease.owner.as_ref().is_some_and(|owner| {
-                let key = (owner.clone(), owner.lock_name().map(str::to_owned));
+                let key = (
+                    owner.clone(),
+                    owner.lock_name().map(str::to_owned),
+                    owner.time_namespace(),
+                );
                 !*alive.entry(key).or_insert_with(|| env.owner_alive(owner))
             });
-        if dead && tx.delete_lease(lease.port, lease.id)? {
+        if !dead {
+            env.clamp(tx, lease)?;
+        } else if tx.delete_lease(lease.port, lease.id)? {
             log_reclaimed(&lease);
             reaped += 1;
         }

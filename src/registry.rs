@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::builder::{Builder, Settings};
+use crate::descriptors;
 use crate::error::{Error, Result};
 use crate::guard::PortGuard;
 use crate::lease::{Choice, Lease, LeaseState, Owner, Protocol};
@@ -69,9 +70,12 @@ use crate::store::{Counter, Tx};
 ///
 /// # Forking
 ///
-/// A file registry handle refuses to work in a child created by `fork` without `exec`
-/// ([`Error::ForkedHandle`]): open a new one there. [`portdaddy::acquire`](crate::acquire)
-/// does that by itself.
+/// A child created by `fork` without `exec` from a process that has a file registry open
+/// can use no file registry: the handle it inherited, a new one, and
+/// [`portdaddy::acquire`](crate::acquire) all fail at once with [`Error::ForkedHandle`],
+/// touching neither the file nor its lock, so the parent goes on undisturbed. (SQLite keeps
+/// each file's lock state in process memory, which the child inherits as it was, perhaps
+/// mid-transaction.) `exec` a program in the child, or fork before opening a registry.
 #[derive(Clone)]
 pub struct PortDaddy {
     inner: Arc<Inner>,
@@ -87,6 +91,9 @@ struct Inner {
     /// in its [`FileState`]).
     me: Owner,
     path: Option<PathBuf>,
+    /// Counts an open file registry, so that a forked child knows it inherited one. Last, so
+    /// that it is dropped after the store.
+    _opened: Option<crate::fork::Opened>,
 }
 
 enum Backend {
@@ -221,6 +228,7 @@ impl PortDaddy {
             settings,
             me,
             path: None,
+            _opened: None,
         })
     }
 
@@ -230,18 +238,30 @@ impl PortDaddy {
         timeout: Duration,
         settings: Settings,
     ) -> Result<Self> {
+        // Before anything touches SQLite: a child that inherited connections must not.
+        let opened = crate::fork::opening()?;
         // Leases must name this process exactly, or others would take them for dead.
-        let me = Owner::current()?;
-        let store = SqliteStore::open(path, shared_tmp, timeout)?;
-        let owners = owners_dir(store.path());
-        let lock = OwnerLock::take(&owners, &me).map_err(|e| Error::Open {
-            path: store.path().to_owned(),
-            source: format!(
-                "cannot create an owner lock file in {}: {e}",
-                owners.display()
-            )
-            .into(),
+        let me = Owner::current().map_err(|e| match e {
+            // Reading /proc/self takes a descriptor: without one, this process only seems
+            // to be unreadable.
+            Error::ProcessUnreadable { .. } | Error::NoSuchProcess { .. } => {
+                match descriptors::lacking(1) {
+                    Some(error) => descriptors::out_of_descriptors(
+                        path,
+                        "cannot read the identity of this process from /proc",
+                        error,
+                    ),
+                    None => e,
+                }
+            }
+            other => other,
         })?;
+        let store =
+            SqliteStore::open(path, shared_tmp, timeout).map_err(descriptors::name_cause)?;
+        // Beside the real file, as the lock file is, however the registry was reached.
+        let owners = owners_dir(&store.real_path());
+        let lock =
+            OwnerLock::take(&owners, &me).map_err(|e| owner_lock_err(store.path(), &owners, e))?;
         let me = me.with_lock(Some(lock.name().to_owned()));
         let path = Some(store.path().to_owned());
         Ok(Self::from_inner(Inner {
@@ -263,6 +283,7 @@ impl PortDaddy {
             settings,
             me,
             path,
+            _opened: Some(opened),
         }))
     }
 
@@ -537,6 +558,103 @@ impl PortDaddy {
         self.read(|tx| tx.leases(None))
     }
 
+    /// Makes `command` inherit this handle's owner lock, so that the leases of this handle
+    /// stay alive while the command (or any process it passes the descriptor on to) runs,
+    /// even if this process dies first, and are reclaimed once all of them have exited.
+    ///
+    /// A lease of a file registry lives while its owner's lock file in `<registry>.owners/`
+    /// is locked, and the lock belongs to the open file description, which the command then
+    /// shares. `portdaddy run` does this for the command it runs, so a `run` killed with
+    /// `SIGKILL` (or by the OOM killer) leaves the command's ports to the command.
+    ///
+    /// The command keeps this handle (and so its lock file) open for as long as it is not
+    /// dropped. In the command the descriptor is an open file like any other; a command that
+    /// closes it gives the leases up when this process also ends. An in-memory registry,
+    /// whose leases die with this process anyway, and systems other than Unix leave the
+    /// command unchanged.
+    ///
+    /// The command shares the lock file that the handle holds when this is called (if that
+    /// file was removed already, the handle first takes a new one and names it in its
+    /// leases). If the file is removed later (a temp cleaner, or the registry deleted under
+    /// the handle), the handle takes a new one at its next write, which the command does
+    /// not hold: from then on the leases live while this process does, as they would
+    /// without the command.
+    ///
+    /// ```
+    /// # #[cfg(unix)] {
+    /// let dir = tempfile::tempdir()?;
+    /// let registry = portdaddy::PortDaddy::open(dir.path().join("ports.sqlite3"))?;
+    /// let guard = registry.acquire("web")?;
+    /// let mut command = std::process::Command::new("true");
+    /// command.env("PORT", guard.port().to_string());
+    /// registry.share_owner_lock(&mut command)?;
+    /// assert!(command.status()?.success());
+    /// # }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ForkedHandle`](crate::Error::ForkedHandle) in a child made by `fork` without
+    /// `exec`, where this handle's lock is the parent's; a registry error if a removed lock
+    /// file cannot be replaced, or the descriptor cannot be duplicated. Spawning the command
+    /// fails if its descriptor cannot be kept open across `exec`.
+    pub fn share_owner_lock(&self, command: &mut std::process::Command) -> Result<()> {
+        let Backend::File { file, .. } = &self.inner.backend else {
+            return Ok(());
+        };
+        self.inner.check_not_forked()?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let in_place = {
+                let file = file.lock().unwrap_or_else(|p| p.into_inner());
+                file.owner_lock.is_in_place()
+            };
+            if !in_place {
+                // Take a new lock file now, and name it in the leases, so that the command
+                // shares one that others can see.
+                self.write(|_, _| Ok(()))?;
+            }
+            // A duplicate of the locked descriptor: the same open file description, and so
+            // the same lock. The command owns it, so it stays open until the command is
+            // spawned even if the handle takes a new lock file meanwhile and closes its own.
+            let shared = {
+                let file = file.lock().unwrap_or_else(|p| p.into_inner());
+                file.owner_lock.share().map_err(|e| {
+                    descriptors::name_cause(Error::Registry {
+                        path: self.inner.path.clone().unwrap_or_default(),
+                        source: e.into(),
+                    })
+                })?
+            };
+            let fd = shared.as_raw_fd();
+            // The command holds the handle too, so that the lock file stays where others
+            // look for it (the handle removes it when it closes) until the command is spawned.
+            let handle = self.clone();
+            // SAFETY: the hook runs in the child between fork and exec, where it only calls
+            // fcntl, which is async-signal-safe, and reads errno; it allocates nothing and
+            // takes no lock. `fd` is open in the child, since fork copies the descriptors
+            // and `shared`, which the hook owns, keeps it open in the parent.
+            unsafe {
+                command.pre_exec(move || {
+                    let _ = (&handle, &shared);
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags == -1
+                        || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) == -1
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (file, command);
+        Ok(())
+    }
+
     /// Reclaims every lease whose owner is dead or whose expiry has passed; how many.
     ///
     /// Claims do this by themselves when a dead lease stands in their way, so calling this is
@@ -549,7 +667,8 @@ impl PortDaddy {
         self.write(|tx, env| policy::reap(tx, env, None))
     }
 
-    /// The registry file, or `None` for an in-memory registry.
+    /// The registry file as its path was given (its side files sit beside the file that path
+    /// leads to), or `None` for an in-memory registry.
     pub fn path(&self) -> Option<&Path> {
         self.inner.path.as_deref()
     }
@@ -655,7 +774,8 @@ impl PortDaddy {
             | Error::Corrupt { .. }
             | Error::SchemaTooNew { .. }
             | Error::LockTimeout { .. }
-            | Error::ForkedHandle { .. } => return,
+            | Error::ForkedHandle { .. }
+            | Error::Refused { .. } => return,
             _ => Counter::Errors,
         };
         if let Err(e) = self.write(|tx, _| tx.count(counter, 1)) {
@@ -683,7 +803,9 @@ impl PortDaddy {
                 let deadline = Deadline::after(*timeout);
                 inner.check_not_forked()?;
                 let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
-                let value = file.write(inner, deadline, f)?;
+                let value = file
+                    .write(inner, deadline, f)
+                    .map_err(descriptors::name_cause)?;
                 track(&mut file.holdings, &value)?;
                 Ok(value)
             }
@@ -698,11 +820,15 @@ impl PortDaddy {
                 let deadline = Deadline::after(*timeout);
                 inner.check_not_forked()?;
                 let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
-                if !file.store.is_current()? {
+                let current = file.store.is_current().map_err(descriptors::name_cause)?;
+                if !current {
                     // Read what the path names, with this handle's leases recorded in it.
-                    file.write(inner, deadline, |_, _| Ok(()))?;
+                    file.write(inner, deadline, |_, _| Ok(()))
+                        .map_err(descriptors::name_cause)?;
                 }
-                file.store.read(deadline, f)
+                file.store
+                    .read(deadline, f)
+                    .map_err(descriptors::name_cause)
             }
             Backend::Memory(store) => store.transact(f),
         }
@@ -735,9 +861,7 @@ impl FileState {
                     holdings.new_file = true;
                 }
                 if !owner_lock.is_in_place() {
-                    // A file handle always has its path.
-                    let path = inner.path.as_deref().unwrap_or(Path::new(""));
-                    *owner_lock = retake_owner_lock(path, me)?;
+                    *owner_lock = retake_owner_lock(inner, me)?;
                     *me = me.clone().with_lock(Some(owner_lock.name().to_owned()));
                     holdings.restamp = true;
                 }
@@ -765,20 +889,34 @@ impl FileState {
     }
 }
 
-/// Takes a new owner lock file for `me` beside the registry at `path`, in place of one that
-/// was removed.
-fn retake_owner_lock(path: &Path, me: &Owner) -> Result<OwnerLock> {
-    let owners = owners_dir(path);
+/// Takes a new owner lock file for `me`, in place of one that was removed, with the same
+/// checks of the directory as at open. It goes in the directory by which the handle judges
+/// owners, `owners_dir` of the real registry file: the store never opens a file at another
+/// real path (see `SqliteStore::write`), so that is the directory beside the file it has open.
+fn retake_owner_lock(inner: &Inner, me: &Owner) -> Result<OwnerLock> {
+    // A file handle always has both.
+    let (Some(path), Some(owners)) = (inner.path.as_deref(), inner.liveness.owners.as_deref())
+    else {
+        return Err(Error::Registry {
+            path: inner.path.clone().unwrap_or_default(),
+            source: "no owners directory to take a lock file in".into(),
+        });
+    };
     tracing::warn!(dir = %owners.display(),
         "this handle's owner lock file was removed; taking a new one");
-    OwnerLock::take(&owners, me).map_err(|e| Error::Registry {
+    OwnerLock::take(owners, me).map_err(|e| owner_lock_err(path, owners, e))
+}
+
+/// Maps a failure to take an owner lock file in `owners`, beside the registry at `path`.
+fn owner_lock_err(path: &Path, owners: &Path, e: std::io::Error) -> Error {
+    let detail = format!("cannot create an owner lock file in {}", owners.display());
+    if descriptors::exhausted(&e) {
+        return descriptors::out_of_descriptors(path, detail, e);
+    }
+    Error::Open {
         path: path.to_owned(),
-        source: format!(
-            "cannot create an owner lock file in {} in place of the removed one: {e}",
-            owners.display()
-        )
-        .into(),
-    })
+        source: format!("{detail}: {e}").into(),
+    }
 }
 
 /// Records the leases a handle holds in the registry again, naming the handle's current
@@ -912,12 +1050,16 @@ impl Inner {
     }
 }
 
-/// The handle behind [`crate::acquire`]: opened on first use, and again in a forked child.
+/// The handle behind [`crate::acquire`]: opened on first use. In a child made by `fork` it
+/// fails at once with [`Error::ForkedHandle`] if the parent had file registries open.
 pub(crate) fn default_registry() -> Result<PortDaddy> {
     static DEFAULT: Mutex<Option<PortDaddy>> = Mutex::new(None);
+    // Counted before the lock is taken, so that a child forked while another thread holds
+    // it (opening the registry) fails here instead of waiting for ever.
+    let opening = crate::fork::opening()?;
     let mut slot = DEFAULT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(registry) = slot.as_ref() {
-        if registry.inner.me.pid() == std::process::id() {
+        if registry.inner.me.pid() == opening.pid() {
             return Ok(registry.clone());
         }
         // Inherited from the parent across fork: closing its connection here could

@@ -5,9 +5,13 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::lease::{Owner, Protocol};
+use crate::text::is_layout_char;
 
 /// The longest name accepted, in bytes of UTF-8.
 pub const MAX_NAME_LEN: usize = 128;
+
+/// The shortest TTL accepted: the registry's time resolution.
+const MIN_TTL: Duration = Duration::from_millis(1);
 
 /// A request for one port.
 ///
@@ -83,6 +87,15 @@ impl Request {
     /// Gives the lease an expiry: once `ttl` has passed since it was taken, the lease can be
     /// reclaimed even if its owner is still alive. Pair with
     /// [`PortGuard::keep`](crate::PortGuard::keep) for a lease that outlives the process.
+    ///
+    /// The registry keeps times in whole milliseconds: a lease starts at the millisecond of
+    /// its claim and lasts `ttl` rounded *up* to whole milliseconds. A TTL shorter than one
+    /// millisecond, which would expire at once, fails at acquire time with
+    /// [`Error::InvalidRequest`].
+    ///
+    /// A lease never lives longer than its TTL by the clock of whoever judges it: one stamped
+    /// by a clock that was ahead (a machine whose clock is fixed by NTP later) starts again
+    /// with its TTL when a claim or [`PortDaddy::reap`](crate::PortDaddy::reap) meets it.
     ///
     /// Default: no expiry.
     pub fn ttl(mut self, ttl: Duration) -> Self {
@@ -199,6 +212,14 @@ impl Request {
                     .into(),
             });
         }
+        if let Some(ttl) = self.ttl.filter(|ttl| *ttl < MIN_TTL) {
+            return Err(Error::InvalidRequest {
+                reason: format!(
+                    "a TTL of {ttl:?} is shorter than the registry's resolution of 1ms and \
+                     would expire the lease at once; give a TTL of at least 1ms, or none"
+                ),
+            });
+        }
         Ok(())
     }
 }
@@ -238,18 +259,6 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Characters that are not control characters but still change how text around them is
-/// laid out: line and paragraph separators and the bidirectional controls, with which a
-/// name could disguise itself or the text after it in a listing.
-fn is_layout_char(c: char) -> bool {
-    matches!(c,
-        '\u{2028}' | '\u{2029}'                       // line and paragraph separators
-        | '\u{061C}' | '\u{200E}' | '\u{200F}'         // bidi marks
-        | '\u{202A}'..='\u{202E}'                      // bidi embeddings and overrides
-        | '\u{2066}'..='\u{2069}'                      // bidi isolates
-    )
-}
-
 /// The name as a quoted, escaped string short enough for an error message.
 fn quote(name: &str) -> String {
     const SHOWN: usize = 40;
@@ -282,6 +291,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_ttl_below_the_registrys_resolution_is_refused() {
+        for short in [Duration::from_nanos(1), Duration::from_micros(999)] {
+            let err = Request::new("x").ttl(short).validate().unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidRequest { reason } if reason.contains("1ms")),
+                "{err}"
+            );
+        }
+        assert!(Request::new("x")
+            .ttl(Duration::from_millis(1))
+            .validate()
+            .is_ok());
     }
 
     #[test]

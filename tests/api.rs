@@ -432,7 +432,7 @@ fn exhausted_names_the_range_and_how_many_are_held() {
     let _b = registry.acquire("b").unwrap();
     let err = registry.acquire("c").unwrap_err();
     match &err {
-        Error::Exhausted { range, held } => {
+        Error::Exhausted { range, held, .. } => {
             assert_eq!((range.start(), range.end(), *held), (23000, 23001, 2));
         }
         other => panic!("expected Exhausted, got {other:?}"),

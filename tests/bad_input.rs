@@ -464,9 +464,14 @@ fn port_zero_and_a_zero_ttl_are_invalid_requests() {
         let err = registry.acquire_many_with(&batch).unwrap_err();
         assert!(matches!(err, Error::InvalidRequest { .. }), "{err:?}");
         assert!(registry.list().unwrap().is_empty());
-        // The smallest positive TTL is fine.
+        // Below the registry's resolution of 1 ms a TTL would expire at once; 1 ms is fine.
+        assert_invalid_request(
+            registry,
+            Request::new("a").ttl(Duration::from_nanos(1)),
+            "at least 1ms",
+        );
         let _guard = registry
-            .acquire_with(&Request::new("a").ttl(Duration::from_nanos(1)))
+            .acquire_with(&Request::new("a").ttl(Duration::from_millis(1)))
             .unwrap();
     }
 }

@@ -869,3 +869,124 @@ fn bad_input_gives_the_documented_exit_code_and_one_line() {
     let line = error_line(&f.run(&["list", "--db", &foreign.to_string_lossy()]), 4);
     assert!(line.contains("hint:"), "{line}");
 }
+
+/// The ways `acquire` is asked for with the lease kept for the caller: owned by the caller,
+/// detached with a TTL, a block, and each as JSON.
+const ACQUIRES: &[&[&str]] = &[
+    &["acquire", "unseen"],
+    &["acquire", "unseen", "--json"],
+    &["acquire", "unseen", "--ttl", "1h"],
+    &["acquire", "unseen", "--ttl", "1h", "--json"],
+    &["acquire", "unseen", "--block", "3"],
+];
+
+/// Asserts that the registry holds no lease, and that every lease counted as acquired was
+/// counted as released too: `acquire`s that took `acquired` leases gave them all back.
+fn assert_nothing_kept(f: &Fixture, acquired: u64, what: &str) {
+    assert_eq!(
+        f.list_json(),
+        Vec::<Value>::new(),
+        "{what}: a lease was kept"
+    );
+    let stats: Value = serde_json::from_str(&f.ok(&["stats", "--json"])).unwrap();
+    assert_eq!(stats["acquired"], acquired, "{what}: {stats}");
+    assert_eq!(stats["released"], acquired, "{what}: {stats}");
+}
+
+/// `portdaddy acquire >&-`: the caller would never see the port. Nothing is leased.
+#[cfg(target_os = "linux")]
+#[test]
+fn acquire_with_stdout_closed_fails_and_leases_nothing() {
+    let f = Fixture::new();
+    for args in ACQUIRES {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("exec \"$@\" >&-")
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_portdaddy"))
+            .args(*args)
+            .env("PORTDADDY_DB", &f.db)
+            .env("PORTDADDY_RANGE", RANGE)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let line = error_line(&out, 5);
+        assert!(line.contains("stdout is closed"), "{args:?}: {line}");
+        assert_nothing_kept(&f, 0, &format!("{args:?}"));
+    }
+}
+
+/// `portdaddy acquire >/dev/full`: the port cannot be written. The lease is released.
+#[cfg(target_os = "linux")]
+#[test]
+fn acquire_whose_output_cannot_be_written_fails_and_releases_the_lease() {
+    let f = Fixture::new();
+    for (i, args) in ACQUIRES.iter().enumerate() {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = f.command(args).stdout(full).output().unwrap();
+        let line = error_line(&out, 5);
+        assert!(
+            line.contains("cannot write the output") && line.contains("was released"),
+            "{args:?}: {line}"
+        );
+        assert_nothing_kept(&f, i as u64 + 1, &format!("{args:?}"));
+    }
+}
+
+/// `portdaddy acquire | true` where `true` has exited before the port is written: made
+/// certain with a pipe whose read end is closed before `acquire` starts. `acquire` is not
+/// killed by SIGPIPE before it can release: it fails and releases the lease.
+#[test]
+fn acquire_into_a_pipe_without_reader_fails_and_releases_the_lease() {
+    let f = Fixture::new();
+    for (i, args) in ACQUIRES.iter().enumerate() {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = f.command(args).stdout(writer).output().unwrap();
+        let line = error_line(&out, 5);
+        assert!(
+            line.contains("cannot write the output") && line.contains("was released"),
+            "{args:?}: {line}"
+        );
+        assert_nothing_kept(&f, i as u64 + 1, &format!("{args:?}"));
+    }
+}
+
+/// `portdaddy list | head -1` is not an error: `list` ends quietly on a pipe whose reader has
+/// gone, by the default action of SIGPIPE, and changes nothing.
+#[cfg(unix)]
+#[test]
+fn list_into_a_pipe_without_reader_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let f = Fixture::new();
+    f.ok(&["acquire", "kept", "--ttl", "1h"]);
+    for args in [&["list"][..], &["list", "--json"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = f.command(args).stdout(writer).output().unwrap();
+        assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{args:?}");
+        assert!(out.stderr.is_empty(), "{args:?}: {}", text(&out.stderr));
+    }
+    assert_eq!(f.list_json().len(), 1, "the lease is untouched");
+}
+
+/// With stderr gone as well, the error cannot be told: the exit code still is, and the
+/// lease is still released (no panic for the line that cannot be written).
+#[test]
+fn acquire_with_stdout_and_stderr_into_pipes_without_reader_exits_5_and_releases() {
+    let f = Fixture::new();
+    let (out_reader, out_writer) = std::io::pipe().unwrap();
+    let (err_reader, err_writer) = std::io::pipe().unwrap();
+    drop((out_reader, err_reader));
+    let status = f
+        .command(&["acquire", "unseen"])
+        .stdout(out_writer)
+        .stderr(err_writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(5), "{status}");
+    assert_nothing_kept(&f, 1, "stdout and stderr gone");
+}

@@ -806,7 +806,7 @@ impl Harness {
         let got = self.registry().acquire_with(&self.request(req));
         let outcome = match &got {
             Ok(guard) => Ok((guard.port(), guard.choice())),
-            Err(Error::Exhausted { range, held }) => {
+            Err(Error::Exhausted { range, held, .. }) => {
                 ensure!(
                     (range.start(), range.end()) == (before.lo, before.hi),
                     "Exhausted names range {range}, not {}-{}",

@@ -1,6 +1,6 @@
 //! A registry deleted or replaced while holders keep handles open: the registry file, its
 //! whole directory, only the main file (its `-wal` and `-shm` left behind), or the owners
-//! directory of lock files. Section 9 of `RELIABILITY.md` says what holds.
+//! directory of lock files. Section 14 of `RELIABILITY.md` says what holds.
 //!
 //! Every test has a holder process keep a lease (with a listener bound on its port, unless
 //! the test says otherwise), changes the files under it, lets a new process claim, then makes
@@ -233,6 +233,54 @@ fn a_removed_owners_directory_is_retaken_at_the_holders_next_write() {
     assert_eq!(lines, ["RELEASED ok"]);
 }
 
+/// A command that shares the holder's owner lock (`PortDaddy::share_owner_lock`, as
+/// `portdaddy run` does) after the owners directory was removed shares the new lock file
+/// that the holder's lease names: the lease lives on after the holder is killed, while the
+/// command runs, and is reclaimed once the command has exited too.
+#[test]
+fn a_command_sharing_the_owner_lock_after_the_owners_directory_went_keeps_the_lease() {
+    let ports = 32270..=32270;
+    let _ports = lock_ports(&ports);
+    let (_dir, path) = registry_in_subdir();
+    let mut holder = Worker::spawn("holder", "hold", &path, &ports, &[(LISTEN, "0".into())]);
+    let (port, _) = parse_held(&holder.expect_line("HELD", deadline()));
+    let owners = sibling(&path, ".owners");
+    let before = owner_lock_of(&path, port);
+    std::fs::remove_dir_all(&owners).unwrap();
+
+    holder.send("share");
+    let answer = holder.expect_line("an answer", deadline());
+    let sleeper: u32 = answer
+        .strip_prefix("OK ")
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("holder share: {answer}"));
+    let sleeper = KillOnDrop(sleeper);
+    let after = owner_lock_of(&path, port);
+    assert_ne!(after, before, "the lease names a new lock file");
+    holder.kill();
+
+    let lock = owners.join(&after);
+    assert!(
+        lock_is_held(&lock),
+        "the command holds {after}, where others look for it"
+    );
+    let host = open_unprobed(&path, &ports);
+    assert_eq!(host.reap().unwrap(), 0, "the command's lease was reaped");
+    let other = host.acquire("other");
+    assert!(
+        matches!(other, Err(Error::Exhausted { .. })),
+        "the lease of a running command was taken: {other:?}"
+    );
+
+    drop(sleeper);
+    let give_up = deadline();
+    while lock_is_held(&lock) {
+        assert!(Instant::now() < give_up, "the killed command kept the lock");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(host.acquire("other").unwrap().port(), port);
+}
+
 /// A handle that never noticed the replacement closes when its process ends: closing the
 /// last connection on the deleted file must not checkpoint and delete `<path>-wal` and
 /// `<path>-shm` by name, which are the new registry's files, in use by others.
@@ -302,7 +350,8 @@ fn worker_entry() {
 }
 
 /// Takes one port and binds a listener on it (unless [`LISTEN`] is `0`), reports
-/// `HELD <port> <pid>`, then runs commands from stdin (`list`, `reap`), answering `OK …` or
+/// `HELD <port> <pid>`, then runs commands from stdin (`list`, `reap`, and `share`, which
+/// starts `sleep 600` sharing the owner lock and answers with its pid), answering `OK …` or
 /// `ERR …` for each. At end-of-file it releases the lease and reports `RELEASED ok`,
 /// `RELEASED lost` (`Error::LeaseLost`) or `RELEASED <error>`.
 fn hold_worker(registry: &PortDaddy) {
@@ -316,15 +365,30 @@ fn hold_worker(registry: &PortDaddy) {
             .unwrap_or_else(|e| panic!("hold worker: bind {}: {e}", guard.port()))
     });
     say(&format!("HELD {} {}", guard.port(), std::process::id()));
+    let mut commands = Vec::new();
     while let Some(command) = read_line() {
         let answer = match command.as_str() {
             "list" => registry.list().map(|l| format!("OK {}", l.len())),
             "reap" => registry.reap().map(|n| format!("OK {n}")),
+            "share" => {
+                let mut command = std::process::Command::new("sleep");
+                command.arg("600").stdin(std::process::Stdio::null());
+                registry.share_owner_lock(&mut command).map(|()| {
+                    let child = command.spawn().expect("hold worker: spawn sleep");
+                    let pid = child.id();
+                    commands.push(child);
+                    format!("OK {pid}")
+                })
+            }
             other => panic!("unknown command {other:?}"),
         };
         say(&answer.unwrap_or_else(|e| format!("ERR {e}")));
     }
     drop(listener);
+    for mut command in commands {
+        let _ = command.kill();
+        let _ = command.wait();
+    }
     match guard.release() {
         Ok(()) => say("RELEASED ok"),
         Err(e) if matches!(e.error(), Error::LeaseLost { .. }) => say("RELEASED lost"),
@@ -384,6 +448,18 @@ fn lock_is_held(path: &Path) -> bool {
         Ok(()) => false,
         Err(std::fs::TryLockError::WouldBlock) => true,
         Err(std::fs::TryLockError::Error(e)) => panic!("flock {}: {e}", path.display()),
+    }
+}
+
+/// Kills the process when dropped, so that a failed test leaves no `sleep` behind.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: a plain syscall; the pid is one this test's worker started.
+        unsafe {
+            libc::kill(self.0 as libc::pid_t, libc::SIGKILL);
+        }
     }
 }
 

@@ -17,6 +17,12 @@ use crate::lease::Protocol;
 /// (the default unless `net.ipv6.bindv6only` is set) conflicts with every IPv4 holder of
 /// the port, so when it binds, `0.0.0.0` and `127.0.0.1` would too. Elsewhere, and for an
 /// IPv6-only socket, the IPv4 addresses are bound one by one.
+///
+/// A bind that fails because the port is in use (`EADDRINUSE`), not permitted (`EACCES`,
+/// `EPERM`) or the address is not available (`EADDRNOTAVAIL`) counts against the port. Any
+/// other failure (out of file descriptors, `EMFILE`/`ENFILE`, or memory,
+/// `ENOBUFS`/`ENOMEM`) says nothing about the port: [`try_is_free`](PortProbe::try_is_free)
+/// returns it, and [`is_free`](PortProbe::is_free) answers "not free".
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BindProbe;
 
@@ -24,8 +30,42 @@ const V4: [Ipv4Addr; 2] = [Ipv4Addr::UNSPECIFIED, Ipv4Addr::LOCALHOST];
 
 impl PortProbe for BindProbe {
     fn is_free(&self, port: u16, protocol: Protocol) -> bool {
-        (!protocol.tcp() || all_bind::<TcpListener>(port))
-            && (!protocol.udp() || all_bind::<UdpSocket>(port))
+        self.try_is_free(port, protocol).unwrap_or(false)
+    }
+
+    fn try_is_free(&self, port: u16, protocol: Protocol) -> io::Result<bool> {
+        Ok((!protocol.tcp() || all_bind::<TcpListener>(port)?)
+            && (!protocol.udp() || all_bind::<UdpSocket>(port)?))
+    }
+}
+
+/// Whether a failed bind says the port is taken (`Ok(false)`), or is a failure of the probe
+/// itself (`Err`).
+fn taken_or_failed(error: io::Error) -> io::Result<bool> {
+    match error.kind() {
+        io::ErrorKind::AddrInUse
+        | io::ErrorKind::PermissionDenied
+        | io::ErrorKind::AddrNotAvailable => Ok(false),
+        _ => Err(error),
+    }
+}
+
+/// Whether a failed bind means the system lacks resources (descriptors, memory) rather than
+/// anything about the address or the port.
+pub(crate) fn out_of_resources(error: &io::Error) -> bool {
+    if error.kind() == io::ErrorKind::OutOfMemory {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        matches!(
+            error.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        false
     }
 }
 
@@ -46,23 +86,31 @@ impl Probed for UdpSocket {
     }
 }
 
-fn all_bind<S: Probed + AsDualStack>(port: u16) -> bool {
+fn all_bind<S: Probed + AsDualStack>(port: u16) -> io::Result<bool> {
     let v4_free = || {
-        V4.iter()
-            .all(|ip| S::bind(SocketAddr::from((*ip, port))).is_ok())
+        for ip in V4 {
+            if let Err(e) = S::bind(SocketAddr::from((ip, port))) {
+                return taken_or_failed(e);
+            }
+        }
+        Ok(true)
     };
     match S::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
         // A dual-stack socket on `[::]` has answered for the IPv4 addresses as well.
-        Ok(socket) if socket.is_dual_stack() => true,
+        Ok(socket) if socket.is_dual_stack() => Ok(true),
         Ok(_) => v4_free(),
-        // "In use" and "not allowed" count against the port; any other error means this
-        // host has no IPv6.
-        Err(e) => {
-            !matches!(
+        // "In use" and "not allowed" count against the port, and a lack of descriptors or
+        // memory is the probe's own failure; any other error means this host has no IPv6.
+        Err(e) if out_of_resources(&e) => Err(e),
+        Err(e)
+            if matches!(
                 e.kind(),
                 io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
-            ) && v4_free()
+            ) =>
+        {
+            Ok(false)
         }
+        Err(_) => v4_free(),
     }
 }
 

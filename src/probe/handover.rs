@@ -63,22 +63,27 @@ impl<'a> Handover<'a> {
 
 impl PortProbe for Handover<'_> {
     fn is_free(&self, port: u16, protocol: Protocol) -> bool {
+        self.try_is_free(port, protocol).unwrap_or(false)
+    }
+
+    fn try_is_free(&self, port: u16, protocol: Protocol) -> io::Result<bool> {
         let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
         if bound.contains_key(&port) {
             // Bound by this claim already (an earlier candidate block overlapping this one).
-            return true;
+            return Ok(true);
         }
-        if !self.probe.is_free(port, protocol) {
-            return false;
+        if !self.probe.try_is_free(port, protocol)? {
+            return Ok(false);
         }
         match bind(self.ip, port, protocol) {
             Ok(b) => {
                 bound.insert(port, b);
-                true
+                Ok(true)
             }
+            Err(error) if super::bind::out_of_resources(&error) => Err(error),
             Err(error) => {
                 tracing::debug!(port, ip = %self.ip, %error, "cannot bind the port to hand it over");
-                false
+                Ok(false)
             }
         }
     }

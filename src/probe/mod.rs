@@ -11,6 +11,8 @@ pub(crate) mod system;
 pub use bind::BindProbe;
 pub use system::SystemProcessProbe;
 
+use std::io;
+
 use crate::lease::{Owner, Protocol};
 
 /// Tells whether the process that owns a lease is still alive.
@@ -64,9 +66,27 @@ where
 /// assert_eq!(registry.acquire("svc")?.port(), 20001);
 /// # Ok::<(), portdaddy::Error>(())
 /// ```
+///
+/// A probe that can fail for reasons that say nothing about the port (the process is out of
+/// file descriptors, the host out of memory) implements [`try_is_free`](Self::try_is_free)
+/// as well, so that the claim reports the failure instead of taking every port for bound
+/// and the range for full.
 pub trait PortProbe: Send + Sync {
     /// Whether `port` can be bound for `protocol` right now.
     fn is_free(&self, port: u16, protocol: Protocol) -> bool;
+
+    /// Whether `port` can be bound for `protocol` right now, or why the probe could not
+    /// tell. The registry calls this one.
+    ///
+    /// Default: `Ok(self.is_free(port, protocol))`, for probes that cannot fail.
+    ///
+    /// # Errors
+    ///
+    /// The reason the question could not be answered, such as `EMFILE` when no socket can
+    /// be created; the claim then fails with [`Error::Probe`](crate::Error::Probe).
+    fn try_is_free(&self, port: u16, protocol: Protocol) -> io::Result<bool> {
+        Ok(self.is_free(port, protocol))
+    }
 }
 
 impl<F> PortProbe for F

@@ -8,15 +8,19 @@
 //! with the leases it writes. The kernel drops the lock when the process dies, however it
 //! dies, and every process that sees the registry file sees that directory too.
 //!
-//! Liveness ([`Liveness`]) is then decided like this:
+//! Liveness ([`Liveness`]) is then decided like this, on positive evidence only:
 //!
-//! - an owner whose pid is meaningful here (same namespace, or none recorded, as in leases
-//!   written before namespaces were recorded) is asked about as before, by pid: cheap and
-//!   exact;
-//! - an owner from another namespace that holds a lock file is alive while the file is
-//!   locked; an unlocked or missing file means it is dead (the file is removed then);
-//! - an owner from another namespace without a lock file (named with `Request::owner`) is
-//!   taken for alive: it is judged from its own namespace, by pid.
+//! - an owner with a lock file is alive while the file is locked, whatever its pid, start
+//!   time or boot says, and dead once the file is there and free (the file is removed then).
+//!   The lock belongs to the open file description, so a process that hands its descriptor
+//!   on to a command (`portdaddy run`) keeps its leases alive while the command runs;
+//! - an owner without one, or whose file is missing or cannot be opened, is judged by pid
+//!   when its pid is meaningful here (same namespace, or none recorded, as in leases written
+//!   before namespaces were recorded): cheap and exact;
+//! - an owner from another namespace whose lock file is missing is dead (it closed its
+//!   handle, or a sweep found the file free); one recorded without a lock file (named with
+//!   `Request::owner`) is looked for among the processes of its namespace that this process
+//!   can see, and kept unless it is positively gone (see `system::foreign_owner_alive`).
 //!
 //! A handle removes its file when it closes (its leases are released by then, since every
 //! guard keeps its handle open). Files of crashed processes are removed by the first process
@@ -117,6 +121,13 @@ impl OwnerLock {
     pub(crate) fn is_in_place(&self) -> bool {
         !matches!(crate::lock::is_unlinked(&self._file), Ok(true))
     }
+
+    /// A new descriptor of the locked file description, which shares its lock (and keeps
+    /// it while any process has it open), to pass on to a command.
+    #[cfg(unix)]
+    pub(crate) fn share(&self) -> io::Result<File> {
+        self._file.try_clone()
+    }
 }
 
 impl Drop for OwnerLock {
@@ -163,8 +174,9 @@ fn still_linked(path: &Path, file: &File) -> bool {
     }
 }
 
-/// Creates `dir` with mode `0700`, or accepts it if it is already a real directory of ours:
-/// never a symbolic link, which could lead the lock files somewhere chosen by someone else.
+/// Creates `dir` with mode `0700`, or accepts it if it is already a real directory of ours
+/// that nobody else may write: never a symbolic link, which could lead the lock files
+/// somewhere chosen by someone else.
 fn create_private_dir(dir: &Path) -> io::Result<()> {
     let mut builder = fs::DirBuilder::new();
     #[cfg(unix)]
@@ -192,6 +204,11 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if meta.uid() != unsafe { libc::geteuid() } {
             return refuse("it belongs to another user");
+        }
+        // Others could plant or remove lock files there: a dead owner made to look alive, or
+        // a live one dead.
+        if meta.mode() & 0o022 != 0 {
+            return refuse("group or other users can write to it");
         }
     }
     Ok(())
@@ -221,16 +238,29 @@ fn is_lock_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 96 && name.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
-/// Whether the owner of the lock file `name` in `dir` still runs.
-fn lock_holder_alive(dir: &Path, name: &str, tidy: bool) -> bool {
+/// What an owner's lock file says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LockState {
+    /// Someone holds it: the owner, or a process it handed the descriptor to, runs.
+    Held,
+    /// It is there and nobody holds it: the owner is gone.
+    Free,
+    /// It is not there: the owner closed its handle, or a sweep removed its free file.
+    Missing,
+    /// It cannot be opened or locked (another user's file, a strange name): no evidence.
+    Unreadable,
+}
+
+/// What the lock file `name` in `dir` says; a free one is removed when `tidy`.
+fn lock_state(dir: &Path, name: &str, tidy: bool) -> LockState {
     if !is_lock_name(name) {
-        return true;
+        return LockState::Unreadable;
     }
     let path = dir.join(name);
     let file = match OpenOptions::new().read(true).write(true).open(&path) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
-        Err(_) => return true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return LockState::Missing,
+        Err(_) => return LockState::Unreadable,
     };
     match try_lock(&file) {
         Ok(()) => {
@@ -238,15 +268,22 @@ fn lock_holder_alive(dir: &Path, name: &str, tidy: bool) -> bool {
             if tidy {
                 let _ = fs::remove_file(&path);
             }
-            false
+            LockState::Free
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-        Err(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => LockState::Held,
+        Err(_) => LockState::Unreadable,
     }
 }
 
-/// The process probe a registry handle uses: the configured probe for owners whose pid means
-/// something here, the owners' lock files for the others.
+/// Whether the owner of the lock file `name` in `dir` still runs, for the sweep: anything
+/// but a free file counts as alive.
+fn lock_holder_alive(dir: &Path, name: &str, tidy: bool) -> bool {
+    lock_state(dir, name, tidy) != LockState::Free
+}
+
+/// The process probe a registry handle uses: the owners' lock files first, then the
+/// configured probe for owners whose pid means something here, and a look at their
+/// namespace's processes for the others.
 pub(crate) struct Liveness {
     pub(crate) inner: Arc<dyn ProcessProbe>,
     /// This process's PID namespace.
@@ -260,28 +297,35 @@ pub(crate) struct Liveness {
 
 impl ProcessProbe for Liveness {
     fn is_alive(&self, owner: &Owner) -> bool {
+        let lock = match (owner.lock_name(), &self.owners) {
+            (Some(name), Some(dir)) => Some(lock_state(dir, name, self.tidy)),
+            _ => None,
+        };
         let foreign = matches!(
             (owner.pid_namespace(), self.namespace),
             (Some(theirs), Some(ours)) if theirs != ours
         );
-        if !foreign {
-            let alive = self.inner.is_alive(owner);
-            if let (false, Some(name), Some(dir)) = (alive, owner.lock_name(), &self.owners) {
-                // Dead by pid: its lock file, if still there, is unlocked; tidy it away.
-                lock_holder_alive(dir, name, self.tidy);
+        decide(lock, foreign, || {
+            if foreign {
+                super::system::foreign_owner_alive(owner, self.namespace)
+            } else {
+                self.inner.is_alive(owner)
             }
-            return alive;
-        }
-        if let Ok(me) = super::system::current_owner() {
-            if owner.boot_id() != me.boot_id() {
-                return false;
-            }
-        }
-        match (owner.lock_name(), &self.owners) {
-            (Some(name), Some(dir)) => lock_holder_alive(dir, name, self.tidy),
-            // Judged by pid from its own namespace.
-            _ => true,
-        }
+        })
+    }
+}
+
+/// The liveness rule: the lock file first (held is alive, free is dead); without that
+/// evidence, the pid's (`by_pid`: the configured probe in this namespace, a look at the
+/// owner's namespace from another); except that across namespaces a missing file means
+/// its owner closed its handle, and an unreadable one cannot tell.
+fn decide(lock: Option<LockState>, foreign: bool, by_pid: impl FnOnce() -> bool) -> bool {
+    match (lock, foreign) {
+        (Some(LockState::Held), _) => true,
+        (Some(LockState::Free), _) => false,
+        (None, _) | (Some(LockState::Missing | LockState::Unreadable), false) => by_pid(),
+        (Some(LockState::Missing), true) => false,
+        (Some(LockState::Unreadable), true) => true,
     }
 }
 
@@ -365,6 +409,20 @@ mod tests {
     }
 
     #[test]
+    fn an_owners_directory_others_may_write_is_refused_and_left_as_it_was() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r.owners");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+        let err = OwnerLock::take(&dir, &owner(2, None)).unwrap_err();
+        assert!(err.to_string().contains("can write to it"), "{err}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o770);
+    }
+
+    #[test]
     fn an_unlocked_file_is_dead_and_tidied_away() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("r.owners");
@@ -392,6 +450,51 @@ mod tests {
         let probe = liveness(tmp.path());
         let stale = Owner::new(1, 1, "an-earlier-boot").in_namespace(Some(2));
         assert!(!probe.is_alive(&stale));
+    }
+
+    #[test]
+    fn the_lock_file_decides_first_and_a_missing_one_falls_back_as_documented() {
+        use LockState::*;
+        let never = || panic!("the pid must not be asked");
+        for foreign in [false, true] {
+            assert!(decide(Some(Held), foreign, never));
+            assert!(!decide(Some(Free), foreign, never));
+            assert!(decide(None, foreign, || true));
+            assert!(!decide(None, foreign, || false));
+        }
+        // In this namespace, a missing or unreadable file leaves it to the pid.
+        assert!(decide(Some(Missing), false, || true));
+        assert!(!decide(Some(Missing), false, || false));
+        assert!(!decide(Some(Unreadable), false, || false));
+        // Across namespaces the pid means nothing: missing is a closed handle, unreadable
+        // cannot tell.
+        assert!(!decide(Some(Missing), true, never));
+        assert!(decide(Some(Unreadable), true, never));
+    }
+
+    #[test]
+    fn a_held_lock_keeps_an_owner_of_this_namespace_that_its_pid_calls_dead() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("r.owners");
+        let holder = OwnerLock::take(&dir, &owner(1, None)).unwrap();
+        let probe = Liveness {
+            inner: Arc::new(|_: &Owner| false),
+            ..liveness(&dir)
+        };
+        let held = owner(1, Some(holder.name().to_owned()));
+        assert!(
+            probe.is_alive(&held),
+            "a held lock is alive, whatever the pid says"
+        );
+        drop(holder);
+        assert!(!probe.is_alive(&held));
+        // A free file is dead even when the pid looks alive.
+        fs::write(dir.join("1-5-5-ab"), b"").unwrap();
+        let alive_by_pid = Liveness {
+            inner: Arc::new(|_: &Owner| true),
+            ..liveness(&dir)
+        };
+        assert!(!alive_by_pid.is_alive(&owner(1, Some("1-5-5-ab".into()))));
     }
 
     #[test]

@@ -5,6 +5,15 @@
 //! Everything after creating the lock file `<registry>.lock` (mode `0600`, its directory
 //! `0700`) happens under the write lock, so no process sees a registry half created.
 //!
+//! 0. The path is resolved to the real file, through links of ours or root's only, and every
+//!    side file (the lock file, the owners directory, SQLite's `-wal`, `-shm` and
+//!    `-journal`) is named after the real file; the files already there are checked before
+//!    the lock file is created, again under the lock, and once more after SQLite has opened
+//!    its side files (see the `paths` module: anything another user planted or may change is
+//!    refused). SQLite opens the real file with `SQLITE_OPEN_NOFOLLOW` and its side files
+//!    with `O_NOFOLLOW`; in a directory others may write (sticky), `-wal` and `-shm` are
+//!    created by us (`O_EXCL`, `0600`) before SQLite opens them. SQLite removes them again
+//!    when the last connection closes, so this runs at every open.
 //! 1. The path is checked before SQLite sees it: anything but a regular file we can read and
 //!    write, a non-empty file without the SQLite header, or one whose header names another
 //!    application is refused, and nothing is written. (The plainest of these are refused
@@ -41,8 +50,10 @@
 //! POSIX locks when closed). Every write checks under the lock, with one `fstat`, that the
 //! file is still linked, and every read checks before it reads; when it is not (deleted, or
 //! another file put in its place), the store opens the file the path names now through the
-//! same open sequence and tells the caller ([`Opened::Anew`]), which records its leases there
-//! again. A registry renamed or moved elsewhere is still linked and goes unnoticed (where
+//! same open sequence (the path resolved, planted files refused) and tells the caller
+//! ([`Opened::Anew`]), which records its leases there again. A path that leads to another
+//! real file by then (a symbolic link on it changed) is an error: the handle judges owners
+//! by the lock files beside the file it first opened. A registry renamed or moved elsewhere is still linked and goes unnoticed (where
 //! there is no `O_PATH`, the path's inode is compared instead, which notices that too).
 //! Closing the old connection is safe: SQLite does not checkpoint on close (nor delete `-wal` and
 //! `-shm` by name) once the path no longer names its file. A registry created where the
@@ -68,7 +79,7 @@ use super::{first_gap, held_ports, Counter, Tx};
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
 use crate::lock::{Anchor, Deadline, FileLock};
-use crate::paths;
+use crate::paths::{self, sibling};
 use crate::range::PortRange;
 
 /// Marks a database as a portdaddy registry (`PRAGMA application_id`): ASCII "PtDy".
@@ -129,6 +140,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         FROM leases;
     DROP TABLE leases;
     ALTER TABLE leases_by_port RENAME TO leases;",
+    // 5: the time namespace through which `owner_start` was read (start times read through
+    // another one are not compared), and the PID namespaces above `owner_ns` (space-separated,
+    // nearest first), which tell who sees every process of the owner's namespace.
+    "ALTER TABLE leases ADD COLUMN owner_time_ns INTEGER;
+     ALTER TABLE leases ADD COLUMN owner_ns_parents TEXT;",
 ];
 
 /// How many prepared statements a connection keeps.
@@ -143,7 +159,7 @@ const HEADER_LEN: usize = 100;
 macro_rules! lease_columns {
     () => {
         "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at, \
-         block_len, owner_ns, owner_lock"
+         block_len, owner_ns, owner_lock, owner_time_ns, owner_ns_parents"
     };
 }
 
@@ -162,7 +178,7 @@ const SELECT_LEASES_IN: &str = concat!(
 const INSERT_LEASE: &str = concat!(
     "INSERT INTO leases (",
     lease_columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
 );
 
 #[derive(Debug)]
@@ -204,28 +220,60 @@ impl SqliteStore {
                 "the path is a directory; give a file path",
             )));
         }
-        paths::prepare_parent(path, shared_tmp)?;
-        // What a registry being created by another process cannot look like is refused at
-        // once, without even a lock file beside it.
-        check_existing_file(path, false)?;
-        let mut lock = FileLock::open(&lock_path(path)).map_err(open_err)?;
+        if shared_tmp {
+            paths::prepare_shared_dir(path)?;
+        }
+        // Every side file is named after the real file, as SQLite names its own, so that one
+        // registry has one lock and one owners directory however it is reached.
+        let real = paths::resolve(path)?;
+        paths::check_name_length(path, &real)?;
+        paths::prepare_dirs(path, &real)?;
+        // What a registry being created by another process cannot look like, and files
+        // planted by others, are refused at once, without even a lock file beside them.
+        paths::check_files(path, &real)?;
+        check_existing_file(path, &real, false)?;
+        let mut lock = FileLock::open(&lock_path(&real)).map_err(|e| lock_err(path, e))?;
         let (conn, anchor) = {
             // The whole sequence runs under the write lock, so no process ever inspects a
             // registry that another is still creating or migrating.
-            let _held =
-                lock.lock(deadline)
-                    .map_err(open_err)?
-                    .ok_or_else(|| Error::LockTimeout {
-                        path: path.to_owned(),
-                        waited: deadline.elapsed(),
-                    })?;
-            check_existing_file(path, true)?;
-            remove_orphaned_side_files(path).map_err(open_err)?;
-            paths::create_private_file(path).map_err(open_err)?;
-            let conn = open_checked(path, deadline)?;
+            // The lock file may be opened again there (if it was replaced meanwhile), with
+            // the same refusals.
+            let _held = lock
+                .lock(deadline)
+                .map_err(|e| lock_err(path, e))?
+                .ok_or_else(|| Error::LockTimeout {
+                    path: path.to_owned(),
+                    waited: deadline.elapsed(),
+                })?;
+            // Again under the lock: the files SQLite is about to open are as they were
+            // checked, since every process of ours checks under this lock too.
+            paths::check_files(path, &real)?;
+            check_existing_file(path, &real, true)?;
+            remove_orphaned_side_files(&real).map_err(open_err)?;
+            paths::create_private_file(&real).map_err(open_err)?;
+            let created = if paths::dir_open_to_others(&real) {
+                paths::precreate_side_files(&real).map_err(open_err)?
+            } else {
+                Vec::new()
+            };
+            let opened = open_checked(path, &real, deadline)
+                .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
+            let conn = match opened {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Beside a file that is no registry of ours, nothing of ours uses them.
+                    // Beside one of ours (a newer schema, say) a reader may have opened them
+                    // meanwhile, and removing them would split its WAL from the next one's:
+                    // they stay then, as SQLite would leave them.
+                    if matches!(e, Error::Corrupt { .. }) {
+                        paths::remove_created(created);
+                    }
+                    return Err(e);
+                }
+            };
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).
-            let anchor = Anchor::at(path).map_err(open_err)?;
+            let anchor = Anchor::at(&real).map_err(open_err)?;
             (conn, anchor)
         };
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -245,6 +293,16 @@ impl SqliteStore {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The registry file with its links resolved, beside which every side file lives.
+    pub(crate) fn real_path(&self) -> PathBuf {
+        // The lock file is `<real>.lock`.
+        let lock = self.lock.path().as_os_str().as_encoded_bytes();
+        let real = &lock[..lock.len().saturating_sub(".lock".len())];
+        // SAFETY: the bytes come from an `OsStr` and are cut just before an ASCII suffix,
+        // which is a valid boundary of the encoding.
+        PathBuf::from(unsafe { std::ffi::OsStr::from_encoded_bytes_unchecked(real) })
     }
 
     /// Runs `f` as one write transaction under the file lock, giving up at `deadline`.
@@ -290,7 +348,8 @@ impl SqliteStore {
                     // with the registry: then the open below makes both anew.
                     Err(e) => {
                         if !anchor.is_gone().map_err(registry_err)? {
-                            return Err(registry_err(e));
+                            // Opened again with the refusals of an open: name a refused file.
+                            return Err(refusal(path, e).unwrap_or_else(registry_err));
                         }
                     }
                 }
@@ -312,6 +371,21 @@ impl SqliteStore {
             "the port registry file was deleted or replaced; opening the one now at its path");
         let timeout = deadline.remaining().unwrap_or(Duration::MAX);
         let fresh = Self::open(&self.path, self.shared_tmp, timeout)?;
+        // The handle judges owners by the lock files beside the file it first opened: a path
+        // that leads elsewhere now (a symbolic link changed) is another registry.
+        let (was, now) = (self.real_path(), fresh.real_path());
+        if now != was {
+            return Err(Error::Registry {
+                path: self.path.clone(),
+                source: format!(
+                    "the registry file was deleted, and the path now leads to {} instead of \
+                     {}; open the registry again",
+                    now.display(),
+                    was.display()
+                )
+                .into(),
+            });
+        }
         // Closing the old connection does not touch the new registry: SQLite checkpoints on
         // close (and then deletes `<path>-wal` and `<path>-shm` by name) only while the path
         // still names the file it has open, which it checks itself. The `replaced` tests
@@ -407,6 +481,14 @@ fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The PID namespaces stored in `owner_ns_parents`: inode numbers separated by spaces;
+/// `None` if the text is anything else.
+fn parse_parents(text: &str) -> Option<Vec<u64>> {
+    text.split_ascii_whitespace()
+        .map(|n| n.parse().ok())
+        .collect()
+}
+
 /// What is left of `deadline`, as far as SQLite's busy timeout (an `int` of milliseconds)
 /// can express it.
 fn busy_timeout(deadline: Deadline) -> Duration {
@@ -416,14 +498,19 @@ fn busy_timeout(deadline: Deadline) -> Duration {
 
 /// Opens the connection, inspects the file read-only, then sets WAL mode and migrates.
 /// The caller holds the write lock.
-fn open_checked(path: &Path, deadline: Deadline) -> Result<Connection> {
+/// `real` is the registry file with its links resolved; `path` names it in errors.
+fn open_checked(path: &Path, real: &Path, deadline: Deadline) -> Result<Connection> {
     let sql = |e| open_sql_err(path, deadline, e);
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn = Connection::open_with_flags(path, flags).map_err(sql)?;
+    // The links are resolved: a link in the path now was put there since, and is not
+    // followed.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    let mut conn = Connection::open_with_flags(real, flags).map_err(sql)?;
     conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
     // Closing the last connection checkpoints the WAL into the file: not before we know the
     // file is ours.
-    let guard_wal = sibling(path, "-wal").exists();
+    let guard_wal = sibling(real, "-wal").exists();
     if guard_wal {
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(sql)?;
@@ -447,6 +534,26 @@ fn lock_path(path: &Path) -> PathBuf {
     sibling(path, ".lock")
 }
 
+/// Maps a failure to open the lock file: a refusal of the file when it is one.
+fn lock_err(path: &Path, e: io::Error) -> Error {
+    refusal(path, e).unwrap_or_else(|e| Error::Open {
+        path: path.to_owned(),
+        source: e.into(),
+    })
+}
+
+/// [`Error::Refused`] when `e` is a refusal of the lock file; else `e` back.
+fn refusal(path: &Path, e: io::Error) -> std::result::Result<Error, io::Error> {
+    e.downcast::<crate::lock::Refusal>()
+        .map(|refusal| Error::Refused {
+            path: path.to_owned(),
+            file: refusal.file,
+            reason: refusal.reason,
+            advice: "remove it (as its owner), or set PORTDADDY_DB to a registry in a \
+                     directory of your own",
+        })
+}
+
 /// Refuses, without letting SQLite touch it, an existing path that is not a regular file
 /// we can read and write, is not SQLite at all, or is plainly another application's database.
 ///
@@ -454,12 +561,13 @@ fn lock_path(path: &Path) -> PathBuf {
 /// into the file, so a foreign database must be turned away before SQLite opens it.
 /// `locked` says whether the caller holds the write lock: only then can a rollback journal
 /// be told from the transient one of a registry that another process is creating.
-fn check_existing_file(path: &Path, locked: bool) -> Result<()> {
-    check_file(path, locked, true)
+fn check_existing_file(path: &Path, real: &Path, locked: bool) -> Result<()> {
+    check_file(path, real, locked, true)
 }
 
 /// [`check_existing_file`], opening the file for writing too only when `write`.
-fn check_file(path: &Path, locked: bool, write: bool) -> Result<()> {
+/// `real` is the file with its links resolved; `path` names it in errors.
+fn check_file(path: &Path, real: &Path, locked: bool, write: bool) -> Result<()> {
     let open_err = |e: io::Error| Error::Open {
         path: path.to_owned(),
         source: e.into(),
@@ -471,9 +579,14 @@ fn check_file(path: &Path, locked: bool, write: bool) -> Result<()> {
     let mut options = OpenOptions::new();
     options.read(true).write(write);
     // Non-blocking, so that a FIFO at the path cannot hang the open or the read.
+    // When opening for use, `real` has its links resolved already: one there now is not
+    // followed.
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
-    let file = match options.open(path) {
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NONBLOCK | if write { libc::O_NOFOLLOW } else { 0 },
+    );
+    let file = match options.open(real) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(open_err(e)),
@@ -504,19 +617,12 @@ fn check_file(path: &Path, locked: bool, write: bool) -> Result<()> {
     }
     // A registry is only ever written in WAL mode, so a rollback journal beside a file that
     // does not yet say it is ours belongs to someone else.
-    if locked && app_id == 0 && sibling(path, "-journal").exists() {
+    if locked && app_id == 0 && sibling(real, "-journal").exists() {
         return Err(corrupt(
             "an SQLite database of another application (it has a rollback journal)".into(),
         ));
     }
     Ok(())
-}
-
-/// `<path><suffix>`, as SQLite names its side files.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 /// Read-only checks: is this an empty database or one of ours, of a schema we know, intact?
@@ -594,8 +700,20 @@ fn open_sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
 }
 
 /// Maps an SQLite error met while using an open registry.
+///
+/// SQLite reports a file it could not open (the database, its `-wal`, `-shm` or a temporary
+/// file) as "unable to open database file", whatever the reason; when this process cannot
+/// open the descriptors a connection needs at that moment, the reason is named instead
+/// (see the `descriptors` module).
 fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
-    match e.sqlite_error_code() {
+    let code = e.sqlite_error_code();
+    if code == Some(ErrorCode::CannotOpen) {
+        use crate::descriptors::{lacking, out_of_descriptors, SQLITE_NEEDS};
+        if let Some(error) = lacking(SQLITE_NEEDS) {
+            return out_of_descriptors(path, format!("SQLite: {e}"), error);
+        }
+    }
+    match code {
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
             path: path.to_owned(),
             detail: e.to_string(),
@@ -677,6 +795,8 @@ impl<'t> SqlTx<'t> {
         let block_len: i64 = row.get(9)?;
         let namespace: Option<i64> = row.get(10)?;
         let lock: Option<String> = row.get(11)?;
+        let time_namespace: Option<i64> = row.get(12)?;
+        let parents: Option<String> = row.get(13)?;
         let bad = |what: &str| Error::Corrupt {
             path: self.path.to_owned(),
             detail: format!("lease {id} has an invalid {what}"),
@@ -692,12 +812,19 @@ impl<'t> SqlTx<'t> {
             Ok(n) if n >= 1 && u32::from(port) + u32::from(n) - 1 <= u32::from(u16::MAX) => n,
             _ => return Ok(Err(bad("block length"))),
         };
+        let parents = match parents.as_deref().map(parse_parents) {
+            None => None,
+            Some(Some(parents)) => Some(parents),
+            Some(None) => return Ok(Err(bad("owner namespace"))),
+        };
         let owner = match (pid, start) {
             (Some(pid), Some(start)) => match (u32::try_from(pid), u64::try_from(start)) {
                 (Ok(pid), Ok(start)) => Some(
                     Owner::new(pid, start, boot.unwrap_or_default())
                         .in_namespace(namespace.map(|ns| ns as u64))
-                        .with_lock(lock),
+                        .with_lock(lock)
+                        .in_time_namespace(time_namespace.map(|ns| ns as u64))
+                        .with_namespace_parents(parents),
                 ),
                 _ => return Ok(Err(bad("owner"))),
             },
@@ -784,6 +911,14 @@ impl Tx for SqlTx<'_> {
             lease.block_len,
             owner.and_then(Owner::pid_namespace).map(|ns| ns as i64),
             owner.and_then(Owner::lock_name),
+            owner.and_then(Owner::time_namespace).map(|ns| ns as i64),
+            owner
+                .and_then(Owner::namespace_parents)
+                .map(|parents| parents
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")),
         ])
         .map_err(|e| self.err(e))?;
         Ok(())
@@ -838,7 +973,8 @@ impl Tx for SqlTx<'_> {
             .tx
             .prepare_cached(
                 "UPDATE leases SET owner_pid = NULL, owner_start = NULL, owner_boot = NULL,
-                                  owner_ns = NULL, owner_lock = NULL
+                                  owner_ns = NULL, owner_lock = NULL,
+                                  owner_time_ns = NULL, owner_ns_parents = NULL
                  WHERE port = ?1 AND id = ?2",
             )
             .map_err(|e| self.err(e))?;
@@ -927,7 +1063,7 @@ pub(crate) struct Examination {
 /// cannot open, is an error.
 pub(crate) fn examine(path: &Path, timeout: Duration) -> Result<Examination> {
     let deadline = Deadline::after(timeout);
-    check_file(path, true, false)?;
+    check_file(path, path, true, false)?;
     let sql = |e| open_sql_err(path, deadline, e);
     // A read-only connection still creates the `-wal` and `-shm` files of a WAL database
     // that nobody has open, and cannot remove them again. Without a `-wal` file the main
@@ -1081,18 +1217,14 @@ mod tests {
             "(9, 20010, 'svc', 3, 4242, 777, 'boot', 1000, 2000, 4, 4026531836, 'owner.lock'),",
             "(8, 20001, 'old', 1, NULL, NULL, NULL, 500, NULL, 1, NULL, NULL)"
         );
-        conn.execute_batch(&format!(
-            "INSERT INTO leases ({}) VALUES {row}",
-            lease_columns!()
-        ))
-        .unwrap();
+        // The columns as they were at version 3.
+        let columns = "id, port, name, protocol, owner_pid, owner_start, owner_boot, \
+                       acquired_at, expires_at, block_len, owner_ns, owner_lock";
+        conn.execute_batch(&format!("INSERT INTO leases ({columns}) VALUES {row}"))
+            .unwrap();
         let read = |conn: &Connection| -> Vec<String> {
             let mut stmt = conn
-                .prepare(concat!(
-                    "SELECT ",
-                    lease_columns!(),
-                    " FROM leases ORDER BY id"
-                ))
+                .prepare(&format!("SELECT {columns} FROM leases ORDER BY id"))
                 .unwrap();
             let rows = stmt
                 .query_map([], |r| {
@@ -1117,6 +1249,64 @@ mod tests {
     }
 
     #[test]
+    fn owners_keep_their_time_namespace_and_namespace_parents() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for migration in &MIGRATIONS[..4] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        // A lease written before the time namespace was recorded.
+        conn.execute_batch(
+            "INSERT INTO leases (id, port, name, protocol, owner_pid, owner_start, owner_boot,
+                                 acquired_at, block_len, owner_ns)
+             VALUES (1, 20000, 'old', 1, 42, 777, 'boot', 0, 1, 7)",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let path = Path::new("memory");
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let mut tx = SqlTx {
+            tx: &conn,
+            path,
+            deadline,
+        };
+        let old = tx.lease_on(20000).unwrap().unwrap();
+        let owner = old.owner().unwrap();
+        assert_eq!(
+            (owner.time_namespace(), owner.namespace_parents()),
+            (None, None)
+        );
+        let recorded = Owner::new(43, 778, "boot")
+            .in_namespace(Some(7))
+            .in_time_namespace(Some(9))
+            .with_namespace_parents(Some(vec![5, 3]));
+        let top = Owner::new(44, 779, "boot").with_namespace_parents(Some(Vec::new()));
+        for (port, owner) in [(20001, &recorded), (20002, &top)] {
+            tx.insert_lease(&Lease {
+                owner: Some(owner.clone()),
+                port,
+                id: u64::from(port),
+                ..old.clone()
+            })
+            .unwrap();
+        }
+        let read = tx.lease_on(20001).unwrap().unwrap();
+        let owner = read.owner().unwrap();
+        assert_eq!(owner.time_namespace(), Some(9));
+        assert_eq!(owner.namespace_parents(), Some(&[5, 3][..]));
+        let read = tx.lease_on(20002).unwrap().unwrap();
+        assert_eq!(read.owner().unwrap().namespace_parents(), Some(&[][..]));
+        conn.execute_batch("UPDATE leases SET owner_ns_parents = '5 x' WHERE port = 20001")
+            .unwrap();
+        let mut tx = SqlTx {
+            tx: &conn,
+            path,
+            deadline,
+        };
+        assert!(matches!(tx.lease_on(20001), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
     fn a_write_that_fails_or_panics_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let mut store =
@@ -1128,6 +1318,7 @@ mod tests {
             Err::<(), _>(Error::Exhausted {
                 range: PortRange::new(2000, 2001).unwrap(),
                 held: 2,
+                block_len: 1,
             })
         });
         assert!(failed.is_err());
@@ -1146,6 +1337,81 @@ mod tests {
         assert_eq!(
             store.read(deadline(), |tx| tx.cursor()).unwrap(),
             Some(4000)
+        );
+    }
+
+    /// A registry deleted under a store is opened again through the open sequence, with its
+    /// refusals: a file others may write put in its place is refused and left as it was.
+    #[cfg(unix)]
+    #[test]
+    fn a_registry_replaced_by_a_file_others_may_write_is_refused_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let deadline = || Deadline::after(Duration::from_secs(5));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(sibling(&path, suffix));
+        }
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = store.write(deadline(), |tx, _| tx.cursor()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Refused { file, .. } if *file == path),
+            "{err:?}"
+        );
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o666,
+            "the mode was changed"
+        );
+        assert_eq!(meta.len(), 0, "the planted file was written");
+    }
+
+    /// A lock file deleted under a store is opened again with the refusals of an open: a
+    /// symbolic link put in its place is refused, and its target is not created.
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_replaced_by_a_link_is_refused_at_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let lock = lock_path(&path);
+        let target = dir.path().join("target");
+        std::fs::remove_file(&lock).unwrap();
+        std::os::unix::fs::symlink(&target, &lock).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let err = store.write(deadline, |tx, _| tx.cursor()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Refused { file, .. } if *file == lock),
+            "{err:?}"
+        );
+        assert!(!target.exists(), "the link's target was created");
+    }
+
+    /// The handle judges owners by the lock files beside the file it first opened: when the
+    /// registry is deleted and its path (a symbolic link) now leads to another file, the
+    /// store says so instead of using that file.
+    #[cfg(unix)]
+    #[test]
+    fn a_path_that_leads_elsewhere_after_a_deletion_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("a"), dir.path().join("b"));
+        for d in [&first, &second] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let link = dir.path().join("r.sqlite3");
+        std::os::unix::fs::symlink(first.join("r.sqlite3"), &link).unwrap();
+        let mut store = SqliteStore::open(&link, false, Duration::from_secs(5)).unwrap();
+        std::fs::remove_dir_all(&first).unwrap();
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(second.join("r.sqlite3"), &link).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let err = store.write(deadline, |tx, _| tx.cursor()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Registry { .. }) && err.to_string().contains("leads to"),
+            "{err:?}"
         );
     }
 

@@ -21,7 +21,10 @@
 //! | handover.rs         | 30500-30999   |
 //! | nextest_fixture.rs  | 31000-31499 (and `examples/nextest_fixture.rs`) |
 //! | examples/soak.rs    | 31500-31999 (not run in CI) |
+//! | liveness.rs         | 32000-32099   |
+//! | registry_files.rs   | 32100-32199   |
 //! | replaced.rs         | 32200-32299   |
+//! | limits.rs           | 32300-32399   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
 //! | benches             | 40000-59999   |

@@ -118,18 +118,61 @@ fn acquire(
         (None, Some(pid)) => Holder::Owner(Owner::of_pid(pid)?),
         (None, None) => Holder::Owner(parent()?),
     };
+    // The port reaches the caller through the output alone: a lease whose port nobody saw
+    // would be held for nothing, for as long as its owner lives. So nothing is taken when
+    // there is nowhere to print, and what was taken is released when printing fails.
+    if output::stdout_closed_at_start() {
+        return Err(Failure::new(
+            exit::OTHER,
+            "cannot write the output: stdout is closed; no port was leased",
+        )
+        .hint("to discard the port, redirect it to /dev/null instead of closing stdout"));
+    }
+    // A reader that has gone must not kill this process before it has released the lease.
+    signals::report_closed_pipes();
     let registry = target.open()?;
     let lease = match holder {
         Holder::Ttl(ttl) => registry.acquire_with(&request.ttl(ttl))?.keep()?,
         // The command exits at once: the lease must belong to whoever asked for it.
         Holder::Owner(owner) => registry.acquire_with(&request.owner(owner))?.into_lease(),
     };
-    if json {
+    let text = if json {
         let state = registry.state_of(&lease);
         let value = output::lease_json(&lease, state, SystemTime::now());
-        print(format_args!("{}\n", output::json_text(&value)))
+        format!("{}\n", output::json_text(&value))
     } else {
-        print(format_args!("{}\n", lease.port()))
+        format!("{}\n", lease.port())
+    };
+    match write_stdout(text.as_bytes()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(error) => Err(unseen(&registry, &lease, &error)),
+    }
+}
+
+/// Releases `lease`, whose port could not be written (`error`), and says so.
+fn unseen(registry: &PortDaddy, lease: &Lease, error: &io::Error) -> Failure {
+    let ports = lease.ports();
+    let what = if ports.start() == ports.end() {
+        format!("port {}", ports.start())
+    } else {
+        format!("ports {}-{}", ports.start(), ports.end())
+    };
+    match registry.release_lease(lease) {
+        Ok(_) => Failure::new(
+            exit::OTHER,
+            format!("cannot write the output: {error}; the lease on {what} was released"),
+        ),
+        Err(e) => Failure::new(
+            exit::OTHER,
+            format!(
+                "cannot write the output: {error}; the lease on {what} cannot be released \
+                 either: {e}"
+            ),
+        )
+        .hint(format!(
+            "`portdaddy release {}` frees it once the registry can be used",
+            ports.start()
+        )),
     }
 }
 
@@ -326,6 +369,9 @@ fn run_command(
     for guard in &guards {
         child.env(env_name(guard.name()), guard.port().to_string());
     }
+    // The leases follow the command: it holds our owner lock too, so they stay alive while
+    // it runs even if this process is killed.
+    registry.share_owner_lock(&mut child)?;
     let ended = signals::run_forwarding(&mut child);
     // Released before the exit status is passed on: the ports are free once we exit.
     for guard in guards {
@@ -421,8 +467,7 @@ fn print(args: std::fmt::Arguments<'_>) -> Outcome {
 
 /// Writes to stdout; a closed pipe ends the output quietly, other failures are reported.
 fn write_out(bytes: &[u8]) -> Outcome {
-    let mut out = io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
+    match write_stdout(bytes) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
         Err(e) => Err(Failure::new(
@@ -430,6 +475,12 @@ fn write_out(bytes: &[u8]) -> Outcome {
             format!("cannot write the output: {e}"),
         )),
     }
+}
+
+/// Writes all of `bytes` to stdout and flushes them.
+fn write_stdout(bytes: &[u8]) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(bytes).and_then(|()| out.flush())
 }
 
 #[cfg(all(test, unix))]

@@ -1,6 +1,7 @@
 //! Exit codes, and the one line that tells a person what went wrong.
 
 use std::fmt::Display;
+use std::io::Write;
 use std::process::ExitCode;
 
 use portdaddy::Error;
@@ -52,9 +53,11 @@ impl Failure {
         self.code
     }
 
-    /// Prints the one line to stderr and gives the exit code.
+    /// Prints the one line to stderr and gives the exit code. A stderr that cannot be
+    /// written changes nothing: the exit code still tells.
     pub fn report(self) -> ExitCode {
-        eprintln!("portdaddy: error: {}", escape(&self.to_string()));
+        let line = format!("portdaddy: error: {}\n", escape(&self.to_string()));
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
         ExitCode::from(self.code)
     }
 }
@@ -74,7 +77,15 @@ impl From<Error> for Failure {
     fn from(error: Error) -> Self {
         let failure = Failure::new(code_of(&error), &error);
         match &error {
-            Error::Exhausted { range, held } => failure.hint(format!(
+            Error::Exhausted {
+                range,
+                held,
+                block_len,
+            } if *block_len > 1 => failure.hint(format!(
+                "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
+                 reclaim dead ones, ask for a shorter --block, or widen the range with --range"
+            )),
+            Error::Exhausted { range, held, .. } => failure.hint(format!(
                 "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
                  reclaim dead ones, or widen the range with --range"
             )),
@@ -88,6 +99,7 @@ impl From<Error> for Failure {
             Error::Open { .. }
             | Error::Corrupt { .. }
             | Error::SchemaTooNew { .. }
+            | Error::Refused { .. }
             | Error::Registry { .. } => failure.hint(
                 "choose the registry file with --db or PORTDADDY_DB; `portdaddy doctor` checks it",
             ),
@@ -116,7 +128,10 @@ pub fn code_of(error: &Error) -> u8 {
         | Error::SchemaTooNew { .. }
         | Error::LockTimeout { .. }
         | Error::ForkedHandle { .. }
+        | Error::Refused { .. }
         | Error::Registry { .. } => REGISTRY,
+        // The registry is fine: the process or host is out of file descriptors.
+        Error::OutOfDescriptors { .. } => OTHER,
         // Not "nothing matched": a script may take exit code 1 as an answer.
         _ => OTHER,
     }
@@ -172,5 +187,24 @@ mod tests {
         };
         assert_eq!(code_of(&lost), OTHER);
         assert_eq!(code_of(&taken), OTHER);
+    }
+
+    #[test]
+    fn a_probe_that_cannot_create_sockets_is_not_a_full_range() {
+        let starved = Error::Probe {
+            port: 26003,
+            error: std::io::Error::from_raw_os_error(24),
+        };
+        assert_eq!(code_of(&starved), OTHER);
+    }
+
+    #[test]
+    fn a_registry_out_of_descriptors_is_not_an_unusable_registry() {
+        let starved = Error::OutOfDescriptors {
+            path: "/tmp/r.sqlite3".into(),
+            detail: "SQLite: unable to open database file".into(),
+            error: std::io::Error::from_raw_os_error(24),
+        };
+        assert_eq!(code_of(&starved), OTHER);
     }
 }

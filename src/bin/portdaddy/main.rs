@@ -7,6 +7,10 @@ mod commands;
 mod exit;
 mod output;
 mod signals;
+// The library's escaping, compiled here too: one rule for what the library's errors and the
+// command's output show.
+#[path = "../../text.rs"]
+mod text;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -26,8 +30,10 @@ Exit codes:
   3  no free port left in the range: run `portdaddy reap` or widen the range
   4  the registry cannot be used: it cannot be opened or created, is not a portdaddy
      registry, is damaged or too new, or stays locked
-  5  the output cannot be written, or another process took the lease or the port while
-     the command ran (also any other failure)
+  5  the output cannot be written (`acquire` then releases the lease), another process
+     took the lease or the port while the command ran, or the process or host is out of
+     file descriptors (to open the registry or probe ports) or of memory (to probe); also
+     any other failure
   `run` exits with the command's exit code, 128+N when a signal N killed it, 126 when the
   command cannot be executed and 127 when it is not found.
 
@@ -61,14 +67,17 @@ enum Command {
     /// Without --pid or --ttl, a caller that is init (pid 1: an orphaned command, systemd, a
     /// container's init) or outside this PID namespace (pid 0: `docker exec`) is refused,
     /// since the lease would never end.
+    ///
+    /// A port that cannot be printed (stdout closed, a full disk, a pipe whose reader has
+    /// gone) is released again, with exit code 5.
     Acquire {
         /// A label for the port: shown in listings, and the name gets its last port back.
         name: String,
         /// Ask for this port; another is chosen if it is taken.
         #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
         preferred: Option<u16>,
-        /// Make a detached lease that lasts this long (30s, 10m, 2h, 1d), whatever process
-        /// runs; end it early with `portdaddy release`.
+        /// Make a detached lease that lasts this long (30s, 10m, 2h, 1d; at least 1s),
+        /// whatever process runs; end it early with `portdaddy release`.
         #[arg(long, value_name = "DURATION", value_parser = parse_ttl, conflicts_with = "pid")]
         ttl: Option<Duration>,
         /// The process the lease belongs to [default: the parent process].
@@ -107,13 +116,19 @@ enum Command {
     /// them when it exits.
     ///
     /// `PORT` is the first port and `PORT_<NAME>` each name's port (NAME upper-cased, every
-    /// character but ASCII letters and digits as `_`). SIGINT, SIGTERM, SIGHUP and SIGQUIT
-    /// sent to portdaddy by another process are passed on to the command; those the terminal
-    /// sends (Ctrl-C) reach the command directly. Outside the terminal's foreground (a
+    /// character but ASCII letters and digits as `_`). Every signal portdaddy can catch is
+    /// passed on to the command (SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM,
+    /// SIGWINCH and the rest); those the terminal sends (Ctrl-C) reach the command directly.
+    /// SIGCHLD, SIGPIPE and faults are not passed on, nor are the job-control stops: Ctrl-Z
+    /// stops portdaddy and the command together. Outside the terminal's foreground (a
     /// background job, `timeout`, CI) the command runs in a process group of its own, so a
     /// signal sent to portdaddy's whole group reaches it once, passed on. A signal ignored
     /// when portdaddy starts (`nohup`) stays ignored, for the command too. The exit code is
     /// the command's, or 128+N when signal N killed it.
+    ///
+    /// The leases follow the command: if portdaddy itself is killed (SIGKILL, the OOM
+    /// killer), they stay live while the command (or a process it started that kept its
+    /// descriptors) still runs, and are reclaimed once they have all exited.
     #[command(after_help = "Example: portdaddy run api web -- npm run dev")]
     Run {
         /// The names to lease a port for.
@@ -164,6 +179,13 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 30s, 10m, 2h or 1d"))?;
     if ttl.is_zero() {
         return Err("a TTL must be longer than zero".into());
+    }
+    // The lease is detached and its port handed to a script: a shorter TTL would let it
+    // expire before the script could start a server on the port.
+    if ttl < Duration::from_secs(1) {
+        return Err(format!(
+            "a TTL of {text} would expire before the port could be used; give at least 1s"
+        ));
     }
     // Times past the year 9999 cannot be written as RFC 3339, and nobody needs one.
     let last = std::time::UNIX_EPOCH + output::LATEST;

@@ -1,4 +1,5 @@
-//! What the commands print: escaped text, aligned tables, ages and JSON.
+//! What the commands print: escaped text, aligned tables, ages and JSON; and whether there
+//! was anywhere to print it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -6,19 +7,42 @@ use portdaddy::{Lease, LeaseState};
 use serde_json::{json, Value};
 use unicode_width::UnicodeWidthStr;
 
-/// `text` with every control character and every character that reorders or breaks lines
-/// written as an escape, so that nothing read from the registry can steer the terminal.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() || is_layout_char(c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+pub(crate) use crate::text::escape;
+use crate::text::is_layout_char;
+
+/// Whether standard output was closed when the process started (`>&-`).
+///
+/// Rust's runtime opens `/dev/null` in place of a closed standard descriptor before `main`
+/// runs, so that writing the output would succeed and go nowhere. This is recorded before
+/// that, by a function the loader runs on start (`.init_array`). Elsewhere than on Linux it
+/// is not known, and false.
+pub fn stdout_closed_at_start() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
     }
-    out
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
 }
+
+#[cfg(target_os = "linux")]
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Run by the loader before Rust's runtime starts (and before it replaces a closed stdout).
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static RECORD_STDOUT: extern "C" fn() = {
+    extern "C" fn record_stdout() {
+        // SAFETY: F_GETFD only reads the descriptor's flags; it fails (EBADF) only for a
+        // descriptor that is not open.
+        let closed = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFD) } == -1;
+        STDOUT_CLOSED.store(closed, std::sync::atomic::Ordering::Relaxed);
+    }
+    record_stdout
+};
 
 /// `value` as one line of JSON in which no character can steer a terminal either: serde_json
 /// escapes the C0 controls, and the rest (DEL, the C1 controls such as the one-byte CSI, line
@@ -35,14 +59,6 @@ pub fn json_text(value: &Value) -> String {
         }
     }
     out
-}
-
-/// Line separators and bidirectional controls: not control characters, yet they change how
-/// the text around them is laid out.
-fn is_layout_char(c: char) -> bool {
-    matches!(c,
-        '\u{2028}' | '\u{2029}' | '\u{061C}' | '\u{200E}' | '\u{200F}'
-        | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Rows under a header, each column padded to its widest cell; the last column is not padded.
@@ -131,9 +147,8 @@ fn protocol(lease: &Lease) -> &'static str {
 }
 
 /// A lease as a JSON object: `port` (the first, with `block_len` ports from there), `name`,
-/// `pid` (null when detached), `protocol`,
-/// `state`, `acquired_at` and `expires_at` (RFC 3339, UTC; null without expiry, and null for
-/// a time RFC 3339 cannot write: before 1970 or after the year 9999), `age_secs`.
+/// `pid` (null when detached), `protocol`, `state`, `acquired_at` and `expires_at` (RFC 3339,
+/// UTC, whole seconds; `expires_at` is null only for a lease without expiry), `age_secs`.
 pub fn lease_json(lease: &Lease, state: LeaseState, now: SystemTime) -> Value {
     json!({
         "port": lease.port(),
@@ -143,7 +158,7 @@ pub fn lease_json(lease: &Lease, state: LeaseState, now: SystemTime) -> Value {
         "protocol": protocol(lease),
         "state": state.as_str(),
         "acquired_at": rfc3339(lease.acquired_at()),
-        "expires_at": lease.expires_at().map_or(Value::Null, rfc3339),
+        "expires_at": lease.expires_at().map(rfc3339),
         "age_secs": now.duration_since(lease.acquired_at()).unwrap_or_default().as_secs(),
     })
 }
@@ -151,15 +166,42 @@ pub fn lease_json(lease: &Lease, state: LeaseState, now: SystemTime) -> Value {
 /// The last second RFC 3339 can write, 9999-12-31T23:59:59Z, after the Unix epoch.
 pub const LATEST: Duration = Duration::from_secs(253_402_300_799);
 
-/// `t` in RFC 3339 (UTC, whole seconds), or null for a time before 1970 or after the year
-/// 9999, which the formatter cannot write (a registry written by hand can hold one).
-fn rfc3339(t: SystemTime) -> Value {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(since) if since.as_secs() <= LATEST.as_secs() => {
-            Value::String(humantime::format_rfc3339_seconds(t).to_string())
+/// `t` in RFC 3339 (UTC, whole seconds, rounded down), before 1970 too. A year outside
+/// 0000-9999, which RFC 3339 cannot write (a registry written by hand or by a clock gone
+/// wild can hold one), is written with a sign as ISO 8601's expanded years are:
+/// `+10000-01-01T00:00:00Z`. Every time the registry can hold has a text.
+fn rfc3339(t: SystemTime) -> String {
+    // Whole seconds since the epoch, rounded down (towards the past) before it too.
+    let secs: i128 = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i128::from(d.as_secs()),
+        Err(e) => {
+            let d = e.duration();
+            -i128::from(d.as_secs()) - i128::from(d.subsec_nanos() > 0)
         }
-        _ => Value::Null,
-    }
+    };
+    let (days, second) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    let (h, m, s) = (second / 3600, second / 60 % 60, second % 60);
+    let year = if (0..=9999).contains(&year) {
+        format!("{year:04}")
+    } else {
+        format!("{year:+05}")
+    };
+    format!("{year}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i128) -> (i128, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    (year, month, day)
 }
 
 #[cfg(test)]
@@ -200,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn times_rfc3339_cannot_write_are_null() {
+    fn every_time_has_a_text_before_1970_and_after_9999_too() {
         let last = UNIX_EPOCH + LATEST;
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(last), "9999-12-31T23:59:59Z");
@@ -208,8 +250,31 @@ mod tests {
             rfc3339(last + Duration::from_millis(999)),
             "9999-12-31T23:59:59Z"
         );
-        assert_eq!(rfc3339(last + Duration::from_secs(1)), Value::Null);
-        assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_millis(1)), Value::Null);
+        assert_eq!(
+            rfc3339(last + Duration::from_secs(1)),
+            "+10000-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_millis(1)),
+            "1969-12-31T23:59:59Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(86_400 * 366)),
+            "1968-12-31T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(62_167_219_201)),
+            "-0001-12-31T23:59:59Z"
+        );
+        // Agrees with humantime wherever that can write the time.
+        for secs in [0, 59, 86_399, 1_700_000_000, 4_102_444_800, 253_402_300_799] {
+            let t = UNIX_EPOCH + Duration::from_secs(secs);
+            assert_eq!(rfc3339(t), humantime::format_rfc3339_seconds(t).to_string());
+        }
     }
 
     #[test]

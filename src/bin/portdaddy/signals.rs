@@ -1,4 +1,4 @@
-//! Signals: passing them on to the child of `run`, and dying quietly on a closed pipe.
+//! Signals: passing them on to the child of `run`, and what a closed pipe does.
 
 use std::io;
 use std::process::{Command, ExitStatus};
@@ -13,6 +13,16 @@ pub fn restore_sigpipe() {
     }
 }
 
+/// Makes a write to a closed pipe fail with `EPIPE` instead of killing the process, for a
+/// command that must undo its work when its output is lost (`acquire`).
+pub fn report_closed_pipes() {
+    #[cfg(unix)]
+    // SAFETY: ignoring a signal touches no Rust state.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 /// How the child of `run` ended.
 pub enum Ended {
     /// It exited with this code.
@@ -21,11 +31,81 @@ pub enum Ended {
     Signal(i32),
 }
 
-/// Spawns `command`, passes on to it the signals this process receives while it runs, and
-/// waits for it to end.
+/// The signals `run` passes on to its command: every signal that can be caught, except
+///
+/// - those the kernel raises for a fault of portdaddy itself (`SIGSEGV`, `SIGBUS`, `SIGILL`,
+///   `SIGFPE`, `SIGTRAP`, `SIGSYS`): a handler would return to the faulting instruction;
+///   and `SIGABRT`, with which portdaddy itself aborts;
+/// - those about portdaddy's own child and output (`SIGCHLD`, `SIGPIPE`);
+/// - the job-control stops `SIGTSTP`, `SIGTTIN` and `SIGTTOU`, which keep their default
+///   action: in the terminal's foreground the command shares portdaddy's process group, and
+///   Ctrl-Z (or a read from the terminal in the background) stops the whole group, portdaddy
+///   with it, so the shell sees the job stopped and `fg` continues both. Caught, they would
+///   stop the command but not portdaddy, and the shell would wait for ever; stopping itself
+///   by hand (`SIGSTOP`, as dumb-init does) would also stop an orphaned process group, which
+///   the kernel spares from these signals because nobody is left to continue it;
+/// - `SIGCONT`, which is added only when the command runs in a process group of its own:
+///   while it shares portdaddy's group, whatever continues portdaddy's job (`fg`, `bg`,
+///   `kill -CONT -PGID`) signals that group, the command included.
+///
+/// What is left: `SIGHUP`, `SIGINT`, `SIGQUIT`, `SIGTERM`, `SIGUSR1`, `SIGUSR2`, `SIGALRM`,
+/// `SIGWINCH`, `SIGVTALRM`, `SIGPROF`, `SIGURG`, `SIGIO`, `SIGXCPU`, `SIGXFSZ`, and where the
+/// platform has them `SIGPWR`, `SIGINFO` and the real-time signals. Most of them would kill
+/// portdaddy by default, orphaning the command and ending its leases while it runs.
+#[cfg(unix)]
+fn forwarded() -> Vec<libc::c_int> {
+    use signal_hook::consts::signal::*;
+    let mut signals = vec![
+        SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGWINCH, SIGVTALRM, SIGPROF,
+        SIGURG, SIGXCPU, SIGXFSZ,
+    ];
+    #[cfg(not(target_os = "haiku"))]
+    signals.push(SIGIO);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        signals.push(libc::SIGPWR);
+        signals.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
+    }
+    #[cfg(any(
+        target_os = "freebsd",
+        target_os = "dragonfly",
+        target_os = "netbsd",
+        target_os = "openbsd",
+        target_os = "macos"
+    ))]
+    signals.push(SIGINFO);
+    signals
+}
+
+/// Whether a signal portdaddy received goes on to its command.
+///
+/// `kernel`: the kernel raised it (`SI_KERNEL`); `sender`: the process that sent it, where
+/// known. `me` is this process.
+#[cfg(unix)]
+fn passes_on(
+    signal: libc::c_int,
+    kernel: bool,
+    sender: Option<libc::pid_t>,
+    own_group: bool,
+    me: libc::pid_t,
+) -> bool {
+    // In our group, a signal the kernel raised for the terminal (Ctrl-C, Ctrl-\, a hang-up,
+    // a resized window) went to the whole foreground group, the command included: passing
+    // it on would deliver it twice. Signals sent by a process with kill(2) reach only us.
+    if kernel && !own_group {
+        return false;
+    }
+    // The CPU-time and file-size limits are about portdaddy's own use: the kernel sends
+    // SIGXCPU as itself and SIGXFSZ as if portdaddy had sent it, to portdaddy alone.
+    // Caught, SIGXFSZ leaves the write failing with EFBIG, which is reported.
+    let own = kernel || sender == Some(me);
+    !(own && matches!(signal, libc::SIGXCPU | libc::SIGXFSZ))
+}
+
+/// Spawns `command`, passes on to it the signals this process receives while it runs (see
+/// `forwarded`), and waits for it to end.
 #[cfg(unix)]
 pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
     use signal_hook::iterator::exfiltrator::WithOrigin;
     use signal_hook::iterator::SignalsInfo;
     use signal_hook::low_level::siginfo::Cause;
@@ -34,28 +114,30 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     // orphans the child. The child gets default handlers back when it executes. A signal
     // that arrived ignored (`nohup`, `&` in a script) is left ignored, for this process and
     // for the child, which inherits the ignoring.
-    let wanted = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
-    let handled: Vec<i32> = wanted.into_iter().filter(|&s| !is_ignored(s)).collect();
-    let mut signals = SignalsInfo::<WithOrigin>::new(handled)?;
+    let unignored = |s: &libc::c_int| !is_ignored(*s);
+    let mut signals = SignalsInfo::<WithOrigin>::new(forwarded().into_iter().filter(unignored))?;
     let handle = signals.handle();
     // In the terminal's foreground process group the child stays in ours, so that Ctrl-C,
     // Ctrl-Z and reading the terminal work for it as for any command. Elsewhere (a script's
     // background job, `timeout`, a CI runner, no terminal at all) whoever signals our whole
     // group would reach the child directly and again through us: there the child gets a
-    // group of its own, and every signal reaches it through us alone.
+    // group of its own, and every signal reaches it through us alone, SIGCONT too.
     let own_group = !in_foreground();
     if own_group {
         use std::os::unix::process::CommandExt;
         command.process_group(0);
+        if unignored(&libc::SIGCONT) {
+            signals.add_signal(libc::SIGCONT)?;
+        }
     }
     let mut child = command.spawn()?;
     let pid = child.id() as libc::pid_t;
+    let me = std::process::id() as libc::pid_t;
     let forwarder = std::thread::spawn(move || {
         for origin in signals.forever() {
-            // In our group, a signal the kernel raised itself (Ctrl-C, a hang-up at the
-            // terminal) went to the whole foreground group, the child included: passing it
-            // on would deliver it twice. Signals sent by a process (`kill`) reach only us.
-            if origin.cause == Cause::Kernel && !own_group {
+            let kernel = origin.cause == Cause::Kernel;
+            let sender = origin.process.map(|p| p.pid);
+            if !passes_on(origin.signal, kernel, sender, own_group, me) {
                 continue;
             }
             // SAFETY: kill has no memory effects; the child is not reaped before this
@@ -150,4 +232,74 @@ fn ended(status: ExitStatus) -> Ended {
         }
     }
     Ended::Code(status.code().unwrap_or(1))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    const ME: libc::pid_t = 4242;
+
+    #[test]
+    fn signals_sent_by_another_process_are_passed_on_in_either_group() {
+        for own_group in [false, true] {
+            for signal in forwarded() {
+                assert!(
+                    passes_on(signal, false, Some(7), own_group, ME),
+                    "{signal} (own group: {own_group})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_signals_are_passed_on_only_to_a_command_with_a_group_of_its_own() {
+        for signal in [libc::SIGINT, libc::SIGHUP, libc::SIGWINCH, libc::SIGQUIT] {
+            assert!(!passes_on(signal, true, None, false, ME), "{signal}");
+            assert!(passes_on(signal, true, None, true, ME), "{signal}");
+        }
+    }
+
+    #[test]
+    fn limits_portdaddy_itself_exceeds_are_not_passed_on() {
+        for own_group in [false, true] {
+            // SIGXCPU comes from the kernel, SIGXFSZ as if sent by this process.
+            assert!(!passes_on(libc::SIGXCPU, true, None, own_group, ME));
+            assert!(!passes_on(libc::SIGXFSZ, false, Some(ME), own_group, ME));
+            assert!(!passes_on(libc::SIGXFSZ, true, None, own_group, ME));
+            // Sent by someone else, they are for the command.
+            assert!(passes_on(libc::SIGXCPU, false, Some(7), own_group, ME));
+            assert!(passes_on(libc::SIGXFSZ, false, Some(7), own_group, ME));
+        }
+    }
+
+    #[test]
+    fn faults_job_control_stops_and_the_child_signal_are_not_caught() {
+        let caught = forwarded();
+        for signal in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+            libc::SIGSYS,
+            libc::SIGABRT,
+            libc::SIGCHLD,
+            libc::SIGPIPE,
+            libc::SIGTSTP,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+            libc::SIGCONT,
+            libc::SIGKILL,
+            libc::SIGSTOP,
+        ] {
+            assert!(!caught.contains(&signal), "{signal}");
+        }
+        for signal in caught {
+            assert!(
+                !signal_hook::consts::FORBIDDEN.contains(&signal),
+                "{signal} cannot be registered"
+            );
+        }
+    }
 }

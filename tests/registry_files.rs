@@ -1,0 +1,782 @@
+//! The registry's files on a hostile host: one registry means one lock and one owners
+//! directory however it is reached (a symbolic link, a linked or bind-mounted directory), a
+//! file reached by other names too (a second hard link, a single-file bind mount) is refused,
+//! and so is every file or directory another user could have planted or may change. Nothing
+//! refused is changed, and nothing is created through a planted link.
+//!
+//! Most tests need root (to add a user with `useradd`, to mount in `unshare -m`), as in CI;
+//! they print `skipped: <reason>` where the system refuses.
+//!
+//! Ports 32100-32199 belong to this file (see `common`); nothing here binds them, since every
+//! registry's port probe says every port is free.
+
+#![cfg(unix)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::all_free;
+use common::workers::{say, var, wait_for_eof, Worker, MODE, RANGE, REGISTRY};
+use portdaddy::{Error, PortDaddy};
+
+const FIRST: u16 = 32100;
+const LAST: u16 = 32199;
+const RANGE_ALL: std::ops::RangeInclusive<u16> = FIRST..=LAST;
+
+/// How many ports each worker holds at once.
+const HELD: usize = 40;
+
+fn open_at(path: &Path) -> portdaddy::Result<PortDaddy> {
+    PortDaddy::builder()
+        .path(path)
+        .range(RANGE_ALL)
+        .port_probe(all_free)
+        .lock_timeout(Duration::from_secs(10))
+        .open()
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(60)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: another user, a sticky directory, snapshots of a tree
+// ---------------------------------------------------------------------------------------------
+
+/// A user made for one test with `useradd`, removed with `userdel` when dropped (also when
+/// the test fails).
+struct OtherUser {
+    name: String,
+    uid: u32,
+}
+
+impl OtherUser {
+    /// Adds a fresh user, or `None` (with the reason printed) where that is not possible.
+    fn add() -> Option<Self> {
+        if !is_root() {
+            println!("skipped: needs root to add a user");
+            return None;
+        }
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "pdf{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let added = Command::new("useradd")
+            .args(["-M", "-N", "-s", "/bin/sh", "-d", "/nonexistent", &name])
+            .output();
+        match added {
+            Ok(out) if out.status.success() => {}
+            other => {
+                println!("skipped: useradd {name} failed: {other:?}");
+                return None;
+            }
+        }
+        // Removed on drop from here on, even if what follows fails.
+        let mut user = Self { name, uid: 0 };
+        let id = Command::new("id")
+            .args(["-u", &user.name])
+            .output()
+            .expect("run id");
+        user.uid = String::from_utf8_lossy(&id.stdout)
+            .trim()
+            .parse()
+            .expect("a uid");
+        Some(user)
+    }
+
+    /// Runs `script` with `sh -c` as this user, in `dir`; it must succeed.
+    fn run(&self, dir: &Path, script: &str) {
+        let out = Command::new("runuser")
+            .args(["-u", &self.name, "--", "sh", "-c", script])
+            .current_dir(dir)
+            .output()
+            .expect("run runuser");
+        assert!(
+            out.status.success(),
+            "as {}: {script}: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for OtherUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).output();
+    }
+}
+
+/// A temporary directory that every user may enter, holding `shared`: mode `1777`, as `/tmp`.
+fn sticky_dir() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let shared = tmp.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    (tmp, shared)
+}
+
+/// What a tree holds: for each path, its kind, owner, mode and contents (or link target).
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut seen = BTreeMap::new();
+    let mut todo = vec![root.to_owned()];
+    while let Some(dir) = todo.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let what = if meta.file_type().is_symlink() {
+                format!("link to {}", fs::read_link(&path).unwrap().display())
+            } else if meta.is_dir() {
+                todo.push(path.clone());
+                "dir".to_owned()
+            } else {
+                format!("file {:?}", fs::read(&path).unwrap())
+            };
+            let line = format!("{what} uid {} mode {:o}", meta.uid(), meta.mode());
+            seen.insert(path, line);
+        }
+    }
+    seen
+}
+
+/// Asserts a refusal of `file`, whose message names it and says `why`.
+fn assert_refused(err: &Error, file: &Path, why: &str) {
+    let Error::Refused { file: refused, .. } = err else {
+        panic!(
+            "expected Error::Refused for {}, got {err:?}",
+            file.display()
+        );
+    };
+    assert_eq!(refused, file, "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&file.display().to_string()), "{text}");
+    assert!(text.contains(why), "expected {why:?} in: {text}");
+    assert!(text.contains("it was left as it was"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files planted by another user
+// ---------------------------------------------------------------------------------------------
+
+/// A symbolic link that another user planted at the registry path, pointing at a file of
+/// ours or at nothing, or on the way to it (to a directory), is not followed: refused, naming
+/// the link and its owner, the target byte for byte as it was, nothing created at a missing
+/// target or in a linked directory.
+#[test]
+fn a_registry_symlink_planted_by_another_user_is_refused_and_its_target_untouched() {
+    let Some(user) = OtherUser::add() else { return };
+    let (tmp, shared) = sticky_dir();
+    let victim = tmp.path().join("victim");
+    fs::write(&victim, b"precious bytes").unwrap();
+    let missing = tmp.path().join("missing");
+    for (name, target) in [("reg-a.sqlite3", &victim), ("reg-b.sqlite3", &missing)] {
+        user.run(&shared, &format!("ln -s '{}' {name}", target.display()));
+        let path = shared.join(name);
+        let before = snapshot(tmp.path());
+        let err = open_at(&path).expect_err("a planted link must be refused");
+        assert_refused(&err, &path, &format!("user {}", user.name));
+        assert_eq!(snapshot(tmp.path()), before, "{name}: something changed");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious bytes");
+        assert!(!missing.exists(), "{name}: the link's target was created");
+    }
+    // A link of theirs to a directory, anywhere on the path, is not followed either.
+    let victim_dir = tmp.path().join("victim-dir");
+    fs::create_dir(&victim_dir).unwrap();
+    user.run(
+        &shared,
+        &format!("ln -s '{}' dir-link", victim_dir.display()),
+    );
+    let link = shared.join("dir-link");
+    let err = open_at(&link.join("reg.sqlite3")).expect_err("a planted directory link");
+    assert_refused(&err, &link, &format!("user {}", user.name));
+    assert_eq!(
+        fs::read_dir(&victim_dir).unwrap().count(),
+        0,
+        "created through the link"
+    );
+}
+
+/// A symbolic link that another user planted at the lock file, SQLite's `-wal`, `-shm` or
+/// `-journal`, or the owners directory is refused before anything is opened through it:
+/// nothing is created at its target and nothing changes.
+#[test]
+fn side_file_symlinks_planted_by_another_user_are_refused_and_nothing_is_created_through_them() {
+    let Some(user) = OtherUser::add() else { return };
+    for suffix in [".lock", "-wal", "-shm", "-journal", ".owners"] {
+        let (tmp, shared) = sticky_dir();
+        let path = shared.join("reg.sqlite3");
+        let target = tmp.path().join("target");
+        let planted = sibling(&path, suffix);
+        user.run(
+            &shared,
+            &format!("ln -s '{}' '{}'", target.display(), planted.display()),
+        );
+        let before = snapshot(tmp.path());
+        let err = open_at(&path).expect_err("a planted link must be refused");
+        assert_refused(&err, &planted, "symbolic link");
+        assert_eq!(snapshot(tmp.path()), before, "{suffix}: something changed");
+        assert!(!target.exists(), "{suffix}: created through the link");
+    }
+}
+
+/// A registry file another user created, even one that everybody may write (`0666`), is
+/// refused with its owner named, and left as it was.
+#[test]
+fn a_registry_file_of_another_user_is_refused_even_when_everybody_may_write_it() {
+    let Some(user) = OtherUser::add() else { return };
+    let (tmp, shared) = sticky_dir();
+    for mode in ["666", "644", "600"] {
+        let name = format!("reg-{mode}.sqlite3");
+        user.run(&shared, &format!(": > {name} && chmod {mode} {name}"));
+        let path = shared.join(&name);
+        let before = snapshot(tmp.path());
+        let err = open_at(&path).expect_err("another user's registry must be refused");
+        assert_refused(&err, &path, &format!("belongs to user {}", user.name));
+        assert_eq!(
+            snapshot(tmp.path()),
+            before,
+            "mode {mode}: something changed"
+        );
+    }
+}
+
+/// A lock file, side file or owners directory of another user beside a registry of ours is
+/// refused with its owner named, and the registry is left as it was.
+#[test]
+fn side_files_of_another_user_are_refused() {
+    let Some(user) = OtherUser::add() else { return };
+    for (suffix, plant) in [
+        (".lock", ": > NAME && chmod 600 NAME"),
+        ("-wal", ": > NAME && chmod 600 NAME"),
+        ("-shm", ": > NAME && chmod 666 NAME"),
+        ("-journal", ": > NAME && chmod 600 NAME"),
+        (".owners", "mkdir -m 700 NAME"),
+    ] {
+        let (tmp, shared) = sticky_dir();
+        let path = shared.join("reg.sqlite3");
+        drop(open_at(&path).expect("a registry of ours"));
+        let planted = sibling(&path, suffix);
+        // A lock file or owners directory of ours is already there: plant in their place.
+        let _ = fs::remove_file(&planted);
+        let _ = fs::remove_dir_all(&planted);
+        user.run(
+            &shared,
+            &plant.replace("NAME", &format!("'{}'", planted.display())),
+        );
+        let before = snapshot(tmp.path());
+        let err = open_at(&path).expect_err("another user's side file must be refused");
+        assert_refused(&err, &planted, &format!("belongs to user {}", user.name));
+        assert_eq!(snapshot(tmp.path()), before, "{suffix}: something changed");
+    }
+}
+
+/// A registry file of ours that group or others may write is refused, and its mode is left
+/// as it was (not silently fixed).
+#[test]
+fn a_registry_file_others_may_write_is_refused_and_its_mode_kept() {
+    let (tmp, path) = common::temp_registry();
+    drop(open_at(&path).unwrap());
+    for mode in [0o666, 0o620] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        let before = snapshot(tmp.path());
+        let err = open_at(&path).expect_err("a writable registry must be refused");
+        assert_refused(&err, &path, "can write to it");
+        assert_eq!(snapshot(tmp.path()), before);
+    }
+}
+
+/// A registry directory that group or others may write without the sticky bit is refused
+/// (and `diagnose` says so): they could replace its files. With the sticky bit (as `/tmp`)
+/// it is used.
+#[test]
+fn a_directory_others_may_write_is_refused_unless_sticky() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("open");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let path = dir.join("reg.sqlite3");
+    let err = open_at(&path).expect_err("an open directory must be refused");
+    assert_refused(&err, &dir, "no sticky bit");
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "files were created");
+    let range = portdaddy::PortRange::new(FIRST, LAST).unwrap();
+    let diagnosis = PortDaddy::diagnose(&path, range);
+    let check = diagnosis
+        .check("directory permissions")
+        .expect("a directory check");
+    assert_eq!(check.status, portdaddy::Status::Fail, "{diagnosis}");
+    assert!(check.detail.contains("no sticky bit"), "{diagnosis}");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    let registry = open_at(&path).expect("a sticky directory is fine");
+    drop(registry.acquire("web").unwrap());
+}
+
+/// In a sticky directory that everybody may write, the registry's files are made `0600`
+/// and ours, SQLite's `-wal` and `-shm` included.
+#[test]
+fn a_registry_in_a_sticky_directory_keeps_its_files_private() {
+    let (_tmp, shared) = sticky_dir();
+    let path = shared.join("reg.sqlite3");
+    let registry = open_at(&path).unwrap();
+    let _guard = registry.acquire("web").unwrap();
+    for suffix in ["", ".lock", "-wal", "-shm"] {
+        let file = sibling(&path, suffix);
+        let meta =
+            fs::symlink_metadata(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(meta.is_file(), "{}", file.display());
+        assert_eq!(meta.mode() & 0o777, 0o600, "{}", file.display());
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+    }
+}
+
+/// Another application's database in a sticky directory is refused as before, and the side
+/// files created for it before SQLite opened it are gone again: the directory is as it was.
+#[test]
+fn a_foreign_database_in_a_sticky_directory_is_refused_and_nothing_is_left_beside_it() {
+    let (tmp, shared) = sticky_dir();
+    let path = shared.join("other.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+    }
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    let before = snapshot(tmp.path());
+    let err = open_at(&path).expect_err("another application's database");
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    let mut after = snapshot(tmp.path());
+    // The lock file stays, as beside any refused file.
+    after.remove(&sibling(&path, ".lock"));
+    assert_eq!(after, before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Root with another user's environment
+// ---------------------------------------------------------------------------------------------
+
+/// Set in the child of [`default_path_child`].
+const CHILD: &str = "PORTDADDY_FILES_CHILD";
+
+/// Not a test of its own: in the child of [`default_path_child`], opens the default registry
+/// and prints `@pd ok <path>` or `@pd err <error>`.
+#[test]
+fn default_path_entry() {
+    if std::env::var_os(CHILD).is_none() {
+        return;
+    }
+    match PortDaddy::builder().port_probe(all_free).open() {
+        Ok(registry) => say(&format!("ok {}", registry.path().unwrap().display())),
+        Err(Error::Refused { file, .. }) => say(&format!("refused {}", file.display())),
+        Err(e) => say(&format!("err {e}")),
+    }
+}
+
+/// Runs [`default_path_entry`] in a child with only `env`, and returns its `@pd` line.
+fn default_path_child(env: &[(&str, &Path)]) -> String {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["default_path_entry", "--exact", "--nocapture"])
+        .env_clear()
+        .env(CHILD, "1");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run the child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "child failed: {stdout}");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("@pd "))
+        .unwrap_or_else(|| panic!("no @pd line in {stdout}"))
+        .to_owned()
+}
+
+/// Root running with another user's `HOME` (as `sudo -E` does) creates no directory in that
+/// home, which would lock its owner out of it: the open is refused, naming the home.
+#[test]
+fn root_with_another_users_home_creates_nothing_there() {
+    let Some(user) = OtherUser::add() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let home = tmp.path().join("home");
+    fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(user.uid), None).unwrap();
+    let state = tmp.path().join("state");
+    fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(user.uid), None).unwrap();
+    for (var, dir) in [("HOME", &home), ("XDG_STATE_HOME", &state)] {
+        let line = default_path_child(&[(var, dir)]);
+        assert_eq!(line, format!("refused {}", dir.display()), "{var}");
+        assert_eq!(
+            fs::read_dir(dir).unwrap().count(),
+            0,
+            "{var}: something was created in {}",
+            dir.display()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One registry, however it is reached
+// ---------------------------------------------------------------------------------------------
+
+/// A registry file with a second hard link is refused by both names (each would get a lock
+/// of its own), with advice to share the directory; both are left as they were, and
+/// `diagnose` reports the same failure.
+#[test]
+fn a_registry_with_a_second_hard_link_is_refused_by_both_names() {
+    let (tmp, path) = common::temp_registry();
+    drop(open_at(&path).unwrap().acquire("web").unwrap());
+    let other = tmp.path().join("other.sqlite3");
+    fs::hard_link(&path, &other).unwrap();
+    let before = snapshot(tmp.path());
+    for name in [&path, &other] {
+        let err = open_at(name).expect_err("a hard-linked registry must be refused");
+        assert_refused(&err, name, "2 hard links");
+        assert!(err.to_string().contains("share the directory"), "{err}");
+        assert_eq!(snapshot(tmp.path()), before, "{}", name.display());
+    }
+    assert!(!sibling(&other, ".lock").exists());
+    // The diagnosis says the same, and changes nothing either.
+    let range = portdaddy::PortRange::new(FIRST, LAST).unwrap();
+    let diagnosis = PortDaddy::diagnose(&other, range);
+    let check = diagnosis.check("file permissions").expect("a file check");
+    assert_eq!(check.status, portdaddy::Status::Fail, "{diagnosis}");
+    assert!(check.detail.contains("hard links"), "{diagnosis}");
+    assert_eq!(snapshot(tmp.path()), before);
+}
+
+/// A registry name with no room for the side files' suffixes (248 to 255 bytes: `-journal`
+/// would pass the 255-byte limit) is refused up front, and nothing is created.
+#[test]
+fn a_name_too_long_for_the_side_files_is_refused_before_anything_is_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    for len in 248..=255 {
+        let path = tmp.path().join("r".repeat(len));
+        let err = open_at(&path).expect_err("a name too long must be refused");
+        assert_refused(&err, &path, "255-byte limit");
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0, "{len} bytes");
+    }
+    let fits = tmp.path().join("r".repeat(247));
+    drop(open_at(&fits).expect("247 bytes leave room").acquire("web"));
+}
+
+/// Not a test of its own: a worker holding [`HELD`] ports of the registry at its path.
+#[test]
+fn worker_entry() {
+    let Ok(mode) = std::env::var(MODE) else {
+        return;
+    };
+    assert_eq!(mode, "hold", "unknown worker mode");
+    let _ = var(RANGE);
+    let registry = open_at(Path::new(&var(REGISTRY))).expect("open the registry");
+    say("READY");
+    assert_eq!(common::workers::read_line().as_deref(), Some("go"));
+    let guards: Vec<_> = (0..HELD)
+        .map(|i| {
+            registry
+                .acquire(&format!("w{}-{i}", std::process::id()))
+                .unwrap()
+        })
+        .collect();
+    let ports: Vec<String> = guards.iter().map(|g| g.port().to_string()).collect();
+    say(&format!("PORTS {}", ports.join(" ")));
+    wait_for_eof();
+}
+
+/// Two processes, one on each path, hold ports at the same time: no port is held twice, the
+/// registry has one lock file and one owners directory (beside `real`), holding one owner
+/// file per process.
+fn two_paths_are_one_registry(first: &Path, second: &Path, real: &Path) {
+    let mut workers: Vec<Worker> = [first, second]
+        .iter()
+        .enumerate()
+        .map(|(i, path)| Worker::spawn(format!("holder {i}"), "hold", path, &RANGE_ALL, &[]))
+        .collect();
+    for worker in &workers {
+        assert_eq!(worker.expect_line("READY", deadline()), "READY");
+    }
+    for worker in &mut workers {
+        worker.send("go");
+    }
+    let mut seen = BTreeSet::new();
+    for worker in &workers {
+        let line = worker.expect_line("PORTS", deadline());
+        let ports = line.strip_prefix("PORTS ").expect("a PORTS line");
+        for port in ports.split(' ') {
+            assert!(seen.insert(port.to_owned()), "port {port} held twice");
+        }
+    }
+    assert_eq!(seen.len(), 2 * HELD);
+    let owners: Vec<_> = fs::read_dir(sibling(real, ".owners"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(owners.len(), 2, "one owners directory for both: {owners:?}");
+    // Whatever lock file or owners directory a path shows is the real file's.
+    let id = |p: &Path| fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    for path in [first, second] {
+        for suffix in [".lock", ".owners"] {
+            let seen = sibling(path, suffix);
+            if seen.exists() {
+                assert_eq!(id(&seen), id(&sibling(real, suffix)), "{}", seen.display());
+            }
+        }
+    }
+    for worker in &mut workers {
+        worker.close_stdin();
+        let (_, status) = worker.finish(deadline());
+        assert!(status.success(), "{}: {status}", worker.label);
+    }
+}
+
+/// A registry reached through a symbolic link to the file (ours) and by its real path is one
+/// registry: the lock file and owners directory are the real file's, none beside the link.
+#[test]
+fn a_registry_reached_through_a_file_symlink_is_one_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real_dir = tmp.path().join("real");
+    let link_dir = tmp.path().join("links");
+    fs::create_dir(&real_dir).unwrap();
+    fs::create_dir(&link_dir).unwrap();
+    let real = real_dir.join("reg.sqlite3");
+    let link = link_dir.join("link.sqlite3");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    two_paths_are_one_registry(&link, &real, &real);
+    for suffix in [".lock", ".owners", "-wal", "-shm"] {
+        assert!(
+            !sibling(&link, suffix).exists(),
+            "a {suffix} beside the link"
+        );
+    }
+}
+
+/// A registry reached through a symbolic link to its directory and by its real path is one
+/// registry.
+#[test]
+fn a_registry_reached_through_a_directory_symlink_is_one_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real_dir = tmp.path().join("real");
+    fs::create_dir(&real_dir).unwrap();
+    std::os::unix::fs::symlink(&real_dir, tmp.path().join("link")).unwrap();
+    let real = real_dir.join("reg.sqlite3");
+    two_paths_are_one_registry(&tmp.path().join("link/reg.sqlite3"), &real, &real);
+}
+
+/// Set in the child that [`in_mount_namespace`] starts.
+const MOUNT_CHILD: &str = "PORTDADDY_FILES_MOUNT_CHILD";
+
+/// Runs the test `entry` of this binary in a new mount namespace in which `source` is
+/// bind-mounted on `target`; `false` (with the reason printed) where the system refuses.
+fn in_mount_namespace(entry: &str, source: &Path, target: &Path, env: &[(&str, &Path)]) -> bool {
+    if !is_root() {
+        println!("skipped: needs root to mount in a new mount namespace");
+        return false;
+    }
+    let probe = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "true"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        other => {
+            println!("skipped: unshare -m is refused here: {other:?}");
+            return false;
+        }
+    }
+    let exe = std::env::current_exe().unwrap();
+    let mut command = Command::new("unshare");
+    command
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$1\" \"$2\" && exec \"$3\" \"$4\" --exact --nocapture")
+        .arg("sh")
+        .arg(source)
+        .arg(target)
+        .arg(&exe)
+        .arg(entry)
+        .env(MOUNT_CHILD, "1");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run unshare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{entry} in a mount namespace failed: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("@pd passed"),
+        "{entry} did not run its checks: {stdout}"
+    );
+    true
+}
+
+/// A registry file bind-mounted on its own (as `docker run -v file:file` does) is refused
+/// where it is mounted, with advice to share the directory, and left as it was.
+#[test]
+fn a_registry_file_bind_mounted_on_its_own_is_refused() {
+    let (tmp, path) = common::temp_registry();
+    drop(open_at(&path).unwrap().acquire("web").unwrap());
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let target = elsewhere.join("reg.sqlite3");
+    fs::write(&target, b"").unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+    let before = fs::read(&path).unwrap();
+    if !in_mount_namespace(
+        "file_mount_entry",
+        &path,
+        &target,
+        &[("PD_TARGET", &target)],
+    ) {
+        return;
+    }
+    assert_eq!(fs::read(&path).unwrap(), before);
+    assert_eq!(
+        fs::read_dir(&elsewhere).unwrap().count(),
+        1,
+        "files beside the mount"
+    );
+}
+
+/// Not a test of its own: in the mount namespace of
+/// [`a_registry_file_bind_mounted_on_its_own_is_refused`].
+#[test]
+fn file_mount_entry() {
+    if std::env::var_os(MOUNT_CHILD).is_none() {
+        return;
+    }
+    let target = PathBuf::from(std::env::var_os("PD_TARGET").unwrap());
+    let before = fs::read(&target).unwrap();
+    let err = open_at(&target).expect_err("a file mounted on its own must be refused");
+    assert_refused(&err, &target, "mounted on its own");
+    assert!(err.to_string().contains("share the directory"), "{err}");
+    assert_eq!(fs::read(&target).unwrap(), before);
+    assert!(!sibling(&target, ".lock").exists());
+    say("passed");
+}
+
+/// A registry reached through a bind-mounted directory and by its own path is one registry:
+/// the directory keeps the side files together.
+#[test]
+fn a_registry_reached_through_a_bind_mounted_directory_is_one_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real_dir = tmp.path().join("real");
+    let mount = tmp.path().join("mount");
+    fs::create_dir(&real_dir).unwrap();
+    fs::create_dir(&mount).unwrap();
+    in_mount_namespace(
+        "dir_mount_entry",
+        &real_dir,
+        &mount,
+        &[("PD_REAL", &real_dir), ("PD_MOUNT", &mount)],
+    );
+}
+
+/// Not a test of its own: in the mount namespace of
+/// [`a_registry_reached_through_a_bind_mounted_directory_is_one_registry`].
+#[test]
+fn dir_mount_entry() {
+    if std::env::var_os(MOUNT_CHILD).is_none() {
+        return;
+    }
+    let real = PathBuf::from(std::env::var_os("PD_REAL").unwrap()).join("reg.sqlite3");
+    let mounted = PathBuf::from(std::env::var_os("PD_MOUNT").unwrap()).join("reg.sqlite3");
+    two_paths_are_one_registry(&mounted, &real, &real);
+    say("passed");
+}
+
+/// Makes `command` run its program in a new PID namespace (with its own `/proc`) as the
+/// namespace's first process; killing `unshare` kills it.
+fn in_new_pid_namespace(command: &mut Command) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
+        .arg(program)
+        .args(args);
+    *command = wrapped;
+}
+
+/// An owner in a PID namespace of its own that opened the registry through a symbolic link
+/// keeps its lock file beside the real file, where the host, which opened the real path,
+/// looks: the host neither reaps its leases nor hands out its ports.
+#[test]
+fn an_owner_in_another_pid_namespace_on_a_symlink_keeps_its_ports() {
+    let probe = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        other => {
+            println!("skipped: cannot make a PID namespace here: {other:?}");
+            return;
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("reg.sqlite3");
+    let link = tmp.path().join("link.sqlite3");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let host = open_at(&real).unwrap();
+    let mut holder = Worker::spawn_with(
+        "namespaced holder",
+        "hold",
+        &link,
+        &RANGE_ALL,
+        &[],
+        in_new_pid_namespace,
+    );
+    assert_eq!(holder.expect_line("READY", deadline()), "READY");
+    holder.send("go");
+    let line = holder.expect_line("PORTS", deadline());
+    let held: BTreeSet<u16> = line
+        .strip_prefix("PORTS ")
+        .expect("a PORTS line")
+        .split(' ')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(held.len(), HELD);
+    assert_eq!(host.reap().unwrap(), 0, "the host reaped a live lease");
+    let mut guards = Vec::new();
+    loop {
+        match host.acquire("host") {
+            Ok(guard) => {
+                assert!(
+                    !held.contains(&guard.port()),
+                    "the host got port {}, held in the other namespace",
+                    guard.port()
+                );
+                guards.push(guard);
+            }
+            Err(Error::Exhausted { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(guards.len(), RANGE_ALL.len() - HELD);
+    holder.close_stdin();
+    let (_, status) = holder.finish(deadline());
+    assert!(status.success(), "{status}; stderr:\n{}", holder.stderr());
+}
