@@ -227,8 +227,9 @@ pub enum Error {
     ///
     /// The refused file is left exactly as it was.
     #[error(
-        "refusing {}: {reason}; it was left as it was: {advice}",
-        refused_what(path, file)
+        "refusing {}: {}; it was left as it was: {advice}",
+        refused_what(path, file),
+        escape(reason)
     )]
     Refused {
         /// The registry path, as given.
@@ -243,15 +244,11 @@ pub enum Error {
 }
 
 /// What [`Error::Refused`] refused: the registry itself, or a file beside it.
-fn refused_what(path: &std::path::Path, file: &std::path::Path) -> String {
+fn refused_what(path: &Path, file: &Path) -> String {
     if path == file {
-        format!("the port registry at {}", path.display())
+        format!("the port registry at {}", shown(path))
     } else {
-        format!(
-            "{} for the port registry at {}",
-            file.display(),
-            path.display()
-        )
+        format!("{} for the port registry at {}", shown(file), shown(path))
     }
 }
 
@@ -392,6 +389,38 @@ mod tests {
             assert!(text.contains("unable to open database file"), "{text}");
             assert!(text.contains("the registry itself is fine"), "{text}");
         }
+    }
+
+    #[test]
+    fn a_refusal_escapes_the_files_and_the_reason_it_names() {
+        let evil = "a\u{1b}[2J\u{202e}b\nc\u{9b}d";
+        let registry = PathBuf::from(format!("/tmp/{evil}/r.sqlite3"));
+        let refusal = |file: &Path, reason: &str| Error::Refused {
+            path: registry.clone(),
+            file: file.to_owned(),
+            reason: reason.into(),
+            advice: "set PORTDADDY_DB",
+        };
+        let beside = PathBuf::from(format!("/tmp/{evil}/r.sqlite3.lock"));
+        for error in [
+            refusal(&registry, "it belongs to user x (uid 7)"),
+            refusal(&beside, "it belongs to user x (uid 7)"),
+            refusal(&registry, evil),
+        ] {
+            let text = error.to_string();
+            assert!(
+                !text
+                    .chars()
+                    .any(|c| c.is_control() || crate::text::is_layout_char(c)),
+                "{text:?}"
+            );
+            assert!(
+                text.contains(r"/tmp/a\u{1b}[2J\u{202e}b\nc\u{9b}d/r.sqlite3"),
+                "{text:?}"
+            );
+        }
+        let text = refusal(&beside, "r").to_string();
+        assert!(text.contains(r"d/r.sqlite3.lock for the port registry at /tmp/a\u{1b}"));
     }
 
     #[test]
