@@ -217,7 +217,7 @@ const LONGEST_SUFFIX: usize = "-journal".len();
 const STICKY: u32 = 0o1000;
 
 /// Advice for a file that another user planted or may change.
-const ADVICE_OWN: &str =
+pub(crate) const ADVICE_OWN: &str =
     "remove it (as its owner), or set PORTDADDY_DB to a registry in a directory of your own";
 /// Advice for a registry file reached by more than one name.
 #[cfg_attr(not(unix), allow(dead_code))]

@@ -549,8 +549,7 @@ fn refusal(path: &Path, e: io::Error) -> std::result::Result<Error, io::Error> {
             path: path.to_owned(),
             file: refusal.file,
             reason: refusal.reason,
-            advice: "remove it (as its owner), or set PORTDADDY_DB to a registry in a \
-                     directory of your own",
+            advice: paths::ADVICE_OWN,
         })
 }
 
