@@ -1055,16 +1055,12 @@ impl Inner {
 pub(crate) fn default_registry() -> Result<PortDaddy> {
     static DEFAULT: Mutex<Option<PortDaddy>> = Mutex::new(None);
     // Counted before the lock is taken, so that a child forked while another thread holds
-    // it (opening the registry) fails here instead of waiting for ever.
-    let opening = crate::fork::opening()?;
+    // it (opening the registry) fails here instead of waiting for ever. A registry in the
+    // slot stays counted, so a forked child fails here too and never meets the parent's.
+    let _opening = crate::fork::opening()?;
     let mut slot = DEFAULT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(registry) = slot.as_ref() {
-        if registry.inner.me.pid() == opening.pid() {
-            return Ok(registry.clone());
-        }
-        // Inherited from the parent across fork: closing its connection here could
-        // checkpoint or delete the parent's WAL, so leak it instead.
-        std::mem::forget(slot.take());
+        return Ok(registry.clone());
     }
     let registry = PortDaddy::open_default()?;
     *slot = Some(registry.clone());
