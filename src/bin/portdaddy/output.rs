@@ -112,16 +112,31 @@ pub fn until(now: SystemTime, t: SystemTime) -> String {
     }
 }
 
-/// One row of `portdaddy list`.
-pub fn lease_row(lease: &Lease, state: LeaseState, now: SystemTime) -> Vec<String> {
+/// A lease's ports: `20000`, or `20000-20003` for a block.
+fn port_span(lease: &Lease) -> String {
     let ports = lease.ports();
-    let port = if ports.start() == ports.end() {
+    if ports.start() == ports.end() {
         ports.start().to_string()
     } else {
         format!("{}-{}", ports.start(), ports.end())
+    }
+}
+
+/// A lease's ports in a sentence: `port 20000`, or `ports 20000-20003` for a block.
+pub fn ports_phrase(lease: &Lease) -> String {
+    let ports = lease.ports();
+    let noun = if ports.start() == ports.end() {
+        "port"
+    } else {
+        "ports"
     };
+    format!("{noun} {}", port_span(lease))
+}
+
+/// One row of `portdaddy list`.
+pub fn lease_row(lease: &Lease, state: LeaseState, now: SystemTime) -> Vec<String> {
     vec![
-        port,
+        port_span(lease),
         protocol(lease).to_owned(),
         escape(lease.name()),
         lease
