@@ -408,12 +408,7 @@ mod tests {
             refusal(&registry, evil),
         ] {
             let text = error.to_string();
-            assert!(
-                !text
-                    .chars()
-                    .any(|c| c.is_control() || crate::text::is_layout_char(c)),
-                "{text:?}"
-            );
+            assert!(!text.chars().any(crate::text::needs_escape), "{text:?}");
             assert!(
                 text.contains(r"/tmp/a\u{1b}[2J\u{202e}b\nc\u{9b}d/r.sqlite3"),
                 "{text:?}"
@@ -468,12 +463,7 @@ mod tests {
         ];
         for error in errors {
             let text = error.to_string();
-            assert!(
-                !text
-                    .chars()
-                    .any(|c| c.is_control() || crate::text::is_layout_char(c)),
-                "{text:?}"
-            );
+            assert!(!text.chars().any(crate::text::needs_escape), "{text:?}");
             assert!(text.contains(r"\u{1b}[2J\u{202e}b"), "{text:?}");
         }
     }
