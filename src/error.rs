@@ -183,9 +183,9 @@ pub enum Error {
          program in the child, or fork before opening a registry"
     )]
     ForkedHandle {
-        /// The process that opened the handle.
+        /// The process that had the file registries open.
         parent: u32,
-        /// The forked child that tried to use it.
+        /// The forked child that tried to use or open one.
         child: u32,
     },
 
