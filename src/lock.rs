@@ -115,11 +115,6 @@ impl FileLock {
         })
     }
 
-    /// The lock file.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Takes the lock, waiting until `deadline` at most; `Ok(None)` when it passed.
     ///
     /// The lock is always taken on the file that the path names once it is held: if the

@@ -259,7 +259,7 @@ impl PortDaddy {
         let store =
             SqliteStore::open(path, shared_tmp, timeout).map_err(descriptors::name_cause)?;
         // Beside the real file, as the lock file is, however the registry was reached.
-        let owners = owners_dir(&store.real_path());
+        let owners = owners_dir(store.real_path());
         let lock =
             OwnerLock::take(&owners, &me).map_err(|e| owner_lock_err(store.path(), &owners, e))?;
         let me = me.with_lock(Some(lock.name().to_owned()));

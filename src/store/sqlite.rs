@@ -184,6 +184,8 @@ const INSERT_LEASE: &str = concat!(
 #[derive(Debug)]
 pub(crate) struct SqliteStore {
     path: PathBuf,
+    /// `path` with its links resolved, beside which every side file lives.
+    real: PathBuf,
     conn: Connection,
     lock: FileLock,
     /// Tells whether the registry file the connection has open was deleted or replaced.
@@ -284,6 +286,7 @@ impl SqliteStore {
         tracing::debug!(path = %path.display(), "opened port registry");
         Ok(Self {
             path: path.to_owned(),
+            real,
             conn,
             lock,
             anchor,
@@ -296,13 +299,8 @@ impl SqliteStore {
     }
 
     /// The registry file with its links resolved, beside which every side file lives.
-    pub(crate) fn real_path(&self) -> PathBuf {
-        // The lock file is `<real>.lock`.
-        let lock = self.lock.path().as_os_str().as_encoded_bytes();
-        let real = &lock[..lock.len().saturating_sub(".lock".len())];
-        // SAFETY: the bytes come from an `OsStr` and are cut just before an ASCII suffix,
-        // which is a valid boundary of the encoding.
-        PathBuf::from(unsafe { std::ffi::OsStr::from_encoded_bytes_unchecked(real) })
+    pub(crate) fn real_path(&self) -> &Path {
+        &self.real
     }
 
     /// Runs `f` as one write transaction under the file lock, giving up at `deadline`.
