@@ -417,8 +417,7 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if meta.uid() != unsafe { libc::geteuid() } {
+        if meta.uid() != crate::paths::euid() {
             return Err(refuse(
                 path,
                 &format!("it belongs to another user (uid {})", meta.uid()),

@@ -244,7 +244,7 @@ fn refused(registry: &Path, file: &Path, reason: String, advice: &'static str) -
 
 /// The effective user id.
 #[cfg(unix)]
-fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }

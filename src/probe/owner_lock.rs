@@ -201,8 +201,7 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if meta.uid() != unsafe { libc::geteuid() } {
+        if meta.uid() != crate::paths::euid() {
             return refuse("it belongs to another user");
         }
         // Others could plant or remove lock files there: a dead owner made to look alive, or

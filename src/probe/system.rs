@@ -423,8 +423,7 @@ pub(crate) fn seek_in_namespace(_namespace: u64, _pid: u32) -> Seen {
 fn sees_every_process() -> bool {
     static SEES: OnceLock<bool> = OnceLock::new();
     *SEES.get_or_init(|| {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
+        if crate::paths::euid() == 0 {
             return true;
         }
         std::fs::read_to_string("/proc/self/mountinfo")
