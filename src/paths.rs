@@ -211,7 +211,7 @@ pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
 const NAME_MAX: usize = 255;
 
 /// The suffixes of the files beside a registry: ours, then SQLite's.
-pub(crate) const SIDE_SUFFIXES: [&str; 5] = [".lock", ".owners", "-wal", "-shm", "-journal"];
+const SIDE_SUFFIXES: [&str; 5] = [".lock", ".owners", "-wal", "-shm", "-journal"];
 
 /// The longest of [`SIDE_SUFFIXES`], in bytes.
 const LONGEST_SUFFIX: usize = "-journal".len();

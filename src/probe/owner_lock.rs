@@ -239,7 +239,7 @@ fn is_lock_name(name: &str) -> bool {
 
 /// What an owner's lock file says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LockState {
+enum LockState {
     /// Someone holds it: the owner, or a process it handed the descriptor to, runs.
     Held,
     /// It is there and nobody holds it: the owner is gone.
