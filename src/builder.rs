@@ -246,7 +246,9 @@ impl Builder {
     /// ports; for a file registry, [`Error::Open`], [`Error::Corrupt`],
     /// [`Error::SchemaTooNew`], [`Error::LockTimeout`] or [`Error::Refused`] (a file another
     /// user planted or may change, a registry file reached by other names too, a name too
-    /// long for the side files). A file that cannot be used is left exactly as it was.
+    /// long for the side files), and [`Error::OutOfDescriptors`] when the process or host has
+    /// no file descriptor left to open it. A file that cannot be used is left exactly as it
+    /// was.
     ///
     /// # Security
     ///

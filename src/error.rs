@@ -75,14 +75,32 @@ pub enum Error {
     /// about the port: the process is out of file descriptors (`EMFILE`), the host out of
     /// them (`ENFILE`) or of memory (`ENOBUFS`, `ENOMEM`). Nothing was leased; the range is
     /// not full.
-    #[error(
-        "cannot check whether port {port} is free: {error}; the process or host may be out \
-         of file descriptors or memory (raise `ulimit -n` or close some), then try again"
-    )]
+    #[error("cannot check whether port {port} is free: {}", probe_advice(error))]
     Probe {
         /// The port being checked.
         port: u16,
         /// What the operating system said.
+        error: std::io::Error,
+    },
+
+    /// The process is out of file descriptors (`EMFILE`: its limit, `ulimit -n`, is reached)
+    /// or the host is (`ENFILE`: the system's file table is full), so the registry, its lock
+    /// file, SQLite's `-wal`/`-shm` files or an owner lock file could not be opened.
+    ///
+    /// Nothing is wrong with the registry, and nothing was leased or changed: raise the limit
+    /// or close some files, then try again.
+    #[error(
+        "cannot use the port registry at {}: {}: {} (the registry itself is fine)",
+        shown(path),
+        escape(detail),
+        descriptor_advice(error)
+    )]
+    OutOfDescriptors {
+        /// The registry path.
+        path: PathBuf,
+        /// What could not be done, e.g. `SQLite: unable to open database file`.
+        detail: String,
+        /// What the operating system said: `EMFILE` or `ENFILE`.
         error: std::io::Error,
     },
 
@@ -165,9 +183,9 @@ pub enum Error {
          program in the child, or fork before opening a registry"
     )]
     ForkedHandle {
-        /// The process that opened the handle.
+        /// The process that had the file registries open.
         parent: u32,
-        /// The forked child that tried to use it.
+        /// The forked child that tried to use or open one.
         child: u32,
     },
 
@@ -209,8 +227,9 @@ pub enum Error {
     ///
     /// The refused file is left exactly as it was.
     #[error(
-        "refusing {}: {reason}; it was left as it was: {advice}",
-        refused_what(path, file)
+        "refusing {}: {}; it was left as it was: {advice}",
+        refused_what(path, file),
+        escape(reason)
     )]
     Refused {
         /// The registry path, as given.
@@ -225,15 +244,11 @@ pub enum Error {
 }
 
 /// What [`Error::Refused`] refused: the registry itself, or a file beside it.
-fn refused_what(path: &std::path::Path, file: &std::path::Path) -> String {
+fn refused_what(path: &Path, file: &Path) -> String {
     if path == file {
-        format!("the port registry at {}", path.display())
+        format!("the port registry at {}", shown(path))
     } else {
-        format!(
-            "{} for the port registry at {}",
-            file.display(),
-            path.display()
-        )
+        format!("{} for the port registry at {}", shown(file), shown(path))
     }
 }
 
@@ -241,6 +256,32 @@ fn refused_what(path: &std::path::Path, file: &std::path::Path) -> String {
 /// hostile file name cannot steer the terminal the message is printed on.
 fn shown(path: &Path) -> String {
     escape(&path.display().to_string())
+}
+
+/// What [`Error::OutOfDescriptors`] and [`Error::Probe`] say about a process (`EMFILE`)
+/// or host (`ENFILE`) out of file descriptors, and what to do.
+fn descriptor_advice(error: &std::io::Error) -> String {
+    if crate::descriptors::host_wide(error) {
+        return format!(
+            "too many open files in the system (ENFILE: {error}): the host's file table is \
+             full; close some files or raise fs.file-max, then try again"
+        );
+    }
+    format!(
+        "too many open files (EMFILE: {error}): raise the limit (ulimit -n) or close some \
+         files, then try again"
+    )
+}
+
+/// What [`Error::Probe`] says: the cause, when it is one the probe knows.
+fn probe_advice(error: &std::io::Error) -> String {
+    if crate::descriptors::exhausted(error) {
+        return descriptor_advice(error);
+    }
+    format!(
+        "{error}; the host may be out of memory or socket buffers (ENOMEM, ENOBUFS); free \
+         some, then try again"
+    )
 }
 
 /// What [`Error::Exhausted`] says: for a block, that no run of its length was left, which
@@ -322,6 +363,61 @@ impl From<GuardError> for Error {
 mod tests {
     use super::*;
 
+    #[cfg(unix)]
+    #[test]
+    fn out_of_descriptors_says_whether_the_process_or_the_host_ran_out() {
+        let shown = |errno| {
+            Error::OutOfDescriptors {
+                path: "/tmp/r.sqlite3".into(),
+                detail: "SQLite: unable to open database file".into(),
+                error: std::io::Error::from_raw_os_error(errno),
+            }
+            .to_string()
+        };
+        let process = shown(libc::EMFILE);
+        assert!(
+            process.contains("too many open files (EMFILE: ") && process.contains("ulimit -n"),
+            "{process}"
+        );
+        let host = shown(libc::ENFILE);
+        assert!(
+            host.contains("too many open files in the system (ENFILE: ")
+                && host.contains("fs.file-max"),
+            "{host}"
+        );
+        for text in [process, host] {
+            assert!(text.contains("unable to open database file"), "{text}");
+            assert!(text.contains("the registry itself is fine"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_escapes_the_files_and_the_reason_it_names() {
+        let evil = "a\u{1b}[2J\u{202e}b\nc\u{9b}d";
+        let registry = PathBuf::from(format!("/tmp/{evil}/r.sqlite3"));
+        let refusal = |file: &Path, reason: &str| Error::Refused {
+            path: registry.clone(),
+            file: file.to_owned(),
+            reason: reason.into(),
+            advice: "set PORTDADDY_DB",
+        };
+        let beside = PathBuf::from(format!("/tmp/{evil}/r.sqlite3.lock"));
+        for error in [
+            refusal(&registry, "it belongs to user x (uid 7)"),
+            refusal(&beside, "it belongs to user x (uid 7)"),
+            refusal(&registry, evil),
+        ] {
+            let text = error.to_string();
+            assert!(!text.chars().any(crate::text::needs_escape), "{text:?}");
+            assert!(
+                text.contains(r"/tmp/a\u{1b}[2J\u{202e}b\nc\u{9b}d/r.sqlite3"),
+                "{text:?}"
+            );
+        }
+        let text = refusal(&beside, "r").to_string();
+        assert!(text.contains(r"d/r.sqlite3.lock for the port registry at /tmp/a\u{1b}"));
+    }
+
     #[test]
     fn display_escapes_control_and_bidi_characters_of_paths_and_text() {
         let evil = "a\u{1b}[2J\u{202e}b\nc\u{9b}d";
@@ -359,15 +455,15 @@ mod tests {
                 path: path(),
                 source: evil.into(),
             },
+            Error::OutOfDescriptors {
+                path: path(),
+                detail: evil.into(),
+                error: std::io::Error::from_raw_os_error(24),
+            },
         ];
         for error in errors {
             let text = error.to_string();
-            assert!(
-                !text
-                    .chars()
-                    .any(|c| c.is_control() || crate::text::is_layout_char(c)),
-                "{text:?}"
-            );
+            assert!(!text.chars().any(crate::text::needs_escape), "{text:?}");
             assert!(text.contains(r"\u{1b}[2J\u{202e}b"), "{text:?}");
         }
     }

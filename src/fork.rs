@@ -64,13 +64,6 @@ pub(crate) fn opening() -> Result<Opened> {
     }
 }
 
-impl Opened {
-    /// This process's id, as read when the registry was counted.
-    pub(crate) fn pid(&self) -> u32 {
-        self.pid
-    }
-}
-
 impl Drop for Opened {
     fn drop(&mut self) {
         // In a forked child the count belongs to the parent: leave it. On Unix the fork

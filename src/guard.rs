@@ -183,6 +183,9 @@ impl PortGuard {
             // namespaces judge it by: the file must stay locked as long as the process runs,
             // not only as long as the handle.
             self.registry.keep_open_until_exit();
+        } else {
+            // Another process's now: the handle no longer vouches for it.
+            self.registry.forget_held(self.lease.port, self.lease.id);
         }
         self.lease.clone()
     }
@@ -192,7 +195,10 @@ impl PortGuard {
     /// # Errors
     ///
     /// A registry error, with the guard given back to retry. A lease that is already gone
-    /// (reclaimed after its TTL, or released by port) is not an error.
+    /// (reclaimed after its TTL, or released by port) is not an error. [`Error::LeaseLost`],
+    /// without a guard, when the registry file was deleted or replaced and another holder
+    /// took the port before the handle could record the lease again in the new file (see
+    /// `RELIABILITY.md`).
     pub fn release(mut self) -> Result<(), GuardError> {
         match self.registry.delete_exact(self.lease.port, self.lease.id) {
             Ok(found) => {
@@ -201,6 +207,10 @@ impl PortGuard {
                 }
                 self.armed = false;
                 Ok(())
+            }
+            Err(error @ Error::LeaseLost { .. }) => {
+                self.armed = false;
+                Err(GuardError::new(error, None))
             }
             Err(error) => Err(GuardError::new(error, Some(self))),
         }
@@ -219,13 +229,16 @@ impl Drop for PortGuard {
             );
             return;
         }
-        if let Err(error) = self.registry.delete_exact(self.lease.port, self.lease.id) {
-            tracing::warn!(
+        match self.registry.delete_exact(self.lease.port, self.lease.id) {
+            Ok(_) => {}
+            // Logged when it was lost.
+            Err(Error::LeaseLost { .. }) => {}
+            Err(error) => tracing::warn!(
                 port = self.lease.port,
                 name = %self.lease.name,
                 %error,
                 "could not release a port lease; it will be reclaimed once this process exits"
-            );
+            ),
         }
     }
 }

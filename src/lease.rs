@@ -96,10 +96,10 @@ impl Protocol {
 ///    whole namespace (it sees processes of it, or the owner recorded this process's
 ///    namespace among its namespace's ancestors; and nothing hides processes from it: it is
 ///    root, or `/proc` has no `hidepid`), an owner it cannot find, or a namespace without
-///    processes left, is dead. A
-///    process that cannot see the owner's namespace (a sibling container, or the namespace
-///    of a container seen from inside it) cannot tell, and keeps the lease: such a lease is
-///    reclaimed by a process that can see it, or by its expiry, or at reboot.
+///    processes left, is dead. A process that cannot see the owner's namespace (a sibling
+///    container, or the namespace of a container seen from inside it) cannot tell, and
+///    keeps the lease: such a lease is reclaimed by a process that can see it, or by its
+///    expiry, or at reboot.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Owner {
     pid: u32,

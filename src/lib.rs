@@ -58,6 +58,7 @@
 
 mod builder;
 mod clock;
+mod descriptors;
 mod doctor;
 mod error;
 mod fork;

@@ -12,6 +12,13 @@
 //! free again before the call returns and the next call takes the non-blocking path. If the
 //! timeout passes first, the caller tells the helper, which drops the lock as soon as it gets
 //! it.
+//!
+//! The lock file may be deleted or replaced while a process has it open (a temp cleaner,
+//! or someone removing the registry's directory): a process that locked the old inode and
+//! one that locked the new file would then both believe they hold the lock. So after taking
+//! the lock, [`FileLock::lock`] checks that the file it locked is still linked (one `fstat`
+//! of the locked descriptor: a deleted or replaced file has no links left); if not, it opens
+//! the file the path names now (creating it) and locks again.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
@@ -58,6 +65,14 @@ pub(crate) struct FileLock {
     generation: u64,
 }
 
+/// Which file description a lock was taken on.
+enum Taken {
+    /// On `fast`.
+    Fast,
+    /// On the helper's file.
+    Waiter,
+}
+
 /// A helper thread that blocks in the lock queue on its own file description.
 struct Waiter {
     file: Arc<File>,
@@ -100,24 +115,155 @@ impl FileLock {
         })
     }
 
-    /// The lock file.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
+    /// Takes the lock, waiting until `deadline` at most; `Ok(None)` when it passed.
+    ///
+    /// The lock is always taken on the file that the path names once it is held: if the
+    /// file was deleted or replaced since it was opened, it is opened again (and created if
+    /// missing) and locked again.
+    pub(crate) fn lock(&mut self, deadline: Deadline) -> io::Result<Option<Held<'_>>> {
+        loop {
+            let Some(taken) = self.take(deadline)? else {
+                return Ok(None);
+            };
+            let unlinked = is_unlinked(self.file_of(&taken));
+            if matches!(unlinked, Ok(false)) {
+                return Ok(Some(Held {
+                    file: self.file_of(&taken),
+                }));
+            }
+            // Locked a file that the path no longer names (or that cannot be checked): let
+            // it go, and lock the one the path names now.
+            drop(Held {
+                file: self.file_of(&taken),
+            });
+            unlinked?;
+            tracing::warn!(path = %self.path.display(),
+                "the registry lock file was deleted or replaced; locking the file now there");
+            self.fast = open_lock_file(&self.path)?;
+            // The helper's file is the old one too; the next slow wait starts a new helper.
+            self.waiter = None;
+        }
     }
 
-    /// Takes the lock, waiting until `deadline` at most; `Ok(None)` when it passed.
-    pub(crate) fn lock(&mut self, deadline: Deadline) -> io::Result<Option<Held<'_>>> {
+    /// The file description that `taken` took the lock on.
+    fn file_of(&self, taken: &Taken) -> &File {
+        match taken {
+            Taken::Fast => &self.fast,
+            Taken::Waiter => &self.waiter.as_ref().expect("a waiter took it").file,
+        }
+    }
+
+    /// Takes the lock on whichever file description gets it, waiting until `deadline` at
+    /// most.
+    fn take(&mut self, deadline: Deadline) -> io::Result<Option<Taken>> {
         match self.fast.try_lock() {
-            Ok(()) => Ok(Some(Held { file: &self.fast })),
+            Ok(()) => Ok(Some(Taken::Fast)),
             Err(TryLockError::WouldBlock) if deadline.remaining().is_none() => {
                 // No limit: wait in the kernel's queue on this thread.
                 lock_blocking(&self.fast)?;
-                Ok(Some(Held { file: &self.fast }))
+                Ok(Some(Taken::Fast))
             }
             Err(TryLockError::WouldBlock) => {
-                wait(&self.path, &mut self.waiter, &mut self.generation, deadline)
+                let held = wait(&self.path, &mut self.waiter, &mut self.generation, deadline)?;
+                // The lock stays taken: `lock` makes a new `Held` for it, or unlocks it.
+                Ok(held.map(|held| {
+                    std::mem::forget(held);
+                    Taken::Waiter
+                }))
             }
             Err(TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+/// Whether the file `file` has open was deleted (it has no links left): it was removed, its
+/// directory was, or another file was renamed over it. One `fstat`, without a path lookup.
+/// A file renamed or moved elsewhere is still linked, and so goes unnoticed.
+pub(crate) fn is_unlinked(file: &File) -> io::Result<bool> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on a descriptor that `file` keeps open, writing into `stat`.
+        if unsafe { libc::fstat(file.as_raw_fd(), &mut stat) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stat.st_nlink == 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        Ok(false)
+    }
+}
+
+/// Tells whether the file at a path, opened by someone else (SQLite), was deleted since,
+/// without taking part in the file's locks.
+///
+/// On Linux it holds an `O_PATH` descriptor of the file: closing it, unlike closing any
+/// other descriptor of the file, does not drop this process's POSIX locks on the file (the
+/// kernel skips that for `O_PATH`), so SQLite's locks are safe; and [`is_unlinked`] asks it
+/// with one `fstat`. Elsewhere it keeps the file's identity and compares it with the path's
+/// (one `stat`).
+#[derive(Debug)]
+pub(crate) struct Anchor {
+    #[cfg(target_os = "linux")]
+    file: File,
+    #[cfg(not(target_os = "linux"))]
+    path: PathBuf,
+    #[cfg(all(unix, not(target_os = "linux")))]
+    id: (u64, u64),
+}
+
+impl Anchor {
+    /// Anchors the file `path` names now.
+    pub(crate) fn at(path: &Path) -> io::Result<Self> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(path)?;
+            Ok(Self { file })
+        }
+        #[cfg(all(unix, not(target_os = "linux")))]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(path)?;
+            Ok(Self {
+                path: path.to_owned(),
+                id: (meta.dev(), meta.ino()),
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            std::fs::metadata(path)?;
+            Ok(Self {
+                path: path.to_owned(),
+            })
+        }
+    }
+
+    /// Whether the anchored file was deleted or (where that can be told) replaced.
+    pub(crate) fn is_gone(&self) -> io::Result<bool> {
+        #[cfg(target_os = "linux")]
+        {
+            is_unlinked(&self.file)
+        }
+        #[cfg(all(unix, not(target_os = "linux")))]
+        {
+            use std::os::unix::fs::MetadataExt;
+            match std::fs::metadata(&self.path) {
+                Ok(meta) => Ok((meta.dev(), meta.ino()) != self.id),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+                Err(e) => Err(e),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(!self.path.exists())
         }
     }
 }
@@ -271,8 +417,7 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if meta.uid() != unsafe { libc::geteuid() } {
+        if meta.uid() != crate::paths::euid() {
             return Err(refuse(
                 path,
                 &format!("it belongs to another user (uid {})", meta.uid()),
@@ -427,6 +572,48 @@ mod tests {
             .lock(Deadline::after(Duration::from_secs(30)))
             .unwrap()
             .is_some());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn two_handles_exclude_each_other_after_the_lock_file_is_deleted_or_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.lock");
+        let mut locks = [
+            FileLock::open(&path).unwrap(),
+            FileLock::open(&path).unwrap(),
+        ];
+        let short = || Deadline::after(Duration::from_millis(50));
+        let long = || Deadline::after(Duration::from_secs(30));
+        // Deleted, then replaced by another file; each time the one who locks first must
+        // keep the other out, whichever of them notices the change.
+        let changes: [fn(&Path); 2] = [
+            |p| std::fs::remove_file(p).unwrap(),
+            |p| {
+                std::fs::remove_file(p).unwrap();
+                std::fs::write(p, b"").unwrap();
+            },
+        ];
+        for change in changes {
+            for order in [[0, 1], [1, 0]] {
+                let [first, second] = locks.get_disjoint_mut(order).unwrap();
+                use std::os::unix::fs::MetadataExt;
+                let inode = || std::fs::metadata(&path).map(|m| m.ino()).ok();
+                let before = inode();
+                change(&path);
+                let held = first.lock(long()).unwrap().expect("a free lock");
+                let now = inode();
+                assert!(now.is_some() && now != before, "the path names a new file");
+                assert!(
+                    second.lock(short()).unwrap().is_none(),
+                    "two handles held the lock at once after the lock file changed"
+                );
+                drop(held);
+                let held = second.lock(long()).unwrap();
+                assert!(held.is_some(), "the released lock must be granted");
+                drop(held);
+            }
+        }
     }
 
     #[test]

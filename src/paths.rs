@@ -91,16 +91,7 @@ pub(crate) fn prepare_shared_dir(path: &Path) -> Result<()> {
     let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
     };
-    // Create without `recursive`, so that a directory someone else made first (between
-    // a check and the creation) fails with AlreadyExists and is inspected, not adopted.
-    let mut builder = fs::DirBuilder::new();
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    match builder.create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(open_err(e)),
-    }
+    create_dir_0700(dir).map_err(open_err)?;
     let meta = fs::symlink_metadata(dir).map_err(open_err)?;
     check_private_dir(dir, &meta).map_err(open_err)?;
     // The files in it, if already there, must be as private: a link or someone else's file
@@ -114,6 +105,19 @@ pub(crate) fn prepare_shared_dir(path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Creates the one directory `dir` with mode `0700`; one that is already there is left for
+/// the caller to inspect. Not `recursive`, so that a directory someone else made first
+/// (between a check and the creation) is inspected, not adopted.
+fn create_dir_0700(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    match builder.create(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        result => result,
+    }
 }
 
 /// A directory in a shared place must be a real directory, ours, and closed to others.
@@ -207,7 +211,7 @@ pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
 const NAME_MAX: usize = 255;
 
 /// The suffixes of the files beside a registry: ours, then SQLite's.
-pub(crate) const SIDE_SUFFIXES: [&str; 5] = [".lock", ".owners", "-wal", "-shm", "-journal"];
+const SIDE_SUFFIXES: [&str; 5] = [".lock", ".owners", "-wal", "-shm", "-journal"];
 
 /// The longest of [`SIDE_SUFFIXES`], in bytes.
 const LONGEST_SUFFIX: usize = "-journal".len();
@@ -217,7 +221,7 @@ const LONGEST_SUFFIX: usize = "-journal".len();
 const STICKY: u32 = 0o1000;
 
 /// Advice for a file that another user planted or may change.
-const ADVICE_OWN: &str =
+pub(crate) const ADVICE_OWN: &str =
     "remove it (as its owner), or set PORTDADDY_DB to a registry in a directory of your own";
 /// Advice for a registry file reached by more than one name.
 #[cfg_attr(not(unix), allow(dead_code))]
@@ -240,7 +244,7 @@ fn refused(registry: &Path, file: &Path, reason: String, advice: &'static str) -
 
 /// The effective user id.
 #[cfg(unix)]
-fn euid() -> u32 {
+pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
@@ -417,14 +421,7 @@ pub(crate) fn prepare_dirs(registry: &Path, real: &Path) -> Result<()> {
     let mut parent = existing;
     for new in missing.into_iter().rev() {
         may_create_in(registry, parent, &meta)?;
-        let mut builder = fs::DirBuilder::new();
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        match builder.create(new) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(open_err(e)),
-        }
+        create_dir_0700(new).map_err(open_err)?;
         meta = fs::symlink_metadata(new).map_err(open_err)?;
         parent = new;
     }

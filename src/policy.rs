@@ -120,7 +120,7 @@ impl Env<'_> {
     /// clock judges it; years, for a clock that was years ahead. Such a lease is started
     /// again now, keeping its TTL, and written back so that every participant sees the new
     /// times. Other leases come back as they were.
-    pub(crate) fn clamp(&self, tx: &mut dyn Tx, lease: Lease) -> Result<Lease> {
+    fn clamp(&self, tx: &mut dyn Tx, lease: Lease) -> Result<Lease> {
         let Some(expires_at) = lease.expires_at else {
             return Ok(lease);
         };

@@ -1,5 +1,6 @@
 //! The registry handle: [`PortDaddy`].
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -7,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::builder::{Builder, Settings};
+use crate::descriptors;
 use crate::error::{Error, Result};
 use crate::guard::PortGuard;
 use crate::lease::{Choice, Lease, LeaseState, Owner, Protocol};
@@ -18,7 +20,7 @@ use crate::range::PortRange;
 use crate::request::Request;
 use crate::stats::Stats;
 use crate::store::memory::MemoryStore;
-use crate::store::sqlite::SqliteStore;
+use crate::store::sqlite::{Opened, SqliteStore};
 use crate::store::{Counter, Tx};
 
 /// A handle on a port registry: cheap to clone, `Send + Sync`.
@@ -56,6 +58,16 @@ use crate::store::{Counter, Tx};
 /// trusts every process that can write it: anyone who can write the file can hand out or
 /// free any port in it. Share it with other users only if you trust them that far.
 ///
+/// # A registry deleted under open handles
+///
+/// If the registry file or its directory is deleted (or another file put in its place) while
+/// handles are open, new processes create a new registry at the path. Each handle notices
+/// at its next operation, opens the new file and records there again the leases it holds; a
+/// lease whose port someone took meanwhile is lost, and its guard's
+/// [`release`](PortGuard::release) reports [`Error::LeaseLost`]. Until the handle's next
+/// operation only the port probe keeps its ports from newcomers, so bind a leased port early
+/// (or take the listener with [`acquire_listener`](Self::acquire_listener)).
+///
 /// # Forking
 ///
 /// A child created by `fork` without `exec` from a process that has a file registry open
@@ -75,10 +87,10 @@ struct Inner {
     /// The configured process probe, with owners of other PID namespaces judged by their
     /// lock files.
     liveness: Liveness,
+    /// This process, as the handle was opened (a file handle's current owner lock file is
+    /// in its [`FileState`]).
     me: Owner,
     path: Option<PathBuf>,
-    /// Held while the handle lives, so that other PID namespaces can tell this process lives.
-    owner_lock: Option<OwnerLock>,
     /// Counts an open file registry, so that a forked child knows it inherited one. Last, so
     /// that it is dropped after the store.
     _opened: Option<crate::fork::Opened>,
@@ -86,10 +98,51 @@ struct Inner {
 
 enum Backend {
     File {
-        store: Mutex<SqliteStore>,
+        // Boxed: a file handle's state is several times the size of a memory store.
+        file: Box<Mutex<FileState>>,
         timeout: Duration,
     },
     Memory(MemoryStore),
+}
+
+/// A file registry as one handle uses it: the store, the handle's owner lock file, and the
+/// leases the handle holds, so that it can record them again if the registry file is
+/// deleted or replaced under it.
+struct FileState {
+    store: SqliteStore,
+    /// Held while the handle lives, so that other PID namespaces can tell this process lives.
+    owner_lock: OwnerLock,
+    /// This process with the name of `owner_lock`: the owner its claims record.
+    me: Owner,
+    holdings: Holdings,
+}
+
+/// What a file handle holds in its registry.
+#[derive(Default)]
+struct Holdings {
+    /// The leases this handle claimed and has not released or detached, by port and id, as
+    /// recorded.
+    held: BTreeMap<(u16, u64), Lease>,
+    /// Leases that could not be recorded again in a new registry file because another holder
+    /// had taken a port of theirs meanwhile: releasing them reports [`Error::LeaseLost`].
+    lost: BTreeSet<(u16, u64)>,
+    /// The store opened a new registry file, and `held` is not recorded in it yet.
+    new_file: bool,
+    /// The handle took a new owner lock file, and its leases in the registry do not name it
+    /// yet.
+    restamp: bool,
+}
+
+impl Holdings {
+    fn hold(&mut self, lease: &Lease) {
+        self.held.insert((lease.port, lease.id), lease.clone());
+    }
+
+    /// Forgets the lease `id` on `port`; whether it had been lost.
+    fn forget(&mut self, port: u16, id: u64) -> bool {
+        self.held.remove(&(port, id));
+        self.lost.remove(&(port, id))
+    }
 }
 
 impl PortDaddy {
@@ -175,7 +228,6 @@ impl PortDaddy {
             settings,
             me,
             path: None,
-            owner_lock: None,
             _opened: None,
         })
     }
@@ -189,23 +241,37 @@ impl PortDaddy {
         // Before anything touches SQLite: a child that inherited connections must not.
         let opened = crate::fork::opening()?;
         // Leases must name this process exactly, or others would take them for dead.
-        let me = Owner::current()?;
-        let store = SqliteStore::open(path, shared_tmp, timeout)?;
-        // Beside the real file, as the lock file is, however the registry was reached.
-        let owners = owners_dir(&store.real_path());
-        let lock = OwnerLock::take(&owners, &me).map_err(|e| Error::Open {
-            path: store.path().to_owned(),
-            source: format!(
-                "cannot create an owner lock file in {}: {e}",
-                owners.display()
-            )
-            .into(),
+        let me = Owner::current().map_err(|e| match e {
+            // Reading /proc/self takes a descriptor: without one, this process only seems
+            // to be unreadable.
+            Error::ProcessUnreadable { .. } | Error::NoSuchProcess { .. } => {
+                match descriptors::lacking(1) {
+                    Some(error) => descriptors::out_of_descriptors(
+                        path,
+                        "cannot read the identity of this process from /proc",
+                        error,
+                    ),
+                    None => e,
+                }
+            }
+            other => other,
         })?;
+        let store =
+            SqliteStore::open(path, shared_tmp, timeout).map_err(descriptors::name_cause)?;
+        // Beside the real file, as the lock file is, however the registry was reached.
+        let owners = owners_dir(store.real_path());
+        let lock =
+            OwnerLock::take(&owners, &me).map_err(|e| owner_lock_err(store.path(), &owners, e))?;
         let me = me.with_lock(Some(lock.name().to_owned()));
         let path = Some(store.path().to_owned());
         Ok(Self::from_inner(Inner {
             backend: Backend::File {
-                store: Mutex::new(store),
+                file: Box::new(Mutex::new(FileState {
+                    store,
+                    owner_lock: lock,
+                    me: me.clone(),
+                    holdings: Holdings::default(),
+                })),
                 timeout,
             },
             liveness: Liveness {
@@ -217,7 +283,6 @@ impl PortDaddy {
             settings,
             me,
             path,
-            owner_lock: Some(lock),
             _opened: Some(opened),
         }))
     }
@@ -263,7 +328,11 @@ impl PortDaddy {
     /// taken and [`Error::InvalidRequest`](crate::Error::InvalidRequest).
     pub fn acquire_with(&self, request: &Request) -> Result<PortGuard> {
         check_listen_address(request)?;
-        let (lease, choice, sockets) = self.counted_claim(1, |tx, env| claim(tx, env, request))?;
+        let (lease, choice, sockets) = self.counted_claim(
+            1,
+            |tx, env| claim(tx, env, request),
+            |holdings, (lease, _, _)| holdings.hold(lease),
+        )?;
         Ok(PortGuard::new(self.clone(), lease, choice, sockets))
     }
 
@@ -341,12 +410,20 @@ impl PortDaddy {
     /// As [`acquire_with`](Self::acquire_with); on any error no port is leased.
     pub fn acquire_many_with(&self, requests: &[Request]) -> Result<Vec<PortGuard>> {
         requests.iter().try_for_each(check_listen_address)?;
-        let claims = self.counted_claim(requests.len(), |tx, env| {
-            requests
-                .iter()
-                .map(|request| claim(tx, env, request))
-                .collect::<Result<Vec<_>>>()
-        })?;
+        let claims = self.counted_claim(
+            requests.len(),
+            |tx, env| {
+                requests
+                    .iter()
+                    .map(|request| claim(tx, env, request))
+                    .collect::<Result<Vec<_>>>()
+            },
+            |holdings, claims| {
+                for (lease, _, _) in claims {
+                    holdings.hold(lease);
+                }
+            },
+        )?;
         Ok(claims
             .into_iter()
             .map(|(lease, choice, sockets)| PortGuard::new(self.clone(), lease, choice, sockets))
@@ -362,13 +439,21 @@ impl PortDaddy {
     ///
     /// A registry error.
     pub fn release(&self, port: u16) -> Result<bool> {
-        self.write(|tx, _| {
-            let found = tx.delete_port(port)?;
-            if found {
-                tx.count(Counter::Released, 1)?;
-            }
-            Ok(found)
-        })
+        self.write_tracked(
+            |tx, _| {
+                let found = tx.delete_port(port)?;
+                if found {
+                    tx.count(Counter::Released, 1)?;
+                }
+                Ok(found)
+            },
+            |holdings, &found| {
+                if found {
+                    holdings.held.retain(|_, lease| !lease.covers(port));
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Releases every lease taken under `name`, whoever holds it, in one transaction; the
@@ -391,18 +476,26 @@ impl PortDaddy {
     ///
     /// A registry error; then nothing is released.
     pub fn release_name(&self, name: &str) -> Result<Vec<Lease>> {
-        self.write(|tx, _| {
-            let mut released = Vec::new();
-            for lease in tx.leases(None)? {
-                if lease.name == name && tx.delete_lease(lease.port, lease.id)? {
-                    released.push(lease);
+        self.write_tracked(
+            |tx, _| {
+                let mut released = Vec::new();
+                for lease in tx.leases(None)? {
+                    if lease.name == name && tx.delete_lease(lease.port, lease.id)? {
+                        released.push(lease);
+                    }
                 }
-            }
-            if !released.is_empty() {
-                tx.count(Counter::Released, released.len() as u64)?;
-            }
-            Ok(released)
-        })
+                if !released.is_empty() {
+                    tx.count(Counter::Released, released.len() as u64)?;
+                }
+                Ok(released)
+            },
+            |holdings, released| {
+                for lease in released {
+                    holdings.forget(lease.port, lease.id);
+                }
+                Ok(())
+            },
+        )
     }
 
     /// What `lease` is now (live, dead, expired or detached), judged as a claim would judge
@@ -419,7 +512,7 @@ impl PortDaddy {
     /// # Ok::<(), portdaddy::Error>(())
     /// ```
     pub fn state_of(&self, lease: &Lease) -> LeaseState {
-        self.inner.env().state(lease)
+        self.inner.env(&self.inner.me).state(lease)
     }
 
     /// The registry's counters and the current number of leases by state (see [`Stats`]).
@@ -444,7 +537,7 @@ impl PortDaddy {
             errors,
             ..Stats::default()
         };
-        let env = self.inner.env();
+        let env = self.inner.env(&self.inner.me);
         for lease in &leases {
             match env.state(lease) {
                 LeaseState::Live => stats.live += 1,
@@ -480,6 +573,13 @@ impl PortDaddy {
     /// whose leases die with this process anyway, and systems other than Unix leave the
     /// command unchanged.
     ///
+    /// The command shares the lock file that the handle holds when this is called (if that
+    /// file was removed already, the handle first takes a new one and names it in its
+    /// leases). If the file is removed later (a temp cleaner, or the registry deleted under
+    /// the handle), the handle takes a new one at its next write, which the command does
+    /// not hold: from then on the leases live while this process does, as they would
+    /// without the command.
+    ///
     /// ```
     /// # #[cfg(unix)] {
     /// let dir = tempfile::tempdir()?;
@@ -496,27 +596,50 @@ impl PortDaddy {
     /// # Errors
     ///
     /// [`Error::ForkedHandle`](crate::Error::ForkedHandle) in a child made by `fork` without
-    /// `exec`, where this handle's lock is the parent's. Spawning the command fails if its
-    /// descriptor cannot be kept open across `exec`.
+    /// `exec`, where this handle's lock is the parent's; a registry error if a removed lock
+    /// file cannot be replaced, or the descriptor cannot be duplicated. Spawning the command
+    /// fails if its descriptor cannot be kept open across `exec`.
     pub fn share_owner_lock(&self, command: &mut std::process::Command) -> Result<()> {
-        let Some(lock) = &self.inner.owner_lock else {
+        let Backend::File { file, .. } = &self.inner.backend else {
             return Ok(());
         };
         self.inner.check_not_forked()?;
         #[cfg(unix)]
         {
+            use std::os::unix::io::AsRawFd;
             use std::os::unix::process::CommandExt;
-            let fd = lock.raw_fd();
-            // The command holds the handle, so that the descriptor stays open (and names
-            // the lock file) until the command is spawned.
+            let in_place = {
+                let file = file.lock().unwrap_or_else(|p| p.into_inner());
+                file.owner_lock.is_in_place()
+            };
+            if !in_place {
+                // Take a new lock file now, and name it in the leases, so that the command
+                // shares one that others can see.
+                self.write(|_, _| Ok(()))?;
+            }
+            // A duplicate of the locked descriptor: the same open file description, and so
+            // the same lock. The command owns it, so it stays open until the command is
+            // spawned even if the handle takes a new lock file meanwhile and closes its own.
+            let shared = {
+                let file = file.lock().unwrap_or_else(|p| p.into_inner());
+                file.owner_lock.share().map_err(|e| {
+                    descriptors::name_cause(Error::Registry {
+                        path: self.inner.path.clone().unwrap_or_default(),
+                        source: e.into(),
+                    })
+                })?
+            };
+            let fd = shared.as_raw_fd();
+            // The command holds the handle too, so that the lock file stays where others
+            // look for it (the handle removes it when it closes) until the command is spawned.
             let handle = self.clone();
             // SAFETY: the hook runs in the child between fork and exec, where it only calls
             // fcntl, which is async-signal-safe, and reads errno; it allocates nothing and
             // takes no lock. `fd` is open in the child, since fork copies the descriptors
-            // and `handle` keeps it open in the parent.
+            // and `shared`, which the hook owns, keeps it open in the parent.
             unsafe {
                 command.pre_exec(move || {
-                    let _ = &handle;
+                    let _ = (&handle, &shared);
                     let flags = libc::fcntl(fd, libc::F_GETFD);
                     if flags == -1
                         || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) == -1
@@ -528,7 +651,7 @@ impl PortDaddy {
             }
         }
         #[cfg(not(unix))]
-        let _ = (lock, command);
+        let _ = (file, command);
         Ok(())
     }
 
@@ -569,25 +692,51 @@ impl PortDaddy {
     ///
     /// # Errors
     ///
-    /// A registry error.
+    /// A registry error; or [`Error::LeaseLost`] for a lease of this handle that could not
+    /// be recorded again when the registry file was deleted or replaced under it, because
+    /// another holder had taken its port meanwhile.
     pub fn release_lease(&self, lease: &Lease) -> Result<bool> {
         self.delete_exact(lease.port(), lease.id())
     }
 
-    /// Deletes exactly the lease `id` on `port`.
+    /// Deletes exactly the lease `id` on `port`; [`Error::LeaseLost`] if this handle lost it
+    /// when its registry file was replaced.
     pub(crate) fn delete_exact(&self, port: u16, id: u64) -> Result<bool> {
-        self.write(|tx, _| {
-            let found = tx.delete_lease(port, id)?;
-            if found {
-                tx.count(Counter::Released, 1)?;
-            }
-            Ok(found)
-        })
+        self.write_tracked(
+            |tx, _| {
+                let found = tx.delete_lease(port, id)?;
+                if found {
+                    tx.count(Counter::Released, 1)?;
+                }
+                Ok(found)
+            },
+            |holdings, &found| {
+                if holdings.forget(port, id) && !found {
+                    return Err(Error::LeaseLost { port });
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Removes the owner of exactly the lease `id` on `port`.
     pub(crate) fn detach_exact(&self, port: u16, id: u64) -> Result<bool> {
-        self.write(|tx, _| tx.detach(port, id))
+        self.write_tracked(
+            |tx, _| tx.detach(port, id),
+            |holdings, _| {
+                holdings.forget(port, id);
+                Ok(())
+            },
+        )
+    }
+
+    /// Stops tracking the lease `id` on `port`, which the handle no longer vouches for (it
+    /// was handed to another process with [`PortGuard::into_lease`]).
+    pub(crate) fn forget_held(&self, port: u16, id: u64) {
+        if let Backend::File { file, .. } = &self.inner.backend {
+            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+            file.holdings.forget(port, id);
+        }
     }
 
     /// Runs the claims of `f` (`ports` of them) as one write transaction, and counts them:
@@ -597,12 +746,19 @@ impl PortDaddy {
         &self,
         ports: usize,
         f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>,
+        track: impl FnOnce(&mut Holdings, &R),
     ) -> Result<R> {
-        let result = self.write(|tx, env| {
-            let value = f(tx, env)?;
-            tx.count(Counter::Acquired, ports as u64)?;
-            Ok(value)
-        });
+        let result = self.write_tracked(
+            |tx, env| {
+                let value = f(tx, env)?;
+                tx.count(Counter::Acquired, ports as u64)?;
+                Ok(value)
+            },
+            |holdings, value| {
+                track(holdings, value);
+                Ok(())
+            },
+        );
         if let Err(error) = &result {
             self.count_failure(error);
         }
@@ -630,35 +786,194 @@ impl PortDaddy {
     /// Runs `f` as one write transaction; the policy's view of the world (the time above
     /// all) is taken once the transaction holds the lock.
     fn write<R>(&self, f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>) -> Result<R> {
+        self.write_tracked(f, |_, _| Ok(()))
+    }
+
+    /// As [`write`](Self::write); for a file registry, `track` then updates what the handle
+    /// holds, under the same lock of the handle as the transaction.
+    fn write_tracked<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>,
+        track: impl FnOnce(&mut Holdings, &R) -> Result<()>,
+    ) -> Result<R> {
         let inner = &*self.inner;
-        let run = |tx: &mut dyn Tx| f(tx, &inner.env());
         match &inner.backend {
-            Backend::File { store, timeout } => {
+            Backend::File { file, timeout } => {
                 // One bound for the whole call, waiting for the handle included.
                 let deadline = Deadline::after(*timeout);
                 inner.check_not_forked()?;
-                store
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .write(deadline, run)
+                let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+                let value = file
+                    .write(inner, deadline, f)
+                    .map_err(descriptors::name_cause)?;
+                track(&mut file.holdings, &value)?;
+                Ok(value)
             }
-            Backend::Memory(store) => store.transact(run),
+            Backend::Memory(store) => store.transact(|tx| f(tx, &inner.env(&inner.me))),
         }
     }
 
     fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
-        match &self.inner.backend {
-            Backend::File { store, timeout } => {
+        let inner = &*self.inner;
+        match &inner.backend {
+            Backend::File { file, timeout } => {
                 let deadline = Deadline::after(*timeout);
-                self.inner.check_not_forked()?;
-                store
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                inner.check_not_forked()?;
+                let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+                let current = file.store.is_current().map_err(descriptors::name_cause)?;
+                if !current {
+                    // Read what the path names, with this handle's leases recorded in it.
+                    file.write(inner, deadline, |_, _| Ok(()))
+                        .map_err(descriptors::name_cause)?;
+                }
+                file.store
                     .read(deadline, f)
+                    .map_err(descriptors::name_cause)
             }
             Backend::Memory(store) => store.transact(f),
         }
     }
+}
+
+impl FileState {
+    /// Runs `f` as one write transaction on the registry the path names. When that is no
+    /// longer the file the handle had open, or the handle's owner lock file was removed,
+    /// the handle's leases are first recorded again, in a transaction of their own (see
+    /// [`rerecord`]).
+    fn write<R>(
+        &mut self,
+        inner: &Inner,
+        deadline: Deadline,
+        f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let mut f = Some(f);
+        // Each round either recovers (and commits that alone) or runs `f`; a registry
+        // replaced again during a recovery is recovered again, but not for ever.
+        for _ in 0..4 {
+            let Self {
+                store,
+                owner_lock,
+                me,
+                holdings,
+            } = self;
+            let step = store.write(deadline, |tx, opened| {
+                if opened == Opened::Anew {
+                    holdings.new_file = true;
+                }
+                if !owner_lock.is_in_place() {
+                    *owner_lock = retake_owner_lock(inner, me)?;
+                    *me = me.clone().with_lock(Some(owner_lock.name().to_owned()));
+                    holdings.restamp = true;
+                }
+                if holdings.new_file || holdings.restamp {
+                    rerecord(tx, me, holdings)?;
+                    return Ok(None);
+                }
+                let f = f.take().expect("f runs once");
+                f(tx, &inner.env(me)).map(Some)
+            })?;
+            match step {
+                Some(value) => return Ok(value),
+                None => {
+                    holdings.new_file = false;
+                    holdings.restamp = false;
+                }
+            }
+        }
+        Err(Error::Registry {
+            path: self.store.path().to_owned(),
+            source: "the registry file or the owner lock file kept being deleted or replaced \
+                     while this handle recorded its leases again"
+                .into(),
+        })
+    }
+}
+
+/// Takes a new owner lock file for `me`, in place of one that was removed, with the same
+/// checks of the directory as at open. It goes in the directory by which the handle judges
+/// owners, `owners_dir` of the real registry file: the store never opens a file at another
+/// real path (see `SqliteStore::write`), so that is the directory beside the file it has open.
+fn retake_owner_lock(inner: &Inner, me: &Owner) -> Result<OwnerLock> {
+    // A file handle always has both.
+    let (Some(path), Some(owners)) = (inner.path.as_deref(), inner.liveness.owners.as_deref())
+    else {
+        return Err(Error::Registry {
+            path: inner.path.clone().unwrap_or_default(),
+            source: "no owners directory to take a lock file in".into(),
+        });
+    };
+    tracing::warn!(dir = %owners.display(),
+        "this handle's owner lock file was removed; taking a new one");
+    OwnerLock::take(owners, me).map_err(|e| owner_lock_err(path, owners, e))
+}
+
+/// Maps a failure to take an owner lock file in `owners`, beside the registry at `path`.
+fn owner_lock_err(path: &Path, owners: &Path, e: std::io::Error) -> Error {
+    let detail = format!("cannot create an owner lock file in {}", owners.display());
+    if descriptors::exhausted(&e) {
+        return descriptors::out_of_descriptors(path, detail, e);
+    }
+    Error::Open {
+        path: path.to_owned(),
+        source: format!("{detail}: {e}").into(),
+    }
+}
+
+/// Records the leases a handle holds in the registry again, naming the handle's current
+/// owner lock file: every one that is missing from a new registry file and whose ports are
+/// all vacant there is inserted; one whose port another holder took meanwhile is lost (and
+/// logged); one still in the file names the current lock file afterwards. In the registry
+/// file the handle had open all along, a missing lease was released by others and stays
+/// released.
+fn rerecord(tx: &mut dyn Tx, me: &Owner, holdings: &mut Holdings) -> Result<()> {
+    let mut lost = Vec::new();
+    for (&key, lease) in holdings.held.iter_mut() {
+        let mut current = lease.clone();
+        if current.owner.as_ref().is_some_and(|o| o == me) {
+            current.owner = Some(me.clone());
+        }
+        match tx.lease_on(lease.port)? {
+            Some(found) if found.id == lease.id => {
+                if found.owner.as_ref().and_then(Owner::lock_name)
+                    != current.owner.as_ref().and_then(Owner::lock_name)
+                {
+                    tx.delete_lease(found.port, found.id)?;
+                    tx.insert_lease(&current)?;
+                }
+            }
+            Some(other) => lost.push((key, Some(other))),
+            None if !holdings.new_file => lost.push((key, None)),
+            None => {
+                let mut taken = None;
+                for port in lease.ports() {
+                    if let Some(other) = tx.lease_on(port)? {
+                        taken = Some(other);
+                        break;
+                    }
+                }
+                match taken {
+                    None => {
+                        tx.insert_lease(&current)?;
+                        tracing::info!(port = lease.port, name = %lease.name,
+                            "recorded a held lease again in the new registry file");
+                    }
+                    Some(other) => lost.push((key, Some(other))),
+                }
+            }
+        }
+        *lease = current;
+    }
+    for (key, taken_by) in lost {
+        let lease = holdings.held.remove(&key).expect("a held lease");
+        // One released by others in the same file is no longer held, and not lost either.
+        if let Some(other) = taken_by {
+            tracing::error!(port = lease.port, name = %lease.name, other = %other.name,
+                "lost a held lease: the registry file was deleted or replaced, and another \
+                 holder took its port before this handle could record it again");
+            holdings.lost.insert(key);
+        }
+    }
+    Ok(())
 }
 
 /// Claims one port for `request`; with [`Request::listen_on`], the probe keeps the sockets
@@ -707,14 +1022,15 @@ fn missing_socket() -> Error {
 }
 
 impl Inner {
-    fn env(&self) -> Env<'_> {
+    /// The policy's view of the world, with `me` as the owner of new claims.
+    fn env<'a>(&'a self, me: &'a Owner) -> Env<'a> {
         let s = &self.settings;
         Env {
             range: s.range,
             reserved: &s.reserved,
             ports: &*s.ports,
             processes: &self.liveness,
-            me: &self.me,
+            me,
             now: s.clock.now(),
         }
     }
@@ -739,16 +1055,12 @@ impl Inner {
 pub(crate) fn default_registry() -> Result<PortDaddy> {
     static DEFAULT: Mutex<Option<PortDaddy>> = Mutex::new(None);
     // Counted before the lock is taken, so that a child forked while another thread holds
-    // it (opening the registry) fails here instead of waiting for ever.
-    let opening = crate::fork::opening()?;
+    // it (opening the registry) fails here instead of waiting for ever. A registry in the
+    // slot stays counted, so a forked child fails here too and never meets the parent's.
+    let _opening = crate::fork::opening()?;
     let mut slot = DEFAULT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(registry) = slot.as_ref() {
-        if registry.inner.me.pid() == opening.pid() {
-            return Ok(registry.clone());
-        }
-        // Inherited from the parent across fork: closing its connection here could
-        // checkpoint or delete the parent's WAL, so leak it instead.
-        std::mem::forget(slot.take());
+        return Ok(registry.clone());
     }
     let registry = PortDaddy::open_default()?;
     *slot = Some(registry.clone());

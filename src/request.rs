@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::lease::{Owner, Protocol};
-use crate::text::is_layout_char;
+use crate::text::needs_escape;
 
 /// The longest name accepted, in bytes of UTF-8.
 pub const MAX_NAME_LEN: usize = 128;
@@ -250,7 +250,7 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
     if name.len() > MAX_NAME_LEN {
         return invalid("a name must be at most 128 bytes long");
     }
-    if name.chars().any(|c| c.is_control() || is_layout_char(c)) {
+    if name.chars().any(needs_escape) {
         return invalid(
             "a name must not contain control characters (newlines, escapes, NUL) or \
              characters that reorder or break lines of text (U+2028, U+202E, …)",

@@ -22,7 +22,8 @@ pub(crate) fn escape(text: &str) -> String {
     out
 }
 
-fn needs_escape(c: char) -> bool {
+/// Whether `c` could steer a terminal: a control character or a layout character.
+pub(crate) fn needs_escape(c: char) -> bool {
     c.is_control() || is_layout_char(c)
 }
 

@@ -525,9 +525,13 @@ fn state(pid: i32) -> char {
 }
 
 /// Waits until process `pid` is stopped (`stopped`) or no longer stopped.
+///
+/// A shell that `vfork`s (dash does, for every external command) and whose child the stop
+/// signal caught before its `exec` cannot stop itself: it waits for that child, in state D,
+/// until the job is continued. Held back by a stopped child like that, it counts as stopped.
 fn wait_stopped(pid: i32, stopped: bool) {
     let deadline = std::time::Instant::now() + DEADLINE;
-    while (state(pid) == 'T') != stopped {
+    while is_stopped(pid) != stopped {
         assert!(
             std::time::Instant::now() < deadline,
             "process {pid} is still in state {}",
@@ -535,6 +539,34 @@ fn wait_stopped(pid: i32, stopped: bool) {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// Whether `pid` is stopped, or waits in `vfork` (state D) for a child that is stopped.
+fn is_stopped(pid: i32) -> bool {
+    match state(pid) {
+        'T' => true,
+        'D' => stopped_children(pid),
+        _ => false,
+    }
+}
+
+/// Whether some child of `pid` is stopped.
+fn stopped_children(pid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        let Some(close) = stat.rfind(')') else {
+            return false;
+        };
+        let mut fields = stat[close + 1..].split_ascii_whitespace();
+        let state = fields.next();
+        let parent = fields.next().and_then(|p| p.parse::<i32>().ok());
+        state == Some("T") && parent == Some(pid)
+    })
 }
 
 impl Drop for Supervised {

@@ -53,15 +53,12 @@ fn taken_or_failed(error: io::Error) -> io::Result<bool> {
 /// Whether a failed bind means the system lacks resources (descriptors, memory) rather than
 /// anything about the address or the port.
 pub(crate) fn out_of_resources(error: &io::Error) -> bool {
-    if error.kind() == io::ErrorKind::OutOfMemory {
+    if error.kind() == io::ErrorKind::OutOfMemory || crate::descriptors::exhausted(error) {
         return true;
     }
     #[cfg(unix)]
     {
-        matches!(
-            error.raw_os_error(),
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-        )
+        matches!(error.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM))
     }
     #[cfg(not(unix))]
     {

@@ -118,11 +118,18 @@ impl OwnerLock {
         &self.name
     }
 
-    /// The descriptor that holds the lock.
+    /// Whether the lock file is still where others look for it (one `fstat`: a removed file
+    /// has no links left). When it was removed (a temp cleaner, or the directory removed with
+    /// the registry), others take its owner for dead: the handle must take a new one.
+    pub(crate) fn is_in_place(&self) -> bool {
+        !matches!(crate::lock::is_unlinked(&self._file), Ok(true))
+    }
+
+    /// A new descriptor of the locked file description, which shares its lock (and keeps
+    /// it while any process has it open), to pass on to a command.
     #[cfg(unix)]
-    pub(crate) fn raw_fd(&self) -> std::os::unix::io::RawFd {
-        use std::os::unix::io::AsRawFd;
-        self._file.as_raw_fd()
+    pub(crate) fn share(&self) -> io::Result<File> {
+        self._file.try_clone()
     }
 }
 
@@ -197,8 +204,7 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if meta.uid() != unsafe { libc::geteuid() } {
+        if meta.uid() != crate::paths::euid() {
             return refuse("it belongs to another user");
         }
         // Others could plant or remove lock files there: a dead owner made to look alive, or
@@ -236,7 +242,7 @@ fn is_lock_name(name: &str) -> bool {
 
 /// What an owner's lock file says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LockState {
+enum LockState {
     /// Someone holds it: the owner, or a process it handed the descriptor to, runs.
     Held,
     /// It is there and nobody holds it: the owner is gone.

@@ -49,7 +49,7 @@ impl ProcessProbe for SystemProcessProbe {
 
 /// Whether `owner` lives, given what the system says about its pid (`state`) and the
 /// identity of the asking process (`me`, if known).
-pub(crate) fn judge(owner: &Owner, me: Option<&Owner>, state: ProcState) -> bool {
+fn judge(owner: &Owner, me: Option<&Owner>, state: ProcState) -> bool {
     if me.is_some_and(|me| boots_differ(owner, me)) {
         return false;
     }
@@ -80,7 +80,7 @@ fn same_clock(owner: &Owner, me: Option<&Owner>) -> bool {
 
 /// What the system says about one pid.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum ProcState {
+enum ProcState {
     Running {
         start_time: u64,
     },
@@ -236,7 +236,7 @@ fn proc_view() -> ProcView {
 /// What `kill(pid, 0)` says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-pub(crate) enum Kill {
+enum Kill {
     /// The pid exists (0 or `EPERM`), maybe as a zombie.
     Exists,
     /// `ESRCH`: no such process.
@@ -271,7 +271,7 @@ fn kill_says(pid: u32) -> Kill {
 /// "gone"; an entry that is missing or unreadable while the pid exists (`hidepid`, a process
 /// that is not dumpable) cannot tell.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-pub(crate) fn from_evidence(kill: Kill, stat: Option<std::io::Result<&str>>) -> ProcState {
+fn from_evidence(kill: Kill, stat: Option<std::io::Result<&str>>) -> ProcState {
     if kill == Kill::NoSuch {
         return ProcState::Gone;
     }
@@ -332,7 +332,7 @@ fn self_state() -> ProcState {
 
 /// What this process can see of the PID namespace `namespace` through `/proc`.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Seen {
+enum Seen {
     /// A process of the namespace has the pid asked about; its state.
     Found(ProcState),
     /// No process of the namespace has that pid. `any` says whether the namespace has
@@ -347,7 +347,7 @@ pub(crate) enum Seen {
 /// `/proc/<p>/status`. A scan of `/proc`: only for the rare owner of another namespace
 /// recorded without a lock file.
 #[cfg(target_os = "linux")]
-pub(crate) fn seek_in_namespace(namespace: u64, pid: u32) -> Seen {
+fn seek_in_namespace(namespace: u64, pid: u32) -> Seen {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Seen::NotFound {
@@ -410,7 +410,7 @@ pub(crate) fn seek_in_namespace(namespace: u64, pid: u32) -> Seen {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn seek_in_namespace(_namespace: u64, _pid: u32) -> Seen {
+fn seek_in_namespace(_namespace: u64, _pid: u32) -> Seen {
     Seen::NotFound {
         any: false,
         complete: false,
@@ -423,8 +423,7 @@ pub(crate) fn seek_in_namespace(_namespace: u64, _pid: u32) -> Seen {
 fn sees_every_process() -> bool {
     static SEES: OnceLock<bool> = OnceLock::new();
     *SEES.get_or_init(|| {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
+        if crate::paths::euid() == 0 {
             return true;
         }
         std::fs::read_to_string("/proc/self/mountinfo")

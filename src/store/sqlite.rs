@@ -43,6 +43,23 @@
 //! WAL needs shared memory that works across processes, so the registry must live on a local
 //! filesystem, not on NFS or another network mount.
 //!
+//! # A registry deleted or replaced under open handles
+//!
+//! The registry file is anchored at open, by path, under the write lock (on Linux with an
+//! `O_PATH` descriptor, which unlike any other descriptor of our own does not drop SQLite's
+//! POSIX locks when closed). Every write checks under the lock, with one `fstat`, that the
+//! file is still linked, and every read checks before it reads; when it is not (deleted, or
+//! another file put in its place), the store opens the file the path names now through the
+//! same open sequence (the path resolved, planted files refused) and tells the caller
+//! ([`Opened::Anew`]), which records its leases there again. A path that leads to another
+//! real file by then (a symbolic link on it changed) is an error: the handle judges owners
+//! by the lock files beside the file it first opened. A registry renamed or moved elsewhere is still linked and goes unnoticed (where
+//! there is no `O_PATH`, the path's inode is compared instead, which notices that too).
+//! Closing the old connection is safe: SQLite does not checkpoint on close (nor delete `-wal` and
+//! `-shm` by name) once the path no longer names its file. A registry created where the
+//! main file is missing first removes `-wal` and `-shm` left of a deleted one, on which
+//! SQLite would otherwise fail with "disk I/O error".
+//!
 //! # Schema
 //!
 //! [`MIGRATIONS`] is an append-only list; `PRAGMA user_version` counts how many have run.
@@ -61,7 +78,7 @@ use rusqlite::{
 use super::{first_gap, held_ports, Counter, Tx};
 use crate::error::{Error, Result};
 use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
-use crate::lock::{Deadline, FileLock};
+use crate::lock::{Anchor, Deadline, FileLock};
 use crate::paths::{self, sibling};
 use crate::range::PortRange;
 
@@ -167,10 +184,27 @@ const INSERT_LEASE: &str = concat!(
 #[derive(Debug)]
 pub(crate) struct SqliteStore {
     path: PathBuf,
+    /// `path` with its links resolved, beside which every side file lives.
+    real: PathBuf,
     conn: Connection,
     lock: FileLock,
+    /// Tells whether the registry file the connection has open was deleted or replaced.
+    anchor: Anchor,
+    /// How the store was opened, to open the path again if its file is replaced.
+    shared_tmp: bool,
     /// Declared after `conn`, so that the file is marked in use until the connection closed.
     _in_use: InUse,
+}
+
+/// Whether the file a write ran on is the one the store had open before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Opened {
+    /// The same file as the previous operation.
+    Same,
+    /// The path no longer named the file the store had open (it was deleted, or replaced
+    /// with another): the store opened the file the path names now, creating a new registry
+    /// if there was none. Nothing written through the store before is in it.
+    Anew,
 }
 
 /// The registry files this process has an SQLite connection on, by (device, inode), and
@@ -258,20 +292,23 @@ impl SqliteStore {
         paths::check_files(path, &real)?;
         check_existing_file(path, &real, false)?;
         let mut lock = FileLock::open(&lock_path(&real)).map_err(|e| lock_err(path, e))?;
-        let (conn, in_use) = {
+        let (conn, anchor, in_use) = {
             // The whole sequence runs under the write lock, so no process ever inspects a
             // registry that another is still creating or migrating.
-            let _held =
-                lock.lock(deadline)
-                    .map_err(open_err)?
-                    .ok_or_else(|| Error::LockTimeout {
-                        path: path.to_owned(),
-                        waited: deadline.elapsed(),
-                    })?;
+            // The lock file may be opened again there (if it was replaced meanwhile), with
+            // the same refusals.
+            let _held = lock
+                .lock(deadline)
+                .map_err(|e| lock_err(path, e))?
+                .ok_or_else(|| Error::LockTimeout {
+                    path: path.to_owned(),
+                    waited: deadline.elapsed(),
+                })?;
             // Again under the lock: the files SQLite is about to open are as they were
             // checked, since every process of ours checks under this lock too.
             paths::check_files(path, &real)?;
             check_existing_file(path, &real, true)?;
+            remove_orphaned_side_files(&real).map_err(open_err)?;
             paths::create_private_file(&real).map_err(open_err)?;
             // Before SQLite locks it: from now on nothing of this process closes it again.
             let in_use = InUse::mark(&real).map_err(open_err)?;
@@ -294,8 +331,8 @@ impl SqliteStore {
             // In WAL mode no journal is written: ours only kept others from planting one
             // for SQLite's first read.
             paths::remove_created(journal);
-            match opened {
-                Ok(conn) => (conn, in_use),
+            let conn = match opened {
+                Ok(conn) => conn,
                 Err(e) => {
                     // Beside a file that is no registry of ours, nothing of ours uses them.
                     // Beside one of ours (a newer schema, say) a reader may have opened them
@@ -306,7 +343,11 @@ impl SqliteStore {
                     }
                     return Err(e);
                 }
-            }
+            };
+            // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
+            // that is no ordinary descriptor).
+            let anchor = Anchor::at(&real).map_err(open_err)?;
+            (conn, anchor, in_use)
         };
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| open_sql_err(path, deadline, e))?;
@@ -316,8 +357,11 @@ impl SqliteStore {
         tracing::debug!(path = %path.display(), "opened port registry");
         Ok(Self {
             path: path.to_owned(),
+            real,
             conn,
             lock,
+            anchor,
+            shared_tmp,
             _in_use: in_use,
         })
     }
@@ -327,50 +371,115 @@ impl SqliteStore {
     }
 
     /// The registry file with its links resolved, beside which every side file lives.
-    pub(crate) fn real_path(&self) -> PathBuf {
-        // The lock file is `<real>.lock`.
-        let lock = self.lock.path().as_os_str().as_encoded_bytes();
-        let real = &lock[..lock.len().saturating_sub(".lock".len())];
-        // SAFETY: the bytes come from an `OsStr` and are cut just before an ASCII suffix,
-        // which is a valid boundary of the encoding.
-        PathBuf::from(unsafe { std::ffi::OsStr::from_encoded_bytes_unchecked(real) })
+    pub(crate) fn real_path(&self) -> &Path {
+        &self.real
     }
 
     /// Runs `f` as one write transaction under the file lock, giving up at `deadline`.
+    ///
+    /// Under the lock, the file the store has open is checked to be still linked. If it is
+    /// not (the registry was deleted or replaced), the store opens the file the path
+    /// names now, as [`open`](Self::open) does, and `f` is told so with [`Opened::Anew`]:
+    /// it runs in the first transaction on that file.
     pub(crate) fn write<R>(
         &mut self,
         deadline: Deadline,
-        f: impl FnOnce(&mut dyn Tx) -> Result<R>,
+        f: impl FnOnce(&mut dyn Tx, Opened) -> Result<R>,
     ) -> Result<R> {
-        let Self {
-            path, conn, lock, ..
-        } = self;
-        let _held = lock
-            .lock(deadline)
-            .map_err(|e| Error::Registry {
-                path: path.clone(),
+        let mut opened = Opened::Same;
+        // A registry replaced again while it was being opened anew is opened once more; a
+        // path that keeps changing under us is an error rather than a loop.
+        for _ in 0..3 {
+            {
+                let Self {
+                    path,
+                    conn,
+                    lock,
+                    anchor,
+                    ..
+                } = self;
+                let registry_err = |e: io::Error| Error::Registry {
+                    path: path.clone(),
+                    source: e.into(),
+                };
+                match lock.lock(deadline) {
+                    Ok(Some(_held)) => {
+                        if !anchor.is_gone().map_err(registry_err)? {
+                            return run_write(conn, path, deadline, opened, f);
+                        }
+                    }
+                    Ok(None) => {
+                        return Err(Error::LockTimeout {
+                            path: path.clone(),
+                            waited: deadline.elapsed(),
+                        })
+                    }
+                    // The lock file cannot be opened again, say because its directory went
+                    // with the registry: then the open below makes both anew.
+                    Err(e) => {
+                        if !anchor.is_gone().map_err(registry_err)? {
+                            // Opened again with the refusals of an open: name a refused file.
+                            return Err(refusal(path, e).unwrap_or_else(registry_err));
+                        }
+                    }
+                }
+            }
+            self.reopen(deadline)?;
+            opened = Opened::Anew;
+        }
+        Err(Error::Registry {
+            path: self.path.clone(),
+            source: "the registry file was deleted or replaced again each time it was opened \
+                     anew"
+                .into(),
+        })
+    }
+
+    /// Opens the file the path names now in place of the one the store has open.
+    fn reopen(&mut self, deadline: Deadline) -> Result<()> {
+        tracing::warn!(path = %self.path.display(),
+            "the port registry file was deleted or replaced; opening the one now at its path");
+        let timeout = deadline.remaining().unwrap_or(Duration::MAX);
+        let fresh = Self::open(&self.path, self.shared_tmp, timeout)?;
+        // The handle judges owners by the lock files beside the file it first opened: a path
+        // that leads elsewhere now (a symbolic link changed) is another registry.
+        let (was, now) = (self.real_path(), fresh.real_path());
+        if now != was {
+            return Err(Error::Registry {
+                path: self.path.clone(),
+                source: format!(
+                    "the registry file was deleted, and the path now leads to {} instead of \
+                     {}; open the registry again",
+                    now.display(),
+                    was.display()
+                )
+                .into(),
+            });
+        }
+        // Closing the old connection does not touch the new registry: SQLite checkpoints on
+        // close (and then deletes `<path>-wal` and `<path>-shm` by name) only while the path
+        // still names the file it has open, which it checks itself. The `replaced` tests
+        // hold it to that.
+        drop(std::mem::replace(self, fresh));
+        Ok(())
+    }
+
+    /// Whether the file the store has open is still the registry at its path (still linked;
+    /// see [`Anchor`]).
+    pub(crate) fn is_current(&self) -> Result<bool> {
+        match self.anchor.is_gone() {
+            Ok(gone) => Ok(!gone),
+            Err(e) => Err(Error::Registry {
+                path: self.path.clone(),
                 source: e.into(),
-            })?
-            .ok_or_else(|| Error::LockTimeout {
-                path: path.clone(),
-                waited: deadline.elapsed(),
-            })?;
-        let sql = |e| sql_err(path, deadline, e);
-        conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
-        // BEGIN and COMMIT as cached statements: parsed once per connection, not per call.
-        let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
-        run("BEGIN IMMEDIATE").map_err(sql)?;
-        let _open = RollbackUnlessCommitted(conn);
-        let value = f(&mut SqlTx {
-            tx: conn,
-            path,
-            deadline,
-        })?;
-        run("COMMIT").map_err(sql)?;
-        Ok(value)
+            }),
+        }
     }
 
     /// Runs `f` on a consistent snapshot, without the file lock.
+    ///
+    /// The caller checks [`is_current`](Self::is_current) first if it needs to: a store whose
+    /// file was replaced reads the old file.
     pub(crate) fn read<R>(
         &mut self,
         deadline: Deadline,
@@ -388,6 +497,58 @@ impl SqliteStore {
             deadline,
         })
     }
+}
+
+/// The transaction of [`SqliteStore::write`], once the lock is held on the right file.
+fn run_write<R>(
+    conn: &mut Connection,
+    path: &Path,
+    deadline: Deadline,
+    opened: Opened,
+    f: impl FnOnce(&mut dyn Tx, Opened) -> Result<R>,
+) -> Result<R> {
+    let sql = |e| sql_err(path, deadline, e);
+    conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
+    // BEGIN and COMMIT as cached statements: parsed once per connection, not per call.
+    let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
+    run("BEGIN IMMEDIATE").map_err(sql)?;
+    let _open = RollbackUnlessCommitted(conn);
+    let value = f(
+        &mut SqlTx {
+            tx: conn,
+            path,
+            deadline,
+        },
+        opened,
+    )?;
+    run("COMMIT").map_err(sql)?;
+    Ok(value)
+}
+
+/// Removes `<path>-wal` and `<path>-shm` when `path` itself is missing: they are what is left
+/// of a registry deleted while processes had it open (those keep their open files), and
+/// SQLite would fail with "disk I/O error" on a new registry beside them. The caller holds
+/// the write lock and is about to create the file.
+fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        _ => return Ok(()),
+    }
+    for suffix in ["-wal", "-shm"] {
+        let side = sibling(path, suffix);
+        match std::fs::symlink_metadata(&side) {
+            Ok(meta) if !meta.is_dir() => {
+                tracing::warn!(path = %side.display(),
+                    "removing what is left of a deleted registry beside the new one");
+                match std::fs::remove_file(&side) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The PID namespaces stored in `owner_ns_parents`: inode numbers separated by spaces;
@@ -445,19 +606,21 @@ fn lock_path(path: &Path) -> PathBuf {
 
 /// Maps a failure to open the lock file: a refusal of the file when it is one.
 fn lock_err(path: &Path, e: io::Error) -> Error {
-    match e.downcast::<crate::lock::Refusal>() {
-        Ok(refusal) => Error::Refused {
+    refusal(path, e).unwrap_or_else(|e| Error::Open {
+        path: path.to_owned(),
+        source: e.into(),
+    })
+}
+
+/// [`Error::Refused`] when `e` is a refusal of the lock file; else `e` back.
+fn refusal(path: &Path, e: io::Error) -> std::result::Result<Error, io::Error> {
+    e.downcast::<crate::lock::Refusal>()
+        .map(|refusal| Error::Refused {
             path: path.to_owned(),
             file: refusal.file,
             reason: refusal.reason,
-            advice: "remove it (as its owner), or set PORTDADDY_DB to a registry in a \
-                     directory of your own",
-        },
-        Err(e) => Error::Open {
-            path: path.to_owned(),
-            source: e.into(),
-        },
-    }
+            advice: paths::ADVICE_OWN,
+        })
 }
 
 /// Refuses, without letting SQLite touch it, an existing path that is not a regular file
@@ -629,8 +792,20 @@ fn open_sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
 }
 
 /// Maps an SQLite error met while using an open registry.
+///
+/// SQLite reports a file it could not open (the database, its `-wal`, `-shm` or a temporary
+/// file) as "unable to open database file", whatever the reason; when this process cannot
+/// open the descriptors a connection needs at that moment, the reason is named instead
+/// (see the `descriptors` module).
 fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
-    match e.sqlite_error_code() {
+    let code = e.sqlite_error_code();
+    if code == Some(ErrorCode::CannotOpen) {
+        use crate::descriptors::{lacking, out_of_descriptors, SQLITE_NEEDS};
+        if let Some(error) = lacking(SQLITE_NEEDS) {
+            return out_of_descriptors(path, format!("SQLite: {e}"), error);
+        }
+    }
+    match code {
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
             path: path.to_owned(),
             detail: e.to_string(),
@@ -1230,7 +1405,7 @@ mod tests {
             SqliteStore::open(&dir.path().join("r.sqlite3"), false, Duration::from_secs(5))
                 .unwrap();
         let deadline = || Deadline::after(Duration::from_secs(5));
-        let failed = store.write(deadline(), |tx| {
+        let failed = store.write(deadline(), |tx, _| {
             tx.set_cursor(2000)?;
             Err::<(), _>(Error::Exhausted {
                 range: PortRange::new(2000, 2001).unwrap(),
@@ -1240,19 +1415,137 @@ mod tests {
         });
         assert!(failed.is_err());
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            store.write(deadline(), |tx| -> Result<()> {
+            store.write(deadline(), |tx, _| -> Result<()> {
                 tx.set_cursor(3000)?;
                 panic!("a bug half-way through a claim");
             })
         }));
         assert!(panicked.is_err());
         // Both were rolled back, and the connection takes a new transaction.
-        assert_eq!(store.write(deadline(), |tx| tx.cursor()).unwrap(), None);
-        store.write(deadline(), |tx| tx.set_cursor(4000)).unwrap();
+        assert_eq!(store.write(deadline(), |tx, _| tx.cursor()).unwrap(), None);
+        store
+            .write(deadline(), |tx, _| tx.set_cursor(4000))
+            .unwrap();
         assert_eq!(
             store.read(deadline(), |tx| tx.cursor()).unwrap(),
             Some(4000)
         );
+    }
+
+    /// A registry deleted under a store is opened again through the open sequence, with its
+    /// refusals: a file others may write put in its place is refused and left as it was.
+    #[cfg(unix)]
+    #[test]
+    fn a_registry_replaced_by_a_file_others_may_write_is_refused_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let deadline = || Deadline::after(Duration::from_secs(5));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(sibling(&path, suffix));
+        }
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = store.write(deadline(), |tx, _| tx.cursor()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Refused { file, .. } if *file == path),
+            "{err:?}"
+        );
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o666,
+            "the mode was changed"
+        );
+        assert_eq!(meta.len(), 0, "the planted file was written");
+    }
+
+    /// A lock file deleted under a store is opened again with the refusals of an open: a
+    /// symbolic link put in its place is refused, and its target is not created.
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_replaced_by_a_link_is_refused_at_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let lock = lock_path(&path);
+        let target = dir.path().join("target");
+        std::fs::remove_file(&lock).unwrap();
+        std::os::unix::fs::symlink(&target, &lock).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let err = store.write(deadline, |tx, _| tx.cursor()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Refused { file, .. } if *file == lock),
+            "{err:?}"
+        );
+        assert!(!target.exists(), "the link's target was created");
+    }
+
+    /// The handle judges owners by the lock files beside the file it first opened: when the
+    /// registry is deleted and its path (a symbolic link) now leads to another file, the
+    /// store says so instead of using that file.
+    #[cfg(unix)]
+    #[test]
+    fn a_path_that_leads_elsewhere_after_a_deletion_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("a"), dir.path().join("b"));
+        for d in [&first, &second] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let link = dir.path().join("r.sqlite3");
+        std::os::unix::fs::symlink(first.join("r.sqlite3"), &link).unwrap();
+        let mut store = SqliteStore::open(&link, false, Duration::from_secs(5)).unwrap();
+        std::fs::remove_dir_all(&first).unwrap();
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(second.join("r.sqlite3"), &link).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let err = store.write(deadline, |tx, _| tx.cursor()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Registry { .. }) && err.to_string().contains("leads to"),
+            "{err:?}"
+        );
+    }
+
+    /// The anchor is a descriptor of our own on the registry file: closing it must leave
+    /// SQLite's POSIX locks on the file in place, as closing any other descriptor would not.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn closing_an_anchor_keeps_sqlites_locks_on_the_registry() {
+        use std::os::unix::fs::MetadataExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        let posix_locks = || -> Vec<String> {
+            let id = format!(":{ino} ");
+            let pid = format!(" {} ", std::process::id());
+            std::fs::read_to_string("/proc/locks")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("POSIX") && l.contains(&id) && l.contains(&pid))
+                .map(str::to_owned)
+                .collect()
+        };
+        let deadline = Deadline::after(Duration::from_secs(5));
+        store
+            .read(deadline, |tx| {
+                tx.cursor()?;
+                let held = posix_locks();
+                assert!(!held.is_empty(), "SQLite holds a lock while it reads");
+                drop(Anchor::at(&path).unwrap());
+                assert_eq!(
+                    posix_locks(),
+                    held,
+                    "closing the anchor dropped SQLite's locks"
+                );
+                // What the anchor avoids: any other descriptor drops them when closed.
+                drop(std::fs::File::open(&path).unwrap());
+                assert!(posix_locks().is_empty(), "a plain descriptor drops them");
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]

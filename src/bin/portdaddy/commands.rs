@@ -151,12 +151,7 @@ fn acquire(
 
 /// Releases `lease`, whose port could not be written (`error`), and says so.
 fn unseen(registry: &PortDaddy, lease: &Lease, error: &io::Error) -> Failure {
-    let ports = lease.ports();
-    let what = if ports.start() == ports.end() {
-        format!("port {}", ports.start())
-    } else {
-        format!("ports {}-{}", ports.start(), ports.end())
-    };
+    let what = output::ports_phrase(lease);
     match registry.release_lease(lease) {
         Ok(_) => Failure::new(
             exit::OTHER,
@@ -171,7 +166,7 @@ fn unseen(registry: &PortDaddy, lease: &Lease, error: &io::Error) -> Failure {
         )
         .hint(format!(
             "`portdaddy release {}` frees it once the registry can be used",
-            ports.start()
+            lease.port()
         )),
     }
 }
@@ -241,14 +236,9 @@ fn release(target: &Target, what: &str, as_name: bool) -> Outcome {
         let holder = lease
             .pid()
             .map_or_else(|| "detached".to_owned(), |p| format!("pid {p}"));
-        let ports = lease.ports();
-        let what = if ports.start() == ports.end() {
-            format!("port {}", ports.start())
-        } else {
-            format!("ports {}-{}", ports.start(), ports.end())
-        };
         text.push_str(&format!(
-            "released {what} ({}, {holder})\n",
+            "released {} ({}, {holder})\n",
+            output::ports_phrase(lease),
             escape(lease.name())
         ));
     }

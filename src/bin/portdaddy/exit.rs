@@ -130,6 +130,8 @@ pub fn code_of(error: &Error) -> u8 {
         | Error::ForkedHandle { .. }
         | Error::Refused { .. }
         | Error::Registry { .. } => REGISTRY,
+        // The registry is fine: the process or host is out of file descriptors.
+        Error::OutOfDescriptors { .. } => OTHER,
         // Not "nothing matched": a script may take exit code 1 as an answer.
         _ => OTHER,
     }
@@ -191,6 +193,16 @@ mod tests {
     fn a_probe_that_cannot_create_sockets_is_not_a_full_range() {
         let starved = Error::Probe {
             port: 26003,
+            error: std::io::Error::from_raw_os_error(24),
+        };
+        assert_eq!(code_of(&starved), OTHER);
+    }
+
+    #[test]
+    fn a_registry_out_of_descriptors_is_not_an_unusable_registry() {
+        let starved = Error::OutOfDescriptors {
+            path: "/tmp/r.sqlite3".into(),
+            detail: "SQLite: unable to open database file".into(),
             error: std::io::Error::from_raw_os_error(24),
         };
         assert_eq!(code_of(&starved), OTHER);

@@ -31,8 +31,9 @@ Exit codes:
   4  the registry cannot be used: it cannot be opened or created, is not a portdaddy
      registry, is damaged or too new, or stays locked
   5  the output cannot be written (`acquire` then releases the lease), another process
-     took the lease or the port while the command ran, or ports cannot be probed (out of
-     file descriptors or memory; also any other failure)
+     took the lease or the port while the command ran, or the process or host is out of
+     file descriptors (to open the registry or probe ports) or of memory (to probe); also
+     any other failure
   `run` exits with the command's exit code, 128+N when a signal N killed it, 126 when the
   command cannot be executed and 127 when it is not found.
 

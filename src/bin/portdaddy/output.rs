@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use unicode_width::UnicodeWidthStr;
 
 pub(crate) use crate::text::escape;
-use crate::text::is_layout_char;
+use crate::text::needs_escape;
 
 /// Whether standard output was closed when the process started (`>&-`).
 ///
@@ -51,7 +51,7 @@ static RECORD_STDOUT: extern "C" fn() = {
 pub fn json_text(value: &Value) -> String {
     let mut out = String::new();
     for c in value.to_string().chars() {
-        if c.is_control() || is_layout_char(c) {
+        if needs_escape(c) {
             // All of them lie in the Basic Multilingual Plane: one \u escape each.
             out.push_str(&format!("\\u{:04x}", u32::from(c)));
         } else {
@@ -112,16 +112,31 @@ pub fn until(now: SystemTime, t: SystemTime) -> String {
     }
 }
 
-/// One row of `portdaddy list`.
-pub fn lease_row(lease: &Lease, state: LeaseState, now: SystemTime) -> Vec<String> {
+/// A lease's ports: `20000`, or `20000-20003` for a block.
+fn port_span(lease: &Lease) -> String {
     let ports = lease.ports();
-    let port = if ports.start() == ports.end() {
+    if ports.start() == ports.end() {
         ports.start().to_string()
     } else {
         format!("{}-{}", ports.start(), ports.end())
+    }
+}
+
+/// A lease's ports in a sentence: `port 20000`, or `ports 20000-20003` for a block.
+pub fn ports_phrase(lease: &Lease) -> String {
+    let ports = lease.ports();
+    let noun = if ports.start() == ports.end() {
+        "port"
+    } else {
+        "ports"
     };
+    format!("{noun} {}", port_span(lease))
+}
+
+/// One row of `portdaddy list`.
+pub fn lease_row(lease: &Lease, state: LeaseState, now: SystemTime) -> Vec<String> {
     vec![
-        port,
+        port_span(lease),
         protocol(lease).to_owned(),
         escape(lease.name()),
         lease
@@ -212,10 +227,7 @@ mod tests {
     fn json_escapes_every_steering_character_and_reads_back_the_same() {
         let name = "a\u{7f}b\u{9b}2J\u{202e}c\u{2028}\u{1b}d";
         let text = json_text(&json!({ "name": name }));
-        assert!(
-            !text.chars().any(|c| c.is_control() || is_layout_char(c)),
-            "{text}"
-        );
+        assert!(!text.chars().any(needs_escape), "{text}");
         let back: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(back["name"], name);
     }
