@@ -79,9 +79,10 @@ impl Protocol {
 /// 1. An owner with a lock file: held means alive, whatever its pid, start time or boot
 ///    says; present and free means dead. (The `portdaddy run` command hands its lock to the
 ///    command it runs, so its leases live as long as the command does; see
-///    [`PortDaddy::share_owner_lock`](crate::PortDaddy::share_owner_lock).) A missing file
-///    means its owner closed its handle: across PID namespaces that is dead, in the owner's
-///    own namespace the pid decides, as below.
+///    [`PortDaddy::share_owner_lock`](crate::PortDaddy::share_owner_lock).) A file that is
+///    there but cannot be opened or locked (this process is out of descriptors) means alive:
+///    it may be held. A missing file means its owner closed its handle: across PID
+///    namespaces that is dead, in the owner's own namespace the pid decides, as below.
 /// 2. An owner whose pid is meaningful here (same PID namespace, or none recorded): dead if
 ///    `kill(pid, 0)` says the pid is gone, if both boot identities are known and differ, or
 ///    if the process runs with another start time read through the same time namespace

@@ -431,7 +431,58 @@ pub(crate) fn prepare_dirs(registry: &Path, real: &Path) -> Result<()> {
             dir.display()
         ))));
     }
-    check_registry_dir(registry, dir, &meta)
+    check_registry_dir(registry, dir, &meta)?;
+    check_dirs_above(registry, dir)
+}
+
+/// Refuses a registry below a directory that another user may change: its owner, or anyone
+/// who may write to it while it has no sticky bit, could rename the directories below it
+/// and put their own in their place, with files of their choosing where the registry's
+/// files are opened again by name (the owners' lock files, for one).
+#[cfg(unix)]
+fn check_dirs_above(registry: &Path, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for above in dir.ancestors().skip(1) {
+        if above.as_os_str().is_empty() {
+            break;
+        }
+        let meta = fs::symlink_metadata(above).map_err(|source| Error::Open {
+            path: registry.to_owned(),
+            source: source.into(),
+        })?;
+        if meta.uid() != euid() && meta.uid() != 0 {
+            return Err(refused(
+                registry,
+                above,
+                format!(
+                    "this directory above the registry belongs to {}, who could replace the \
+                     directories below it",
+                    owner_name(meta.uid())
+                ),
+                ADVICE_OTHER_USER,
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & STICKY == 0 {
+            return Err(refused(
+                registry,
+                above,
+                format!(
+                    "group or other users can write to this directory above the registry \
+                     (mode {:04o}) and it has no sticky bit, so they could replace the \
+                     directories below it",
+                    meta.mode() & 0o7777
+                ),
+                "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path \
+                 in a directory of your own",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_dirs_above(_: &Path, _: &Path) -> Result<()> {
+    Ok(())
 }
 
 /// A directory may be created in `parent` if it is ours, or root's with the sticky bit (as
@@ -709,8 +760,21 @@ pub(crate) type Created = (PathBuf, Option<(u64, u64)>);
 /// No descriptor of them stays open: closing one after SQLite has locked the file would drop
 /// SQLite's POSIX locks on it.
 pub(crate) fn precreate_side_files(real: &Path) -> io::Result<Vec<Created>> {
+    precreate(real, &["-wal", "-shm"])
+}
+
+/// Creates an empty rollback journal beside `real` (`0600`, never through a link) where it
+/// is missing, for the moment SQLite first reads the registry: it then looks for a journal
+/// to roll back into the file, and in a directory open to others nobody else may put one
+/// there. Empty, it is rolled back never. A registry in WAL mode writes none: remove it with
+/// [`remove_created`] once the registry is open.
+pub(crate) fn precreate_journal(real: &Path) -> io::Result<Vec<Created>> {
+    precreate(real, &["-journal"])
+}
+
+fn precreate(real: &Path, suffixes: &[&str]) -> io::Result<Vec<Created>> {
     let mut created = Vec::new();
-    for suffix in ["-wal", "-shm"] {
+    for suffix in suffixes {
         let file = sibling(real, suffix);
         let mut options = fs::OpenOptions::new();
         options.write(true).create_new(true);

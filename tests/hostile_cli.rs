@@ -848,3 +848,119 @@ fn run_leaves_any_signal_that_arrives_ignored_ignored_for_itself_and_the_command
     assert_eq!(lossy(&out.stdout), "survived\n");
     assert_eq!(f.ok(&["list", "--all", "--json"]).trim(), "[]");
 }
+
+/// `portdaddy run` killed with SIGKILL leaves its lease to its command, which holds run's
+/// owner lock file; a `reap` that runs out of file descriptors can open the registry but not
+/// that lock file, and must not take the owner for dead because run's own pid is gone: the
+/// lease stays live for every limit, and is reclaimed once the command has exited.
+#[test]
+fn a_reap_out_of_descriptors_leaves_the_lease_of_a_killed_runs_command() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+    // Ports of this test (nothing else binds them): `run` probes by binding.
+    const PORTS: &str = "32400-32499";
+    let fixture = Fixture::new();
+    let cli = |args: &[&str], limit: Option<libc::rlim_t>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_portdaddy"));
+        command
+            .args(args)
+            .env("PORTDADDY_DB", &fixture.db)
+            .env("PORTDADDY_RANGE", PORTS)
+            .stdin(Stdio::null());
+        if let Some(limit) = limit {
+            // SAFETY: setrlimit is async-signal-safe and only changes the child.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        command.output().expect("run portdaddy")
+    };
+    let mut run = Command::new(env!("CARGO_BIN_EXE_portdaddy"))
+        .args([
+            "run",
+            "svc",
+            "--",
+            "sh",
+            "-c",
+            "echo READY $$; exec sleep 600",
+        ])
+        .env("PORTDADDY_DB", &fixture.db)
+        .env("PORTDADDY_RANGE", PORTS)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn portdaddy run");
+    let mut stdout = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("the command's first line");
+    let command_pid: i32 = line
+        .trim()
+        .strip_prefix("READY ")
+        .unwrap_or_else(|| panic!("the command said {line:?}"))
+        .parse()
+        .unwrap();
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: a plain syscall on the command this test started.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+            }
+        }
+    }
+    let command = KillOnDrop(command_pid);
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let live = || {
+        let list = lossy(&cli(&["list", "--all"], None).stdout);
+        list.lines()
+            .any(|l| l.contains("svc") && l.ends_with("live"))
+    };
+    assert!(
+        live(),
+        "the command's lease is not live after run was killed"
+    );
+
+    // Every limit from one that cannot even open the registry to one that can do all.
+    let mut opened = 0;
+    for limit in 3..=24 {
+        let reap = cli(&["reap"], Some(limit));
+        if reap.status.success() {
+            opened += 1;
+        }
+        assert!(
+            live(),
+            "reap with {limit} descriptors reclaimed the lease of a running command: {}{}",
+            lossy(&reap.stdout),
+            lossy(&reap.stderr)
+        );
+    }
+    assert!(opened > 0, "no reap could open the registry");
+
+    // Once the command has exited, the lease is reclaimed.
+    drop(command);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reap = lossy(&cli(&["reap"], None).stdout);
+        if reap == "reaped 1\n" {
+            break;
+        }
+        assert_eq!(reap, "reaped 0\n");
+        assert!(Instant::now() < deadline, "the lease was never reclaimed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!live());
+}

@@ -488,6 +488,9 @@ fn worker_entry() {
     let Ok(mode) = std::env::var(MODE) else {
         return;
     };
+    if mode == "visit" {
+        return visit();
+    }
     assert_eq!(mode, "hold", "unknown worker mode");
     let _ = var(RANGE);
     let registry = open_at(Path::new(&var(REGISTRY))).expect("open the registry");
@@ -779,4 +782,272 @@ fn an_owner_in_another_pid_namespace_on_a_symlink_keeps_its_ports() {
     holder.close_stdin();
     let (_, status) = holder.finish(deadline());
     assert!(status.success(), "{status}; stderr:\n{}", holder.stderr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two handles on one registry in one process
+
+/// The ports of the test below, probed as free without binding them.
+const VISIT_RANGE: std::ops::RangeInclusive<u16> = 32400..=32499;
+
+fn open_in_visit_range(path: &Path) -> portdaddy::Result<PortDaddy> {
+    PortDaddy::builder()
+        .path(path)
+        .range(VISIT_RANGE)
+        .port_probe(all_free)
+        .lock_timeout(Duration::from_secs(10))
+        .open()
+}
+
+/// A worker that opens the registry, asks for the port `PREFERRED` and says which port it
+/// got.
+fn visit() {
+    let registry = open_in_visit_range(Path::new(&var(REGISTRY))).expect("open the registry");
+    let preferred: u16 = var("PREFERRED").parse().unwrap();
+    let guard = registry
+        .acquire_with(&portdaddy::Request::new("visitor").preferred(preferred))
+        .unwrap();
+    say(&format!("GOT {}", guard.port()));
+}
+
+/// Runs a [`visit`] worker asking for `preferred`; the port it got.
+fn visitor_gets(path: &Path, preferred: u16) -> u16 {
+    let extra = [("PREFERRED", preferred.to_string())];
+    let mut worker = Worker::spawn("visitor", "visit", path, &VISIT_RANGE, &extra);
+    let line = worker.expect_line("GOT", deadline());
+    let (_, status) = worker.finish(deadline());
+    assert!(status.success(), "visitor: {status}: {}", worker.stderr());
+    line.strip_prefix("GOT ").unwrap().parse().unwrap()
+}
+
+/// Reads the registry as any other SQLite client would (the `sqlite3` shell, a backup
+/// script): when it closes its connection and finds itself the last user of the database,
+/// it checkpoints it and removes its `-wal` and `-shm` files. `None` when the shell is not
+/// installed.
+fn read_with_sqlite_shell(path: &Path) -> Option<String> {
+    let out = Command::new("sqlite3")
+        .arg(path)
+        .arg("SELECT count(*) FROM leases;")
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "sqlite3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+}
+
+/// SQLite locks its files with POSIX locks, which a process loses on every descriptor of a
+/// file when it closes any one of them. A second handle opened in a process that has one
+/// open must not drop the first one's locks: another client would then take itself for the
+/// last user of the registry, remove the write-ahead log under the first handle, and the
+/// first handle would go on writing leases that no other process sees.
+#[test]
+fn a_second_handle_in_one_process_keeps_the_first_ones_leases_visible_to_others() {
+    let (_dir, path) = common::temp_registry();
+    let first = open_in_visit_range(&path).unwrap();
+    let held = first.acquire("first").unwrap();
+    let second = open_in_visit_range(&path).unwrap();
+    drop(open_in_visit_range(&path).unwrap());
+    // Another client opens and closes the registry.
+    let Some(count) = read_with_sqlite_shell(&path) else {
+        println!("skipped: the sqlite3 shell is not installed");
+        return;
+    };
+    assert_eq!(count, "1");
+    // What the first handle leases now must be seen by every other process.
+    let later = first.acquire("later").unwrap();
+    let got = visitor_gets(&path, later.port());
+    assert_ne!(
+        got,
+        later.port(),
+        "another process was given port {got}, which this process holds"
+    );
+    assert!(
+        sibling(&path, "-wal").exists() && sibling(&path, "-shm").exists(),
+        "another client removed the write-ahead log while this process uses it"
+    );
+    drop((held, later, second));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files planted while the registry opens
+
+/// A rollback journal of one page: rolled back, it writes `page` at page `pgno` of a database
+/// of `pages` pages of `page_size` bytes (SQLite's journal format: a header padded to a
+/// 512-byte sector, then page number, page, checksum).
+fn hot_journal(pgno: u32, page: &[u8], pages: u32, page_size: u32) -> Vec<u8> {
+    const NONCE: u32 = 0x1234_5678;
+    let mut journal = vec![0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7];
+    for field in [1, NONCE, pages, 512, page_size] {
+        journal.extend_from_slice(&u32::to_be_bytes(field));
+    }
+    journal.resize(512, 0);
+    journal.extend_from_slice(&pgno.to_be_bytes());
+    journal.extend_from_slice(page);
+    let mut checksum = NONCE;
+    let mut i = page_size as isize - 200;
+    while i > 0 {
+        checksum = checksum.wrapping_add(u32::from(page[i as usize]));
+        i -= 200;
+    }
+    journal.extend_from_slice(&checksum.to_be_bytes());
+    journal
+}
+
+/// Writes a registry's write-ahead log into its file and removes it, as the last process
+/// to close it does; the registry's page size, page count and the root page of its leases.
+fn checkpoint(path: &Path) -> (u32, u32, u32) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    let get = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, u32>(0)).unwrap();
+    let shape = (
+        get("PRAGMA page_size"),
+        get("PRAGMA page_count"),
+        get("SELECT rootpage FROM sqlite_schema WHERE name = 'leases'"),
+    );
+    conn.close().unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = fs::remove_file(sibling(path, suffix));
+    }
+    shape
+}
+
+/// Another user who plants a rollback journal beside a registry in a sticky directory the
+/// moment it is opened (after its files were checked, before SQLite first reads it) gets
+/// nothing written into it: SQLite would roll the journal back into the registry, here
+/// emptying the table of leases. The open is held at that moment by a POSIX lock on the
+/// registry that SQLite waits for, taken before and released once the journal is planted.
+#[test]
+fn a_journal_planted_while_the_registry_opens_is_never_rolled_back_into_it() {
+    let Some(user) = OtherUser::add() else {
+        return;
+    };
+    let (tmp, shared) = sticky_dir();
+    // A page of an empty table of leases, from a registry without leases.
+    let empty = tmp.path().join("empty.sqlite3");
+    drop(open_in_visit_range(&empty).unwrap());
+    let (page_size, _, empty_root) = checkpoint(&empty);
+    let bytes = fs::read(&empty).unwrap();
+    let at = (empty_root - 1) as usize * page_size as usize;
+    let empty_page = bytes[at..at + page_size as usize].to_vec();
+
+    let path = shared.join("reg.sqlite3");
+    let registry = open_in_visit_range(&path).unwrap();
+    let lease = registry
+        .acquire_with(&portdaddy::Request::new("web").ttl(Duration::from_secs(3600)))
+        .unwrap()
+        .keep()
+        .unwrap();
+    drop(registry);
+    let (size, pages, root) = checkpoint(&path);
+    assert_eq!(
+        (size, root),
+        (page_size, empty_root),
+        "registries differ in shape"
+    );
+    let planted = tmp.path().join("journal");
+    fs::write(&planted, hot_journal(root, &empty_page, pages, page_size)).unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o644)).unwrap();
+
+    // SQLite's shared lock on the registry waits while a write lock holds its pending byte.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let lock = |kind: libc::c_short| {
+        // SAFETY: an all-zero flock is a valid value; the fields are set below.
+        let mut region: libc::flock = unsafe { std::mem::zeroed() };
+        region.l_type = kind;
+        region.l_whence = libc::SEEK_SET as libc::c_short;
+        region.l_start = 0x4000_0000;
+        region.l_len = 1;
+        // SAFETY: F_SETLK on a descriptor `file` keeps open, with a valid flock.
+        let rc = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &region)
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    };
+    lock(libc::F_WRLCK as libc::c_short);
+    let opener = Command::new(env!("CARGO_BIN_EXE_portdaddy"))
+        .arg("--db")
+        .arg(&path)
+        .arg("list")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The opener creates the `-wal` once the files are checked, just before SQLite opens.
+    let until = deadline();
+    while !sibling(&path, "-wal").exists() {
+        assert!(
+            Instant::now() < until,
+            "the opener never got past its checks"
+        );
+        std::thread::yield_now();
+    }
+    user.run(
+        &shared,
+        &format!(
+            "cp {} reg.sqlite3-journal 2>/dev/null || true",
+            planted.display()
+        ),
+    );
+    lock(libc::F_UNLCK as libc::c_short);
+    drop(file);
+    let out = opener.wait_with_output().unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains(&lease.port().to_string()),
+        "the registry lost its lease ({}): {listed}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !sibling(&path, "-journal").exists(),
+        "a rollback journal was left beside the registry"
+    );
+    let registry = open_in_visit_range(&path).unwrap();
+    assert_eq!(registry.list().unwrap(), vec![lease]);
+}
+
+/// A registry below a directory that another user may change (theirs, or one they may
+/// write without a sticky bit) is refused, naming that directory, and nothing is created:
+/// they could rename the registry's directory and put one of their own in its place, whose
+/// lock files would then be the ones opened. Below a sticky directory such as `/tmp` it is
+/// used.
+#[test]
+fn a_registry_below_a_directory_another_user_may_change_is_refused() {
+    let Some(user) = OtherUser::add() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let above = tmp.path().join("above");
+    let dir = above.join("ours");
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("reg.sqlite3");
+    let chown = |uid: u32| {
+        let c_path = std::ffi::CString::new(above.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::chown(c_path.as_ptr(), uid, u32::MAX) }, 0);
+    };
+    chown(user.uid);
+    let before = snapshot(tmp.path());
+    let err = open_at(&path).expect_err("a directory of another user above the registry");
+    assert_refused(&err, &above, "belongs to");
+    assert_eq!(snapshot(tmp.path()), before);
+
+    chown(0);
+    fs::set_permissions(&above, fs::Permissions::from_mode(0o775)).unwrap();
+    let before = snapshot(tmp.path());
+    let err = open_at(&path).expect_err("a directory others may write above the registry");
+    assert_refused(&err, &above, "can write to this directory");
+    assert_eq!(snapshot(tmp.path()), before);
+
+    fs::set_permissions(&above, fs::Permissions::from_mode(0o1777)).unwrap();
+    open_at(&path).expect("below a sticky directory");
 }

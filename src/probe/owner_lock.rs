@@ -14,7 +14,10 @@
 //!   time or boot says, and dead once the file is there and free (the file is removed then).
 //!   The lock belongs to the open file description, so a process that hands its descriptor
 //!   on to a command (`portdaddy run`) keeps its leases alive while the command runs;
-//! - an owner without one, or whose file is missing or cannot be opened, is judged by pid
+//! - an owner whose file is there but cannot be opened or locked (out of descriptors, say)
+//!   is alive: the lock may be held, by a command its owner handed it to even when the
+//!   owner's pid is gone;
+//! - an owner without one, or whose file is missing, is judged by pid
 //!   when its pid is meaningful here (same namespace, or none recorded, as in leases written
 //!   before namespaces were recorded): cheap and exact;
 //! - an owner from another namespace whose lock file is missing is dead (it closed its
@@ -246,14 +249,17 @@ enum LockState {
     Free,
     /// It is not there: the owner closed its handle, or a sweep removed its free file.
     Missing,
-    /// It cannot be opened or locked (another user's file, a strange name): no evidence.
+    /// It cannot be opened or locked (out of descriptors, another user's file): no evidence,
+    /// and someone may hold it.
     Unreadable,
+    /// The recorded name is none this module writes (a damaged registry): it names no file.
+    Invalid,
 }
 
 /// What the lock file `name` in `dir` says; a free one is removed when `tidy`.
 fn lock_state(dir: &Path, name: &str, tidy: bool) -> LockState {
     if !is_lock_name(name) {
-        return LockState::Unreadable;
+        return LockState::Invalid;
     }
     let path = dir.join(name);
     let file = match OpenOptions::new().read(true).write(true).open(&path) {
@@ -317,14 +323,16 @@ impl ProcessProbe for Liveness {
 /// The liveness rule: the lock file first (held is alive, free is dead); without that
 /// evidence, the pid's (`by_pid`: the configured probe in this namespace, a look at the
 /// owner's namespace from another); except that across namespaces a missing file means
-/// its owner closed its handle, and an unreadable one cannot tell.
+/// its owner closed its handle. A file that is there but cannot be read cannot tell, and
+/// keeps its owner: it may be held by a command its owner handed it to, whatever the pid.
 fn decide(lock: Option<LockState>, foreign: bool, by_pid: impl FnOnce() -> bool) -> bool {
     match (lock, foreign) {
         (Some(LockState::Held), _) => true,
         (Some(LockState::Free), _) => false,
-        (None, _) | (Some(LockState::Missing | LockState::Unreadable), false) => by_pid(),
+        (Some(LockState::Unreadable), _) => true,
+        (None, _) | (Some(LockState::Missing | LockState::Invalid), false) => by_pid(),
         (Some(LockState::Missing), true) => false,
-        (Some(LockState::Unreadable), true) => true,
+        (Some(LockState::Invalid), true) => true,
     }
 }
 
@@ -461,14 +469,18 @@ mod tests {
             assert!(decide(None, foreign, || true));
             assert!(!decide(None, foreign, || false));
         }
-        // In this namespace, a missing or unreadable file leaves it to the pid.
+        // In this namespace, a missing file or a strange name leaves it to the pid.
         assert!(decide(Some(Missing), false, || true));
         assert!(!decide(Some(Missing), false, || false));
-        assert!(!decide(Some(Unreadable), false, || false));
-        // Across namespaces the pid means nothing: missing is a closed handle, unreadable
-        // cannot tell.
+        assert!(!decide(Some(Invalid), false, || false));
+        // A file that cannot be read may be held by whoever the owner handed it to, even
+        // when the owner's own pid is gone.
+        assert!(decide(Some(Unreadable), false, never));
+        // Across namespaces the pid means nothing: missing is a closed handle, a strange
+        // name cannot tell.
         assert!(!decide(Some(Missing), true, never));
         assert!(decide(Some(Unreadable), true, never));
+        assert!(decide(Some(Invalid), true, never));
     }
 
     #[test]

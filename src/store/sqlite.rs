@@ -192,6 +192,8 @@ pub(crate) struct SqliteStore {
     anchor: Anchor,
     /// How the store was opened, to open the path again if its file is replaced.
     shared_tmp: bool,
+    /// Declared after `conn`, so that the file is marked in use until the connection closed.
+    _in_use: InUse,
 }
 
 /// Whether the file a write ran on is the one the store had open before.
@@ -203,6 +205,61 @@ pub(crate) enum Opened {
     /// with another): the store opened the file the path names now, creating a new registry
     /// if there was none. Nothing written through the store before is in it.
     Anew,
+}
+
+/// The registry files this process has an SQLite connection on, by (device, inode), and
+/// how many.
+///
+/// SQLite locks its files with POSIX locks, which the kernel drops for the whole process
+/// when any one descriptor of the file is closed. A registry file this process uses must
+/// therefore never be opened and closed again beside SQLite ([`check_file`]): another
+/// process would then take itself for the last one using the registry, remove its
+/// write-ahead log under this one, and the two would lease from different logs.
+static IN_USE: std::sync::Mutex<std::collections::BTreeMap<(u64, u64), usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn in_use_table() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<(u64, u64), usize>> {
+    IN_USE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The (device, inode) of a file, where the platform has POSIX locks.
+#[cfg(unix)]
+fn file_id(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((meta.dev(), meta.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::Metadata) -> Option<(u64, u64)> {
+    None
+}
+
+/// A registry file marked in [`IN_USE`] while this process has a connection on it.
+#[derive(Debug)]
+struct InUse(Option<(u64, u64)>);
+
+impl InUse {
+    /// Marks the file at `real` in use, before SQLite opens it.
+    fn mark(real: &Path) -> io::Result<Self> {
+        let id = file_id(&std::fs::symlink_metadata(real)?);
+        if let Some(id) = id {
+            *in_use_table().entry(id).or_insert(0) += 1;
+        }
+        Ok(Self(id))
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let Some(id) = self.0 else { return };
+        let mut table = in_use_table();
+        if let Some(count) = table.get_mut(&id) {
+            *count -= 1;
+            if *count == 0 {
+                table.remove(&id);
+            }
+        }
+    }
 }
 
 impl SqliteStore {
@@ -235,7 +292,7 @@ impl SqliteStore {
         paths::check_files(path, &real)?;
         check_existing_file(path, &real, false)?;
         let mut lock = FileLock::open(&lock_path(&real)).map_err(|e| lock_err(path, e))?;
-        let (conn, anchor) = {
+        let (conn, anchor, in_use) = {
             // The whole sequence runs under the write lock, so no process ever inspects a
             // registry that another is still creating or migrating.
             // The lock file may be opened again there (if it was replaced meanwhile), with
@@ -253,13 +310,27 @@ impl SqliteStore {
             check_existing_file(path, &real, true)?;
             remove_orphaned_side_files(&real).map_err(open_err)?;
             paths::create_private_file(&real).map_err(open_err)?;
-            let created = if paths::dir_open_to_others(&real) {
-                paths::precreate_side_files(&real).map_err(open_err)?
+            // Before SQLite locks it: from now on nothing of this process closes it again.
+            let in_use = InUse::mark(&real).map_err(open_err)?;
+            let (created, journal) = if paths::dir_open_to_others(&real) {
+                let created = paths::precreate_side_files(&real).map_err(open_err)?;
+                let journal = paths::precreate_journal(&real).map_err(open_err)?;
+                // What another user put there after the check, before ours were made, is
+                // refused before SQLite opens it.
+                if let Err(e) = paths::check_files(path, &real) {
+                    paths::remove_created(journal);
+                    paths::remove_created(created);
+                    return Err(e);
+                }
+                (created, journal)
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             let opened = open_checked(path, &real, deadline)
                 .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
+            // In WAL mode no journal is written: ours only kept others from planting one
+            // for SQLite's first read.
+            paths::remove_created(journal);
             let conn = match opened {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -276,7 +347,7 @@ impl SqliteStore {
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).
             let anchor = Anchor::at(&real).map_err(open_err)?;
-            (conn, anchor)
+            (conn, anchor, in_use)
         };
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| open_sql_err(path, deadline, e))?;
@@ -291,6 +362,7 @@ impl SqliteStore {
             lock,
             anchor,
             shared_tmp,
+            _in_use: in_use,
         })
     }
 
@@ -573,6 +645,22 @@ fn check_file(path: &Path, real: &Path, locked: bool, write: bool) -> Result<()>
         path: path.to_owned(),
         detail,
     };
+    // A file this process has a connection on was checked when it was opened; closing a
+    // descriptor of it here would drop that connection's locks (see `IN_USE`). The table
+    // stays locked until the descriptor below is closed, so no connection opens meanwhile.
+    let in_use = in_use_table();
+    let metadata = if write {
+        std::fs::symlink_metadata(real)
+    } else {
+        std::fs::metadata(real)
+    };
+    if metadata
+        .ok()
+        .and_then(|m| file_id(&m))
+        .is_some_and(|id| in_use.contains_key(&id))
+    {
+        return Ok(());
+    }
     let mut options = OpenOptions::new();
     options.read(true).write(write);
     // Non-blocking, so that a FIFO at the path cannot hang the open or the read.
@@ -588,7 +676,14 @@ fn check_file(path: &Path, real: &Path, locked: bool, write: bool) -> Result<()>
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(open_err(e)),
     };
-    if !file.metadata().map_err(open_err)?.is_file() {
+    let meta = file.metadata().map_err(open_err)?;
+    if file_id(&meta).is_some_and(|id| in_use.contains_key(&id)) {
+        // The path was switched to a file in use since it was looked at: keep the
+        // descriptor open rather than drop the locks on it.
+        std::mem::forget(file);
+        return Ok(());
+    }
+    if !meta.is_file() {
         return Err(open_err(io::Error::other(
             "the path is not a regular file; give the path of a registry file",
         )));
