@@ -16,7 +16,7 @@
 //!
 //! # Ports
 //!
-//! This file owns 32200-32299 (see `tests/common/mod.rs`), each test its own part, locked
+//! This file owns 32200-32299 and 32500-32599 (see `tests/common/mod.rs`), each test its own part, locked
 //! host-wide while it runs ([`lock_ports`]).
 #![cfg(unix)]
 
@@ -231,6 +231,55 @@ fn a_removed_owners_directory_is_retaken_at_the_holders_next_write() {
         holder.last_words()
     );
     assert_eq!(lines, ["RELEASED ok"]);
+}
+
+/// The owners directory, or the holder's lock file in it, renamed rather than removed (a
+/// `mv` by hand, a cleaner that moves files aside): the lock file is still linked, but not
+/// where others look for it, so processes of other PID namespaces would take the holder for
+/// dead. Its next write takes a new lock file where others look, and records its name with
+/// the lease.
+fn renamed_under_a_holder(rename_directory: bool, ports: RangeInclusive<u16>) {
+    let _ports = lock_ports(&ports);
+    let (_dir, path) = registry_in_subdir();
+    let mut holder = Worker::spawn("holder", "hold", &path, &ports, &[]);
+    let (port, _) = parse_held(&holder.expect_line("HELD", deadline()));
+    let owners = sibling(&path, ".owners");
+    let before = owner_lock_of(&path, port);
+    let aside = path.parent().unwrap().join("aside");
+    if rename_directory {
+        std::fs::rename(&owners, &aside).unwrap();
+    } else {
+        std::fs::rename(owners.join(&before), &aside).unwrap();
+    }
+    assert!(!owners.join(&before).exists(), "renamed away");
+
+    holder.send("reap");
+    let answer = holder.expect_line("an answer", deadline());
+    assert!(answer.starts_with("OK"), "holder reap: {answer}");
+
+    let after = owner_lock_of(&path, port);
+    assert!(
+        lock_is_held(&owners.join(&after)),
+        "the holder's lease names {after}, which is not held where others look for it"
+    );
+    holder.close_stdin();
+    let (lines, status) = holder.finish(deadline());
+    assert!(
+        status.success(),
+        "holder: {status}; {}",
+        holder.last_words()
+    );
+    assert_eq!(lines, ["RELEASED ok"]);
+}
+
+#[test]
+fn a_renamed_owners_directory_is_retaken_at_the_holders_next_write() {
+    renamed_under_a_holder(true, 32500..=32500);
+}
+
+#[test]
+fn a_renamed_owner_lock_file_is_retaken_at_the_holders_next_write() {
+    renamed_under_a_holder(false, 32501..=32501);
 }
 
 /// A command that shares the holder's owner lock (`PortDaddy::share_owner_lock`, as

@@ -118,11 +118,33 @@ impl OwnerLock {
         &self.name
     }
 
-    /// Whether the lock file is still where others look for it (one `fstat`: a removed file
-    /// has no links left). When it was removed (a temp cleaner, or the directory removed with
-    /// the registry), others take its owner for dead: the handle must take a new one.
+    /// Whether the lock file is still where others look for it: the path names the file
+    /// this handle holds (one `stat` and one `fstat`). When it was removed (a temp cleaner,
+    /// or the directory removed with the registry) or moved away (the file, or the owners
+    /// directory, renamed), others take its owner for dead: the handle must take a new one.
+    /// A path that cannot be examined for another reason is no evidence, and keeps the file.
     pub(crate) fn is_in_place(&self) -> bool {
-        !matches!(crate::lock::is_unlinked(&self._file), Ok(true))
+        if matches!(crate::lock::is_unlinked(&self._file), Ok(true)) {
+            return false;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            match fs::metadata(&self.path) {
+                Ok(named) => match self._file.metadata() {
+                    Ok(open) => named.dev() == open.dev() && named.ino() == open.ino(),
+                    Err(_) => true,
+                },
+                // Nothing, or no directory, at the path: the file was moved away.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => false,
+                Err(_) => true,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            true
+        }
     }
 
     /// A new descriptor of the locked file description, which shares its lock (and keeps

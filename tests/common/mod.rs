@@ -23,7 +23,7 @@
 //! | examples/soak.rs    | 31500-31999 (not run in CI) |
 //! | liveness.rs         | 32000-32099   |
 //! | registry_files.rs   | 32100-32199   |
-//! | replaced.rs         | 32200-32299   |
+//! | replaced.rs         | 32200-32299, 32500-32599 |
 //! | limits.rs           | 32300-32399   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
