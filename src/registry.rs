@@ -138,6 +138,22 @@ impl Holdings {
         self.held.insert((lease.port, lease.id), lease.clone());
     }
 
+    /// Forgets the held leases that are not among `left_behind`, the leases of the registry
+    /// file they were recorded in as it was last: others released (or reaped) them there,
+    /// and their ports may be someone else's now.
+    fn keep_only(&mut self, left_behind: &[Lease]) {
+        let there: BTreeSet<(u16, u64)> = left_behind.iter().map(|l| (l.port, l.id)).collect();
+        self.held.retain(|key, lease| {
+            let keep = there.contains(key);
+            if !keep {
+                tracing::info!(port = lease.port, name = %lease.name,
+                    "a held lease had been released by others before the registry file was \
+                     deleted or replaced; not recording it again");
+            }
+            keep
+        });
+    }
+
     /// Forgets the lease `id` on `port`; whether it had been lost.
     fn forget(&mut self, port: u16, id: u64) -> bool {
         self.held.remove(&(port, id));
@@ -857,7 +873,15 @@ impl FileState {
                 holdings,
             } = self;
             let step = store.write(deadline, |tx, opened| {
-                if opened == Opened::Anew {
+                if let Opened::Anew { left_behind } = opened {
+                    // Only the file this handle's leases were recorded in tells which of them
+                    // others released there; one replaced again before they were recorded
+                    // anew does not.
+                    if !holdings.new_file {
+                        if let Some(left_behind) = left_behind {
+                            holdings.keep_only(&left_behind);
+                        }
+                    }
                     holdings.new_file = true;
                 }
                 if !owner_lock.is_in_place() {

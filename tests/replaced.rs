@@ -195,6 +195,53 @@ fn a_port_taken_before_the_holder_notices_is_reported_lost_to_it() {
     drop(taken);
 }
 
+/// A lease that another process released (`release(port)`, `portdaddy release`) before the
+/// registry was deleted is no longer the holder's: the port went to a new holder in the
+/// same file. When the old holder notices the deletion first, it must not record the
+/// released lease again in the new file and so take the port from its present holder.
+#[test]
+fn a_lease_released_by_another_before_the_deletion_is_not_recorded_again() {
+    let ports = 32510..=32510;
+    let _ports = lock_ports(&ports);
+    let (_dir, path) = registry_in_subdir();
+    let no_listener = [(LISTEN, "0".into())];
+    let mut old = Worker::spawn("old holder", "hold", &path, &ports, &no_listener);
+    let (port, _) = parse_held(&old.expect_line("HELD", deadline()));
+    assert!(
+        open_unprobed(&path, &ports).release(port).unwrap(),
+        "another process releases the old holder's lease"
+    );
+    let mut new = Worker::spawn("new holder", "hold", &path, &ports, &no_listener);
+    let (taken, new_pid) = parse_held(&new.expect_line("HELD", deadline()));
+    assert_eq!(taken, port, "the released port went to the new holder");
+
+    Removal::Registry.apply(&path);
+    for holder in [&mut old, &mut new] {
+        holder.send("reap");
+        let answer = holder.expect_line("an answer", deadline());
+        assert!(answer.starts_with("OK"), "{}: reap: {answer}", holder.label);
+    }
+
+    let leases = open_unprobed(&path, &ports).list().unwrap();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert_eq!(
+        leases[0].pid(),
+        Some(new_pid),
+        "the port is its present holder's, not the released lease's: {leases:?}"
+    );
+    for holder in [&mut new, &mut old] {
+        holder.close_stdin();
+        let (lines, status) = holder.finish(deadline());
+        assert!(
+            status.success(),
+            "{}: {status}; {}",
+            holder.label,
+            holder.last_words()
+        );
+        assert_eq!(lines, ["RELEASED ok"], "{}", holder.label);
+    }
+}
+
 /// The owners directory removed (a temp cleaner) while the holder runs: its lock file is
 /// gone, so processes of other PID namespaces would take it for dead. Its next write takes a
 /// new lock file and records its name with the lease.

@@ -197,14 +197,19 @@ pub(crate) struct SqliteStore {
 }
 
 /// Whether the file a write ran on is the one the store had open before.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Opened {
     /// The same file as the previous operation.
     Same,
     /// The path no longer named the file the store had open (it was deleted, or replaced
     /// with another): the store opened the file the path names now, creating a new registry
     /// if there was none. Nothing written through the store before is in it.
-    Anew,
+    Anew {
+        /// The leases of the file the store had open, read just before it was closed, so
+        /// that a lease others released there is not taken for one still held; `None` if
+        /// that file could not be read.
+        left_behind: Option<Vec<Lease>>,
+    },
 }
 
 /// The registry files this process has an SQLite connection on, by (device, inode), and
@@ -424,8 +429,14 @@ impl SqliteStore {
                     }
                 }
             }
+            // What the file we had open says last, before it is closed: read once, from the
+            // file this store's writes went to, not from one replaced again meanwhile.
+            let left_behind = match opened {
+                Opened::Same => self.leases_left_behind(deadline),
+                Opened::Anew { left_behind } => left_behind,
+            };
             self.reopen(deadline)?;
-            opened = Opened::Anew;
+            opened = Opened::Anew { left_behind };
         }
         Err(Error::Registry {
             path: self.path.clone(),
@@ -433,6 +444,20 @@ impl SqliteStore {
                      anew"
                 .into(),
         })
+    }
+
+    /// The leases of the file the store has open (deleted or replaced), read through its
+    /// connection, or `None` if it cannot be read: then there is no telling what others
+    /// released in it.
+    fn leases_left_behind(&mut self, deadline: Deadline) -> Option<Vec<Lease>> {
+        match self.read(deadline, |tx| tx.leases(None)) {
+            Ok(leases) => Some(leases),
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e,
+                    "could not read the leases of the replaced registry file");
+                None
+            }
+        }
     }
 
     /// Opens the file the path names now in place of the one the store has open.
