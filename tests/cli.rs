@@ -936,6 +936,37 @@ fn acquire_whose_output_cannot_be_written_fails_and_releases_the_lease() {
     }
 }
 
+/// `portdaddy acquire 1</dev/null`, or stdout a directory: a descriptor that is open but
+/// cannot be written. The write fails with `EBADF`, which Rust's standard output takes for
+/// a closed stdout and drops silently; the port was never seen, so the lease is released
+/// and the command fails.
+#[cfg(unix)]
+#[test]
+fn acquire_whose_stdout_is_open_only_for_reading_fails_and_releases_the_lease() {
+    let f = Fixture::new();
+    let mut acquired = 0;
+    for unwritable in ["/dev/null", "/"] {
+        for args in ACQUIRES {
+            let stdout = std::fs::File::open(unwritable).unwrap();
+            let out = f
+                .command(args)
+                .env("PORTDADDY_RANGE", "32530-32549")
+                .stdout(stdout)
+                .output()
+                .unwrap();
+            acquired += 1;
+            let what = format!("{args:?} with stdout {unwritable} open for reading");
+            assert_eq!(out.status.code(), Some(5), "{what}: {}", text(&out.stderr));
+            let line = error_line(&out, 5);
+            assert!(
+                line.contains("cannot write the output") && line.contains("was released"),
+                "{what}: {line}"
+            );
+            assert_nothing_kept(&f, acquired, &what);
+        }
+    }
+}
+
 /// `portdaddy acquire | true` where `true` has exited before the port is written: made
 /// certain with a pipe whose read end is closed before `acquire` starts. `acquire` is not
 /// killed by SIGPIPE before it can release: it fails and releases the lease.

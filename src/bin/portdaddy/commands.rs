@@ -467,10 +467,28 @@ fn write_out(bytes: &[u8]) -> Outcome {
     }
 }
 
-/// Writes all of `bytes` to stdout and flushes them.
+/// Writes `bytes` to standard output, failing if they cannot be written.
+///
+/// On Unix the bytes are written to descriptor 1 directly rather than through
+/// `io::stdout()`, which takes `EBADF` for a closed stdout and reports success: a stdout
+/// that is open but not for writing (`1</dev/null`, a directory) would swallow the output,
+/// and `acquire` would keep a lease whose port nobody saw. (A stdout closed at start is
+/// told apart before: see `output::stdout_closed_at_start`.)
 fn write_stdout(bytes: &[u8]) -> io::Result<()> {
-    let mut out = io::stdout().lock();
-    out.write_all(bytes).and_then(|()| out.flush())
+    #[cfg(unix)]
+    {
+        use std::os::fd::FromRawFd;
+        // SAFETY: descriptor 1 is open (the runtime opens /dev/null in place of a closed
+        // one before `main`), and `ManuallyDrop` never closes it: the `File` only borrows it
+        // for these writes.
+        let out = unsafe { std::fs::File::from_raw_fd(libc::STDOUT_FILENO) };
+        std::mem::ManuallyDrop::new(out).write_all(bytes)
+    }
+    #[cfg(not(unix))]
+    {
+        let mut out = io::stdout().lock();
+        out.write_all(bytes).and_then(|()| out.flush())
+    }
 }
 
 #[cfg(all(test, unix))]
