@@ -6,7 +6,7 @@
 //! And every signal a supervisor or a person may send to `portdaddy run`: passed on to the
 //! command, while `run` holds the command's port until it exits.
 //!
-//! Ports 26950-26999 belong to this file (see `common`).
+//! Ports 26950-26999 and 32560-32569 belong to this file (see `common`).
 #![cfg(unix)]
 
 mod common;
@@ -583,6 +583,69 @@ impl Drop for Supervised {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A supervisor that keeps signalling `portdaddy run` while its command exits: `run`
+/// must outlive the burst long enough to release the lease and exit with the command's code.
+/// (The self-pipe that carried signals to the forwarding thread was closed before the
+/// handlers went, and a signal in between raised `SIGPIPE` in `run`, which killed it with the
+/// lease still recorded.) Each round ends the command while signals are sent to `run` as fast
+/// as the test can send them, until it has exited.
+#[test]
+fn run_whose_command_exits_during_a_burst_of_signals_exits_with_its_code_and_releases() {
+    use std::io::{BufRead, BufReader};
+    let f = Fixture::new();
+    let burst = [
+        libc::SIGTERM,
+        libc::SIGUSR1,
+        libc::SIGHUP,
+        libc::SIGINT,
+        libc::SIGWINCH,
+    ];
+    for round in 0..30 {
+        let mut run = Command::new(env!("CARGO_BIN_EXE_portdaddy"))
+            .args(["run", "burst", "--", "sh", "-c"])
+            .arg("trap '' TERM USR1 HUP INT WINCH; echo go; read line; exit 3")
+            .env("PORTDADDY_DB", &f.db)
+            .env("PORTDADDY_RANGE", "32560-32569")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run portdaddy run");
+        let mut go = String::new();
+        BufReader::new(run.stdout.take().unwrap())
+            .read_line(&mut go)
+            .unwrap();
+        assert_eq!(go, "go\n", "round {round}: the command started");
+        // The command has the lease's port in its environment by now, and traps the burst.
+        drop(run.stdin.take());
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut sent = 0usize;
+        let status = loop {
+            if let Some(status) = run.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "round {round}: run did not exit"
+            );
+            // SAFETY: kill has no memory effects; `run` is not reaped yet, so its pid is its own.
+            unsafe { libc::kill(run.id() as i32, burst[sent % burst.len()]) };
+            sent += 1;
+        };
+        assert_eq!(
+            status.code(),
+            Some(3),
+            "round {round}: run ended with {status} after {sent} signals, not with its \
+             command's code"
+        );
+        let left = f.ok(&["list", "--json"]);
+        assert_eq!(
+            left.trim(),
+            "[]",
+            "round {round}: run left its lease behind"
+        );
     }
 }
 

@@ -131,6 +131,12 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
         }
     }
     let mut child = command.spawn()?;
+    // The forwarding thread closes the read end of signal-hook's self-pipe when it stops,
+    // while the handlers stay installed until `signals` and `handle` are both gone; a signal
+    // in between is written into a pipe without a reader. With SIGPIPE's default action that
+    // would kill this process before it released the command's leases. The command was
+    // spawned with the default action, and `run` writes nothing to a pipe it must die on.
+    report_closed_pipes();
     let pid = child.id() as libc::pid_t;
     let me = std::process::id() as libc::pid_t;
     let forwarder = std::thread::spawn(move || {
