@@ -319,6 +319,38 @@ fn renamed_under_a_holder(rename_directory: bool, ports: RangeInclusive<u16>) {
     assert_eq!(lines, ["RELEASED ok"]);
 }
 
+/// The registry moved away whole, with its directory (`mv`): as documented, the old handle
+/// goes on using it under its new name. Its owner lock file is not where the old path leads
+/// either, but there is no directory there to take a new one in, and nobody judges its
+/// leases by that path: the handle keeps its lock file, and its writes go on working.
+#[test]
+fn a_registry_moved_away_with_its_directory_still_serves_its_old_handle() {
+    let ports = 32502..=32502;
+    let _ports = lock_ports(&ports);
+    let (dir, path) = registry_in_subdir();
+    let mut holder = Worker::spawn("holder", "hold", &path, &ports, &[(LISTEN, "0".into())]);
+    let (port, _) = parse_held(&holder.expect_line("HELD", deadline()));
+    let moved = dir.path().join("moved");
+    std::fs::rename(path.parent().unwrap(), &moved).unwrap();
+    let moved_path = moved.join(path.file_name().unwrap());
+
+    holder.send("reap");
+    let answer = holder.expect_line("an answer", deadline());
+    assert!(answer.starts_with("OK"), "holder reap: {answer}");
+    assert!(!path.exists(), "nothing was created at the old path");
+    holder.close_stdin();
+    let (lines, status) = holder.finish(deadline());
+    assert!(
+        status.success(),
+        "holder: {status}; {}",
+        holder.last_words()
+    );
+    assert_eq!(lines, ["RELEASED ok"]);
+    let left = open_unprobed(&moved_path, &ports).list().unwrap();
+    assert!(left.is_empty(), "released in the moved registry: {left:?}");
+    let _ = port;
+}
+
 #[test]
 fn a_renamed_owners_directory_is_retaken_at_the_holders_next_write() {
     renamed_under_a_holder(true, 32500..=32500);

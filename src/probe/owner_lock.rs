@@ -135,8 +135,11 @@ impl OwnerLock {
                     Ok(open) => named.dev() == open.dev() && named.ino() == open.ino(),
                     Err(_) => true,
                 },
-                // Nothing, or no directory, at the path: the file was moved away.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                // Nothing, or no directory, at the path: the file was moved away. Unless the
+                // registry's own directory went with it, still linked (the registry was moved
+                // away whole): there is no directory beside it to take a new file in, and no
+                // one judges its leases by that path.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => self.registry_dir_moved(),
                 Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => false,
                 Err(_) => true,
             }
@@ -145,6 +148,17 @@ impl OwnerLock {
         {
             true
         }
+    }
+
+    /// Whether the directory that holds the owners directory is missing from its path:
+    /// then the registry was moved away with its directory (it is not deleted, or its
+    /// store would have opened a new one, creating the directory, before this is asked).
+    #[cfg(unix)]
+    fn registry_dir_moved(&self) -> bool {
+        let Some(registry_dir) = self.path.parent().and_then(Path::parent) else {
+            return false;
+        };
+        matches!(fs::symlink_metadata(registry_dir), Err(e) if e.kind() == io::ErrorKind::NotFound)
     }
 
     /// A new descriptor of the locked file description, which shares its lock (and keeps
