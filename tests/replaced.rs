@@ -242,6 +242,50 @@ fn a_lease_released_by_another_before_the_deletion_is_not_recorded_again() {
     }
 }
 
+/// Only `<registry>-shm` removed under a holder: new processes build a new index of the
+/// write-ahead log and record leases through it, which the holder's old index does not
+/// know. The holder must not write through its old index (its frames would overwrite
+/// theirs), nor checkpoint with it when it closes (that would drop their leases from the
+/// registry): the lease a new process took must still be there after the holder's next
+/// operation, its release, and its exit.
+#[test]
+fn a_deleted_shm_under_a_holder_loses_no_lease_of_others() {
+    let ports = 32520..=32521;
+    let _ports = lock_ports(&ports);
+    let (_dir, path) = registry_in_subdir();
+    let mut holder = Worker::spawn("holder", "hold", &path, &ports, &[(LISTEN, "0".into())]);
+    let (port, _) = parse_held(&holder.expect_line("HELD", deadline()));
+
+    std::fs::remove_file(sibling(&path, "-shm")).unwrap();
+    let newcomer = open_unprobed(&path, &ports);
+    let kept = newcomer.acquire("newcomer").unwrap().keep().unwrap();
+    assert_ne!(
+        kept.port(),
+        port,
+        "the registry still knows the holder's lease"
+    );
+    drop(newcomer);
+
+    holder.send("reap");
+    let answer = holder.expect_line("an answer", deadline());
+    holder.close_stdin();
+    let (lines, status) = holder.finish(deadline());
+    assert!(
+        status.success(),
+        "holder: {status}; {}",
+        holder.last_words()
+    );
+
+    let registry = open_unprobed(&path, &ports);
+    let leases = registry.list().unwrap();
+    assert!(
+        leases.contains(&kept),
+        "the new process's lease was lost after the holder's {answer:?} and {lines:?}: \
+         {leases:?}"
+    );
+    assert_eq!(integrity_check(&path), "ok");
+}
+
 /// The owners directory removed (a temp cleaner) while the holder runs: its lock file is
 /// gone, so processes of other PID namespaces would take it for dead. Its next write takes a
 /// new lock file and records its name with the lease.

@@ -190,10 +190,53 @@ pub(crate) struct SqliteStore {
     lock: FileLock,
     /// Tells whether the registry file the connection has open was deleted or replaced.
     anchor: Anchor,
+    /// Tells whether the `-shm` index of the write-ahead log that the connection has mapped
+    /// was deleted or replaced (see [`shm_removed`](Self::shm_removed)); `None` if there was
+    /// none to anchor.
+    shm: Option<Anchor>,
     /// How the store was opened, to open the path again if its file is replaced.
     shared_tmp: bool,
     /// Declared after `conn`, so that the file is marked in use until the connection closed.
     _in_use: InUse,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // A connection whose `-shm` was removed would checkpoint through its stale index
+        // when it closes, and then delete the write-ahead log by name, with every lease
+        // recorded through the new index since: it must close without a checkpoint.
+        if shm_gone(&self.shm) {
+            if let Err(e) = self
+                .conn
+                .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            {
+                tracing::warn!(path = %self.path.display(), error = %e,
+                    "could not keep a registry whose -shm was removed from a checkpoint on close");
+            }
+        }
+    }
+}
+
+/// Whether the `-shm` file anchored in `shm` was deleted or replaced. A check that fails
+/// says nothing, and the store goes on as before.
+fn shm_gone(shm: &Option<Anchor>) -> bool {
+    matches!(shm.as_ref().map(Anchor::is_gone), Some(Ok(true)))
+}
+
+/// The registry's `-shm` was removed under the connection (a cleaner, or `rm` of the side
+/// files while the registry file stayed). The connection's mapped index of the write-ahead
+/// log is then no longer the one other processes use: writing through it would overwrite
+/// what they wrote, and SQLite cannot map another while this process has the file open.
+/// The store refuses to write (and to read a stale view) instead; its leases are reclaimed
+/// when the process exits.
+fn shm_removed_err(path: &Path) -> Error {
+    Error::Registry {
+        path: path.to_owned(),
+        source: "its -shm file was deleted while this process had the registry open, and \
+                 this process can no longer write it without overwriting the leases of \
+                 others; restart the process (its leases are reclaimed when it exits)"
+            .into(),
+    }
 }
 
 /// Whether the file a write ran on is the one the store had open before.
@@ -297,7 +340,7 @@ impl SqliteStore {
         paths::check_files(path, &real)?;
         check_existing_file(path, &real, false)?;
         let mut lock = FileLock::open(&lock_path(&real)).map_err(|e| lock_err(path, e))?;
-        let (conn, anchor, in_use) = {
+        let (conn, anchor, shm, in_use) = {
             // The whole sequence runs under the write lock, so no process ever inspects a
             // registry that another is still creating or migrating.
             // The lock file may be opened again there (if it was replaced meanwhile), with
@@ -352,7 +395,13 @@ impl SqliteStore {
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).
             let anchor = Anchor::at(&real).map_err(open_err)?;
-            (conn, anchor, in_use)
+            // SQLite mapped it on its first read, above, under the lock.
+            let shm = match Anchor::at(&sibling(&real, "-shm")) {
+                Ok(shm) => Some(shm),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(open_err(e)),
+            };
+            (conn, anchor, shm, in_use)
         };
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| open_sql_err(path, deadline, e))?;
@@ -366,6 +415,7 @@ impl SqliteStore {
             conn,
             lock,
             anchor,
+            shm,
             shared_tmp,
             _in_use: in_use,
         })
@@ -401,6 +451,7 @@ impl SqliteStore {
                     conn,
                     lock,
                     anchor,
+                    shm,
                     ..
                 } = self;
                 let registry_err = |e: io::Error| Error::Registry {
@@ -410,6 +461,9 @@ impl SqliteStore {
                 match lock.lock(deadline) {
                     Ok(Some(_held)) => {
                         if !anchor.is_gone().map_err(registry_err)? {
+                            if shm_gone(shm) {
+                                return Err(shm_removed_err(path));
+                            }
                             return run_write(conn, path, deadline, opened, f);
                         }
                     }
@@ -491,8 +545,12 @@ impl SqliteStore {
 
     /// Whether the file the store has open is still the registry at its path (still linked;
     /// see [`Anchor`]).
+    ///
+    /// A registry whose `-shm` was removed under the connection is an error (see
+    /// [`shm_removed_err`]).
     pub(crate) fn is_current(&self) -> Result<bool> {
         match self.anchor.is_gone() {
+            Ok(false) if shm_gone(&self.shm) => Err(shm_removed_err(&self.path)),
             Ok(gone) => Ok(!gone),
             Err(e) => Err(Error::Registry {
                 path: self.path.clone(),
