@@ -922,7 +922,7 @@ fn a_reap_out_of_descriptors_leaves_the_lease_of_a_killed_runs_command() {
     use std::os::unix::process::CommandExt;
     use std::time::{Duration, Instant};
     // Ports of this test (nothing else binds them): `run` probes by binding.
-    const PORTS: &str = "32400-32499";
+    const PORTS: &str = "32400-32449";
     let fixture = Fixture::new();
     let cli = |args: &[&str], limit: Option<libc::rlim_t>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_portdaddy"));

@@ -788,7 +788,7 @@ fn an_owner_in_another_pid_namespace_on_a_symlink_keeps_its_ports() {
 // Two handles on one registry in one process
 
 /// The ports of the test below, probed as free without binding them.
-const VISIT_RANGE: std::ops::RangeInclusive<u16> = 32400..=32499;
+const VISIT_RANGE: std::ops::RangeInclusive<u16> = 32450..=32499;
 
 fn open_in_visit_range(path: &Path) -> portdaddy::Result<PortDaddy> {
     PortDaddy::builder()

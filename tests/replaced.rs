@@ -16,7 +16,7 @@
 //!
 //! # Ports
 //!
-//! This file owns 32200-32299 and 32500-32599 (see `tests/common/mod.rs`), each test its own part, locked
+//! This file owns 32200-32299 and 32500-32529 (see `tests/common/mod.rs`), each test its own part, locked
 //! host-wide while it runs ([`lock_ports`]).
 #![cfg(unix)]
 

@@ -14,7 +14,7 @@
 //! | cli.rs              | 26000-26499, 32530-32549 |
 //! | faults.rs           | 26500-26899   |
 //! | hostile.rs          | 26900-26949   |
-//! | hostile_cli.rs      | 26950-26999, 32560-32569 |
+//! | hostile_cli.rs      | 26950-26999, 32400-32449, 32560-32569 |
 //! | inspection.rs       | 27000-27499   |
 //! | examples/load.rs    | 28000-29999   |
 //! | blocks.rs           | 30000-30499   |
@@ -22,8 +22,8 @@
 //! | nextest_fixture.rs  | 31000-31499 (and `examples/nextest_fixture.rs`) |
 //! | examples/soak.rs    | 31500-31999 (not run in CI) |
 //! | liveness.rs         | 32000-32099   |
-//! | registry_files.rs   | 32100-32199   |
-//! | replaced.rs         | 32200-32299, 32500-32599 |
+//! | registry_files.rs   | 32100-32199, 32450-32499 |
+//! | replaced.rs         | 32200-32299, 32500-32529 |
 //! | limits.rs           | 32300-32399   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
