@@ -66,6 +66,9 @@ pub(crate) struct OwnerLock {
     name: String,
     /// Held (locked) for as long as the handle lives.
     _file: File,
+    /// The file's device and inode, to tell whether the path still names it.
+    #[cfg(unix)]
+    id: (u64, u64),
     /// The process that took it: a forked child must not remove its parent's file.
     creator: u32,
 }
@@ -104,10 +107,18 @@ impl OwnerLock {
             if !still_linked(&path, &file) {
                 continue;
             }
+            #[cfg(unix)]
+            let id = {
+                use std::os::unix::fs::MetadataExt;
+                let meta = file.metadata()?;
+                (meta.dev(), meta.ino())
+            };
             return Ok(Self {
                 path,
                 name,
                 _file: file,
+                #[cfg(unix)]
+                id,
                 creator: std::process::id(),
             });
         }
@@ -124,22 +135,23 @@ impl OwnerLock {
     /// directory, renamed), others take its owner for dead: the handle must take a new one.
     /// A path that cannot be examined for another reason is no evidence, and keeps the file.
     pub(crate) fn is_in_place(&self) -> bool {
-        if matches!(crate::lock::is_unlinked(&self._file), Ok(true)) {
-            return false;
-        }
+        // One path lookup: while this handle holds the file open its inode cannot be reused,
+        // so the path names it exactly when it shows the same device and inode (a file
+        // removed, or moved aside, leaves nothing or another file there).
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt;
             match fs::metadata(&self.path) {
-                Ok(named) => match self._file.metadata() {
-                    Ok(open) => named.dev() == open.dev() && named.ino() == open.ino(),
-                    Err(_) => true,
-                },
+                Ok(named) => (named.dev(), named.ino()) == self.id,
                 // Nothing, or no directory, at the path: the file was moved away. Unless the
                 // registry's own directory went with it, still linked (the registry was moved
                 // away whole): there is no directory beside it to take a new file in, and no
-                // one judges its leases by that path.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => self.registry_dir_moved(),
+                // one judges its leases by that path. A file deleted with its directory is
+                // not in place either way.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    !matches!(crate::lock::is_unlinked(&self._file), Ok(true))
+                        && self.registry_dir_moved()
+                }
                 Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => false,
                 Err(_) => true,
             }
