@@ -66,19 +66,8 @@ pub(crate) fn default_location() -> (PathBuf, bool) {
             false,
         );
     }
-    let dir = std::env::temp_dir().join(format!("portdaddy-{}", user_tag()));
+    let dir = std::env::temp_dir().join(format!("portdaddy-{}", crate::sys::user_tag()));
     (dir.join(FILE_NAME), true)
-}
-
-#[cfg(unix)]
-fn user_tag() -> String {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() }.to_string()
-}
-
-#[cfg(not(unix))]
-fn user_tag() -> String {
-    std::env::var("USERNAME").unwrap_or_else(|_| "user".into())
 }
 
 /// In the shared temp directory: creates `portdaddy-<uid>` for `path` if missing, and refuses
@@ -112,8 +101,7 @@ pub(crate) fn prepare_shared_dir(path: &Path) -> Result<()> {
 /// (between a check and the creation) is inspected, not adopted.
 fn create_dir_0700(dir: &Path) -> io::Result<()> {
     let mut builder = fs::DirBuilder::new();
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    crate::sys::private_dir(&mut builder);
     match builder.create(dir) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         result => result,
@@ -139,8 +127,7 @@ fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
     if !meta.is_dir() {
         return refuse("it is not a directory");
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    if meta.uid() != unsafe { libc::getuid() } {
+    if Some(meta.uid()) != crate::sys::uid() {
         return refuse("it belongs to another user");
     }
     if meta.mode() & 0o022 != 0 {
@@ -168,8 +155,7 @@ fn check_private_file(file: &Path, meta: &fs::Metadata) -> io::Result<()> {
     if !meta.is_file() {
         return refuse("it is not a regular file");
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    if meta.uid() != unsafe { libc::getuid() } {
+    if Some(meta.uid()) != crate::sys::uid() {
         return refuse("it belongs to another user");
     }
     if meta.mode() & 0o022 != 0 {
@@ -240,13 +226,6 @@ fn refused(registry: &Path, file: &Path, reason: String, advice: &'static str) -
         reason,
         advice,
     }
-}
-
-/// The effective user id.
-#[cfg(unix)]
-pub(crate) fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 /// `user NAME (uid N)`, or `uid N` for a uid that `/etc/passwd` does not list.
@@ -326,7 +305,7 @@ pub(crate) fn resolve(path: &Path) -> Result<PathBuf> {
         }
         match fs::symlink_metadata(&next) {
             Ok(meta) if meta.file_type().is_symlink() => {
-                if meta.uid() != euid() && meta.uid() != 0 {
+                if Some(meta.uid()) != crate::sys::euid() && meta.uid() != 0 {
                     return Err(refused(
                         path,
                         &next,
@@ -450,7 +429,7 @@ fn check_dirs_above(registry: &Path, dir: &Path) -> Result<()> {
             path: registry.to_owned(),
             source: source.into(),
         })?;
-        if meta.uid() != euid() && meta.uid() != 0 {
+        if Some(meta.uid()) != crate::sys::euid() && meta.uid() != 0 {
             return Err(refused(
                 registry,
                 above,
@@ -491,7 +470,7 @@ fn check_dirs_above(_: &Path, _: &Path) -> Result<()> {
 fn may_create_in(registry: &Path, parent: &Path, meta: &fs::Metadata) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let sticky = meta.mode() & STICKY != 0;
-    if meta.uid() == euid() || (meta.uid() == 0 && sticky) {
+    if Some(meta.uid()) == crate::sys::euid() || (meta.uid() == 0 && sticky) {
         return Ok(());
     }
     Err(refused(
@@ -515,7 +494,7 @@ fn may_create_in(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
 #[cfg(unix)]
 pub(crate) fn check_registry_dir(registry: &Path, dir: &Path, meta: &fs::Metadata) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    if meta.uid() != euid() && meta.uid() != 0 {
+    if Some(meta.uid()) != crate::sys::euid() && meta.uid() != 0 {
         return Err(refused(
             registry,
             dir,
@@ -625,7 +604,7 @@ fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> 
         }
         _ => {}
     }
-    if meta.uid() != euid() {
+    if Some(meta.uid()) != crate::sys::euid() {
         return refuse(
             format!("it belongs to {}", owner_name(meta.uid())),
             ADVICE_OWN,
@@ -652,7 +631,7 @@ fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> 
                 ADVICE_SHARE_DIR,
             );
         }
-        if is_mount_root(file) {
+        if crate::sys::is_mount_root(file) {
             return refuse(
                 "it is mounted on its own (a single-file bind mount), so its lock file and \
                  owners directory are not the ones beside the original"
@@ -675,79 +654,6 @@ fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> 
         ));
     }
     Ok(())
-}
-
-/// Whether `path` is the root of a mount of its own (a single file bind-mounted there).
-#[cfg(target_os = "linux")]
-fn is_mount_root(path: &Path) -> bool {
-    #[cfg(any(target_env = "gnu", target_env = "musl"))]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-            return false;
-        };
-        // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
-        let mut buf: libc::statx = unsafe { std::mem::zeroed() };
-        // SAFETY: `c_path` is NUL-terminated and outlives the call; `buf` is a valid, writable
-        // statx buffer.
-        let rc = unsafe {
-            libc::statx(
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-                libc::STATX_BASIC_STATS,
-                &mut buf,
-            )
-        };
-        let flag = libc::STATX_ATTR_MOUNT_ROOT as u64;
-        if rc == 0 && buf.stx_attributes_mask & flag != 0 {
-            return buf.stx_attributes & flag != 0;
-        }
-    }
-    // Kernels before 5.8 do not say: look for the path among the mount points.
-    mounted_at(path)
-}
-
-#[cfg(not(target_os = "linux"))]
-#[cfg_attr(not(unix), allow(dead_code))]
-fn is_mount_root(_: &Path) -> bool {
-    false
-}
-
-/// Whether `/proc/self/mountinfo` lists a mount at `path`.
-#[cfg(target_os = "linux")]
-fn mounted_at(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(info) = fs::read(std::path::Path::new("/proc/self/mountinfo")) else {
-        return false;
-    };
-    let wanted = path.as_os_str().as_bytes();
-    info.split(|b| *b == b'\n').any(|line| {
-        line.split(|b| *b == b' ')
-            .nth(4)
-            .is_some_and(|point| unescape_octal(point) == wanted)
-    })
-}
-
-/// Undoes the `\ooo` escapes of mountinfo's fields.
-#[cfg(target_os = "linux")]
-fn unescape_octal(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let digits = field.get(i + 1..i + 4);
-        match digits {
-            Some(d) if field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)) => {
-                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
-                i += 4;
-            }
-            _ => {
-                out.push(field[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// A side file that [`precreate_side_files`] made: its path and identity (device, inode).
@@ -778,14 +684,11 @@ fn precreate(real: &Path, suffixes: &[&str]) -> io::Result<Vec<Created>> {
         let file = sibling(real, suffix);
         let mut options = fs::OpenOptions::new();
         options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
-        }
+        crate::sys::private_file(&mut options);
+        crate::sys::open_flags(&mut options, true, false);
         match options.open(&file) {
             Ok(handle) => {
-                let id = identity(&handle.metadata()?);
+                let id = crate::sys::file_id(&handle.metadata()?);
                 created.push((file, id));
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -795,21 +698,10 @@ fn precreate(real: &Path, suffixes: &[&str]) -> io::Result<Vec<Created>> {
     Ok(created)
 }
 
-#[cfg(unix)]
-fn identity(meta: &fs::Metadata) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    Some((meta.dev(), meta.ino()))
-}
-
-#[cfg(not(unix))]
-fn identity(_: &fs::Metadata) -> Option<(u64, u64)> {
-    None
-}
-
 /// Removes the side files [`precreate_side_files`] made, if their names still lead to them.
 pub(crate) fn remove_created(created: Vec<Created>) {
     for (file, id) in created {
-        let still = fs::symlink_metadata(&file).is_ok_and(|meta| identity(&meta) == id);
+        let still = fs::symlink_metadata(&file).is_ok_and(|meta| crate::sys::file_id(&meta) == id);
         if !still {
             continue;
         }
@@ -823,8 +715,7 @@ pub(crate) fn remove_created(created: Vec<Created>) {
 pub(crate) fn create_private_file(path: &Path) -> io::Result<()> {
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    crate::sys::private_file(&mut options);
     match options.open(path) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
@@ -903,13 +794,6 @@ mod tests {
         let long = PathBuf::from("x".repeat(NAME_MAX - LONGEST_SUFFIX + 1));
         let err = check_name_length(&long, &long).unwrap_err();
         assert!(matches!(err, Error::Refused { .. }), "{err:?}");
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_octal(br"/a\040b\011c"), b"/a b\tc");
-        assert_eq!(unescape_octal(br"/plain\9"), br"/plain\9");
     }
 
     #[test]

@@ -41,16 +41,7 @@ use super::ProcessProbe;
 use crate::lease::Owner;
 
 /// The PID namespace of the calling process, where the system has such a thing.
-#[cfg(target_os = "linux")]
-pub(crate) fn pid_namespace() -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
-}
-
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn pid_namespace() -> Option<u64> {
-    None
-}
+pub(crate) use crate::sys::pid_namespace;
 
 /// The directory of owner lock files beside the registry at `registry`.
 pub(crate) fn owners_dir(registry: &Path) -> PathBuf {
@@ -66,9 +57,9 @@ pub(crate) struct OwnerLock {
     name: String,
     /// Held (locked) for as long as the handle lives.
     _file: File,
-    /// The file's device and inode, to tell whether the path still names it.
-    #[cfg(unix)]
-    id: (u64, u64),
+    /// The file's device and inode, to tell whether the path still names it, where the
+    /// platform has them.
+    id: Option<(u64, u64)>,
     /// The process that took it: a forked child must not remove its parent's file.
     creator: u32,
 }
@@ -90,8 +81,7 @@ impl OwnerLock {
             let path = dir.join(&name);
             let mut options = OpenOptions::new();
             options.read(true).write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            crate::sys::private_file(&mut options);
             let file = options.open(&path)?;
             match try_lock(&file) {
                 Ok(()) => {}
@@ -107,17 +97,11 @@ impl OwnerLock {
             if !still_linked(&path, &file) {
                 continue;
             }
-            #[cfg(unix)]
-            let id = {
-                use std::os::unix::fs::MetadataExt;
-                let meta = file.metadata()?;
-                (meta.dev(), meta.ino())
-            };
+            let id = crate::sys::file_id(&file.metadata()?);
             return Ok(Self {
                 path,
                 name,
                 _file: file,
-                #[cfg(unix)]
                 id,
                 creator: std::process::id(),
             });
@@ -137,35 +121,30 @@ impl OwnerLock {
     pub(crate) fn is_in_place(&self) -> bool {
         // One path lookup: while this handle holds the file open its inode cannot be reused,
         // so the path names it exactly when it shows the same device and inode (a file
-        // removed, or moved aside, leaves nothing or another file there).
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            match fs::metadata(&self.path) {
-                Ok(named) => (named.dev(), named.ino()) == self.id,
-                // Nothing, or no directory, at the path: the file was moved away. Unless the
-                // registry's own directory went with it, still linked (the registry was moved
-                // away whole): there is no directory beside it to take a new file in, and no
-                // one judges its leases by that path. A file deleted with its directory is
-                // not in place either way.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    !matches!(crate::lock::is_unlinked(&self._file), Ok(true))
-                        && self.registry_dir_moved()
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => false,
-                Err(_) => true,
+        // removed, or moved aside, leaves nothing or another file there). Where files have
+        // no identity, nothing tells, and the file is kept.
+        let Some(id) = self.id else {
+            return true;
+        };
+        match fs::metadata(&self.path) {
+            Ok(named) => crate::sys::file_id(&named) == Some(id),
+            // Nothing, or no directory, at the path: the file was moved away. Unless the
+            // registry's own directory went with it, still linked (the registry was moved
+            // away whole): there is no directory beside it to take a new file in, and no
+            // one judges its leases by that path. A file deleted with its directory is
+            // not in place either way.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                !matches!(crate::lock::is_unlinked(&self._file), Ok(true))
+                    && self.registry_dir_moved()
             }
-        }
-        #[cfg(not(unix))]
-        {
-            true
+            Err(e) if e.kind() == io::ErrorKind::NotADirectory => false,
+            Err(_) => true,
         }
     }
 
     /// Whether the directory that holds the owners directory is missing from its path:
     /// then the registry was moved away with its directory (it is not deleted, or its
     /// store would have opened a new one, creating the directory, before this is asked).
-    #[cfg(unix)]
     fn registry_dir_moved(&self) -> bool {
         let Some(registry_dir) = self.path.parent().and_then(Path::parent) else {
             return false;
@@ -175,7 +154,6 @@ impl OwnerLock {
 
     /// A new descriptor of the locked file description, which shares its lock (and keeps
     /// it while any process has it open), to pass on to a command.
-    #[cfg(unix)]
     pub(crate) fn share(&self) -> io::Result<File> {
         self._file.try_clone()
     }
@@ -210,18 +188,13 @@ fn sweep(dir: &Path) {
 
 /// Whether `path` still names the file that `file` has open.
 fn still_linked(path: &Path, file: &File) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        match (fs::metadata(path), file.metadata()) {
-            (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
-            _ => false,
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = file;
-        path.exists()
+    match (fs::metadata(path), file.metadata()) {
+        (Ok(named), Ok(open)) => match crate::sys::file_id(&open) {
+            Some(id) => crate::sys::file_id(&named) == Some(id),
+            // Where files have no identity, that the path names something is all there is.
+            None => true,
+        },
+        _ => false,
     }
 }
 
@@ -230,8 +203,7 @@ fn still_linked(path: &Path, file: &File) -> bool {
 /// somewhere chosen by someone else.
 fn create_private_dir(dir: &Path) -> io::Result<()> {
     let mut builder = fs::DirBuilder::new();
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    crate::sys::private_dir(&mut builder);
     match builder.create(dir) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         other => return other,
@@ -249,17 +221,13 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
     if !meta.is_dir() {
         return refuse("it is not a directory");
     }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if meta.uid() != crate::paths::euid() {
-            return refuse("it belongs to another user");
-        }
-        // Others could plant or remove lock files there: a dead owner made to look alive, or
-        // a live one dead.
-        if meta.mode() & 0o022 != 0 {
-            return refuse("group or other users can write to it");
-        }
+    if crate::sys::owner(&meta).is_some_and(|owner| Some(owner) != crate::sys::euid()) {
+        return refuse("it belongs to another user");
+    }
+    // Others could plant or remove lock files there: a dead owner made to look alive, or a
+    // live one dead.
+    if crate::sys::mode(&meta).is_some_and(|mode| mode & 0o022 != 0) {
+        return refuse("group or other users can write to it");
     }
     Ok(())
 }

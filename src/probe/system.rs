@@ -154,51 +154,11 @@ fn recorded_here(pid: u32, start_time: u64, parents: Option<Option<Vec<u64>>>) -
 }
 
 /// The time namespace of the calling process: the inode number of `/proc/self/ns/time`.
-#[cfg(target_os = "linux")]
-fn time_namespace() -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/time")
-        .ok()
-        .map(|m| m.ino())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn time_namespace() -> Option<u64> {
-    None
-}
+use crate::sys::time_namespace;
 
 /// The PID namespaces above this process's, nearest first, as far as the kernel lets this
-/// process see (`ioctl(NS_GET_PARENT)` stops at the initial namespace, or at the edge of
-/// this process's user namespace).
-#[cfg(target_os = "linux")]
-fn pid_namespace_parents() -> Option<Vec<u64>> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::fs::MetadataExt;
-    /// `_IO(0xb7, 0x2)` from `<linux/nsfs.h>`.
-    const NS_GET_PARENT: u32 = 0xb702;
-    /// The kernel nests PID namespaces 32 deep at most.
-    const MAX_DEPTH: usize = 32;
-    let mut current = OwnedFd::from(std::fs::File::open("/proc/self/ns/pid").ok()?);
-    let mut parents = Vec::new();
-    while parents.len() < MAX_DEPTH {
-        // SAFETY: NS_GET_PARENT takes no argument; it returns a new descriptor or -1, and
-        // `current` is an open namespace descriptor.
-        let fd = unsafe { libc::ioctl(current.as_raw_fd(), NS_GET_PARENT as _) };
-        if fd < 0 {
-            break;
-        }
-        // SAFETY: the kernel just opened `fd` for us; nothing else owns it.
-        current = unsafe { OwnedFd::from_raw_fd(fd) };
-        let file = std::fs::File::from(current.try_clone().ok()?);
-        parents.push(file.metadata().ok()?.ino());
-    }
-    Some(parents)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn pid_namespace_parents() -> Option<Vec<u64>> {
-    None
-}
+/// process see.
+use crate::sys::pid_namespace_parents;
 
 /// How this process may use `/proc`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,22 +206,12 @@ enum Kill {
     NotAsked,
 }
 
-#[cfg(unix)]
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn kill_says(pid: u32) -> Kill {
-    match i32::try_from(pid) {
-        Ok(signed) if signed > 0 => {
-            // SAFETY: signal 0 sends nothing; it only checks that the pid exists.
-            if unsafe { libc::kill(signed, 0) } == 0 {
-                return Kill::Exists;
-            }
-            match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::ESRCH) => Kill::NoSuch,
-                Some(libc::EPERM) => Kill::Exists,
-                _ => Kill::NotAsked,
-            }
-        }
-        _ => Kill::NotAsked,
+    match crate::sys::pid_exists(pid) {
+        Some(true) => Kill::Exists,
+        Some(false) => Kill::NoSuch,
+        None => Kill::NotAsked,
     }
 }
 
@@ -348,7 +298,6 @@ enum Seen {
 /// recorded without a lock file.
 #[cfg(target_os = "linux")]
 fn seek_in_namespace(namespace: u64, pid: u32) -> Seen {
-    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Seen::NotFound {
             any: false,
@@ -371,7 +320,7 @@ fn seek_in_namespace(namespace: u64, pid: u32) -> Seen {
         };
         let base = entry.path();
         match std::fs::metadata(base.join("ns/pid")) {
-            Ok(meta) if meta.ino() == namespace => {}
+            Ok(meta) if crate::sys::file_id(&meta).map(|(_, ino)| ino) == Some(namespace) => {}
             Ok(_) => continue,
             // Exited since the listing.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -423,7 +372,7 @@ fn seek_in_namespace(_namespace: u64, _pid: u32) -> Seen {
 fn sees_every_process() -> bool {
     static SEES: OnceLock<bool> = OnceLock::new();
     *SEES.get_or_init(|| {
-        if crate::paths::euid() == 0 {
+        if crate::sys::euid() == Some(0) {
             return true;
         }
         std::fs::read_to_string("/proc/self/mountinfo")

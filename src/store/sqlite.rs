@@ -271,15 +271,8 @@ fn in_use_table() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<(
 }
 
 /// The (device, inode) of a file, where the platform has POSIX locks.
-#[cfg(unix)]
 fn file_id(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    Some((meta.dev(), meta.ino()))
-}
-
-#[cfg(not(unix))]
-fn file_id(_: &std::fs::Metadata) -> Option<(u64, u64)> {
-    None
+    crate::sys::file_id(meta)
 }
 
 /// A registry file marked in [`IN_USE`] while this process has a connection on it.
@@ -749,11 +742,7 @@ fn check_file(path: &Path, real: &Path, locked: bool, write: bool) -> Result<()>
     // Non-blocking, so that a FIFO at the path cannot hang the open or the read.
     // When opening for use, `real` has its links resolved already: one there now is not
     // followed.
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(
-        &mut options,
-        libc::O_NONBLOCK | if write { libc::O_NOFOLLOW } else { 0 },
-    );
+    crate::sys::open_flags(&mut options, write, true);
     let file = match options.open(real) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
