@@ -232,22 +232,18 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// An exclusive lock without waiting.
+/// An exclusive lock without waiting; `WouldBlock` when someone holds it.
+///
+/// std's lock, which on Linux (and the BSDs and macOS) is `flock(LOCK_EX | LOCK_NB)`, the
+/// same lock as the registry's lock file and the one earlier versions took here: it belongs
+/// to the open file description, so a descriptor handed to a command shares it. On Windows
+/// it is `LockFileEx`, a real lock too (once, this took nothing there and every file looked
+/// free to a sweep).
 fn try_lock(file: &File) -> io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on a descriptor that `file` keeps open.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = file;
-        Ok(())
-    }
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => io::ErrorKind::WouldBlock.into(),
+        std::fs::TryLockError::Error(e) => e,
+    })
 }
 
 /// A lock file name as this module writes it: anything else (a path, `..`) read from a
@@ -352,6 +348,36 @@ fn decide(lock: Option<LockState>, foreign: bool, by_pid: impl FnOnce() -> bool)
     }
 }
 
+#[cfg(test)]
+mod any_platform_tests {
+    use super::*;
+
+    /// On every platform: a lock file held through another open file (another process, or
+    /// a descriptor handed to a command) is held, and free once that file is closed.
+    #[test]
+    fn a_lock_held_through_another_open_file_is_held_until_it_is_closed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let name = "0-1-2-ab";
+        let path = tmp.path().join(name);
+        let holder = File::create(&path).unwrap();
+        try_lock(&holder).unwrap();
+        let other = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(
+            try_lock(&other).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert_eq!(lock_state(tmp.path(), name, true), LockState::Held);
+        assert!(path.exists(), "a held file is never removed");
+        drop(holder);
+        assert_eq!(lock_state(tmp.path(), name, true), LockState::Free);
+        assert!(!path.exists(), "a free file is removed");
+    }
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
@@ -396,6 +422,26 @@ mod tests {
             "a closed handle removes its file"
         );
         assert!(!probe.is_alive(&owner(2, Some(name))));
+    }
+
+    /// The lock is `flock`'s, as the registry's lock file and earlier versions take it: an
+    /// `flock` through another open file description excludes it, both ways (a POSIX or an
+    /// OFD lock would not conflict with it).
+    #[test]
+    fn the_owner_lock_is_an_flock() {
+        use rustix::fs::{flock, FlockOperation};
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        let ours = File::create(&path).unwrap();
+        let theirs = File::open(&path).unwrap();
+        flock(&theirs, FlockOperation::NonBlockingLockExclusive).unwrap();
+        assert_eq!(
+            try_lock(&ours).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        flock(&theirs, FlockOperation::Unlock).unwrap();
+        try_lock(&ours).unwrap();
+        assert!(flock(&theirs, FlockOperation::NonBlockingLockExclusive).is_err());
     }
 
     #[test]
