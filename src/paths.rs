@@ -127,7 +127,7 @@ fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
     if !meta.is_dir() {
         return refuse("it is not a directory");
     }
-    if Some(meta.uid()) != crate::sys::uid() {
+    if Some(meta.uid()) != crate::sys::euid() {
         return refuse("it belongs to another user");
     }
     if meta.mode() & 0o022 != 0 {
@@ -155,7 +155,7 @@ fn check_private_file(file: &Path, meta: &fs::Metadata) -> io::Result<()> {
     if !meta.is_file() {
         return refuse("it is not a regular file");
     }
-    if Some(meta.uid()) != crate::sys::uid() {
+    if Some(meta.uid()) != crate::sys::euid() {
         return refuse("it belongs to another user");
     }
     if meta.mode() & 0o022 != 0 {

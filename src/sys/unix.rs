@@ -17,14 +17,10 @@ pub(crate) fn euid() -> Option<u32> {
     Some(rustix::process::geteuid().as_raw())
 }
 
-/// The user's part of the name of the directory of registries in the shared temp directory.
+/// The user's part of the name of the directory of registries in the shared temp directory:
+/// the effective user id, whose directory that is.
 pub(crate) fn user_tag() -> String {
-    rustix::process::getuid().as_raw().to_string()
-}
-
-/// The real user id.
-pub(crate) fn uid() -> Option<u32> {
-    Some(rustix::process::getuid().as_raw())
+    rustix::process::geteuid().as_raw().to_string()
 }
 
 /// The user id that owns the file `meta` describes.
@@ -332,8 +328,7 @@ pub(crate) fn can_read_write(path: &Path, is_dir: bool) -> bool {
     if is_dir {
         how |= Access::EXEC_OK;
     }
-    let _ = AtFlags::EACCESS;
-    rustix::fs::accessat(CWD, path, how, AtFlags::empty()).is_ok()
+    rustix::fs::accessat(CWD, path, how, AtFlags::EACCESS).is_ok()
 }
 
 /// Whether an IPv6 socket accepts IPv4 too (`IPV6_V6ONLY` is off), so that binding it
@@ -414,6 +409,8 @@ mod tests {
         let meta = fs::metadata(&file).unwrap();
         assert_eq!(owner(&meta), euid());
         assert_eq!(mode(&meta), Some(0o600));
+        assert_eq!(user_tag(), euid().unwrap().to_string());
+        assert!(can_read_write(&file, false));
     }
 
     #[test]

@@ -13,11 +13,6 @@ pub(crate) fn euid() -> Option<u32> {
     None
 }
 
-/// No user ids here.
-pub(crate) fn uid() -> Option<u32> {
-    None
-}
-
 /// The user's part of the name of the directory of registries in the shared temp directory.
 pub(crate) fn user_tag() -> String {
     std::env::var("USERNAME").unwrap_or_else(|_| "user".into())
