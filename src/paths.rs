@@ -109,79 +109,40 @@ fn create_dir_0700(dir: &Path) -> io::Result<()> {
 }
 
 /// A directory in a shared place must be a real directory, ours, and closed to others.
-#[cfg(unix)]
 fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let refuse = |why: &str| {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "refusing to use {}: {why}; remove it or set {ENV_VAR}",
-                dir.display()
-            ),
-        ))
-    };
-    if meta.file_type().is_symlink() {
-        return refuse("it is a symbolic link");
-    }
-    if !meta.is_dir() {
-        return refuse("it is not a directory");
-    }
-    if Some(meta.uid()) != crate::sys::euid() {
-        return refuse("it belongs to another user");
-    }
-    if meta.mode() & 0o022 != 0 {
-        return refuse("other users can write to it");
-    }
-    Ok(())
+    check_private(dir, meta, true)
 }
 
 /// A file in the shared place must be a regular file, ours, and closed to others' writes.
-#[cfg(unix)]
 fn check_private_file(file: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    check_private(file, meta, false)
+}
+
+fn check_private(path: &Path, meta: &fs::Metadata, dir: bool) -> io::Result<()> {
     let refuse = |why: &str| {
         Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
                 "refusing to use {}: {why}; remove it or set {ENV_VAR}",
-                file.display()
+                path.display()
             ),
         ))
     };
     if meta.file_type().is_symlink() {
         return refuse("it is a symbolic link");
     }
-    if !meta.is_file() {
+    if dir && !meta.is_dir() {
+        return refuse("it is not a directory");
+    }
+    if !dir && !meta.is_file() {
         return refuse("it is not a regular file");
     }
-    if Some(meta.uid()) != crate::sys::euid() {
+    // Where the platform has no owners or modes, there is nothing more to check.
+    if crate::sys::owner(meta).is_some_and(|owner| Some(owner) != crate::sys::euid()) {
         return refuse("it belongs to another user");
     }
-    if meta.mode() & 0o022 != 0 {
+    if crate::sys::mode(meta).is_some_and(|mode| mode & 0o022 != 0) {
         return refuse("other users can write to it");
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private_file(file: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    if meta.file_type().is_symlink() || !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("refusing to use {}: not a plain file", file.display()),
-        ));
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    if meta.file_type().is_symlink() || !meta.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("refusing to use {}: not a plain directory", dir.display()),
-        ));
     }
     Ok(())
 }
@@ -203,19 +164,16 @@ const SIDE_SUFFIXES: [&str; 5] = [".lock", ".owners", "-wal", "-shm", "-journal"
 const LONGEST_SUFFIX: usize = "-journal".len();
 
 /// The sticky bit of a mode: only a file's owner may remove or rename it in the directory.
-#[cfg(unix)]
 const STICKY: u32 = 0o1000;
 
 /// Advice for a file that another user planted or may change.
 pub(crate) const ADVICE_OWN: &str =
     "remove it (as its owner), or set PORTDADDY_DB to a registry in a directory of your own";
 /// Advice for a registry file reached by more than one name.
-#[cfg_attr(not(unix), allow(dead_code))]
 const ADVICE_SHARE_DIR: &str =
     "share the directory that holds the registry (bind-mount or link the directory), not the \
      file alone";
 /// Advice for a registry path inside a directory of another user.
-#[cfg_attr(not(unix), allow(dead_code))]
 const ADVICE_OTHER_USER: &str =
     "run as the user who owns it, or set PORTDADDY_DB to a path of your own";
 
@@ -229,7 +187,6 @@ fn refused(registry: &Path, file: &Path, reason: String, advice: &'static str) -
 }
 
 /// `user NAME (uid N)`, or `uid N` for a uid that `/etc/passwd` does not list.
-#[cfg(unix)]
 fn owner_name(uid: u32) -> String {
     let listed = fs::read_to_string("/etc/passwd").ok().and_then(|passwd| {
         passwd.lines().find_map(|line| {
@@ -418,9 +375,11 @@ pub(crate) fn prepare_dirs(registry: &Path, real: &Path) -> Result<()> {
 /// who may write to it while it has no sticky bit, could rename the directories below it
 /// and put their own in their place, with files of their choosing where the registry's
 /// files are opened again by name (the owners' lock files, for one).
-#[cfg(unix)]
 fn check_dirs_above(registry: &Path, dir: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    // Where the platform has no users, nobody else can own a directory above.
+    if crate::sys::euid().is_none() {
+        return Ok(());
+    }
     for above in dir.ancestors().skip(1) {
         if above.as_os_str().is_empty() {
             break;
@@ -429,27 +388,29 @@ fn check_dirs_above(registry: &Path, dir: &Path) -> Result<()> {
             path: registry.to_owned(),
             source: source.into(),
         })?;
-        if Some(meta.uid()) != crate::sys::euid() && meta.uid() != 0 {
+        let Some((owner, mode)) = owner_and_mode(&meta) else {
+            continue;
+        };
+        if Some(owner) != crate::sys::euid() && owner != 0 {
             return Err(refused(
                 registry,
                 above,
                 format!(
                     "this directory above the registry belongs to {}, who could replace the \
                      directories below it",
-                    owner_name(meta.uid())
+                    owner_name(owner)
                 ),
                 ADVICE_OTHER_USER,
             ));
         }
-        if meta.mode() & 0o022 != 0 && meta.mode() & STICKY == 0 {
+        if mode & 0o022 != 0 && mode & STICKY == 0 {
             return Err(refused(
                 registry,
                 above,
                 format!(
                     "group or other users can write to this directory above the registry \
-                     (mode {:04o}) and it has no sticky bit, so they could replace the \
+                     (mode {mode:04o}) and it has no sticky bit, so they could replace the \
                      directories below it",
-                    meta.mode() & 0o7777
                 ),
                 "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path \
                  in a directory of your own",
@@ -459,18 +420,19 @@ fn check_dirs_above(registry: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-#[cfg(not(unix))]
-fn check_dirs_above(_: &Path, _: &Path) -> Result<()> {
-    Ok(())
+/// The owner and mode of the file `meta` describes, where the platform has them.
+fn owner_and_mode(meta: &fs::Metadata) -> Option<(u32, u32)> {
+    Some((crate::sys::owner(meta)?, crate::sys::mode(meta)?))
 }
 
 /// A directory may be created in `parent` if it is ours, or root's with the sticky bit (as
 /// `/tmp`): never in another user's, where it would lock its owner out.
-#[cfg(unix)]
 fn may_create_in(registry: &Path, parent: &Path, meta: &fs::Metadata) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let sticky = meta.mode() & STICKY != 0;
-    if Some(meta.uid()) == crate::sys::euid() || (meta.uid() == 0 && sticky) {
+    let Some((owner, mode)) = owner_and_mode(meta) else {
+        return Ok(());
+    };
+    let sticky = mode & STICKY != 0;
+    if Some(owner) == crate::sys::euid() || (owner == 0 && sticky) {
         return Ok(());
     }
     Err(refused(
@@ -478,42 +440,37 @@ fn may_create_in(registry: &Path, parent: &Path, meta: &fs::Metadata) -> Result<
         parent,
         format!(
             "it belongs to {}, and a directory of ours created in it would lock its owner out",
-            owner_name(meta.uid())
+            owner_name(owner)
         ),
         ADVICE_OTHER_USER,
     ))
 }
 
-#[cfg(not(unix))]
-fn may_create_in(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
-    Ok(())
-}
-
 /// The directory of the registry must be ours (or root's), and closed to others' writes
 /// unless sticky, where nobody may remove or rename another's files.
-#[cfg(unix)]
 pub(crate) fn check_registry_dir(registry: &Path, dir: &Path, meta: &fs::Metadata) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if Some(meta.uid()) != crate::sys::euid() && meta.uid() != 0 {
+    let Some((owner, mode)) = owner_and_mode(meta) else {
+        return Ok(());
+    };
+    if Some(owner) != crate::sys::euid() && owner != 0 {
         return Err(refused(
             registry,
             dir,
             format!(
                 "the registry's directory belongs to {}, who could replace its files",
-                owner_name(meta.uid())
+                owner_name(owner)
             ),
             ADVICE_OTHER_USER,
         ));
     }
-    let sticky = meta.mode() & STICKY != 0;
-    if meta.mode() & 0o022 != 0 && !sticky {
+    let sticky = mode & STICKY != 0;
+    if mode & 0o022 != 0 && !sticky {
         return Err(refused(
             registry,
             dir,
             format!(
-                "group or other users can write to the registry's directory (mode {:04o}) \
+                "group or other users can write to the registry's directory (mode {mode:04o}) \
                  and it has no sticky bit, so they could replace its files",
-                meta.mode() & 0o7777
             ),
             "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path in a \
              directory of your own",
@@ -522,24 +479,13 @@ pub(crate) fn check_registry_dir(registry: &Path, dir: &Path, meta: &fs::Metadat
     Ok(())
 }
 
-#[cfg(not(unix))]
-pub(crate) fn check_registry_dir(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
-    Ok(())
-}
-
 /// Whether others may create files in the registry's directory (a sticky directory such as
 /// `/tmp`), so that the side files should be created by us before SQLite opens them.
-#[cfg(unix)]
 pub(crate) fn dir_open_to_others(real: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
     let dir = real.parent().filter(|d| !d.as_os_str().is_empty());
     dir.and_then(|d| fs::metadata(d).ok())
-        .is_some_and(|m| m.mode() & 0o022 != 0)
-}
-
-#[cfg(not(unix))]
-pub(crate) fn dir_open_to_others(_: &Path) -> bool {
-    false
+        .and_then(|m| crate::sys::mode(&m))
+        .is_some_and(|mode| mode & 0o022 != 0)
 }
 
 /// Refuses, without changing anything, a registry file or side file that another user could
@@ -580,16 +526,14 @@ enum Kind {
     Dir,
 }
 
-#[cfg(unix)]
 fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     let refuse = |reason: String, advice| Err(refused(registry, file, reason, advice));
     if meta.file_type().is_symlink() {
+        let of = crate::sys::owner(meta)
+            .map(|owner| format!(" (of {})", owner_name(owner)))
+            .unwrap_or_default();
         return refuse(
-            format!(
-                "it is a symbolic link (of {}), which is never followed there",
-                owner_name(meta.uid())
-            ),
+            format!("it is a symbolic link{of}, which is never followed there"),
             ADVICE_OWN,
         );
     }
@@ -604,29 +548,24 @@ fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> 
         }
         _ => {}
     }
-    if Some(meta.uid()) != crate::sys::euid() {
-        return refuse(
-            format!("it belongs to {}", owner_name(meta.uid())),
-            ADVICE_OWN,
-        );
-    }
-    if meta.mode() & 0o022 != 0 {
-        return refuse(
-            format!(
-                "group or other users can write to it (mode {:04o})",
-                meta.mode() & 0o7777
-            ),
-            "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path of \
-             your own",
-        );
+    if let Some((owner, mode)) = owner_and_mode(meta) {
+        if Some(owner) != crate::sys::euid() {
+            return refuse(format!("it belongs to {}", owner_name(owner)), ADVICE_OWN);
+        }
+        if mode & 0o022 != 0 {
+            return refuse(
+                format!("group or other users can write to it (mode {mode:04o})"),
+                "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path \
+                 of your own",
+            );
+        }
     }
     if kind == Kind::Registry {
-        if meta.nlink() > 1 {
+        if let Some(links) = crate::sys::links(meta).filter(|&n| n > 1) {
             return refuse(
                 format!(
-                    "it has {} hard links, and each name would get a lock of its own, so \
-                     two processes could lease one port",
-                    meta.nlink()
+                    "it has {links} hard links, and each name would get a lock of its own, so \
+                     two processes could lease one port"
                 ),
                 ADVICE_SHARE_DIR,
             );
@@ -639,19 +578,6 @@ fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> 
                 ADVICE_SHARE_DIR,
             );
         }
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> Result<()> {
-    if meta.file_type().is_symlink() || (kind == Kind::Side && !meta.is_file()) {
-        return Err(refused(
-            registry,
-            file,
-            "it is not a plain file".into(),
-            ADVICE_OWN,
-        ));
     }
     Ok(())
 }

@@ -33,6 +33,11 @@ pub(crate) fn mode(meta: &fs::Metadata) -> Option<u32> {
     Some(meta.mode() & 0o7777)
 }
 
+/// How many names (hard links) the file `meta` describes has.
+pub(crate) fn links(meta: &fs::Metadata) -> Option<u64> {
+    Some(meta.nlink())
+}
+
 /// The (device, inode) of a file: equal for two names exactly when they name one file.
 pub(crate) fn file_id(meta: &fs::Metadata) -> Option<(u64, u64)> {
     Some((meta.dev(), meta.ino()))

@@ -29,6 +29,11 @@ pub(crate) fn mode(_: &fs::Metadata) -> Option<u32> {
 }
 
 /// Not known here.
+pub(crate) fn links(_: &fs::Metadata) -> Option<u64> {
+    None
+}
+
+/// Not known here.
 pub(crate) fn file_id(_: &fs::Metadata) -> Option<(u64, u64)> {
     None
 }
