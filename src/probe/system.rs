@@ -282,6 +282,7 @@ fn self_state() -> ProcState {
 
 /// What this process can see of the PID namespace `namespace` through `/proc`.
 #[derive(Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 enum Seen {
     /// A process of the namespace has the pid asked about; its state.
     Found(ProcState),

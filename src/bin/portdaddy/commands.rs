@@ -474,7 +474,7 @@ fn write_stdout(bytes: &[u8]) -> io::Result<()> {
     crate::sys::write_stdout(bytes)
 }
 
-#[cfg(all(test, unix))]
+#[cfg(test)]
 mod tests {
     use super::*;
 

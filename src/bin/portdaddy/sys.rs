@@ -5,7 +5,7 @@
 //! answer that changes nothing.
 
 use std::io;
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 
 /// Sets `SIGPIPE` back to its default action: a write to a closed pipe ends the process.
 pub fn restore_sigpipe() {
@@ -115,7 +115,7 @@ pub fn wait_without_reaping(pid: u32) -> io::Result<()> {
 
 /// Puts the process `command` starts in a process group of its own.
 #[cfg(unix)]
-pub fn own_process_group(command: &mut Command) {
+pub fn own_process_group(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     command.process_group(0);
 }
