@@ -162,6 +162,10 @@ pub(crate) fn pid_exists(pid: u32) -> Option<bool> {
     }
 }
 
+/// Whether the system has Linux's `/proc`: processes' states, start times and namespaces
+/// are read there, and elsewhere asked of the portable process query.
+pub(crate) const PROCFS: bool = cfg!(target_os = "linux");
+
 /// The inode of `/proc/self/ns/<kind>`: which namespace of that kind this process is in.
 #[cfg(target_os = "linux")]
 fn namespace(kind: &str) -> Option<u64> {

@@ -101,6 +101,9 @@ pub(crate) fn is_out_of_buffers(_: &io::Error) -> bool {
 /// No file to try opening here.
 pub(crate) const NULL_DEVICE: Option<&str> = None;
 
+/// No Linux `/proc` here: processes are asked of the portable process query.
+pub(crate) const PROCFS: bool = false;
+
 /// No evidence here.
 pub(crate) fn pid_exists(_: u32) -> Option<bool> {
     None
