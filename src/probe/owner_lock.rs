@@ -237,8 +237,7 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
 /// std's lock, which on Linux (and the BSDs and macOS) is `flock(LOCK_EX | LOCK_NB)`, the
 /// same lock as the registry's lock file and the one earlier versions took here: it belongs
 /// to the open file description, so a descriptor handed to a command shares it. On Windows
-/// it is `LockFileEx`, a real lock too (once, this took nothing there and every file looked
-/// free to a sweep).
+/// it is `LockFileEx`: there too a held file is never taken for free by a sweep.
 fn try_lock(file: &File) -> io::Result<()> {
     file.try_lock().map_err(|e| match e {
         std::fs::TryLockError::WouldBlock => io::ErrorKind::WouldBlock.into(),

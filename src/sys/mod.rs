@@ -1,10 +1,13 @@
-//! Platform code, in one place: every system call, `cfg` choice and `unsafe` block of the
-//! library lives below this module, and the rest of the crate calls the functions here,
-//! which have the same signatures on every platform.
+//! Platform code, in one place: every `unsafe` block and system call of the library other
+//! than through std lives below this module, and the rest of the crate calls the functions
+//! here, which have the same signatures on every platform. The rest has no `cfg` of its own
+//! but one: the walk of Unix paths in `paths::resolve`. Reading Linux's `/proc` (plain file
+//! reads) stays with the process probe, which asks [`PROCFS`] whether there is one.
 //!
 //! - `unix.rs`: the Unix implementation, through rustix (safe wrappers over the system
-//!   calls); the parts only Linux has (`/proc`, namespaces, `O_PATH`, `statx`) are marked
-//!   there. The one call rustix does not cover (`pthread_atfork`) goes through `libc`.
+//!   calls); the parts only Linux has (namespaces, `O_PATH`, `statx`, the ephemeral port
+//!   range) are marked there. The one call rustix does not cover (`pthread_atfork`) goes
+//!   through `libc`.
 //! - `unsupported.rs`: every other platform. It compiles everywhere and gives the answer
 //!   that keeps the rest safe: no evidence (`None`) where a question cannot be asked, which
 //!   the liveness rule turns into "keep the lease", or an [`io::ErrorKind::Unsupported`]
