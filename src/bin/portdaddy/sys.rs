@@ -199,3 +199,33 @@ pub fn write_stdout(bytes: &[u8]) -> io::Result<()> {
         out.write_all(bytes).and_then(|()| out.flush())
     }
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// A real-time signal (which rustix names only through `from_raw_unchecked`) reaches the
+    /// child, which it ends by default; the wait leaves the child to be reaped, with the
+    /// signal in its status.
+    #[test]
+    fn a_real_time_signal_reaches_the_child_and_its_status_says_so() {
+        let signal = forwarded().into_iter().max().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        send_signal(child.id(), signal).unwrap();
+        wait_without_reaping(child.id()).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(signal_of(status), Some(signal));
+    }
+
+    /// Ends with SIGPIPE ignored, as Rust's runtime leaves it for the other tests.
+    #[test]
+    fn the_sigpipe_disposition_is_set_and_seen() {
+        restore_sigpipe();
+        assert!(!is_ignored(signal_hook::consts::SIGPIPE));
+        ignore_sigpipe();
+        assert!(is_ignored(signal_hook::consts::SIGPIPE));
+    }
+}
