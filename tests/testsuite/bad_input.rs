@@ -18,7 +18,10 @@
 //!   `-journal` must be neither changed nor deleted, and for a file that came with a pending
 //!   `-wal` a `-shm` index is tolerated (SQLite cannot read such a file without one).
 
-mod common;
+use crate::common;
+#[cfg(unix)]
+use crate::common::is_root;
+use crate::common::sibling;
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -61,13 +64,6 @@ fn open_err(path: &Path) -> Error {
         Ok(registry) => panic!("{} opened as a registry: {registry:?}", path.display()),
         Err(e) => e,
     }
-}
-
-/// `path` with `suffix` appended to its file name (`-wal`, `-shm`, `.lock`, …).
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 fn entries(dir: &Path) -> BTreeSet<OsString> {
@@ -227,13 +223,6 @@ fn assert_corrupt(err: &Error, path: &Path) {
     assert!(!detail.is_empty());
     assert_message(err, Some(path), "move it away or set PORTDADDY_DB");
     assert!(err.to_string().contains("left untouched"), "{err}");
-}
-
-/// Whether this process runs as root, which ignores permission bits.
-#[cfg(unix)]
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// A deterministic pseudo-random byte string (xorshift), never starting like an SQLite file.

@@ -5,7 +5,7 @@
 //! Ports 27000-27499 belong to this file (see `common`); most tests use a port probe that
 //! says every port is free and bind nothing.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
