@@ -316,16 +316,26 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
             Warn,
             "the registry is empty; it is set up on first use".to_owned(),
         ),
+        _ if found.too_new.is_some() => (
+            Fail,
+            found
+                .too_new
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        ),
         v if v == supported => (Ok, format!("{v} (this build understands {supported})")),
         v if v < supported => (
             Warn,
             format!("{v}, older than {supported}; it is upgraded on the next use"),
         ),
+        // A newer version only added to it: this one goes on using it (see the README's
+        // "Registry format").
         v => (
-            Fail,
+            Ok,
             format!(
-                "{v}, newer than the {supported} this build understands; upgrade portdaddy or \
-                 use another registry path"
+                "{v}, written by a newer portdaddy than this build ({supported}); it only \
+                 added to the format, and this version keeps working with it"
             ),
         ),
     };

@@ -384,19 +384,21 @@ fn diagnose_fails_a_foreign_file_and_leaves_it_untouched() {
 }
 
 #[test]
-fn diagnose_fails_a_schema_newer_than_this_build() {
+fn diagnose_fails_a_registry_that_needs_a_newer_reader() {
     let (_dir, path) = temp_registry();
     drop(PortDaddy::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.pragma_update(None, "user_version", 99).unwrap();
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('min_reader_version', 99)",
+        [],
+    )
+    .unwrap();
     drop(conn);
     let d = PortDaddy::diagnose(&path, range(27090, 27099));
-    assert_eq!(d.schema_found, Some(99));
-    assert_eq!(
-        d.check("schema version").unwrap().status,
-        Status::Fail,
-        "{d}"
-    );
+    assert_eq!(d.schema_found, Some(d.schema_supported));
+    let check = d.check("schema version").unwrap();
+    assert_eq!(check.status, Status::Fail, "{d}");
+    assert!(check.detail.contains("min_reader_version"), "{d}");
 }
 
 #[test]

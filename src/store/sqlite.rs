@@ -20,9 +20,11 @@
 //!    even before the lock file is created.)
 //! 2. A missing file is created empty with mode `0600`.
 //! 3. The database is inspected read-only: it must be empty (new) or
-//!    carry our `application_id`; its `user_version` must not be newer than this build knows;
-//!    `PRAGMA quick_check` must pass. Only then is anything written: WAL mode, and the pending
-//!    migrations in one transaction.
+//!    carry our `application_id`; its `min_reader_version` (see "Registry format") must not be
+//!    above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
+//!    anything written: WAL mode, and the pending migrations in one transaction. A registry
+//!    refused here is left as it was, and so is the lock file: removed again if this open
+//!    created it.
 //!
 //! # Locking and durability
 //!
@@ -63,7 +65,36 @@
 //! # Schema
 //!
 //! [`MIGRATIONS`] is an append-only list; `PRAGMA user_version` counts how many have run.
-//! Never edit or reorder an entry: add a new one.
+//! Never edit or reorder an entry: add a new one. Entries 1 to 5 come from before the first
+//! release (one of them rebuilds the `leases` table); they stay, so that the registries made
+//! by development builds (`user_version` 1 to 5) are still recognised and migrated. Every
+//! entry from here on follows the format policy below.
+//!
+//! # Registry format
+//!
+//! One per-user registry is shared by every project of the user, and each project pins its
+//! own portdaddy version, so versions old and new use one file at the same time. As in
+//! cargo's tracker databases, the format grows only by addition:
+//!
+//! - A newer version may add tables, columns with a default (or nullable), and `meta` rows.
+//!   An older version opens a registry with a higher `user_version` than it knows and keeps
+//!   working; it does not migrate anything backwards and never lowers `user_version`.
+//! - This version names its columns in every statement (no `SELECT *`, no insert without a
+//!   column list), updates rows in place instead of replacing them, and never rebuilds or
+//!   drops a table, nor deletes a row or column it does not understand: what a newer version
+//!   wrote survives this one. Releasing or reaping a lease deletes its row, with whatever a
+//!   newer version added to it; that is what releasing means.
+//! - A newer version's columns on a lease are its own business: this version writes and
+//!   clears only the columns it knows (clearing a lease's owner clears the owner columns it
+//!   knows), so a newer one must read its own owner columns only together with `owner_pid`.
+//! - Only a change to how a port is judged free or an owner alive may lock older versions
+//!   out, and it says so with the `meta` row [`MIN_READER_KEY`] (`min_reader_version`): the
+//!   oldest format generation that may use the file. This build is generation
+//!   [`READER_GENERATION`]; without the row every generation may. A build whose generation
+//!   is below it refuses the file with [`Error::SchemaTooNew`], at open and before anything
+//!   is written, and leaves the file byte for byte as it was. The row is read once per open
+//!   (not per claim, to keep the claim's statements as they are): a version that raises it
+//!   must expect handles of older versions opened before to go on until they open again.
 
 use std::fs::OpenOptions;
 use std::io::{self, Read};
@@ -146,6 +177,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE leases ADD COLUMN owner_time_ns INTEGER;
      ALTER TABLE leases ADD COLUMN owner_ns_parents TEXT;",
 ];
+
+/// The key of the `meta` row that names the oldest format generation that may read and
+/// write the registry (see "Registry format" above). No such row: every generation may.
+pub(crate) const MIN_READER_KEY: &str = "min_reader_version";
+
+/// The format generation this build reads and writes: it judges ports free and owners alive
+/// by the rules of generation 1. A registry whose [`MIN_READER_KEY`] is above it is refused.
+pub(crate) const READER_GENERATION: u32 = 1;
 
 /// How many prepared statements a connection keeps.
 const STATEMENT_CACHE: usize = 64;
@@ -339,6 +378,7 @@ impl SqliteStore {
         // planted by others, are refused at once, without even a lock file beside them.
         paths::check_files(path, &real)?;
         check_existing_file(path, &real, false)?;
+        let lock_was_there = std::fs::symlink_metadata(lock_path(&real)).is_ok();
         let mut lock = FileLock::open(&lock_path(&real)).map_err(|e| lock_err(path, e))?;
         let (conn, anchor, shm, in_use) = {
             // The whole sequence runs under the write lock, so no process ever inspects a
@@ -388,6 +428,14 @@ impl SqliteStore {
                     // they stay then, as SQLite would leave them.
                     if matches!(e, Error::Corrupt { .. }) {
                         paths::remove_created(created);
+                    }
+                    // A registry for newer versions only is left as this open found it,
+                    // without a lock file beside it. Removed under the lock, which is safe:
+                    // whoever locks the file next finds it unlinked and takes a new one.
+                    if matches!(e, Error::SchemaTooNew { .. }) && !lock_was_there {
+                        if let Err(error) = std::fs::remove_file(lock_path(&real)) {
+                            tracing::debug!(%error, "could not remove the lock file it created");
+                        }
                     }
                     return Err(e);
                 }
@@ -819,19 +867,13 @@ fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Result<()> {
             "an SQLite database of another application (application_id {app_id:#x})"
         )));
     }
-    let supported = MIGRATIONS.len() as u32;
     let Ok(found) = u32::try_from(version) else {
         return Err(corrupt(format!(
             "its schema version {version} is not valid"
         )));
     };
-    if found > supported {
-        return Err(Error::SchemaTooNew {
-            path: path.to_owned(),
-            found,
-            supported,
-        });
-    }
+    // A newer `user_version` is no reason to refuse (see "Registry format" above); only the
+    // marker is.
     if found > 0 {
         let ours = query(
             "SELECT count(*) FROM sqlite_schema
@@ -840,6 +882,8 @@ fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Result<()> {
         if ours != 3 {
             return Err(corrupt("tables of the registry are missing".into()));
         }
+        let required = min_reader_version(conn).map_err(|e| open_sql_err(path, deadline, e))?;
+        check_reader(path, required)?;
     }
     let check: String = conn
         .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
@@ -863,6 +907,30 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
     }
     tx.commit()
+}
+
+/// The `min_reader_version` a registry demands ([`MIN_READER_KEY`] in `meta`): `None` when
+/// it demands none. The caller has checked that the `meta` table exists.
+fn min_reader_version(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT value FROM meta WHERE key = ?1",
+        [MIN_READER_KEY],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Refuses a registry whose `min_reader_version` is above [`READER_GENERATION`]: a newer
+/// portdaddy judges ports or owners there by rules this one does not know.
+fn check_reader(path: &Path, required: Option<i64>) -> Result<()> {
+    match required {
+        Some(required) if required > i64::from(READER_GENERATION) => Err(Error::SchemaTooNew {
+            path: path.to_owned(),
+            required: u32::try_from(required).unwrap_or(u32::MAX),
+            supported: READER_GENERATION,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Maps an SQLite error met while opening: as [`sql_err`], except that other failures mean
@@ -1186,7 +1254,10 @@ impl Tx for SqlTx<'_> {
     fn set_cursor(&mut self, port: u16) -> Result<()> {
         let mut stmt = self
             .tx
-            .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?1)")
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('cursor', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
             .map_err(|e| self.err(e))?;
         stmt.execute([port]).map_err(|e| self.err(e))?;
         Ok(())
@@ -1229,7 +1300,11 @@ pub(crate) struct Examination {
     pub(crate) journal_mode: String,
     /// `PRAGMA integrity_check`: `Ok` or the first problem.
     pub(crate) integrity: std::result::Result<(), String>,
-    /// The leases, read when the schema is the one this build writes.
+    /// [`Error::SchemaTooNew`] when the registry demands a newer reader (its
+    /// `min_reader_version`).
+    pub(crate) too_new: Option<Error>,
+    /// The leases, read when the schema has every column this build reads (it is this
+    /// build's or a newer one's) and the registry does not demand a newer reader.
     pub(crate) leases: Option<Result<Vec<Lease>>>,
 }
 
@@ -1285,7 +1360,14 @@ pub(crate) fn examine(path: &Path, timeout: Duration) -> Result<Examination> {
         .query_row("PRAGMA integrity_check(1)", [], |r| r.get::<_, String>(0))
         .map_err(|e| e.to_string())
         .and_then(|check| if check == "ok" { Ok(()) } else { Err(check) });
-    let leases = (schema_found as usize == MIGRATIONS.len()).then(|| {
+    // Read only where there is a `meta` table to read it from; a registry without one is
+    // judged by the other checks.
+    let too_new = if schema_found > 0 {
+        check_reader(path, min_reader_version(&conn).ok().flatten()).err()
+    } else {
+        None
+    };
+    let leases = (schema_found >= schema_supported() && too_new.is_none()).then(|| {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Deferred)
             .map_err(sql)?;
@@ -1300,6 +1382,7 @@ pub(crate) fn examine(path: &Path, timeout: Duration) -> Result<Examination> {
         schema_found,
         journal_mode,
         integrity,
+        too_new,
         leases,
     })
 }
@@ -1344,6 +1427,44 @@ mod tests {
             .pragma_query_value(None, "application_id", |r| r.get(0))
             .unwrap();
         assert_eq!(app, APPLICATION_ID);
+    }
+
+    #[test]
+    fn a_newer_user_version_is_neither_refused_nor_lowered() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let newer = MIGRATIONS.len() as i64 + 3;
+        conn.pragma_update(None, "user_version", newer).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        inspect(&conn, Path::new("memory"), deadline).unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, newer);
+    }
+
+    #[test]
+    fn only_a_min_reader_version_above_this_generation_refuses_a_registry() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let mark = |generation: i64| {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![MIN_READER_KEY, generation],
+            )
+            .unwrap();
+            inspect(&conn, Path::new("memory"), deadline)
+        };
+        mark(i64::from(READER_GENERATION)).unwrap();
+        let err = mark(i64::from(READER_GENERATION) + 1).unwrap_err();
+        assert!(
+            matches!(err, Error::SchemaTooNew { required, supported, .. }
+                if required == READER_GENERATION + 1 && supported == READER_GENERATION),
+            "{err:?}"
+        );
     }
 
     #[test]
