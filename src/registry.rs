@@ -961,8 +961,7 @@ fn rerecord(tx: &mut dyn Tx, me: &Owner, holdings: &mut Holdings) -> Result<()> 
                 if found.owner.as_ref().and_then(Owner::lock_name)
                     != current.owner.as_ref().and_then(Owner::lock_name)
                 {
-                    tx.delete_lease(found.port, found.id)?;
-                    tx.insert_lease(&current)?;
+                    tx.set_owner(found.port, found.id, current.owner.as_ref())?;
                 }
             }
             Some(other) => lost.push((key, Some(other))),

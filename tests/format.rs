@@ -450,3 +450,36 @@ fn worker_entry() {
         together::worker(kind);
     }
 }
+
+/// A handle whose owner lock file was removed names its new one on its leases: in place, so
+/// that what a newer version added to those rows stays.
+#[test]
+fn a_lease_stamped_with_a_new_owner_lock_keeps_what_a_newer_version_added() {
+    let (_dir, path) = temp_registry();
+    let registry = open_at(&path, FIRST + 40..=FIRST + 49).unwrap();
+    let guard = registry.acquire("held").unwrap();
+    add_as_a_newer_version(&path);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "UPDATE leases SET newer_note = 'kept' WHERE port = ?1",
+        [guard.port()],
+    )
+    .unwrap();
+    let row = |conn: &rusqlite::Connection| -> (String, String) {
+        conn.query_row(
+            "SELECT owner_lock, newer_note FROM leases WHERE port = ?1",
+            [guard.port()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let (lock, _) = row(&conn);
+    let mut owners = path.as_os_str().to_owned();
+    owners.push(".owners");
+    std::fs::remove_file(Path::new(&owners).join(&lock)).unwrap();
+    registry.acquire("other").unwrap().release().unwrap();
+    let (new_lock, note) = row(&conn);
+    assert_ne!(new_lock, lock, "the lease names the new owner lock file");
+    assert_eq!(note, "kept");
+    guard.release().unwrap();
+}

@@ -10,7 +10,7 @@ pub(crate) mod sqlite;
 use std::time::SystemTime;
 
 use crate::error::Result;
-use crate::lease::Lease;
+use crate::lease::{Lease, Owner};
 use crate::range::PortRange;
 
 /// One transaction on a store.
@@ -40,6 +40,10 @@ pub(crate) trait Tx {
 
     /// Removes the owner of the lease on `port` if its id is `id`; whether there was one.
     fn detach(&mut self, port: u16, id: u64) -> Result<bool>;
+
+    /// Records `owner` as the owner of the lease on `port` if its id is `id`, changing
+    /// nothing else of it; whether there was one.
+    fn set_owner(&mut self, port: u16, id: u64, owner: Option<&Owner>) -> Result<bool>;
 
     /// All leases, or those holding a port of `range`, oldest first.
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>>;

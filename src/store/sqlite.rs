@@ -682,6 +682,37 @@ fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// An owner as the `owner_*` columns of a lease store it; all `NULL` for none.
+struct OwnerColumns<'a> {
+    pid: Option<u32>,
+    start: Option<i64>,
+    boot: Option<&'a str>,
+    namespace: Option<i64>,
+    lock: Option<&'a str>,
+    time_namespace: Option<i64>,
+    parents: Option<String>,
+}
+
+impl<'a> OwnerColumns<'a> {
+    fn of(owner: Option<&'a Owner>) -> Self {
+        Self {
+            pid: owner.map(Owner::pid),
+            start: owner.map(|o| o.start_time() as i64),
+            boot: owner.map(Owner::boot_id),
+            namespace: owner.and_then(Owner::pid_namespace).map(|ns| ns as i64),
+            lock: owner.and_then(Owner::lock_name),
+            time_namespace: owner.and_then(Owner::time_namespace).map(|ns| ns as i64),
+            parents: owner.and_then(Owner::namespace_parents).map(|parents| {
+                parents
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }),
+        }
+    }
+}
+
 /// The PID namespaces stored in `owner_ns_parents`: inode numbers separated by spaces;
 /// `None` if the text is anything else.
 fn parse_parents(text: &str) -> Option<Vec<u64>> {
@@ -1140,31 +1171,53 @@ impl Tx for SqlTx<'_> {
             .tx
             .prepare_cached(INSERT_LEASE)
             .map_err(|e| self.err(e))?;
-        let owner = lease.owner.as_ref();
+        let owner = OwnerColumns::of(lease.owner.as_ref());
         stmt.execute(params![
             lease.id as i64,
             lease.port,
             lease.name,
             lease.protocol.code(),
-            owner.map(Owner::pid),
-            owner.map(|o| o.start_time() as i64),
-            owner.map(Owner::boot_id),
+            owner.pid,
+            owner.start,
+            owner.boot,
             to_millis(lease.acquired_at),
             lease.expires_at.map(to_millis),
             lease.block_len,
-            owner.and_then(Owner::pid_namespace).map(|ns| ns as i64),
-            owner.and_then(Owner::lock_name),
-            owner.and_then(Owner::time_namespace).map(|ns| ns as i64),
-            owner
-                .and_then(Owner::namespace_parents)
-                .map(|parents| parents
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" ")),
+            owner.namespace,
+            owner.lock,
+            owner.time_namespace,
+            owner.parents,
         ])
         .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    fn set_owner(&mut self, port: u16, id: u64, owner: Option<&Owner>) -> Result<bool> {
+        // In place: the columns a newer version added to the row stay.
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "UPDATE leases SET owner_pid = ?3, owner_start = ?4, owner_boot = ?5,
+                                  owner_ns = ?6, owner_lock = ?7,
+                                  owner_time_ns = ?8, owner_ns_parents = ?9
+                 WHERE port = ?1 AND id = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let owner = OwnerColumns::of(owner);
+        Ok(stmt
+            .execute(params![
+                port,
+                id as i64,
+                owner.pid,
+                owner.start,
+                owner.boot,
+                owner.namespace,
+                owner.lock,
+                owner.time_namespace,
+                owner.parents,
+            ])
+            .map_err(|e| self.err(e))?
+            > 0)
     }
 
     fn remember(&mut self, name: &str, port: u16, at: SystemTime) -> Result<()> {
