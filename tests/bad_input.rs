@@ -11,7 +11,7 @@
 //! real registry whose `meta` row `min_reader_version` demands a newer reader.
 //!
 //! What may appear beside a refused file depends on where the open sequence (see
-//! `src/store/sqlite.rs`) refused it:
+//! `src/store/sqlite/mod.rs`) refused it:
 //! - before SQLite sees the file (a directory, not SQLite at all): nothing at all;
 //! - after SQLite looked (foreign, truncated, future schema): the lock file `<registry>.lock`
 //!   (created in step 2), but no `-wal`, `-shm` or `-journal`; an existing `-wal` or
