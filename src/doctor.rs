@@ -377,24 +377,12 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
             let settings = Settings::defaults();
             let me = Owner::current().unwrap_or_else(|_| Owner::new(0, 0, ""));
             // Judged as a claim would judge them, owners of other PID namespaces by their lock
-            // files included; but nothing is removed.
-            let liveness = Liveness {
-                inner: settings.processes.clone(),
-                namespace: me.pid_namespace(),
-                // Beside the real file, where every handle keeps them.
-                owners: Some(owners_dir(
-                    &crate::paths::resolve(path).unwrap_or_else(|_| path.to_owned()),
-                )),
-                tidy: false,
-            };
-            let env = Env {
-                range: settings.range,
-                reserved: &settings.reserved,
-                ports: &*settings.ports,
-                processes: &liveness,
-                me: &me,
-                now: settings.clock.now(),
-            };
+            // files (beside the real file, where every handle keeps them) included; but
+            // nothing is removed.
+            let owners =
+                owners_dir(&crate::paths::resolve(path).unwrap_or_else(|_| path.to_owned()));
+            let liveness = Liveness::new(settings.processes.clone(), &me, Some(owners)).read_only();
+            let env = Env::new(&settings, &liveness, &me);
             let stale = leases.iter().filter(|l| !env.state(l).holds_port()).count();
             let dead = leases
                 .iter()

@@ -44,6 +44,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
+use crate::builder::Settings;
 use crate::error::{Error, Result};
 use crate::lease::{
     at_storage_precision, new_lease_id, to_millis, Choice, Lease, LeaseState, Owner, Protocol,
@@ -62,6 +63,30 @@ pub(crate) struct Env<'a> {
     /// The calling process: its own leases are alive without asking the probe.
     pub(crate) me: &'a Owner,
     pub(crate) now: SystemTime,
+}
+
+impl<'a> Env<'a> {
+    /// The policy's view of the world under `settings`, with owners judged by `processes`
+    /// and `me` as the owner of new claims, at the settings' clock's present.
+    pub(crate) fn new(
+        settings: &'a Settings,
+        processes: &'a dyn ProcessProbe,
+        me: &'a Owner,
+    ) -> Self {
+        Env {
+            range: settings.range,
+            reserved: &settings.reserved,
+            ports: &*settings.ports,
+            processes,
+            me,
+            now: settings.clock.now(),
+        }
+    }
+
+    /// The same view, with ports probed by `ports`.
+    pub(crate) fn with_ports(&self, ports: &'a dyn PortProbe) -> Self {
+        Env { ports, ..*self }
+    }
 }
 
 /// Why a port cannot be handed out.

@@ -235,12 +235,7 @@ impl PortDaddy {
         let me = Owner::current().unwrap_or_else(|_| Owner::new(pid, 0, ""));
         Self::from_inner(Inner {
             backend: Backend::Memory(MemoryStore::default()),
-            liveness: Liveness {
-                inner: settings.processes.clone(),
-                namespace: me.pid_namespace(),
-                owners: None,
-                tidy: true,
-            },
+            liveness: Liveness::new(settings.processes.clone(), &me, None),
             settings,
             me,
             path: None,
@@ -290,12 +285,7 @@ impl PortDaddy {
                 })),
                 timeout,
             },
-            liveness: Liveness {
-                inner: settings.processes.clone(),
-                namespace: me.pid_namespace(),
-                owners: Some(owners),
-                tidy: true,
-            },
+            liveness: Liveness::new(settings.processes.clone(), &me, Some(owners)),
             settings,
             me,
             path,
@@ -1007,10 +997,7 @@ fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Ch
         return Ok((lease, choice, Sockets::default()));
     };
     let handover = Handover::new(env.ports, ip);
-    let env = Env {
-        ports: &handover,
-        ..*env
-    };
+    let env = env.with_ports(&handover);
     let (lease, choice) = policy::claim(tx, &env, request)?;
     let sockets = handover
         .take(lease.ports(), request.protocol)
@@ -1047,15 +1034,7 @@ fn missing_socket() -> Error {
 impl Inner {
     /// The policy's view of the world, with `me` as the owner of new claims.
     fn env<'a>(&'a self, me: &'a Owner) -> Env<'a> {
-        let s = &self.settings;
-        Env {
-            range: s.range,
-            reserved: &s.reserved,
-            ports: &*s.ports,
-            processes: &self.liveness,
-            me,
-            now: s.clock.now(),
-        }
+        Env::new(&self.settings, &self.liveness, me)
     }
 
     /// A file handle holds a SQLite connection and a lock that must not be shared with a
