@@ -10,7 +10,7 @@ use crate::lease::{LeaseState, Owner};
 use crate::policy::Env;
 use crate::probe::owner_lock::{owners_dir, Liveness};
 use crate::range::PortRange;
-use crate::store::sqlite;
+use crate::store::{sqlite, Tally};
 
 /// How one check of a [`Diagnosis`] came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -382,7 +382,8 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
             let owners =
                 owners_dir(&crate::paths::resolve(path).unwrap_or_else(|_| path.to_owned()));
             let liveness = Liveness::new(settings.processes.clone(), &me, Some(owners)).read_only();
-            let env = Env::new(&settings, &liveness, &me);
+            let tally = Tally::default();
+            let env = Env::new(&settings, &liveness, &me, &tally);
             let stale = leases.iter().filter(|l| !env.state(l).holds_port()).count();
             let dead = leases
                 .iter()

@@ -52,7 +52,7 @@ use crate::lease::{
 use crate::probe::{PortProbe, ProcessProbe};
 use crate::range::PortRange;
 use crate::request::Request;
-use crate::store::{Counter, Tx};
+use crate::store::{Counter, Tally, Tx};
 
 /// What the policy needs to know besides the store.
 pub(crate) struct Env<'a> {
@@ -63,6 +63,8 @@ pub(crate) struct Env<'a> {
     /// The calling process: its own leases are alive without asking the probe.
     pub(crate) me: &'a Owner,
     pub(crate) now: SystemTime,
+    /// What the transaction counts; recorded when it ends.
+    pub(crate) tally: &'a Tally,
 }
 
 impl<'a> Env<'a> {
@@ -72,6 +74,7 @@ impl<'a> Env<'a> {
         settings: &'a Settings,
         processes: &'a dyn ProcessProbe,
         me: &'a Owner,
+        tally: &'a Tally,
     ) -> Self {
         Env {
             range: settings.range,
@@ -80,6 +83,7 @@ impl<'a> Env<'a> {
             processes,
             me,
             now: settings.clock.now(),
+            tally,
         }
     }
 
@@ -187,7 +191,7 @@ impl Env<'_> {
                 return Ok(Some(Blocked::Leased(lease)));
             }
             if tx.delete_lease(lease.port, lease.id)? {
-                tx.count(Counter::Reaped, 1)?;
+                self.tally.add(Counter::Reaped, 1);
                 log_reclaimed(&lease);
             }
         }
@@ -479,9 +483,7 @@ pub(crate) fn reap(tx: &mut dyn Tx, env: &Env<'_>, range: Option<PortRange>) -> 
             reaped += 1;
         }
     }
-    if reaped > 0 {
-        tx.count(Counter::Reaped, reaped as u64)?;
-    }
+    env.tally.add(Counter::Reaped, reaped as u64);
     Ok(reaped)
 }
 
@@ -528,6 +530,7 @@ mod tests {
             processes: &by_lock,
             me: &me,
             now: SystemTime::UNIX_EPOCH,
+            tally: &Tally::default(),
         };
         let left = store
             .transact(|tx| {

@@ -21,7 +21,7 @@ use crate::request::Request;
 use crate::stats::Stats;
 use crate::store::memory::MemoryStore;
 use crate::store::sqlite::{Opened, SqliteStore};
-use crate::store::{Counter, Tx};
+use crate::store::{Counter, Tally, Tx};
 
 /// A handle on a port registry: cheap to clone, `Send + Sync`.
 ///
@@ -446,11 +446,9 @@ impl PortDaddy {
     /// A registry error.
     pub fn release(&self, port: u16) -> Result<bool> {
         self.write_tracked(
-            |tx, _| {
+            |tx, env| {
                 let found = tx.delete_port(port)?;
-                if found {
-                    tx.count(Counter::Released, 1)?;
-                }
+                env.tally.add(Counter::Released, u64::from(found));
                 Ok(found)
             },
             |holdings, &found| {
@@ -483,16 +481,14 @@ impl PortDaddy {
     /// A registry error; then nothing is released.
     pub fn release_name(&self, name: &str) -> Result<Vec<Lease>> {
         self.write_tracked(
-            |tx, _| {
+            |tx, env| {
                 let mut released = Vec::new();
                 for lease in tx.leases(None)? {
                     if lease.name == name && tx.delete_lease(lease.port, lease.id)? {
                         released.push(lease);
                     }
                 }
-                if !released.is_empty() {
-                    tx.count(Counter::Released, released.len() as u64)?;
-                }
+                env.tally.add(Counter::Released, released.len() as u64);
                 Ok(released)
             },
             |holdings, released| {
@@ -518,7 +514,8 @@ impl PortDaddy {
     /// # Ok::<(), portdaddy::Error>(())
     /// ```
     pub fn state_of(&self, lease: &Lease) -> LeaseState {
-        self.inner.env(&self.inner.me).state(lease)
+        let tally = Tally::default();
+        self.inner.env(&self.inner.me, &tally).state(lease)
     }
 
     /// The registry's counters and the current number of leases by state (see [`Stats`]).
@@ -543,7 +540,8 @@ impl PortDaddy {
             errors,
             ..Stats::default()
         };
-        let env = self.inner.env(&self.inner.me);
+        let tally = Tally::default();
+        let env = self.inner.env(&self.inner.me, &tally);
         for lease in &leases {
             match env.state(lease) {
                 LeaseState::Live => stats.live += 1,
@@ -709,11 +707,9 @@ impl PortDaddy {
     /// when its registry file was replaced.
     pub(crate) fn delete_exact(&self, port: u16, id: u64) -> Result<bool> {
         self.write_tracked(
-            |tx, _| {
+            |tx, env| {
                 let found = tx.delete_lease(port, id)?;
-                if found {
-                    tx.count(Counter::Released, 1)?;
-                }
+                env.tally.add(Counter::Released, u64::from(found));
                 Ok(found)
             },
             |holdings, &found| {
@@ -757,7 +753,7 @@ impl PortDaddy {
         let result = self.write_tracked(
             |tx, env| {
                 let value = f(tx, env)?;
-                tx.count(Counter::Acquired, ports as u64)?;
+                env.tally.add(Counter::Acquired, ports as u64);
                 Ok(value)
             },
             |holdings, value| {
@@ -784,7 +780,10 @@ impl PortDaddy {
             | Error::Refused { .. } => return,
             _ => Counter::Errors,
         };
-        if let Err(e) = self.write(|tx, _| tx.count(counter, 1)) {
+        if let Err(e) = self.write(|_, env| {
+            env.tally.add(counter, 1);
+            Ok(())
+        }) {
             tracing::debug!(error = %e, "could not count a failed claim");
         }
     }
@@ -815,7 +814,7 @@ impl PortDaddy {
                 track(&mut file.holdings, &value)?;
                 Ok(value)
             }
-            Backend::Memory(store) => store.transact(|tx| f(tx, &inner.env(&inner.me))),
+            Backend::Memory(store) => store.transact(|tx| inner.run(tx, &inner.me, f)),
         }
     }
 
@@ -884,7 +883,7 @@ impl FileState {
                     return Ok(None);
                 }
                 let f = f.take().expect("f runs once");
-                f(tx, &inner.env(me)).map(Some)
+                inner.run(tx, me, f).map(Some)
             })?;
             match step {
                 Some(value) => return Ok(value),
@@ -1032,9 +1031,24 @@ fn missing_socket() -> Error {
 }
 
 impl Inner {
-    /// The policy's view of the world, with `me` as the owner of new claims.
-    fn env<'a>(&'a self, me: &'a Owner) -> Env<'a> {
-        Env::new(&self.settings, &self.liveness, me)
+    /// The policy's view of the world, with `me` as the owner of new claims and what is
+    /// counted going to `tally`.
+    fn env<'a>(&'a self, me: &'a Owner, tally: &'a Tally) -> Env<'a> {
+        Env::new(&self.settings, &self.liveness, me, tally)
+    }
+
+    /// Runs `f` in the transaction `tx` with the policy's view of the world, then records
+    /// what it counted in the same transaction: every counter is bumped here.
+    fn run<R>(
+        &self,
+        tx: &mut dyn Tx,
+        me: &Owner,
+        f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let tally = Tally::default();
+        let value = f(tx, &self.env(me, &tally))?;
+        tally.record(tx)?;
+        Ok(value)
     }
 
     /// A file handle holds a SQLite connection and a lock that must not be shared with a

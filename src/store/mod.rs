@@ -98,6 +98,31 @@ impl Counter {
     }
 }
 
+/// What one transaction counted, recorded in the store in one place ([`Tally::record`]) as
+/// the transaction ends: each counter is one statement however often it was bumped.
+#[derive(Debug, Default)]
+pub(crate) struct Tally([std::cell::Cell<u64>; Counter::ALL.len()]);
+
+impl Tally {
+    /// Adds `by` to `counter`, to be recorded with the transaction.
+    pub(crate) fn add(&self, counter: Counter, by: u64) {
+        let slot = &self.0[counter as usize];
+        slot.set(slot.get().saturating_add(by));
+    }
+
+    /// Adds what was counted to the store's counters, in the transaction `tx`: the only
+    /// place that bumps them.
+    pub(crate) fn record(&self, tx: &mut dyn Tx) -> Result<()> {
+        for counter in Counter::ALL {
+            let by = self.0[counter as usize].take();
+            if by > 0 {
+                tx.count(counter, by)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Every port held by leases given as ascending, non-overlapping `(first port, length)`
 /// pairs, in ascending order.
 pub(crate) fn held_ports<I>(mut blocks: I) -> impl Iterator<Item = Result<u16>>
@@ -180,6 +205,28 @@ mod tests {
             ),
             Some(14)
         );
+    }
+
+    #[test]
+    fn a_tally_records_each_counter_once_with_its_sum() {
+        let store = memory::MemoryStore::default();
+        let tally = Tally::default();
+        for _ in 0..3 {
+            tally.add(Counter::Reaped, 1);
+        }
+        tally.add(Counter::Released, 2);
+        let counts = store
+            .transact(|tx| {
+                tally.record(tx)?;
+                // Recorded once: a second record adds nothing.
+                tally.record(tx)?;
+                Counter::ALL
+                    .map(|c| tx.counter(c))
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()
+            })
+            .unwrap();
+        assert_eq!(counts, [0, 2, 3, 0, 0]);
     }
 
     #[test]
