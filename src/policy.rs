@@ -280,21 +280,28 @@ fn block_ports(first: u16, len: u16) -> impl Iterator<Item = u16> {
     (u32::from(first)..u32::from(first) + u32::from(len)).map(|p| p as u16)
 }
 
-/// Claims one port for `request`.
-pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Choice)> {
+/// Refuses a request that no claim over `range` could satisfy as asked: checked before the
+/// registry's lock is taken, so that bad input neither waits for the lock nor touches the
+/// file.
+pub(crate) fn check_request(request: &Request, range: PortRange) -> Result<()> {
     request.validate()?;
-    let protocol = request.protocol;
     let len = request.block_len;
-    if usize::from(len) > env.range.len() && request.preferred.is_none() {
+    if usize::from(len) > range.len() && request.preferred.is_none() {
         return Err(Error::InvalidRequest {
             reason: format!(
-                "a block of {len} ports does not fit in the range {} ({} ports); ask for a \
-                 shorter block, prefer a first port, or widen the range",
-                env.range,
-                env.range.len()
+                "a block of {len} ports does not fit in the range {range} ({} ports); ask for \
+                 a shorter block, prefer a first port, or widen the range",
+                range.len()
             ),
         });
     }
+    Ok(())
+}
+
+/// Claims one port for `request`, which [`check_request`] accepted.
+pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Choice)> {
+    let protocol = request.protocol;
+    let len = request.block_len;
     let mut keep_memory = false;
 
     let found = 'choose: {

@@ -333,7 +333,7 @@ impl PortDaddy {
     /// [`Error::PortUnavailable`](crate::Error::PortUnavailable) for a required port that is
     /// taken and [`Error::InvalidRequest`](crate::Error::InvalidRequest).
     pub fn acquire_with(&self, request: &Request) -> Result<PortGuard> {
-        check_listen_address(request)?;
+        self.check_request(request)?;
         let (lease, choice, sockets) = self.counted_claim(
             1,
             |tx, env| claim(tx, env, request),
@@ -415,7 +415,9 @@ impl PortDaddy {
     ///
     /// As [`acquire_with`](Self::acquire_with); on any error no port is leased.
     pub fn acquire_many_with(&self, requests: &[Request]) -> Result<Vec<PortGuard>> {
-        requests.iter().try_for_each(check_listen_address)?;
+        requests
+            .iter()
+            .try_for_each(|request| self.check_request(request))?;
         let claims = self.counted_claim(
             requests.len(),
             |tx, env| {
@@ -765,6 +767,13 @@ impl PortDaddy {
             self.count_failure(error);
         }
         result
+    }
+
+    /// Refuses a request that cannot be claimed as asked, before the registry is locked or
+    /// touched: nothing is counted or written for it.
+    fn check_request(&self, request: &Request) -> Result<()> {
+        policy::check_request(request, self.inner.settings.range)?;
+        check_listen_address(request)
     }
 
     /// Counts a failed claim, if the registry can still be written.

@@ -261,6 +261,68 @@ fn a_registry_that_demands_this_generation_is_used() {
     registry.acquire("api").unwrap().release().unwrap();
 }
 
+/// A request that cannot be claimed as asked is refused before the registry is locked or
+/// touched: with the registry's lock held elsewhere it fails at once with its own error (not
+/// `LockTimeout`), and the file, its `-wal`, what lies beside them and the counters stay as
+/// they were.
+#[test]
+fn an_invalid_request_neither_takes_the_lock_nor_touches_the_registry() {
+    let (dir, path) = temp_registry();
+    let registry = PortDaddy::builder()
+        .path(&path)
+        .range(FIRST + 34..=FIRST + 39)
+        .port_probe(all_free)
+        .lock_timeout(Duration::from_millis(300))
+        .open()
+        .unwrap();
+    registry.acquire("first").unwrap().release().unwrap();
+    let stats = registry.stats().unwrap();
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = PathBuf::from(wal);
+    let files = || (state(dir.path(), &path), state(dir.path(), &wal));
+    let before = files();
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = std::fs::File::open(PathBuf::from(lock)).unwrap();
+    lock.try_lock().expect("take the registry's lock");
+
+    let invalid = [
+        Request::new(""),
+        Request::new("bad\nname"),
+        Request::new("x").ttl(Duration::ZERO),
+        Request::new("x").require(0),
+        Request::new("x").block(7),
+        Request::new("x").preferred(65535).block(2),
+    ];
+    for request in &invalid {
+        let err = registry.acquire_with(request).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidName { .. } | Error::InvalidRequest { .. }
+            ),
+            "{request:?}: {err:?}"
+        );
+        let batch = [Request::new("fine"), request.clone()];
+        let err = registry.acquire_many_with(&batch).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidName { .. } | Error::InvalidRequest { .. }
+            ),
+            "batch with {request:?}: {err:?}"
+        );
+    }
+    drop(lock);
+    assert_eq!(files(), before, "the registry was touched");
+    assert_eq!(
+        registry.stats().unwrap(),
+        stats,
+        "an invalid request was counted"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // An older and a newer version on one registry at the same time.
 // ---------------------------------------------------------------------------------------------

@@ -62,9 +62,14 @@ fn stats_count_acquisitions_releases_reclaims_and_failures() {
             registry.acquire("d"),
             Err(Error::Exhausted { .. })
         ));
+        // Refused before the registry is touched: counts nothing.
         assert!(matches!(
             registry.acquire("bad\nname"),
             Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            registry.acquire_with(&Request::new("d").require(a.port())),
+            Err(Error::PortUnavailable { .. })
         ));
         let s = registry.stats().unwrap();
         assert_eq!(counters(&s), [3, 0, 0, 1, 1], "{kind}: {s:?}");
