@@ -79,7 +79,9 @@ pub struct Diagnosis {
     pub checks: Vec<Check>,
     /// The schema version found in the file, if it could be read.
     pub schema_found: Option<u32>,
-    /// The newest schema version this build of portdaddy understands.
+    /// The newest schema version this build of portdaddy understands. A newer one in the
+    /// file is fine (newer versions only add to the format); only a registry marked as
+    /// needing a newer reader (`min_reader_version`) fails the `schema version` check.
     pub schema_supported: u32,
     /// The journal mode of the file (`wal` for a registry in use), if it could be read.
     pub journal_mode: Option<String>,
