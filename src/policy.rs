@@ -168,8 +168,7 @@ impl Env<'_> {
             expires_at: Some(expires_at),
             ..lease.clone()
         };
-        if tx.delete_lease(lease.port, lease.id)? {
-            tx.insert_lease(&clamped)?;
+        if tx.restart(lease.port, lease.id, acquired_at, Some(expires_at))? {
             tracing::info!(
                 port = lease.port,
                 name = %lease.name,

@@ -261,6 +261,52 @@ fn a_registry_that_demands_this_generation_is_used() {
     registry.acquire("api").unwrap().release().unwrap();
 }
 
+/// A lease stamped in the future by a clock that was ahead is started again in place, so
+/// that what a newer version added to its row stays.
+#[test]
+fn a_lease_started_again_after_a_clock_ahead_keeps_what_a_newer_version_added() {
+    let (_dir, path) = temp_registry();
+    let range = FIRST + 40..=FIRST + 49;
+    let ahead = common::FakeClock::new();
+    ahead.advance(Duration::from_secs(3600));
+    let lease = PortDaddy::builder()
+        .path(&path)
+        .range(range.clone())
+        .port_probe(all_free)
+        .clock(ahead.as_fn())
+        .open()
+        .unwrap()
+        .acquire_with(&Request::new("ahead").ttl(Duration::from_secs(600)))
+        .unwrap()
+        .keep()
+        .unwrap();
+    add_as_a_newer_version(&path);
+    let now = common::FakeClock::new();
+    let registry = PortDaddy::builder()
+        .path(&path)
+        .range(range)
+        .port_probe(all_free)
+        .clock(now.as_fn())
+        .open()
+        .unwrap();
+    assert_eq!(registry.reap().unwrap(), 0);
+    let restarted = registry.list().unwrap();
+    assert_eq!(restarted.len(), 1);
+    assert!(
+        restarted[0].acquired_at() < lease.acquired_at(),
+        "the lease was not started again: {restarted:?}"
+    );
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let note: String = conn
+        .query_row(
+            "SELECT newer_note FROM leases WHERE port = ?1",
+            [lease.port()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(note, "written by newer");
+}
+
 /// A request that cannot be claimed as asked is refused before the registry is locked or
 /// touched: with the registry's lock held elsewhere it fails at once with its own error (not
 /// `LockTimeout`), and the file, its `-wal`, what lies beside them and the counters stay as

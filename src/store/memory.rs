@@ -195,6 +195,26 @@ impl Tx for MemTx<'_> {
         Ok(true)
     }
 
+    fn restart(
+        &mut self,
+        port: u16,
+        id: u64,
+        acquired_at: SystemTime,
+        expires_at: Option<SystemTime>,
+    ) -> Result<bool> {
+        let Some(lease) = self.state.leases.get_mut(&port).filter(|l| l.id == id) else {
+            return Ok(false);
+        };
+        let was = (lease.acquired_at, lease.expires_at);
+        (lease.acquired_at, lease.expires_at) = (acquired_at, expires_at);
+        self.undo.push(Box::new(move |s| {
+            if let Some(l) = s.leases.get_mut(&port) {
+                (l.acquired_at, l.expires_at) = was;
+            }
+        }));
+        Ok(true)
+    }
+
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
         let (lo, hi) = range.map_or((0, u16::MAX), |r| (r.start(), r.end()));
         let first = self.holder_of(lo).map_or(lo, |l| l.port);

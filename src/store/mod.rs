@@ -45,6 +45,16 @@ pub(crate) trait Tx {
     /// nothing else of it; whether there was one.
     fn set_owner(&mut self, port: u16, id: u64, owner: Option<&Owner>) -> Result<bool>;
 
+    /// Starts the lease on `port` again at `acquired_at`, to expire at `expires_at`, if its
+    /// id is `id`, changing nothing else of it; whether there was one.
+    fn restart(
+        &mut self,
+        port: u16,
+        id: u64,
+        acquired_at: SystemTime,
+        expires_at: Option<SystemTime>,
+    ) -> Result<bool>;
+
     /// All leases, or those holding a port of `range`, oldest first.
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>>;
 

@@ -381,6 +381,31 @@ impl Tx for SqlTx<'_> {
             > 0)
     }
 
+    fn restart(
+        &mut self,
+        port: u16,
+        id: u64,
+        acquired_at: SystemTime,
+        expires_at: Option<SystemTime>,
+    ) -> Result<bool> {
+        // In place: the columns a newer version added to the row stay.
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "UPDATE leases SET acquired_at = ?3, expires_at = ?4 WHERE port = ?1 AND id = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(stmt
+            .execute(params![
+                port,
+                id as i64,
+                to_millis(acquired_at),
+                expires_at.map(to_millis)
+            ])
+            .map_err(|e| self.err(e))?
+            > 0)
+    }
+
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
         let (lo, hi) = range.map_or((0, u16::MAX), |r| (r.start(), r.end()));
         let mut stmt = self
