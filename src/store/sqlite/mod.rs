@@ -19,12 +19,12 @@
 //!    application is refused, and nothing is written. (The plainest of these are refused
 //!    even before the lock file is created.)
 //! 2. A missing file is created empty with mode `0600`.
-//! 3. The database is inspected read-only: it must be empty (new) or
-//!    carry our `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not be
-//!    above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
+//! 3. The database is inspected read-only: it must be empty (new) or carry our
+//!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
+//!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
 //!    anything written: WAL mode, and the pending migrations in one transaction. A registry
-//!    refused here is left as it was, and so is the lock file: removed again if this open
-//!    created it.
+//!    refused for its `min_reader_version` is left as it was, and so is its directory: a
+//!    lock file this open created is removed again.
 //!
 //! # Locking and durability
 //!

@@ -39,7 +39,8 @@ const INSERT_LEASE: &str = concat!(
     ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
 );
 
-/// The transaction of [`SqliteStore::write`](super::SqliteStore::write), once the lock is held on the right file.
+/// The transaction of [`SqliteStore::write`](super::SqliteStore::write), once the lock is
+/// held on the right file.
 pub(super) fn run_write<R>(
     conn: &mut Connection,
     path: &Path,
