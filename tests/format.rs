@@ -429,6 +429,7 @@ mod together {
             worker.send("go");
         }
         let mut holds: Vec<(usize, u16)> = Vec::new();
+        let mut most_held_at_once = 0;
         for (id, worker) in workers.iter_mut().enumerate() {
             let (lines, status) = worker.finish(deadline);
             assert!(
@@ -440,8 +441,11 @@ mod together {
             let mut rounds = 0;
             for line in lines {
                 match line.split(' ').collect::<Vec<_>>()[..] {
-                    ["HOLD", port, "1"] => holds.push((id, port.parse().unwrap())),
-                    ["HOLD", port, _] => panic!(
+                    ["HOLD", port, "1", held] => {
+                        holds.push((id, port.parse().unwrap()));
+                        most_held_at_once = most_held_at_once.max(held.parse().unwrap());
+                    }
+                    ["HOLD", port, _, _] => panic!(
                         "{}: port {port} was held by another worker at the same time",
                         worker.label
                     ),
@@ -464,6 +468,10 @@ mod together {
             })
             .count();
         assert!(shared > 0, "no port passed between the versions: {holds:?}");
+        assert!(
+            most_held_at_once >= 2,
+            "the workers never held ports at the same time; the test exercised nothing"
+        );
 
         // Every lease is released, and the newer version's data is all there.
         let conn = rusqlite::Connection::open(&path).unwrap();
@@ -525,13 +533,15 @@ mod together {
                 .unwrap();
             }
             let held_alone = hold_marker(&markers, port);
-            // A moment of holding, so that holds of different workers overlap in time.
-            std::thread::sleep(Duration::from_micros(300));
+            // A moment of holding, longer than a claim takes, so that holds of different
+            // workers overlap in time; how many ports are held meanwhile shows whether they did.
+            std::thread::sleep(Duration::from_millis(3));
+            let held_now = std::fs::read_dir(&markers).unwrap().count();
             if held_alone {
                 std::fs::remove_file(markers.join(port.to_string())).unwrap();
             }
             guard.release().unwrap();
-            say(&format!("HOLD {port} {}", u8::from(held_alone)));
+            say(&format!("HOLD {port} {} {held_now}", u8::from(held_alone)));
         }
         say(&format!("DONE {ROUNDS}"));
     }
