@@ -14,6 +14,7 @@ mod blocks;
 #[cfg(feature = "cli")]
 mod cli;
 mod faults;
+mod format;
 mod handover;
 mod hostile;
 #[cfg(feature = "cli")]

@@ -25,6 +25,7 @@
 //! | registry_files.rs   | 32100-32199, 32450-32499 |
 //! | replaced.rs         | 32200-32299, 32500-32529 |
 //! | limits.rs           | 32300-32399   |
+//! | format.rs           | 32600-32649; binds and probes no port |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
 //! | benches             | 40000-59999   |
