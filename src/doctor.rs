@@ -10,7 +10,7 @@ use crate::lease::{LeaseState, Owner};
 use crate::policy::Env;
 use crate::probe::owner_lock::{owners_dir, Liveness};
 use crate::range::PortRange;
-use crate::store::sqlite;
+use crate::store::{sqlite, Tally};
 
 /// How one check of a [`Diagnosis`] came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -79,7 +79,9 @@ pub struct Diagnosis {
     pub checks: Vec<Check>,
     /// The schema version found in the file, if it could be read.
     pub schema_found: Option<u32>,
-    /// The newest schema version this build of portdaddy understands.
+    /// The newest schema version this build of portdaddy understands. A newer one in the
+    /// file is fine (newer versions only add to the format); only a registry marked as
+    /// needing a newer reader (`min_reader_version`) fails the `schema version` check.
     pub schema_supported: u32,
     /// The journal mode of the file (`wal` for a registry in use), if it could be read.
     pub journal_mode: Option<String>,
@@ -303,16 +305,26 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
             Warn,
             "the registry is empty; it is set up on first use".to_owned(),
         ),
+        _ if found.too_new.is_some() => (
+            Fail,
+            found
+                .too_new
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        ),
         v if v == supported => (Ok, format!("{v} (this build understands {supported})")),
         v if v < supported => (
             Warn,
             format!("{v}, older than {supported}; it is upgraded on the next use"),
         ),
+        // A newer version only added to it: this one goes on using it (see the README's
+        // "Registry format").
         v => (
-            Fail,
+            Ok,
             format!(
-                "{v}, newer than the {supported} this build understands; upgrade portdaddy or \
-                 use another registry path"
+                "{v}, written by a newer portdaddy than this build ({supported}); it only \
+                 added to the format, and this version keeps working with it"
             ),
         ),
     };
@@ -354,24 +366,13 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
             let settings = Settings::defaults();
             let me = Owner::current().unwrap_or_else(|_| Owner::new(0, 0, ""));
             // Judged as a claim would judge them, owners of other PID namespaces by their lock
-            // files included; but nothing is removed.
-            let liveness = Liveness {
-                inner: settings.processes.clone(),
-                namespace: me.pid_namespace(),
-                // Beside the real file, where every handle keeps them.
-                owners: Some(owners_dir(
-                    &crate::paths::resolve(path).unwrap_or_else(|_| path.to_owned()),
-                )),
-                tidy: false,
-            };
-            let env = Env {
-                range: settings.range,
-                reserved: &settings.reserved,
-                ports: &*settings.ports,
-                processes: &liveness,
-                me: &me,
-                now: settings.clock.now(),
-            };
+            // files (beside the real file, where every handle keeps them) included; but
+            // nothing is removed.
+            let owners =
+                owners_dir(&crate::paths::resolve(path).unwrap_or_else(|_| path.to_owned()));
+            let liveness = Liveness::new(settings.processes.clone(), &me, Some(owners)).read_only();
+            let tally = Tally::default();
+            let env = Env::new(&settings, &liveness, &me, &tally);
             let stale = leases.iter().filter(|l| !env.state(l).holds_port()).count();
             let dead = leases
                 .iter()

@@ -131,18 +131,23 @@ pub enum Error {
         detail: String,
     },
 
-    /// The registry was written by a newer portdaddy whose schema this version does not know.
+    /// The registry was marked by a newer portdaddy as needing a reader of a newer format
+    /// generation (its `meta` row `min_reader_version`): that version judges ports free or
+    /// owners alive by rules this one does not know. A registry that a newer version only
+    /// added to (a higher `user_version`) is no reason for this error. The file is left as
+    /// it was.
     #[error(
-        "the port registry at {} has schema version {found}, newer than the {supported} this \
-         version of portdaddy understands; upgrade portdaddy or use another registry path",
+        "the port registry at {} needs portdaddy of registry format generation {required} or \
+         newer (its min_reader_version), and this version reads generation {supported}; \
+         upgrade portdaddy in this project, or set PORTDADDY_DB to use another registry",
         shown(path)
     )]
     SchemaTooNew {
         /// The registry path.
         path: PathBuf,
-        /// The schema version found in the file.
-        found: u32,
-        /// The newest schema version this build understands.
+        /// The format generation the registry demands (its `min_reader_version`).
+        required: u32,
+        /// The format generation this version of portdaddy reads.
         supported: u32,
     },
 
@@ -444,7 +449,7 @@ mod tests {
             },
             Error::SchemaTooNew {
                 path: path(),
-                found: 9,
+                required: 9,
                 supported: 4,
             },
             Error::LockTimeout {

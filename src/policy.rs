@@ -44,6 +44,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
+use crate::builder::Settings;
 use crate::error::{Error, Result};
 use crate::lease::{
     at_storage_precision, new_lease_id, to_millis, Choice, Lease, LeaseState, Owner, Protocol,
@@ -51,7 +52,7 @@ use crate::lease::{
 use crate::probe::{PortProbe, ProcessProbe};
 use crate::range::PortRange;
 use crate::request::Request;
-use crate::store::{Counter, Tx};
+use crate::store::{Counter, Tally, Tx};
 
 /// What the policy needs to know besides the store.
 pub(crate) struct Env<'a> {
@@ -62,6 +63,34 @@ pub(crate) struct Env<'a> {
     /// The calling process: its own leases are alive without asking the probe.
     pub(crate) me: &'a Owner,
     pub(crate) now: SystemTime,
+    /// What the transaction counts; recorded when it ends.
+    pub(crate) tally: &'a Tally,
+}
+
+impl<'a> Env<'a> {
+    /// The policy's view of the world under `settings`, with owners judged by `processes`
+    /// and `me` as the owner of new claims, at the settings' clock's present.
+    pub(crate) fn new(
+        settings: &'a Settings,
+        processes: &'a dyn ProcessProbe,
+        me: &'a Owner,
+        tally: &'a Tally,
+    ) -> Self {
+        Env {
+            range: settings.range,
+            reserved: &settings.reserved,
+            ports: &*settings.ports,
+            processes,
+            me,
+            now: settings.clock.now(),
+            tally,
+        }
+    }
+
+    /// The same view, with ports probed by `ports`.
+    pub(crate) fn with_ports(&self, ports: &'a dyn PortProbe) -> Self {
+        Env { ports, ..*self }
+    }
 }
 
 /// Why a port cannot be handed out.
@@ -139,8 +168,7 @@ impl Env<'_> {
             expires_at: Some(expires_at),
             ..lease.clone()
         };
-        if tx.delete_lease(lease.port, lease.id)? {
-            tx.insert_lease(&clamped)?;
+        if tx.restart(lease.port, lease.id, acquired_at, Some(expires_at))? {
             tracing::info!(
                 port = lease.port,
                 name = %lease.name,
@@ -162,7 +190,7 @@ impl Env<'_> {
                 return Ok(Some(Blocked::Leased(lease)));
             }
             if tx.delete_lease(lease.port, lease.id)? {
-                tx.count(Counter::Reaped, 1)?;
+                self.tally.add(Counter::Reaped, 1);
                 log_reclaimed(&lease);
             }
         }
@@ -251,21 +279,28 @@ fn block_ports(first: u16, len: u16) -> impl Iterator<Item = u16> {
     (u32::from(first)..u32::from(first) + u32::from(len)).map(|p| p as u16)
 }
 
-/// Claims one port for `request`.
-pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Choice)> {
+/// Refuses a request that no claim over `range` could satisfy as asked: checked before the
+/// registry's lock is taken, so that bad input neither waits for the lock nor touches the
+/// file.
+pub(crate) fn check_request(request: &Request, range: PortRange) -> Result<()> {
     request.validate()?;
-    let protocol = request.protocol;
     let len = request.block_len;
-    if usize::from(len) > env.range.len() && request.preferred.is_none() {
+    if usize::from(len) > range.len() && request.preferred.is_none() {
         return Err(Error::InvalidRequest {
             reason: format!(
-                "a block of {len} ports does not fit in the range {} ({} ports); ask for a \
-                 shorter block, prefer a first port, or widen the range",
-                env.range,
-                env.range.len()
+                "a block of {len} ports does not fit in the range {range} ({} ports); ask for \
+                 a shorter block, prefer a first port, or widen the range",
+                range.len()
             ),
         });
     }
+    Ok(())
+}
+
+/// Claims one port for `request`, which [`check_request`] accepted.
+pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Choice)> {
+    let protocol = request.protocol;
+    let len = request.block_len;
     let mut keep_memory = false;
 
     let found = 'choose: {
@@ -454,9 +489,7 @@ pub(crate) fn reap(tx: &mut dyn Tx, env: &Env<'_>, range: Option<PortRange>) -> 
             reaped += 1;
         }
     }
-    if reaped > 0 {
-        tx.count(Counter::Reaped, reaped as u64)?;
-    }
+    env.tally.add(Counter::Reaped, reaped as u64);
     Ok(reaped)
 }
 
@@ -503,6 +536,7 @@ mod tests {
             processes: &by_lock,
             me: &me,
             now: SystemTime::UNIX_EPOCH,
+            tally: &Tally::default(),
         };
         let left = store
             .transact(|tx| {

@@ -21,7 +21,7 @@ use crate::request::Request;
 use crate::stats::Stats;
 use crate::store::memory::MemoryStore;
 use crate::store::sqlite::{Opened, SqliteStore};
-use crate::store::{Counter, Tx};
+use crate::store::{Counter, Tally, Tx};
 
 /// A handle on a port registry: cheap to clone, `Send + Sync`.
 ///
@@ -235,12 +235,7 @@ impl PortDaddy {
         let me = Owner::current().unwrap_or_else(|_| Owner::new(pid, 0, ""));
         Self::from_inner(Inner {
             backend: Backend::Memory(MemoryStore::default()),
-            liveness: Liveness {
-                inner: settings.processes.clone(),
-                namespace: me.pid_namespace(),
-                owners: None,
-                tidy: true,
-            },
+            liveness: Liveness::new(settings.processes.clone(), &me, None),
             settings,
             me,
             path: None,
@@ -290,12 +285,7 @@ impl PortDaddy {
                 })),
                 timeout,
             },
-            liveness: Liveness {
-                inner: settings.processes.clone(),
-                namespace: me.pid_namespace(),
-                owners: Some(owners),
-                tidy: true,
-            },
+            liveness: Liveness::new(settings.processes.clone(), &me, Some(owners)),
             settings,
             me,
             path,
@@ -343,7 +333,7 @@ impl PortDaddy {
     /// [`Error::PortUnavailable`](crate::Error::PortUnavailable) for a required port that is
     /// taken and [`Error::InvalidRequest`](crate::Error::InvalidRequest).
     pub fn acquire_with(&self, request: &Request) -> Result<PortGuard> {
-        check_listen_address(request)?;
+        self.check_request(request)?;
         let (lease, choice, sockets) = self.counted_claim(
             1,
             |tx, env| claim(tx, env, request),
@@ -425,7 +415,9 @@ impl PortDaddy {
     ///
     /// As [`acquire_with`](Self::acquire_with); on any error no port is leased.
     pub fn acquire_many_with(&self, requests: &[Request]) -> Result<Vec<PortGuard>> {
-        requests.iter().try_for_each(check_listen_address)?;
+        requests
+            .iter()
+            .try_for_each(|request| self.check_request(request))?;
         let claims = self.counted_claim(
             requests.len(),
             |tx, env| {
@@ -456,11 +448,9 @@ impl PortDaddy {
     /// A registry error.
     pub fn release(&self, port: u16) -> Result<bool> {
         self.write_tracked(
-            |tx, _| {
+            |tx, env| {
                 let found = tx.delete_port(port)?;
-                if found {
-                    tx.count(Counter::Released, 1)?;
-                }
+                env.tally.add(Counter::Released, u64::from(found));
                 Ok(found)
             },
             |holdings, &found| {
@@ -493,16 +483,14 @@ impl PortDaddy {
     /// A registry error; then nothing is released.
     pub fn release_name(&self, name: &str) -> Result<Vec<Lease>> {
         self.write_tracked(
-            |tx, _| {
+            |tx, env| {
                 let mut released = Vec::new();
                 for lease in tx.leases(None)? {
                     if lease.name == name && tx.delete_lease(lease.port, lease.id)? {
                         released.push(lease);
                     }
                 }
-                if !released.is_empty() {
-                    tx.count(Counter::Released, released.len() as u64)?;
-                }
+                env.tally.add(Counter::Released, released.len() as u64);
                 Ok(released)
             },
             |holdings, released| {
@@ -528,7 +516,8 @@ impl PortDaddy {
     /// # Ok::<(), portdaddy::Error>(())
     /// ```
     pub fn state_of(&self, lease: &Lease) -> LeaseState {
-        self.inner.env(&self.inner.me).state(lease)
+        let tally = Tally::default();
+        self.inner.env(&self.inner.me, &tally).state(lease)
     }
 
     /// The registry's counters and the current number of leases by state (see [`Stats`]).
@@ -553,7 +542,8 @@ impl PortDaddy {
             errors,
             ..Stats::default()
         };
-        let env = self.inner.env(&self.inner.me);
+        let tally = Tally::default();
+        let env = self.inner.env(&self.inner.me, &tally);
         for lease in &leases {
             match env.state(lease) {
                 LeaseState::Live => stats.live += 1,
@@ -701,11 +691,9 @@ impl PortDaddy {
     /// when its registry file was replaced.
     pub(crate) fn delete_exact(&self, port: u16, id: u64) -> Result<bool> {
         self.write_tracked(
-            |tx, _| {
+            |tx, env| {
                 let found = tx.delete_lease(port, id)?;
-                if found {
-                    tx.count(Counter::Released, 1)?;
-                }
+                env.tally.add(Counter::Released, u64::from(found));
                 Ok(found)
             },
             |holdings, &found| {
@@ -749,7 +737,7 @@ impl PortDaddy {
         let result = self.write_tracked(
             |tx, env| {
                 let value = f(tx, env)?;
-                tx.count(Counter::Acquired, ports as u64)?;
+                env.tally.add(Counter::Acquired, ports as u64);
                 Ok(value)
             },
             |holdings, value| {
@@ -761,6 +749,13 @@ impl PortDaddy {
             self.count_failure(error);
         }
         result
+    }
+
+    /// Refuses a request that cannot be claimed as asked, before the registry is locked or
+    /// touched: nothing is counted or written for it.
+    fn check_request(&self, request: &Request) -> Result<()> {
+        policy::check_request(request, self.inner.settings.range)?;
+        check_listen_address(request)
     }
 
     /// Counts a failed claim, if the registry can still be written.
@@ -776,7 +771,10 @@ impl PortDaddy {
             | Error::Refused { .. } => return,
             _ => Counter::Errors,
         };
-        if let Err(e) = self.write(|tx, _| tx.count(counter, 1)) {
+        if let Err(e) = self.write(|_, env| {
+            env.tally.add(counter, 1);
+            Ok(())
+        }) {
             tracing::debug!(error = %e, "could not count a failed claim");
         }
     }
@@ -807,7 +805,7 @@ impl PortDaddy {
                 track(&mut file.holdings, &value)?;
                 Ok(value)
             }
-            Backend::Memory(store) => store.transact(|tx| f(tx, &inner.env(&inner.me))),
+            Backend::Memory(store) => store.transact(|tx| inner.run(tx, &inner.me, f)),
         }
     }
 
@@ -876,7 +874,7 @@ impl FileState {
                     return Ok(None);
                 }
                 let f = f.take().expect("f runs once");
-                f(tx, &inner.env(me)).map(Some)
+                inner.run(tx, me, f).map(Some)
             })?;
             match step {
                 Some(value) => return Ok(value),
@@ -943,8 +941,7 @@ fn rerecord(tx: &mut dyn Tx, me: &Owner, holdings: &mut Holdings) -> Result<()> 
                 if found.owner.as_ref().and_then(Owner::lock_name)
                     != current.owner.as_ref().and_then(Owner::lock_name)
                 {
-                    tx.delete_lease(found.port, found.id)?;
-                    tx.insert_lease(&current)?;
+                    tx.set_owner(found.port, found.id, current.owner.as_ref())?;
                 }
             }
             Some(other) => lost.push((key, Some(other))),
@@ -990,10 +987,7 @@ fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<(Lease, Ch
         return Ok((lease, choice, Sockets::default()));
     };
     let handover = Handover::new(env.ports, ip);
-    let env = Env {
-        ports: &handover,
-        ..*env
-    };
+    let env = env.with_ports(&handover);
     let (lease, choice) = policy::claim(tx, &env, request)?;
     let sockets = handover
         .take(lease.ports(), request.protocol)
@@ -1028,17 +1022,24 @@ fn missing_socket() -> Error {
 }
 
 impl Inner {
-    /// The policy's view of the world, with `me` as the owner of new claims.
-    fn env<'a>(&'a self, me: &'a Owner) -> Env<'a> {
-        let s = &self.settings;
-        Env {
-            range: s.range,
-            reserved: &s.reserved,
-            ports: &*s.ports,
-            processes: &self.liveness,
-            me,
-            now: s.clock.now(),
-        }
+    /// The policy's view of the world, with `me` as the owner of new claims and what is
+    /// counted going to `tally`.
+    fn env<'a>(&'a self, me: &'a Owner, tally: &'a Tally) -> Env<'a> {
+        Env::new(&self.settings, &self.liveness, me, tally)
+    }
+
+    /// Runs `f` in the transaction `tx` with the policy's view of the world, then records
+    /// what it counted in the same transaction: every counter is bumped here.
+    fn run<R>(
+        &self,
+        tx: &mut dyn Tx,
+        me: &Owner,
+        f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let tally = Tally::default();
+        let value = f(tx, &self.env(me, &tally))?;
+        tally.record(tx)?;
+        Ok(value)
     }
 
     /// A file handle holds a SQLite connection and a lock that must not be shared with a

@@ -31,9 +31,10 @@ pub struct Stats {
     pub reaped: u64,
     /// Claims that failed because no port of the range was free.
     pub exhausted: u64,
-    /// Claims that failed for another reason: an invalid name or request, a required port
-    /// that was taken, a registry error. Failures that leave the registry unwritable (it
-    /// cannot be opened, is damaged, or stays locked) cannot be counted in it.
+    /// Claims that failed for another reason: a required port that was taken, a registry
+    /// error. Failures that leave the registry unwritable (it cannot be opened, is damaged,
+    /// or stays locked) cannot be counted in it, and an invalid name or request is refused
+    /// before the registry is touched, so it counts nothing.
     pub errors: u64,
     /// Leases now held by a running owner process ([`LeaseState::Live`](crate::LeaseState::Live)).
     pub live: u64,

@@ -311,6 +311,28 @@ pub(crate) struct Liveness {
     pub(crate) tidy: bool,
 }
 
+impl Liveness {
+    /// Judges owners for `me`'s PID namespace: by the lock files in `owners` (a file
+    /// registry's owners directory), then by `inner`. The lock files of dead owners are
+    /// removed when found.
+    pub(crate) fn new(inner: Arc<dyn ProcessProbe>, me: &Owner, owners: Option<PathBuf>) -> Self {
+        Self {
+            inner,
+            namespace: me.pid_namespace(),
+            owners,
+            tidy: true,
+        }
+    }
+
+    /// As it is, but leaving the lock files of dead owners in place (to change nothing).
+    pub(crate) fn read_only(self) -> Self {
+        Self {
+            tidy: false,
+            ..self
+        }
+    }
+}
+
 impl ProcessProbe for Liveness {
     fn is_alive(&self, owner: &Owner) -> bool {
         let lock = match (owner.lock_name(), &self.owners) {

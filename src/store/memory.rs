@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use super::{first_gap, held_ports, Counter, Tx};
 use crate::error::Result;
-use crate::lease::Lease;
+use crate::lease::{Lease, Owner};
 use crate::range::PortRange;
 
 #[derive(Debug, Default)]
@@ -177,6 +177,39 @@ impl Tx for MemTx<'_> {
         self.undo.push(Box::new(move |s| {
             if let Some(l) = s.leases.get_mut(&port) {
                 l.owner = owner;
+            }
+        }));
+        Ok(true)
+    }
+
+    fn set_owner(&mut self, port: u16, id: u64, owner: Option<&Owner>) -> Result<bool> {
+        let Some(lease) = self.state.leases.get_mut(&port).filter(|l| l.id == id) else {
+            return Ok(false);
+        };
+        let was = std::mem::replace(&mut lease.owner, owner.cloned());
+        self.undo.push(Box::new(move |s| {
+            if let Some(l) = s.leases.get_mut(&port) {
+                l.owner = was;
+            }
+        }));
+        Ok(true)
+    }
+
+    fn restart(
+        &mut self,
+        port: u16,
+        id: u64,
+        acquired_at: SystemTime,
+        expires_at: Option<SystemTime>,
+    ) -> Result<bool> {
+        let Some(lease) = self.state.leases.get_mut(&port).filter(|l| l.id == id) else {
+            return Ok(false);
+        };
+        let was = (lease.acquired_at, lease.expires_at);
+        (lease.acquired_at, lease.expires_at) = (acquired_at, expires_at);
+        self.undo.push(Box::new(move |s| {
+            if let Some(l) = s.leases.get_mut(&port) {
+                (l.acquired_at, l.expires_at) = was;
             }
         }));
         Ok(true)

@@ -10,7 +10,7 @@ pub(crate) mod sqlite;
 use std::time::SystemTime;
 
 use crate::error::Result;
-use crate::lease::Lease;
+use crate::lease::{Lease, Owner};
 use crate::range::PortRange;
 
 /// One transaction on a store.
@@ -40,6 +40,20 @@ pub(crate) trait Tx {
 
     /// Removes the owner of the lease on `port` if its id is `id`; whether there was one.
     fn detach(&mut self, port: u16, id: u64) -> Result<bool>;
+
+    /// Records `owner` as the owner of the lease on `port` if its id is `id`, changing
+    /// nothing else of it; whether there was one.
+    fn set_owner(&mut self, port: u16, id: u64, owner: Option<&Owner>) -> Result<bool>;
+
+    /// Starts the lease on `port` again at `acquired_at`, to expire at `expires_at`, if its
+    /// id is `id`, changing nothing else of it; whether there was one.
+    fn restart(
+        &mut self,
+        port: u16,
+        id: u64,
+        acquired_at: SystemTime,
+        expires_at: Option<SystemTime>,
+    ) -> Result<bool>;
 
     /// All leases, or those holding a port of `range`, oldest first.
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>>;
@@ -91,6 +105,31 @@ impl Counter {
             Counter::Exhausted => "count.exhausted",
             Counter::Errors => "count.errors",
         }
+    }
+}
+
+/// What one transaction counted, recorded in the store in one place ([`Tally::record`]) as
+/// the transaction ends: each counter is one statement however often it was bumped.
+#[derive(Debug, Default)]
+pub(crate) struct Tally([std::cell::Cell<u64>; Counter::ALL.len()]);
+
+impl Tally {
+    /// Adds `by` to `counter`, to be recorded with the transaction.
+    pub(crate) fn add(&self, counter: Counter, by: u64) {
+        let slot = &self.0[counter as usize];
+        slot.set(slot.get().saturating_add(by));
+    }
+
+    /// Adds what was counted to the store's counters, in the transaction `tx`: the only
+    /// place that bumps them.
+    pub(crate) fn record(&self, tx: &mut dyn Tx) -> Result<()> {
+        for counter in Counter::ALL {
+            let by = self.0[counter as usize].take();
+            if by > 0 {
+                tx.count(counter, by)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -176,6 +215,28 @@ mod tests {
             ),
             Some(14)
         );
+    }
+
+    #[test]
+    fn a_tally_records_each_counter_once_with_its_sum() {
+        let store = memory::MemoryStore::default();
+        let tally = Tally::default();
+        for _ in 0..3 {
+            tally.add(Counter::Reaped, 1);
+        }
+        tally.add(Counter::Released, 2);
+        let counts = store
+            .transact(|tx| {
+                tally.record(tx)?;
+                // Recorded once: a second record adds nothing.
+                tally.record(tx)?;
+                Counter::ALL
+                    .map(|c| tx.counter(c))
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()
+            })
+            .unwrap();
+        assert_eq!(counts, [0, 2, 3, 0, 0]);
     }
 
     #[test]

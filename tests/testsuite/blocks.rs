@@ -3,7 +3,7 @@
 //!
 //! Ports 30000-30499 belong to this file (see `common`).
 
-mod common;
+use crate::common;
 
 use std::net::{Ipv4Addr, TcpListener};
 

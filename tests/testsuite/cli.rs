@@ -4,7 +4,7 @@
 //! `PORTDADDY_RANGE` inside that block, and tests that need a full range use one port of
 //! their own in it.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Worker processes, for the tests that need real processes (`processes.rs`, `faults.rs`).
 //!
-//! A test starts its own binary again with only the test [`WORKER_TEST`] selected and the
+//! A test starts its own binary again with only the test [`WORKER_TEST`] of its own file
+//! selected (`processes::worker_entry` for a worker started from `processes.rs`) and the
 //! worker's mode, registry and range in the environment; that test function dispatches on
 //! the mode. The two sides talk in lines: the test writes to the worker's stdin, the worker
 //! answers with [`say`], whose lines carry [`PREFIX`] so that they stand apart from what
@@ -116,6 +117,7 @@ pub struct Worker {
 
 impl Worker {
     /// Starts this test binary as a worker in `mode` on the registry at `path`.
+    #[track_caller]
     pub fn spawn(
         label: impl Into<String>,
         mode: &str,
@@ -127,6 +129,7 @@ impl Worker {
     }
 
     /// As [`spawn`](Self::spawn), letting `adjust` change the command first.
+    #[track_caller]
     pub fn spawn_with(
         label: impl Into<String>,
         mode: &str,
@@ -136,9 +139,19 @@ impl Worker {
         adjust: impl FnOnce(&mut Command),
     ) -> Self {
         let label = label.into();
+        // The worker test of the file that starts the worker: each file dispatches its own modes.
+        let caller = Path::new(std::panic::Location::caller().file());
+        let module = caller
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a test file");
         let exe = std::env::current_exe().expect("locate the test binary");
         let mut command = Command::new(exe);
-        command.args([WORKER_TEST, "--exact", "--nocapture"]);
+        command.args([
+            &format!("{module}::{WORKER_TEST}"),
+            "--exact",
+            "--nocapture",
+        ]);
         adjust(&mut command);
         command
             .env(MODE, mode)
@@ -298,5 +311,13 @@ impl Drop for Worker {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+    }
+}
+
+/// Parses a worker's `HELD <port> <pid>` line.
+pub fn parse_held(line: &str) -> (u16, u32) {
+    match line.split(' ').collect::<Vec<_>>()[..] {
+        ["HELD", port, pid] => (port.parse().expect("port"), pid.parse().expect("pid")),
+        _ => panic!("expected HELD <port> <pid>, got {line:?}"),
     }
 }

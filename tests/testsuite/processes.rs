@@ -3,7 +3,7 @@
 //! # How the worker processes are made
 //!
 //! A worker is this very test binary (`std::env::current_exe()`), run again as
-//! `<binary> worker_entry --exact --nocapture` with [`MODE`] set in its environment. The test
+//! `<binary> processes::worker_entry --exact --nocapture` with [`MODE`] set in its environment. The test
 //! `worker_entry` returns at once when [`MODE`] is absent, so in a normal run it is an empty
 //! test; in a worker it opens the registry named by the environment and plays its part. This
 //! works the same under `cargo test` and `cargo nextest run`, since both run a libtest binary.
@@ -21,7 +21,7 @@
 //!
 //! # Ports
 //!
-//! This file owns the block 24000-24999 (see `tests/common/mod.rs`); each test uses its own
+//! This file owns the block 24000-24999 (see `common/mod.rs`); each test uses its own
 //! part of it, so that tests running at the same time never probe each other's ports.
 //! Two runs of this file at once (`cargo test` and `cargo nextest run` side by side, or two
 //! checkouts on one host) would still share those ports through different registries, and
@@ -31,7 +31,8 @@
 //! The file is Unix-only: it kills workers with `SIGKILL`, reads `CLOCK_MONOTONIC` and forks.
 #![cfg(unix)]
 
-mod common;
+use crate::common;
+use crate::common::workers::parse_held;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
@@ -421,14 +422,6 @@ fn sigkilled_holders_ports_are_reclaimed_but_a_live_holders_port_is_not() {
         "the killed live holder's lease must be reaped"
     );
     assert!(registry.list().expect("list").is_empty());
-}
-
-/// Parses `HELD <port> <pid>`.
-fn parse_held(line: &str) -> (u16, u32) {
-    match line.split(' ').collect::<Vec<_>>()[..] {
-        ["HELD", port, pid] => (port.parse().expect("port"), pid.parse().expect("pid")),
-        _ => panic!("expected HELD <port> <pid>, got {line:?}"),
-    }
 }
 
 /// The port that `pid` holds in `leases`.

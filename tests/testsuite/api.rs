@@ -2,7 +2,7 @@
 //!
 //! Ports 23000-23499 belong to this file (see `common`).
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};

@@ -1,14 +1,14 @@
 //! The platform layer as other processes see it: the kind of lock a handle holds on its
-//! owner lock file, and which user a process counts as itself. Section 24 of
+//! owner lock file, and which user a process counts as itself. Section 26 of
 //! `RELIABILITY.md` says what holds.
 //!
 //! # Ports
 //!
-//! This file owns 32700-32749 (see `tests/common/mod.rs`); its tests probe no port (the
-//! port probe says every port is free), so they need no host-wide lock.
+//! This file owns 32700-32749 (see `common`); its tests probe no port (the port probe says
+//! every port is free), so they need no host-wide lock.
 #![cfg(unix)]
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -85,7 +85,7 @@ struct TempUser {
 impl TempUser {
     /// Adds a fresh user, or `None` (with the reason printed) where that is not possible.
     fn add() -> Option<Self> {
-        if !rustix::process::geteuid().is_root() {
+        if !common::is_root() {
             println!("skipped: needs root to add a user and make a setuid program");
             return None;
         }
@@ -183,7 +183,7 @@ fn a_setuid_process_uses_the_registry_of_its_effective_user() {
     std::os::unix::fs::chown(&program, Some(user.uid), None).unwrap();
     fs::set_permissions(&program, fs::Permissions::from_mode(0o4755)).unwrap();
     let output = Command::new(&program)
-        .args(["setuid_entry", "--exact", "--nocapture"])
+        .args([&sibling_test!("setuid_entry"), "--exact", "--nocapture"])
         .env_clear()
         .env(CHILD, "1")
         .output()

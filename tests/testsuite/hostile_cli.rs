@@ -9,7 +9,7 @@
 //! Ports 26950-26999 and 32560-32569 belong to this file (see `common`).
 #![cfg(unix)]
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -282,7 +282,11 @@ fn a_killed_run_leaves_the_lease_to_its_command_until_it_exits() {
     let mut run = Command::new(env!("CARGO_BIN_EXE_portdaddy"))
         .args(["run", "svc", "--"])
         .arg(std::env::current_exe().unwrap())
-        .args(["bind_and_wait_entry", "--exact", "--nocapture"])
+        .args([
+            &sibling_test!("bind_and_wait_entry"),
+            "--exact",
+            "--nocapture",
+        ])
         .env("PORTDADDY_DB", &fixture.db)
         .env("PORTDADDY_RANGE", ONE_PORT)
         .env(BIND_AND_WAIT, "1")

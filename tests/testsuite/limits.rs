@@ -5,7 +5,7 @@
 //!
 //! Ports 32300-32399 belong to this file (see `common`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

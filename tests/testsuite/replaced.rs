@@ -10,24 +10,26 @@
 //!
 //! # Workers
 //!
-//! As in `tests/faults.rs`: this test binary run again as `<binary> worker_entry --exact
+//! As in `faults.rs`: this test binary run again as `<binary> replaced::worker_entry --exact
 //! --nocapture` with [`MODE`] set, talking through `@pd` lines on stdout and reading commands
 //! from stdin. Every wait on a worker is bounded by [`DEADLINE`].
 //!
 //! # Ports
 //!
-//! This file owns 32200-32299 and 32500-32529 (see `tests/common/mod.rs`), each test its own part, locked
+//! This file owns 32200-32299 and 32500-32529 (see `common/mod.rs`), each test its own part, locked
 //! host-wide while it runs ([`lock_ports`]).
 #![cfg(unix)]
 
-mod common;
+use crate::common;
+use crate::common::workers::parse_held;
+use crate::common::{integrity_check, sibling, KillOnDrop};
+use crate::common::{open_probing, open_unprobed};
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::all_free;
 use common::workers::{self, parse_range, read_line, say, var, Worker, MODE, RANGE, REGISTRY};
 use portdaddy::{Error, PortDaddy};
 
@@ -576,21 +578,6 @@ fn deadline() -> Instant {
     Instant::now() + DEADLINE
 }
 
-/// Parses `HELD <port> <pid>`.
-fn parse_held(line: &str) -> (u16, u32) {
-    match line.split(' ').collect::<Vec<_>>()[..] {
-        ["HELD", port, pid] => (port.parse().expect("port"), pid.parse().expect("pid")),
-        _ => panic!("expected HELD <port> <pid>, got {line:?}"),
-    }
-}
-
-/// `<path><suffix>`, as SQLite and portdaddy name the files beside a registry.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
-}
-
 fn remove_if_there(path: &Path) {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -621,45 +608,6 @@ fn lock_is_held(path: &Path) -> bool {
         Err(std::fs::TryLockError::WouldBlock) => true,
         Err(std::fs::TryLockError::Error(e)) => panic!("flock {}: {e}", path.display()),
     }
-}
-
-/// Kills the process when dropped, so that a failed test leaves no `sleep` behind.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: a plain syscall; the pid is one this test's worker started.
-        unsafe {
-            libc::kill(self.0 as libc::pid_t, libc::SIGKILL);
-        }
-    }
-}
-
-/// `PRAGMA integrity_check` through a connection of its own.
-fn integrity_check(path: &Path) -> String {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap()
-}
-
-/// Opens the registry at `path` over `range` with the real port and process probes.
-fn open_probing(path: &Path, range: &RangeInclusive<u16>) -> PortDaddy {
-    PortDaddy::builder()
-        .path(path)
-        .range(range.clone())
-        .open()
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
-}
-
-/// Opens the registry at `path` over `range` with a port probe that says every port is free,
-/// so that only the registry keeps its users apart.
-fn open_unprobed(path: &Path, range: &RangeInclusive<u16>) -> PortDaddy {
-    PortDaddy::builder()
-        .path(path)
-        .range(range.clone())
-        .port_probe(all_free)
-        .open()
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
 /// The host-wide lock on `range` (see [`workers::lock_ports`]).

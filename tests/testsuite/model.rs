@@ -31,7 +31,7 @@
 //! it into a test like the fixed scenarios at the end of this file to keep it as a
 //! regression test (file persistence of proptest failures is off).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;

@@ -7,19 +7,22 @@
 //!
 //! # Workers
 //!
-//! As in `tests/processes.rs`, a worker is this test binary run again as
-//! `<binary> worker_entry --exact --nocapture` with [`MODE`] set; it talks through `@pd` lines
+//! As in `processes.rs`, a worker is this test binary run again as
+//! `<binary> faults::worker_entry --exact --nocapture` with [`MODE`] set; it talks through `@pd` lines
 //! on stdout and reads stdin (a line, or end-of-file to finish). Every wait on a worker is
 //! bounded by [`DEADLINE`], and [`Worker`]'s `Drop` kills and reaps it.
 //!
 //! # Ports
 //!
-//! This file owns 26500-26899 (see `tests/common/mod.rs`), each test its own part, and each
+//! This file owns 26500-26899 (see `common/mod.rs`), each test its own part, and each
 //! test first takes a host-wide lock on its part ([`lock_ports`]) so that two runs of this
 //! file on one host take turns instead of binding each other's ports.
 #![cfg(unix)]
 
-mod common;
+use crate::common;
+use crate::common::workers::parse_held;
+use crate::common::{in_new_pid_namespace, integrity_check};
+use crate::common::{open_probing, open_unprobed};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
@@ -277,19 +280,6 @@ fn churn_worker(registry: &PortDaddy) {
         drop(listeners);
         drop(guards);
     }
-}
-
-/// `PRAGMA integrity_check` of the file at `path`, opened by plain SQLite.
-fn integrity_check(path: &Path) -> String {
-    let conn = rusqlite::Connection::open(path).expect("open with SQLite");
-    let rows: Vec<String> = conn
-        .prepare("PRAGMA integrity_check")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    rows.join("; ")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1090,7 +1080,7 @@ fn owners_in_another_pid_namespace_keep_their_leases_until_they_die() {
 /// A pid that the system has handed to a new process (same pid, another start time) is no
 /// longer the owner, and neither is a pid recorded under an earlier boot: a second handle on
 /// the file reclaims both leases, while the lease of the process that now runs under that
-/// pid stays. The process table is a fake probe here; `tests/api.rs` and the unit tests of
+/// pid stays. The process table is a fake probe here; `api.rs` and the unit tests of
 /// `src/probe/system.rs` check the same against the real system.
 #[test]
 fn a_reused_pid_or_an_earlier_boot_in_a_shared_file_is_a_dead_owner() {
@@ -1155,19 +1145,6 @@ fn unshare_works() -> Result<(), String> {
             String::from_utf8_lossy(&output.stderr).trim()
         ))
     }
-}
-
-/// Makes `command` run its program in a new PID namespace, with its own `/proc`, as the
-/// namespace's first process; killing `unshare` kills it.
-fn in_new_pid_namespace(command: &mut Command) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new("unshare");
-    wrapped
-        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
-        .arg(program)
-        .args(args);
-    *command = wrapped;
 }
 
 /// Reaps, reports `REAPED <n>`, then claims every port it can and reports `GOT <n>`.
@@ -1345,34 +1322,6 @@ fn hold_worker(registry: &PortDaddy) {
 
 fn deadline() -> Instant {
     Instant::now() + DEADLINE
-}
-
-/// Parses `HELD <port> <pid>`.
-fn parse_held(line: &str) -> (u16, u32) {
-    match line.split(' ').collect::<Vec<_>>()[..] {
-        ["HELD", port, pid] => (port.parse().expect("port"), pid.parse().expect("pid")),
-        _ => panic!("expected HELD <port> <pid>, got {line:?}"),
-    }
-}
-
-/// Opens the registry at `path` over `range` with the real port and process probes.
-fn open_probing(path: &Path, range: &RangeInclusive<u16>) -> PortDaddy {
-    PortDaddy::builder()
-        .path(path)
-        .range(range.clone())
-        .open()
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
-}
-
-/// Opens the registry at `path` over `range` with a port probe that says every port is free,
-/// so that only the registry keeps its users apart.
-fn open_unprobed(path: &Path, range: &RangeInclusive<u16>) -> PortDaddy {
-    PortDaddy::builder()
-        .path(path)
-        .range(range.clone())
-        .port_probe(all_free)
-        .open()
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
 /// A small deterministic generator, so that a failing schedule can be replayed.

@@ -5,7 +5,7 @@
 //! Ports 27000-27499 belong to this file (see `common`); most tests use a port probe that
 //! says every port is free and bind nothing.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
@@ -62,9 +62,14 @@ fn stats_count_acquisitions_releases_reclaims_and_failures() {
             registry.acquire("d"),
             Err(Error::Exhausted { .. })
         ));
+        // Refused before the registry is touched: counts nothing.
         assert!(matches!(
             registry.acquire("bad\nname"),
             Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            registry.acquire_with(&Request::new("d").require(a.port())),
+            Err(Error::PortUnavailable { .. })
         ));
         let s = registry.stats().unwrap();
         assert_eq!(counters(&s), [3, 0, 0, 1, 1], "{kind}: {s:?}");
@@ -384,19 +389,21 @@ fn diagnose_fails_a_foreign_file_and_leaves_it_untouched() {
 }
 
 #[test]
-fn diagnose_fails_a_schema_newer_than_this_build() {
+fn diagnose_fails_a_registry_that_needs_a_newer_reader() {
     let (_dir, path) = temp_registry();
     drop(PortDaddy::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.pragma_update(None, "user_version", 99).unwrap();
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('min_reader_version', 99)",
+        [],
+    )
+    .unwrap();
     drop(conn);
     let d = PortDaddy::diagnose(&path, range(27090, 27099));
-    assert_eq!(d.schema_found, Some(99));
-    assert_eq!(
-        d.check("schema version").unwrap().status,
-        Status::Fail,
-        "{d}"
-    );
+    assert_eq!(d.schema_found, Some(d.schema_supported));
+    let check = d.check("schema version").unwrap();
+    assert_eq!(check.status, Status::Fail, "{d}");
+    assert!(check.detail.contains("min_reader_version"), "{d}");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Hostile input that `tests/bad_input.rs` does not already cover: damaged registry files
+//! Hostile input that `bad_input.rs` does not already cover: damaged registry files
 //! (a garbage `-wal`, random byte flips anywhere in a real registry), names built to confuse
 //! SQL or a terminal, and directories prepared by someone else where the default path falls
 //! back to the shared temp directory.
@@ -6,7 +6,8 @@
 //! Ports 26900-26949 belong to this file (see `common`); nothing here binds them, since every
 //! registry's port probe says every port is free.
 
-mod common;
+use crate::common;
+use crate::common::sibling;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -26,12 +27,6 @@ fn open_at(path: &Path) -> portdaddy::Result<PortDaddy> {
         .port_probe(all_free)
         .lock_timeout(Duration::from_secs(5))
         .open()
-}
-
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 /// A real registry at `path` with detached leases, a lease of a dead owner and remembered
@@ -306,7 +301,7 @@ fn default_path_child(test: &str, env: &[(&str, &Path)]) -> String {
     let exe = std::env::current_exe().unwrap();
     let mut command = std::process::Command::new(exe);
     command
-        .args([test, "--exact", "--nocapture"])
+        .args([&sibling_test!(test), "--exact", "--nocapture"])
         .env_clear()
         .env(CHILD, "1");
     for (key, value) in env {

@@ -8,7 +8,8 @@
 //! (see `common`); no test binds one, every registry's port probe says all are free.
 #![cfg(target_os = "linux")]
 
-mod common;
+use crate::common;
+use crate::common::KillOnDrop;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -519,18 +520,6 @@ fn leases_of_an_ended_pid_namespace_are_reclaimed_from_the_host() {
 // ---------------------------------------------------------------------------------------------
 // A shared owner lock
 // ---------------------------------------------------------------------------------------------
-
-/// Kills a pid when dropped.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: a plain syscall; the pid is one this test started.
-        unsafe {
-            libc::kill(self.0 as libc::pid_t, libc::SIGKILL);
-        }
-    }
-}
 
 /// `PortDaddy::share_owner_lock`: a command that inherits its owner lock keeps the leases
 /// alive after the process that took them is killed, and they are reclaimed once the

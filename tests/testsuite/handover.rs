@@ -4,7 +4,7 @@
 //!
 //! Ports 30500-30999 belong to this file (see `common`).
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};

@@ -12,7 +12,8 @@
 
 #![cfg(unix)]
 
-mod common;
+use crate::common;
+use crate::common::{in_new_pid_namespace, is_root, sibling};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -42,19 +43,8 @@ fn open_at(path: &Path) -> portdaddy::Result<PortDaddy> {
         .open()
 }
 
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
-}
-
 fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(60)
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,7 +386,11 @@ fn default_path_entry() {
 fn default_path_child(env: &[(&str, &Path)]) -> String {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
-        .args(["default_path_entry", "--exact", "--nocapture"])
+        .args([
+            &sibling_test!("default_path_entry"),
+            "--exact",
+            "--nocapture",
+        ])
         .env_clear()
         .env(CHILD, "1");
     for (key, value) in env {
@@ -616,7 +610,7 @@ fn in_mount_namespace(entry: &str, source: &Path, target: &Path, env: &[(&str, &
         .arg(source)
         .arg(target)
         .arg(&exe)
-        .arg(entry)
+        .arg(sibling_test!(entry))
         .env(MOUNT_CHILD, "1");
     for (key, value) in env {
         command.env(key, value);
@@ -709,19 +703,6 @@ fn dir_mount_entry() {
     let mounted = PathBuf::from(std::env::var_os("PD_MOUNT").unwrap()).join("reg.sqlite3");
     two_paths_are_one_registry(&mounted, &real, &real);
     say("passed");
-}
-
-/// Makes `command` run its program in a new PID namespace (with its own `/proc`) as the
-/// namespace's first process; killing `unshare` kills it.
-fn in_new_pid_namespace(command: &mut Command) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new("unshare");
-    wrapped
-        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
-        .arg(program)
-        .args(args);
-    *command = wrapped;
 }
 
 /// An owner in a PID namespace of its own that opened the registry through a symbolic link

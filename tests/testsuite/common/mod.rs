@@ -25,11 +25,26 @@
 //! | registry_files.rs   | 32100-32199, 32450-32499 |
 //! | replaced.rs         | 32200-32299, 32500-32529 |
 //! | limits.rs           | 32300-32399   |
+//! | format.rs           | 32600-32649; binds and probes no port |
 //! | sys.rs              | 32700-32749   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
 //! | benches             | 40000-59999   |
 #![allow(dead_code)]
+
+/// The full name of the test `$name` in the calling module, as the test harness selects it
+/// (`registry_files::default_path_entry`), for running this binary again with that one test.
+macro_rules! sibling_test {
+    ($name:expr) => {
+        format!(
+            "{}::{}",
+            module_path!()
+                .split_once("::")
+                .map_or(module_path!(), |(_, module)| module),
+            $name
+        )
+    };
+}
 
 #[cfg(unix)]
 pub mod workers;
@@ -137,4 +152,79 @@ pub fn memory_at(range: std::ops::RangeInclusive<u16>, clock: &FakeClock) -> Por
         .clock(clock.as_fn())
         .open()
         .expect("open")
+}
+
+/// `<path><suffix>`, as SQLite and portdaddy name the files beside a registry (`-wal`,
+/// `-shm`, `.lock`, `.owners`).
+pub fn sibling(path: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Whether this process runs as root, which ignores permission bits.
+#[cfg(unix)]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `PRAGMA integrity_check` of the file at `path`, opened by plain SQLite: `"ok"` when intact.
+pub fn integrity_check(path: &std::path::Path) -> String {
+    let conn = rusqlite::Connection::open(path).expect("open with SQLite");
+    let rows: Vec<String> = conn
+        .prepare("PRAGMA integrity_check")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    rows.join("; ")
+}
+
+/// Makes `command` run its program in a new PID namespace (with its own `/proc`) as the
+/// namespace's first process; killing `unshare` kills it.
+pub fn in_new_pid_namespace(command: &mut std::process::Command) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let mut wrapped = std::process::Command::new("unshare");
+    wrapped
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
+        .arg(program)
+        .args(args);
+    *command = wrapped;
+}
+
+/// Kills the process with this pid (one the test started) when dropped.
+#[cfg(unix)]
+pub struct KillOnDrop(pub u32);
+
+#[cfg(unix)]
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: a plain syscall; the pid is one this test started.
+        unsafe {
+            libc::kill(self.0 as libc::pid_t, libc::SIGKILL);
+        }
+    }
+}
+
+/// Opens the registry at `path` over `range` with the real port and process probes.
+pub fn open_probing(path: &std::path::Path, range: &std::ops::RangeInclusive<u16>) -> PortDaddy {
+    PortDaddy::builder()
+        .path(path)
+        .range(range.clone())
+        .open()
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+/// Opens the registry at `path` over `range` with a port probe that says every port is free,
+/// so that only the registry keeps its users apart.
+pub fn open_unprobed(path: &std::path::Path, range: &std::ops::RangeInclusive<u16>) -> PortDaddy {
+    PortDaddy::builder()
+        .path(path)
+        .range(range.clone())
+        .port_probe(all_free)
+        .open()
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }

@@ -8,17 +8,20 @@
 //! Foreign and damaged SQLite files are made with `rusqlite`: it is a normal dependency of the
 //! crate, and integration tests link every normal dependency, so it can be named here (with
 //! its bundled SQLite; the `sqlite3` command is not needed). A registry "from the future" is a
-//! real registry whose `user_version` (4 big-endian bytes at header offset 60) is patched.
+//! real registry whose `meta` row `min_reader_version` demands a newer reader.
 //!
 //! What may appear beside a refused file depends on where the open sequence (see
-//! `src/store/sqlite.rs`) refused it:
+//! `src/store/sqlite/mod.rs`) refused it:
 //! - before SQLite sees the file (a directory, not SQLite at all): nothing at all;
 //! - after SQLite looked (foreign, truncated, future schema): the lock file `<registry>.lock`
 //!   (created in step 2), but no `-wal`, `-shm` or `-journal`; an existing `-wal` or
 //!   `-journal` must be neither changed nor deleted, and for a file that came with a pending
 //!   `-wal` a `-shm` index is tolerated (SQLite cannot read such a file without one).
 
-mod common;
+use crate::common;
+#[cfg(unix)]
+use crate::common::is_root;
+use crate::common::sibling;
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -61,13 +64,6 @@ fn open_err(path: &Path) -> Error {
         Ok(registry) => panic!("{} opened as a registry: {registry:?}", path.display()),
         Err(e) => e,
     }
-}
-
-/// `path` with `suffix` appended to its file name (`-wal`, `-shm`, `.lock`, …).
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 fn entries(dir: &Path) -> BTreeSet<OsString> {
@@ -227,13 +223,6 @@ fn assert_corrupt(err: &Error, path: &Path) {
     assert!(!detail.is_empty());
     assert_message(err, Some(path), "move it away or set PORTDADDY_DB");
     assert!(err.to_string().contains("left untouched"), "{err}");
-}
-
-/// Whether this process runs as root, which ignores permission bits.
-#[cfg(unix)]
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// A deterministic pseudo-random byte string (xorshift), never starting like an SQLite file.
@@ -980,43 +969,54 @@ fn a_truncated_registry_is_corrupt_and_left_untouched() {
     );
 }
 
+/// Marks the registry at `path` as needing a reader of format generation `generation`, as a
+/// newer portdaddy whose change alters how ports or owners are judged would.
+fn demand_reader(conn: &rusqlite::Connection, generation: i64) {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('min_reader_version', ?1)",
+        [generation],
+    )
+    .unwrap();
+}
+
 #[test]
 fn a_registry_from_the_future_is_refused_and_left_untouched() {
     let (_src_dir, src) = temp_registry();
-    let mut bytes = make_registry(&src);
-    bytes[USER_VERSION_OFFSET..USER_VERSION_OFFSET + 4].copy_from_slice(&999u32.to_be_bytes());
-    let (_dir, path) = registry_file_with(&bytes);
+    make_registry(&src);
+    demand_reader(&rusqlite::Connection::open(&src).unwrap(), 2);
+    let (_dir, path) = registry_file_with(&fs::read(&src).unwrap());
     let before = snapshot(&path);
     let err = open_err(&path);
     let Error::SchemaTooNew {
         path: reported,
-        found,
+        required,
         supported,
     } = &err
     else {
         panic!("expected SchemaTooNew, got {err:?}");
     };
     assert_eq!(reported, &path);
-    assert_eq!(*found, 999);
-    assert!((1..999).contains(supported), "supported {supported}");
+    assert_eq!(*required, 2);
+    assert_eq!(*supported, 1);
     assert!(std::error::Error::source(&err).is_none());
     assert_message(
         &err,
         Some(&path),
-        "upgrade portdaddy or use another registry path",
+        "upgrade portdaddy in this project, or set PORTDADDY_DB to use another registry",
     );
-    assert!(err.to_string().contains("999"), "{err}");
+    assert!(err.to_string().contains("min_reader_version"), "{err}");
     assert_untouched(&path, &before, Beside::LockFileOnly);
 }
 
 #[test]
 fn a_registry_from_the_future_with_a_pending_wal_is_left_untouched() {
-    // A newer portdaddy wrote schema 999 and died before its WAL was checkpointed.
+    // A newer portdaddy marked it and died before its WAL was checkpointed.
     let (_src_dir, src) = temp_registry();
     make_registry(&src);
     let conn = rusqlite::Connection::open(&src).unwrap();
-    conn.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA user_version = 999;")
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")
         .unwrap();
+    demand_reader(&conn, 999);
     let (_dir, path) = temp_registry();
     fs::copy(&src, &path).unwrap();
     fs::copy(sibling(&src, "-wal"), sibling(&path, "-wal")).unwrap();
@@ -1025,7 +1025,7 @@ fn a_registry_from_the_future_with_a_pending_wal_is_left_untouched() {
     let before = snapshot(&path);
     let err = open_err(&path);
     assert!(
-        matches!(err, Error::SchemaTooNew { found: 999, .. }),
+        matches!(err, Error::SchemaTooNew { required: 999, .. }),
         "{err:?}"
     );
     assert_untouched(&path, &before, Beside::LockFileAndShm);

@@ -2,7 +2,7 @@
 //!
 //! Ports 23000-23499 are shared with `api.rs`; these tests probe no real port.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,801 @@
+//! The SQLite store: one registry file shared by every process of the user.
+//!
+//! # Open sequence
+//!
+//! Everything after creating the lock file `<registry>.lock` (mode `0600`, its directory
+//! `0700`) happens under the write lock, so no process sees a registry half created.
+//!
+//! 0. The path is resolved to the real file, through links of ours or root's only, and every
+//!    side file (the lock file, the owners directory, SQLite's `-wal`, `-shm` and
+//!    `-journal`) is named after the real file; the files already there are checked before
+//!    the lock file is created, again under the lock, and once more after SQLite has opened
+//!    its side files (see the `paths` module: anything another user planted or may change is
+//!    refused). SQLite opens the real file with `SQLITE_OPEN_NOFOLLOW` and its side files
+//!    with `O_NOFOLLOW`; in a directory others may write (sticky), `-wal` and `-shm` are
+//!    created by us (`O_EXCL`, `0600`) before SQLite opens them. SQLite removes them again
+//!    when the last connection closes, so this runs at every open.
+//! 1. The path is checked before SQLite sees it: anything but a regular file we can read and
+//!    write, a non-empty file without the SQLite header, or one whose header names another
+//!    application is refused, and nothing is written. (The plainest of these are refused
+//!    even before the lock file is created.)
+//! 2. A missing file is created empty with mode `0600`.
+//! 3. The database is inspected read-only: it must be empty (new) or carry our
+//!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
+//!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
+//!    anything written: WAL mode, and the pending migrations in one transaction. A registry
+//!    refused for its `min_reader_version` is left as it was, and so is its directory: a
+//!    lock file this open created is removed again.
+//!
+//! # Locking and durability
+//!
+//! Every write transaction first takes an exclusive `flock` on `<registry>.lock` (see the
+//! `lock` module), then runs `BEGIN IMMEDIATE … COMMIT`. Waiting writers block in the
+//! kernel's lock queue and are woken the moment the lock is free, instead of sleeping in
+//! whole milliseconds as SQLite's busy handler does, which let one busy writer starve the
+//! others. (The kernel does not promise first-come-first-served; it promises no sleeping
+//! through free moments.) SQLite's busy handler is left for the rare moments when a reader
+//! meets a checkpoint. Reads (listing) take no file lock: in WAL mode they see
+//! a consistent snapshot while a writer works.
+//!
+//! The journal is WAL with `synchronous=NORMAL`: a commit is atomic and survives a crash of
+//! any process, but the last transactions before a power loss or kernel crash may be lost.
+//! Leases are ephemeral (a reboot kills every owner anyway), so the fsync per claim that
+//! `synchronous=FULL` costs buys nothing here.
+//!
+//! WAL needs shared memory that works across processes, so the registry must live on a local
+//! filesystem, not on NFS or another network mount.
+//!
+//! # A registry deleted or replaced under open handles
+//!
+//! The registry file is anchored at open, by path, under the write lock (on Linux with an
+//! `O_PATH` descriptor, which unlike any other descriptor of our own does not drop SQLite's
+//! POSIX locks when closed). Every write checks under the lock, with one `fstat`, that the
+//! file is still linked, and every read checks before it reads; when it is not (deleted, or
+//! another file put in its place), the store opens the file the path names now through the
+//! same open sequence (the path resolved, planted files refused) and tells the caller
+//! ([`Opened::Anew`]), which records its leases there again. A path that leads to another
+//! real file by then (a symbolic link on it changed) is an error: the handle judges owners
+//! by the lock files beside the file it first opened. A registry renamed or moved elsewhere is still linked and goes unnoticed (where
+//! there is no `O_PATH`, the path's inode is compared instead, which notices that too).
+//! Closing the old connection is safe: SQLite does not checkpoint on close (nor delete `-wal` and
+//! `-shm` by name) once the path no longer names its file. A registry created where the
+//! main file is missing first removes `-wal` and `-shm` left of a deleted one, on which
+//! SQLite would otherwise fail with "disk I/O error".
+//!
+//! # Files
+//!
+//! `schema` holds the migrations and the format policy (see its docs: "Registry format"),
+//! `vet` the checks of a file before SQLite opens it (shared by the store and the
+//! examination), `tx` the transaction, `examine` the read-only examination behind
+//! `PortDaddy::diagnose`; this file the store and its open sequence.
+
+mod examine;
+mod schema;
+mod tx;
+mod vet;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+
+use super::Tx;
+use crate::error::{Error, Result};
+use crate::lease::Lease;
+use crate::lock::{Anchor, Deadline, FileLock};
+use crate::paths::{self, sibling};
+
+pub(crate) use examine::examine;
+pub(crate) use schema::schema_supported;
+use schema::{inspect, migrate};
+use tx::{run_write, SqlTx};
+use vet::check_existing_file;
+
+/// How many prepared statements a connection keeps.
+const STATEMENT_CACHE: usize = 64;
+
+#[derive(Debug)]
+pub(crate) struct SqliteStore {
+    path: PathBuf,
+    /// `path` with its links resolved, beside which every side file lives.
+    real: PathBuf,
+    conn: Connection,
+    lock: FileLock,
+    /// Tells whether the registry file the connection has open was deleted or replaced.
+    anchor: Anchor,
+    /// Tells whether the `-shm` index of the write-ahead log that the connection has mapped
+    /// was deleted or replaced (see [`shm_removed`](Self::shm_removed)); `None` if there was
+    /// none to anchor.
+    shm: Option<Anchor>,
+    /// How the store was opened, to open the path again if its file is replaced.
+    shared_tmp: bool,
+    /// Declared after `conn`, so that the file is marked in use until the connection closed.
+    _in_use: InUse,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // A connection whose `-shm` was removed would checkpoint through its stale index
+        // when it closes, and then delete the write-ahead log by name, with every lease
+        // recorded through the new index since: it must close without a checkpoint.
+        if shm_gone(&self.shm) {
+            if let Err(e) = self
+                .conn
+                .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            {
+                tracing::warn!(path = %self.path.display(), error = %e,
+                    "could not keep a registry whose -shm was removed from a checkpoint on close");
+            }
+        }
+    }
+}
+
+/// Whether the `-shm` file anchored in `shm` was deleted or replaced. A check that fails
+/// says nothing, and the store goes on as before.
+fn shm_gone(shm: &Option<Anchor>) -> bool {
+    matches!(shm.as_ref().map(Anchor::is_gone), Some(Ok(true)))
+}
+
+/// The registry's `-shm` was removed under the connection (a cleaner, or `rm` of the side
+/// files while the registry file stayed). The connection's mapped index of the write-ahead
+/// log is then no longer the one other processes use: writing through it would overwrite
+/// what they wrote, and SQLite cannot map another while this process has the file open.
+/// The store refuses to write (and to read a stale view) instead; its leases are reclaimed
+/// when the process exits.
+fn shm_removed_err(path: &Path) -> Error {
+    Error::Registry {
+        path: path.to_owned(),
+        source: "its -shm file was deleted while this process had the registry open, and \
+                 this process can no longer write it without overwriting the leases of \
+                 others; restart the process (its leases are reclaimed when it exits)"
+            .into(),
+    }
+}
+
+/// Whether the file a write ran on is the one the store had open before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Opened {
+    /// The same file as the previous operation.
+    Same,
+    /// The path no longer named the file the store had open (it was deleted, or replaced
+    /// with another): the store opened the file the path names now, creating a new registry
+    /// if there was none. Nothing written through the store before is in it.
+    Anew {
+        /// The leases of the file the store had open, read just before it was closed, so
+        /// that a lease others released there is not taken for one still held; `None` if
+        /// that file could not be read.
+        left_behind: Option<Vec<Lease>>,
+    },
+}
+
+/// The registry files this process has an SQLite connection on, by (device, inode), and
+/// how many.
+///
+/// SQLite locks its files with POSIX locks, which the kernel drops for the whole process
+/// when any one descriptor of the file is closed. A registry file this process uses must
+/// therefore never be opened and closed again beside SQLite (`vet::check_file`): another
+/// process would then take itself for the last one using the registry, remove its
+/// write-ahead log under this one, and the two would lease from different logs.
+static IN_USE: std::sync::Mutex<std::collections::BTreeMap<(u64, u64), usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn in_use_table() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<(u64, u64), usize>> {
+    IN_USE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The (device, inode) of a file, where the platform has POSIX locks.
+fn file_id(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
+    crate::sys::file_id(meta)
+}
+
+/// A registry file marked in [`IN_USE`] while this process has a connection on it.
+#[derive(Debug)]
+struct InUse(Option<(u64, u64)>);
+
+impl InUse {
+    /// Marks the file at `real` in use, before SQLite opens it.
+    fn mark(real: &Path) -> io::Result<Self> {
+        let id = file_id(&std::fs::symlink_metadata(real)?);
+        if let Some(id) = id {
+            *in_use_table().entry(id).or_insert(0) += 1;
+        }
+        Ok(Self(id))
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let Some(id) = self.0 else { return };
+        let mut table = in_use_table();
+        if let Some(count) = table.get_mut(&id) {
+            *count -= 1;
+            if *count == 0 {
+                table.remove(&id);
+            }
+        }
+    }
+}
+
+impl SqliteStore {
+    pub(crate) fn open(path: &Path, shared_tmp: bool, timeout: Duration) -> Result<Self> {
+        let deadline = Deadline::after(timeout);
+        let open_err = |e: io::Error| Error::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        };
+        if path.file_name().is_none() {
+            return Err(open_err(io::Error::other(
+                "the path names no file; give the path of a registry file",
+            )));
+        }
+        if path.is_dir() {
+            return Err(open_err(io::Error::other(
+                "the path is a directory; give a file path",
+            )));
+        }
+        if shared_tmp {
+            paths::prepare_shared_dir(path)?;
+        }
+        // Every side file is named after the real file, as SQLite names its own, so that one
+        // registry has one lock and one owners directory however it is reached.
+        let real = paths::resolve(path)?;
+        paths::check_name_length(path, &real)?;
+        paths::prepare_dirs(path, &real)?;
+        // What a registry being created by another process cannot look like, and files
+        // planted by others, are refused at once, without even a lock file beside them.
+        paths::check_files(path, &real)?;
+        check_existing_file(path, &real, false)?;
+        let lock_was_there = std::fs::symlink_metadata(lock_path(&real)).is_ok();
+        let mut lock = FileLock::open(&lock_path(&real)).map_err(|e| lock_err(path, e))?;
+        let (conn, anchor, shm, in_use) = {
+            // The whole sequence runs under the write lock, so no process ever inspects a
+            // registry that another is still creating or migrating.
+            // The lock file may be opened again there (if it was replaced meanwhile), with
+            // the same refusals.
+            let _held = lock
+                .lock(deadline)
+                .map_err(|e| lock_err(path, e))?
+                .ok_or_else(|| Error::LockTimeout {
+                    path: path.to_owned(),
+                    waited: deadline.elapsed(),
+                })?;
+            // Again under the lock: the files SQLite is about to open are as they were
+            // checked, since every process of ours checks under this lock too.
+            paths::check_files(path, &real)?;
+            check_existing_file(path, &real, true)?;
+            remove_orphaned_side_files(&real).map_err(open_err)?;
+            paths::create_private_file(&real).map_err(open_err)?;
+            // Before SQLite locks it: from now on nothing of this process closes it again.
+            let in_use = InUse::mark(&real).map_err(open_err)?;
+            let (created, journal) = if paths::dir_open_to_others(&real) {
+                let created = paths::precreate_side_files(&real).map_err(open_err)?;
+                let journal = paths::precreate_journal(&real).map_err(open_err)?;
+                // What another user put there after the check, before ours were made, is
+                // refused before SQLite opens it.
+                if let Err(e) = paths::check_files(path, &real) {
+                    paths::remove_created(journal);
+                    paths::remove_created(created);
+                    return Err(e);
+                }
+                (created, journal)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let opened = open_checked(path, &real, deadline)
+                .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
+            // In WAL mode no journal is written: ours only kept others from planting one
+            // for SQLite's first read.
+            paths::remove_created(journal);
+            let conn = match opened {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Beside a file that is no registry of ours, nothing of ours uses them.
+                    // Beside one of ours (a newer schema, say) a reader may have opened them
+                    // meanwhile, and removing them would split its WAL from the next one's:
+                    // they stay then, as SQLite would leave them.
+                    if matches!(e, Error::Corrupt { .. }) {
+                        paths::remove_created(created);
+                    }
+                    // A registry for newer versions only is left as this open found it,
+                    // without a lock file beside it. Removed under the lock, which is safe:
+                    // whoever locks the file next finds it unlinked and takes a new one.
+                    if matches!(e, Error::SchemaTooNew { .. }) && !lock_was_there {
+                        if let Err(error) = std::fs::remove_file(lock_path(&real)) {
+                            tracing::debug!(%error, "could not remove the lock file it created");
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+            // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
+            // that is no ordinary descriptor).
+            let anchor = Anchor::at(&real).map_err(open_err)?;
+            // SQLite mapped it on its first read, above, under the lock.
+            let shm = match Anchor::at(&sibling(&real, "-shm")) {
+                Ok(shm) => Some(shm),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(open_err(e)),
+            };
+            (conn, anchor, shm, in_use)
+        };
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| open_sql_err(path, deadline, e))?;
+        // Room for every statement of the store (rusqlite keeps 16 by default), so none is
+        // parsed again on the hot path.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        tracing::debug!(path = %path.display(), "opened port registry");
+        Ok(Self {
+            path: path.to_owned(),
+            real,
+            conn,
+            lock,
+            anchor,
+            shm,
+            shared_tmp,
+            _in_use: in_use,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The registry file with its links resolved, beside which every side file lives.
+    pub(crate) fn real_path(&self) -> &Path {
+        &self.real
+    }
+
+    /// Runs `f` as one write transaction under the file lock, giving up at `deadline`.
+    ///
+    /// Under the lock, the file the store has open is checked to be still linked. If it is
+    /// not (the registry was deleted or replaced), the store opens the file the path
+    /// names now, as [`open`](Self::open) does, and `f` is told so with [`Opened::Anew`]:
+    /// it runs in the first transaction on that file.
+    pub(crate) fn write<R>(
+        &mut self,
+        deadline: Deadline,
+        f: impl FnOnce(&mut dyn Tx, Opened) -> Result<R>,
+    ) -> Result<R> {
+        let mut opened = Opened::Same;
+        // A registry replaced again while it was being opened anew is opened once more; a
+        // path that keeps changing under us is an error rather than a loop.
+        for _ in 0..3 {
+            {
+                let Self {
+                    path,
+                    conn,
+                    lock,
+                    anchor,
+                    shm,
+                    ..
+                } = self;
+                let registry_err = |e: io::Error| Error::Registry {
+                    path: path.clone(),
+                    source: e.into(),
+                };
+                match lock.lock(deadline) {
+                    Ok(Some(_held)) => {
+                        if !anchor.is_gone().map_err(registry_err)? {
+                            if shm_gone(shm) {
+                                return Err(shm_removed_err(path));
+                            }
+                            return run_write(conn, path, deadline, opened, f);
+                        }
+                    }
+                    Ok(None) => {
+                        return Err(Error::LockTimeout {
+                            path: path.clone(),
+                            waited: deadline.elapsed(),
+                        })
+                    }
+                    // The lock file cannot be opened again, say because its directory went
+                    // with the registry: then the open below makes both anew.
+                    Err(e) => {
+                        if !anchor.is_gone().map_err(registry_err)? {
+                            // Opened again with the refusals of an open: name a refused file.
+                            return Err(refusal(path, e).unwrap_or_else(registry_err));
+                        }
+                    }
+                }
+            }
+            // What the file we had open says last, before it is closed: read once, from the
+            // file this store's writes went to, not from one replaced again meanwhile.
+            let left_behind = match opened {
+                Opened::Same => self.leases_left_behind(deadline),
+                Opened::Anew { left_behind } => left_behind,
+            };
+            self.reopen(deadline)?;
+            opened = Opened::Anew { left_behind };
+        }
+        Err(Error::Registry {
+            path: self.path.clone(),
+            source: "the registry file was deleted or replaced again each time it was opened \
+                     anew"
+                .into(),
+        })
+    }
+
+    /// The leases of the file the store has open (deleted or replaced), read through its
+    /// connection, or `None` if it cannot be read: then there is no telling what others
+    /// released in it.
+    fn leases_left_behind(&mut self, deadline: Deadline) -> Option<Vec<Lease>> {
+        match self.read(deadline, |tx| tx.leases(None)) {
+            Ok(leases) => Some(leases),
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e,
+                    "could not read the leases of the replaced registry file");
+                None
+            }
+        }
+    }
+
+    /// Opens the file the path names now in place of the one the store has open.
+    fn reopen(&mut self, deadline: Deadline) -> Result<()> {
+        tracing::warn!(path = %self.path.display(),
+            "the port registry file was deleted or replaced; opening the one now at its path");
+        let timeout = deadline.remaining().unwrap_or(Duration::MAX);
+        let fresh = Self::open(&self.path, self.shared_tmp, timeout)?;
+        // The handle judges owners by the lock files beside the file it first opened: a path
+        // that leads elsewhere now (a symbolic link changed) is another registry.
+        let (was, now) = (self.real_path(), fresh.real_path());
+        if now != was {
+            return Err(Error::Registry {
+                path: self.path.clone(),
+                source: format!(
+                    "the registry file was deleted, and the path now leads to {} instead of \
+                     {}; open the registry again",
+                    now.display(),
+                    was.display()
+                )
+                .into(),
+            });
+        }
+        // Closing the old connection does not touch the new registry: SQLite checkpoints on
+        // close (and then deletes `<path>-wal` and `<path>-shm` by name) only while the path
+        // still names the file it has open, which it checks itself. The `replaced` tests
+        // hold it to that.
+        drop(std::mem::replace(self, fresh));
+        Ok(())
+    }
+
+    /// Whether the file the store has open is still the registry at its path (still linked;
+    /// see [`Anchor`]).
+    ///
+    /// A registry whose `-shm` was removed under the connection is an error (see
+    /// [`shm_removed_err`]).
+    pub(crate) fn is_current(&self) -> Result<bool> {
+        match self.anchor.is_gone() {
+            Ok(false) if shm_gone(&self.shm) => Err(shm_removed_err(&self.path)),
+            Ok(gone) => Ok(!gone),
+            Err(e) => Err(Error::Registry {
+                path: self.path.clone(),
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// Runs `f` on a consistent snapshot, without the file lock.
+    ///
+    /// The caller checks [`is_current`](Self::is_current) first if it needs to: a store whose
+    /// file was replaced reads the old file.
+    pub(crate) fn read<R>(
+        &mut self,
+        deadline: Deadline,
+        f: impl FnOnce(&mut dyn Tx) -> Result<R>,
+    ) -> Result<R> {
+        let Self { path, conn, .. } = self;
+        let sql = |e| sql_err(path, deadline, e);
+        conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(sql)?;
+        f(&mut SqlTx {
+            tx: &tx,
+            path,
+            deadline,
+        })
+    }
+}
+
+/// Removes `<path>-wal` and `<path>-shm` when `path` itself is missing: they are what is left
+/// of a registry deleted while processes had it open (those keep their open files), and
+/// SQLite would fail with "disk I/O error" on a new registry beside them. The caller holds
+/// the write lock and is about to create the file.
+fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        _ => return Ok(()),
+    }
+    for suffix in ["-wal", "-shm"] {
+        let side = sibling(path, suffix);
+        match std::fs::symlink_metadata(&side) {
+            Ok(meta) if !meta.is_dir() => {
+                tracing::warn!(path = %side.display(),
+                    "removing what is left of a deleted registry beside the new one");
+                match std::fs::remove_file(&side) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What is left of `deadline`, as far as SQLite's busy timeout (an `int` of milliseconds)
+/// can express it.
+fn busy_timeout(deadline: Deadline) -> Duration {
+    let most = Duration::from_millis(i32::MAX as u64);
+    deadline.remaining().map_or(most, |left| left.min(most))
+}
+
+/// Opens the connection, inspects the file read-only, then sets WAL mode and migrates.
+/// The caller holds the write lock.
+/// `real` is the registry file with its links resolved; `path` names it in errors.
+fn open_checked(path: &Path, real: &Path, deadline: Deadline) -> Result<Connection> {
+    let sql = |e| open_sql_err(path, deadline, e);
+    // The links are resolved: a link in the path now was put there since, and is not
+    // followed.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+    let mut conn = Connection::open_with_flags(real, flags).map_err(sql)?;
+    conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
+    // Closing the last connection checkpoints the WAL into the file: not before we know the
+    // file is ours.
+    let guard_wal = sibling(real, "-wal").exists();
+    if guard_wal {
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(sql)?;
+    }
+    inspect(&conn, path, deadline)?;
+    if guard_wal {
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
+            .map_err(sql)?;
+    }
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(sql)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(path = %path.display(), %mode, "the registry could not switch to WAL mode");
+    }
+    migrate(&mut conn).map_err(sql)?;
+    Ok(conn)
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    sibling(path, ".lock")
+}
+
+/// Maps a failure to open the lock file: a refusal of the file when it is one.
+fn lock_err(path: &Path, e: io::Error) -> Error {
+    refusal(path, e).unwrap_or_else(|e| Error::Open {
+        path: path.to_owned(),
+        source: e.into(),
+    })
+}
+
+/// [`Error::Refused`] when `e` is a refusal of the lock file; else `e` back.
+fn refusal(path: &Path, e: io::Error) -> std::result::Result<Error, io::Error> {
+    e.downcast::<crate::lock::Refusal>()
+        .map(|refusal| Error::Refused {
+            path: path.to_owned(),
+            file: refusal.file,
+            reason: refusal.reason,
+            advice: paths::ADVICE_OWN,
+        })
+}
+
+/// Maps an SQLite error met while opening: as [`sql_err`], except that other failures mean
+/// the registry could not be opened.
+fn open_sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
+    match sql_err(path, deadline, e) {
+        Error::Registry { path, source } => Error::Open { path, source },
+        other => other,
+    }
+}
+
+/// Maps an SQLite error met while using an open registry.
+///
+/// SQLite reports a file it could not open (the database, its `-wal`, `-shm` or a temporary
+/// file) as "unable to open database file", whatever the reason; when this process cannot
+/// open the descriptors a connection needs at that moment, the reason is named instead
+/// (see the `descriptors` module).
+fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
+    let code = e.sqlite_error_code();
+    if code == Some(ErrorCode::CannotOpen) {
+        use crate::descriptors::{lacking, out_of_descriptors, SQLITE_NEEDS};
+        if let Some(error) = lacking(SQLITE_NEEDS) {
+            return out_of_descriptors(path, format!("SQLite: {e}"), error);
+        }
+    }
+    match code {
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => Error::Corrupt {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        },
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::LockTimeout {
+            path: path.to_owned(),
+            waited: deadline.elapsed(),
+        },
+        _ => Error::Registry {
+            path: path.to_owned(),
+            source: e.into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::range::PortRange;
+
+    #[test]
+    fn an_open_registry_runs_wal_with_synchronous_normal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("r.sqlite3"), false, Duration::from_secs(5))
+            .unwrap();
+        let pragma = |name| -> String {
+            store
+                .conn
+                .pragma_query_value(None, name, |r| r.get::<_, rusqlite::types::Value>(0))
+                .map(|v| format!("{v:?}"))
+                .unwrap()
+        };
+        assert_eq!(pragma("journal_mode"), "Text(\"wal\")");
+        assert_eq!(pragma("synchronous"), "Integer(1)", "1 is NORMAL");
+    }
+
+    #[test]
+    fn a_write_that_fails_or_panics_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store =
+            SqliteStore::open(&dir.path().join("r.sqlite3"), false, Duration::from_secs(5))
+                .unwrap();
+        let deadline = || Deadline::after(Duration::from_secs(5));
+        let failed = store.write(deadline(), |tx, _| {
+            tx.set_cursor(2000)?;
+            Err::<(), _>(Error::Exhausted {
+                range: PortRange::new(2000, 2001).unwrap(),
+                held: 2,
+                block_len: 1,
+            })
+        });
+        assert!(failed.is_err());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.write(deadline(), |tx, _| -> Result<()> {
+                tx.set_cursor(3000)?;
+                panic!("a bug half-way through a claim");
+            })
+        }));
+        assert!(panicked.is_err());
+        // Both were rolled back, and the connection takes a new transaction.
+        assert_eq!(store.write(deadline(), |tx, _| tx.cursor()).unwrap(), None);
+        store
+            .write(deadline(), |tx, _| tx.set_cursor(4000))
+            .unwrap();
+        assert_eq!(
+            store.read(deadline(), |tx| tx.cursor()).unwrap(),
+            Some(4000)
+        );
+    }
+
+    /// A registry deleted under a store is opened again through the open sequence, with its
+    /// refusals: a file others may write put in its place is refused and left as it was.
+    #[cfg(unix)]
+    #[test]
+    fn a_registry_replaced_by_a_file_others_may_write_is_refused_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let deadline = || Deadline::after(Duration::from_secs(5));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(sibling(&path, suffix));
+        }
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = store.write(deadline(), |tx, _| tx.cursor()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Refused { file, .. } if *file == path),
+            "{err:?}"
+        );
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o666,
+            "the mode was changed"
+        );
+        assert_eq!(meta.len(), 0, "the planted file was written");
+    }
+
+    /// A lock file deleted under a store is opened again with the refusals of an open: a
+    /// symbolic link put in its place is refused, and its target is not created.
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_replaced_by_a_link_is_refused_at_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let lock = lock_path(&path);
+        let target = dir.path().join("target");
+        std::fs::remove_file(&lock).unwrap();
+        std::os::unix::fs::symlink(&target, &lock).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let err = store.write(deadline, |tx, _| tx.cursor()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Refused { file, .. } if *file == lock),
+            "{err:?}"
+        );
+        assert!(!target.exists(), "the link's target was created");
+    }
+
+    /// The handle judges owners by the lock files beside the file it first opened: when the
+    /// registry is deleted and its path (a symbolic link) now leads to another file, the
+    /// store says so instead of using that file.
+    #[cfg(unix)]
+    #[test]
+    fn a_path_that_leads_elsewhere_after_a_deletion_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("a"), dir.path().join("b"));
+        for d in [&first, &second] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let link = dir.path().join("r.sqlite3");
+        std::os::unix::fs::symlink(first.join("r.sqlite3"), &link).unwrap();
+        let mut store = SqliteStore::open(&link, false, Duration::from_secs(5)).unwrap();
+        std::fs::remove_dir_all(&first).unwrap();
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(second.join("r.sqlite3"), &link).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let err = store.write(deadline, |tx, _| tx.cursor()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Registry { .. }) && err.to_string().contains("leads to"),
+            "{err:?}"
+        );
+    }
+
+    /// The anchor is a descriptor of our own on the registry file: closing it must leave
+    /// SQLite's POSIX locks on the file in place, as closing any other descriptor would not.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn closing_an_anchor_keeps_sqlites_locks_on_the_registry() {
+        use std::os::unix::fs::MetadataExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        let posix_locks = || -> Vec<String> {
+            let id = format!(":{ino} ");
+            let pid = format!(" {} ", std::process::id());
+            std::fs::read_to_string("/proc/locks")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("POSIX") && l.contains(&id) && l.contains(&pid))
+                .map(str::to_owned)
+                .collect()
+        };
+        let deadline = Deadline::after(Duration::from_secs(5));
+        store
+            .read(deadline, |tx| {
+                tx.cursor()?;
+                let held = posix_locks();
+                assert!(!held.is_empty(), "SQLite holds a lock while it reads");
+                drop(Anchor::at(&path).unwrap());
+                assert_eq!(
+                    posix_locks(),
+                    held,
+                    "closing the anchor dropped SQLite's locks"
+                );
+                // What the anchor avoids: any other descriptor drops them when closed.
+                drop(std::fs::File::open(&path).unwrap());
+                assert!(posix_locks().is_empty(), "a plain descriptor drops them");
+                Ok(())
+            })
+            .unwrap();
+    }
+}

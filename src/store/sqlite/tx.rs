@@ -1,0 +1,538 @@
+//! One transaction on the SQLite store: [`SqlTx`], the store's statements, and the write
+//! transaction around it.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{busy_timeout, sql_err, Opened};
+use crate::error::{Error, Result};
+use crate::lease::{from_millis, to_millis, Lease, Owner, Protocol};
+use crate::lock::Deadline;
+use crate::range::PortRange;
+use crate::store::{first_gap, held_ports, Counter, Tx};
+
+/// The columns of a lease, in the order [`SqlTx::lease_from_row`] reads them.
+macro_rules! lease_columns {
+    () => {
+        "id, port, name, protocol, owner_pid, owner_start, owner_boot, acquired_at, expires_at, \
+         block_len, owner_ns, owner_lock, owner_time_ns, owner_ns_parents"
+    };
+}
+
+/// The lease starting nearest at or below `?1`: the only one that can hold port `?1`, since
+/// leases never overlap.
+const SELECT_LEASE_AT_OR_BELOW: &str = concat!(
+    "SELECT ",
+    lease_columns!(),
+    " FROM leases WHERE port <= ?1 ORDER BY port DESC LIMIT 1"
+);
+const SELECT_LEASES_IN: &str = concat!(
+    "SELECT ",
+    lease_columns!(),
+    " FROM leases WHERE port <= ?2 AND port + block_len > ?1 ORDER BY acquired_at, id"
+);
+const INSERT_LEASE: &str = concat!(
+    "INSERT INTO leases (",
+    lease_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+);
+
+/// The transaction of [`SqliteStore::write`](super::SqliteStore::write), once the lock is
+/// held on the right file.
+pub(super) fn run_write<R>(
+    conn: &mut Connection,
+    path: &Path,
+    deadline: Deadline,
+    opened: Opened,
+    f: impl FnOnce(&mut dyn Tx, Opened) -> Result<R>,
+) -> Result<R> {
+    let sql = |e| sql_err(path, deadline, e);
+    conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
+    // BEGIN and COMMIT as cached statements: parsed once per connection, not per call.
+    let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
+    run("BEGIN IMMEDIATE").map_err(sql)?;
+    let _open = RollbackUnlessCommitted(conn);
+    let value = f(
+        &mut SqlTx {
+            tx: conn,
+            path,
+            deadline,
+        },
+        opened,
+    )?;
+    run("COMMIT").map_err(sql)?;
+    Ok(value)
+}
+
+/// An owner as the `owner_*` columns of a lease store it; all `NULL` for none.
+struct OwnerColumns<'a> {
+    pid: Option<u32>,
+    start: Option<i64>,
+    boot: Option<&'a str>,
+    namespace: Option<i64>,
+    lock: Option<&'a str>,
+    time_namespace: Option<i64>,
+    parents: Option<String>,
+}
+
+impl<'a> OwnerColumns<'a> {
+    fn of(owner: Option<&'a Owner>) -> Self {
+        Self {
+            pid: owner.map(Owner::pid),
+            start: owner.map(|o| o.start_time() as i64),
+            boot: owner.map(Owner::boot_id),
+            namespace: owner.and_then(Owner::pid_namespace).map(|ns| ns as i64),
+            lock: owner.and_then(Owner::lock_name),
+            time_namespace: owner.and_then(Owner::time_namespace).map(|ns| ns as i64),
+            parents: owner.and_then(Owner::namespace_parents).map(|parents| {
+                parents
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }),
+        }
+    }
+}
+
+/// The PID namespaces stored in `owner_ns_parents`: inode numbers separated by spaces;
+/// `None` if the text is anything else.
+fn parse_parents(text: &str) -> Option<Vec<u64>> {
+    text.split_ascii_whitespace()
+        .map(|n| n.parse().ok())
+        .collect()
+}
+
+/// Rolls back the connection's open transaction when dropped (an error or a panic came
+/// before the commit); does nothing after a commit.
+struct RollbackUnlessCommitted<'a>(&'a Connection);
+
+impl Drop for RollbackUnlessCommitted<'_> {
+    fn drop(&mut self) {
+        if !self.0.is_autocommit() {
+            if let Err(error) = self.0.execute_batch("ROLLBACK") {
+                tracing::warn!(%error, "could not roll back a registry transaction");
+            }
+        }
+    }
+}
+
+/// One transaction: the connection, inside `BEGIN … COMMIT`.
+pub(super) struct SqlTx<'a> {
+    pub(super) tx: &'a Connection,
+    pub(super) path: &'a Path,
+    pub(super) deadline: Deadline,
+}
+
+impl<'t> SqlTx<'t> {
+    /// The first column of `rows` as ports, read lazily so that a search stops at the first
+    /// gap instead of loading every row.
+    fn port_column<'a, 'r>(
+        &'a self,
+        rows: &'a mut rusqlite::Rows<'r>,
+    ) -> impl Iterator<Item = Result<u16>> + use<'a, 'r, 't> {
+        std::iter::from_fn(move || match rows.next() {
+            Ok(Some(row)) => Some(row.get::<_, u16>(0).map_err(|e| self.err(e))),
+            Ok(None) => None,
+            Err(e) => Some(Err(self.err(e))),
+        })
+    }
+
+    /// The first two columns of `rows` as `(first port, block length)`, read lazily.
+    fn block_column<'a, 'r>(
+        &'a self,
+        rows: &'a mut rusqlite::Rows<'r>,
+    ) -> impl Iterator<Item = Result<(u16, u16)>> + use<'a, 'r, 't> {
+        std::iter::from_fn(move || match rows.next() {
+            Ok(Some(row)) => Some(
+                row.get::<_, u16>(0)
+                    .and_then(|port| Ok((port, row.get::<_, u16>(1)?)))
+                    .map_err(|e| self.err(e)),
+            ),
+            Ok(None) => None,
+            Err(e) => Some(Err(self.err(e))),
+        })
+    }
+
+    fn err(&self, e: rusqlite::Error) -> Error {
+        sql_err(self.path, self.deadline, e)
+    }
+
+    fn lease_from_row(&self, row: &Row<'_>) -> rusqlite::Result<Result<Lease>> {
+        let id: i64 = row.get(0)?;
+        let port: i64 = row.get(1)?;
+        let protocol: i64 = row.get(3)?;
+        let pid: Option<i64> = row.get(4)?;
+        let start: Option<i64> = row.get(5)?;
+        let boot: Option<String> = row.get(6)?;
+        let expires: Option<i64> = row.get(8)?;
+        let block_len: i64 = row.get(9)?;
+        let namespace: Option<i64> = row.get(10)?;
+        let lock: Option<String> = row.get(11)?;
+        let time_namespace: Option<i64> = row.get(12)?;
+        let parents: Option<String> = row.get(13)?;
+        let bad = |what: &str| Error::Corrupt {
+            path: self.path.to_owned(),
+            detail: format!("lease {id} has an invalid {what}"),
+        };
+        let port = match u16::try_from(port) {
+            Ok(p) => p,
+            Err(_) => return Ok(Err(bad("port"))),
+        };
+        let Some(protocol) = Protocol::from_code(protocol) else {
+            return Ok(Err(bad("protocol")));
+        };
+        let block_len = match u16::try_from(block_len) {
+            Ok(n) if n >= 1 && u32::from(port) + u32::from(n) - 1 <= u32::from(u16::MAX) => n,
+            _ => return Ok(Err(bad("block length"))),
+        };
+        let parents = match parents.as_deref().map(parse_parents) {
+            None => None,
+            Some(Some(parents)) => Some(parents),
+            Some(None) => return Ok(Err(bad("owner namespace"))),
+        };
+        let owner = match (pid, start) {
+            (Some(pid), Some(start)) => match (u32::try_from(pid), u64::try_from(start)) {
+                (Ok(pid), Ok(start)) => Some(
+                    Owner::new(pid, start, boot.unwrap_or_default())
+                        .in_namespace(namespace.map(|ns| ns as u64))
+                        .with_lock(lock)
+                        .in_time_namespace(time_namespace.map(|ns| ns as u64))
+                        .with_namespace_parents(parents),
+                ),
+                _ => return Ok(Err(bad("owner"))),
+            },
+            _ => None,
+        };
+        Ok(Ok(Lease {
+            id: id as u64,
+            port,
+            block_len,
+            name: row.get(2)?,
+            protocol,
+            owner,
+            acquired_at: from_millis(row.get(7)?),
+            expires_at: expires.map(from_millis),
+        }))
+    }
+}
+
+impl Tx for SqlTx<'_> {
+    fn lease_on(&mut self, port: u16) -> Result<Option<Lease>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(SELECT_LEASE_AT_OR_BELOW)
+            .map_err(|e| self.err(e))?;
+        let nearest = stmt
+            .query_row([port], |row| self.lease_from_row(row))
+            .optional()
+            .map_err(|e| self.err(e))?
+            .transpose()?;
+        Ok(nearest.filter(|l| l.covers(port)))
+    }
+
+    fn remembered_port(&mut self, name: &str) -> Result<Option<u16>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT port FROM names WHERE name = ?1")
+            .map_err(|e| self.err(e))?;
+        stmt.query_row([name], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn first_vacant(&mut self, from: u16, to: u16, avoid_remembered: bool) -> Result<Option<u16>> {
+        // From the lease starting nearest at or below `from`, which may be a block holding it.
+        let mut leased = self
+            .tx
+            .prepare_cached(
+                "SELECT port, block_len FROM leases
+                 WHERE port >= coalesce((SELECT max(port) FROM leases WHERE port <= ?1), 0)
+                   AND port <= ?2
+                 ORDER BY port",
+            )
+            .map_err(|e| self.err(e))?;
+        let mut leased_rows = leased.query(params![from, to]).map_err(|e| self.err(e))?;
+        let leased_iter = held_ports(self.block_column(&mut leased_rows));
+        if !avoid_remembered {
+            return first_gap(from, to, leased_iter, std::iter::empty());
+        }
+        let mut named = self
+            .tx
+            .prepare_cached("SELECT port FROM names WHERE port BETWEEN ?1 AND ?2 ORDER BY port")
+            .map_err(|e| self.err(e))?;
+        let mut named_rows = named.query(params![from, to]).map_err(|e| self.err(e))?;
+        let named_iter = self.port_column(&mut named_rows);
+        first_gap(from, to, leased_iter, named_iter)
+    }
+
+    fn insert_lease(&mut self, lease: &Lease) -> Result<()> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(INSERT_LEASE)
+            .map_err(|e| self.err(e))?;
+        let owner = OwnerColumns::of(lease.owner.as_ref());
+        stmt.execute(params![
+            lease.id as i64,
+            lease.port,
+            lease.name,
+            lease.protocol.code(),
+            owner.pid,
+            owner.start,
+            owner.boot,
+            to_millis(lease.acquired_at),
+            lease.expires_at.map(to_millis),
+            lease.block_len,
+            owner.namespace,
+            owner.lock,
+            owner.time_namespace,
+            owner.parents,
+        ])
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn set_owner(&mut self, port: u16, id: u64, owner: Option<&Owner>) -> Result<bool> {
+        // In place: the columns a newer version added to the row stay.
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "UPDATE leases SET owner_pid = ?3, owner_start = ?4, owner_boot = ?5,
+                                  owner_ns = ?6, owner_lock = ?7,
+                                  owner_time_ns = ?8, owner_ns_parents = ?9
+                 WHERE port = ?1 AND id = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let owner = OwnerColumns::of(owner);
+        Ok(stmt
+            .execute(params![
+                port,
+                id as i64,
+                owner.pid,
+                owner.start,
+                owner.boot,
+                owner.namespace,
+                owner.lock,
+                owner.time_namespace,
+                owner.parents,
+            ])
+            .map_err(|e| self.err(e))?
+            > 0)
+    }
+
+    fn remember(&mut self, name: &str, port: u16, at: SystemTime) -> Result<()> {
+        let mut forget = self
+            .tx
+            .prepare_cached("DELETE FROM names WHERE port = ?1 AND name <> ?2")
+            .map_err(|e| self.err(e))?;
+        forget
+            .execute(params![port, name])
+            .map_err(|e| self.err(e))?;
+        let mut upsert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO names (name, port, used_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET port = excluded.port, used_at = excluded.used_at",
+            )
+            .map_err(|e| self.err(e))?;
+        upsert
+            .execute(params![name, port, to_millis(at)])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("DELETE FROM leases WHERE port = ?1 AND id = ?2")
+            .map_err(|e| self.err(e))?;
+        Ok(stmt
+            .execute(params![port, id as i64])
+            .map_err(|e| self.err(e))?
+            > 0)
+    }
+
+    fn delete_port(&mut self, port: u16) -> Result<bool> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "DELETE FROM leases
+                 WHERE port = (SELECT max(port) FROM leases WHERE port <= ?1)
+                   AND port + block_len > ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(stmt.execute([port]).map_err(|e| self.err(e))? > 0)
+    }
+
+    fn detach(&mut self, port: u16, id: u64) -> Result<bool> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "UPDATE leases SET owner_pid = NULL, owner_start = NULL, owner_boot = NULL,
+                                  owner_ns = NULL, owner_lock = NULL,
+                                  owner_time_ns = NULL, owner_ns_parents = NULL
+                 WHERE port = ?1 AND id = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(stmt
+            .execute(params![port, id as i64])
+            .map_err(|e| self.err(e))?
+            > 0)
+    }
+
+    fn restart(
+        &mut self,
+        port: u16,
+        id: u64,
+        acquired_at: SystemTime,
+        expires_at: Option<SystemTime>,
+    ) -> Result<bool> {
+        // In place: the columns a newer version added to the row stay.
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "UPDATE leases SET acquired_at = ?3, expires_at = ?4 WHERE port = ?1 AND id = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(stmt
+            .execute(params![
+                port,
+                id as i64,
+                to_millis(acquired_at),
+                expires_at.map(to_millis)
+            ])
+            .map_err(|e| self.err(e))?
+            > 0)
+    }
+
+    fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
+        let (lo, hi) = range.map_or((0, u16::MAX), |r| (r.start(), r.end()));
+        let mut stmt = self
+            .tx
+            .prepare_cached(SELECT_LEASES_IN)
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![lo, hi], |row| self.lease_from_row(row))
+            .map_err(|e| self.err(e))?;
+        rows.map(|r| r.map_err(|e| self.err(e))?).collect()
+    }
+
+    fn cursor(&mut self) -> Result<Option<u16>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT value FROM meta WHERE key = 'cursor'")
+            .map_err(|e| self.err(e))?;
+        let value: Option<i64> = stmt
+            .query_row([], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(value.and_then(|v| u16::try_from(v).ok()))
+    }
+
+    fn set_cursor(&mut self, port: u16) -> Result<()> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('cursor', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.execute([port]).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn count(&mut self, counter: Counter, by: u64) -> Result<()> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            )
+            .map_err(|e| self.err(e))?;
+        let by = i64::try_from(by).unwrap_or(i64::MAX);
+        stmt.execute(params![counter.key(), by])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn counter(&mut self, counter: Counter) -> Result<u64> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+            .map_err(|e| self.err(e))?;
+        let value: Option<i64> = stmt
+            .query_row([counter.key()], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        // A negative count can only come from a damaged row; show it as none.
+        Ok(value.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::schema::{migrate, MIGRATIONS};
+    use super::*;
+
+    #[test]
+    fn owners_keep_their_time_namespace_and_namespace_parents() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for migration in &MIGRATIONS[..4] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        // A lease written before the time namespace was recorded.
+        conn.execute_batch(
+            "INSERT INTO leases (id, port, name, protocol, owner_pid, owner_start, owner_boot,
+                                 acquired_at, block_len, owner_ns)
+             VALUES (1, 20000, 'old', 1, 42, 777, 'boot', 0, 1, 7)",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let path = Path::new("memory");
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let mut tx = SqlTx {
+            tx: &conn,
+            path,
+            deadline,
+        };
+        let old = tx.lease_on(20000).unwrap().unwrap();
+        let owner = old.owner().unwrap();
+        assert_eq!(
+            (owner.time_namespace(), owner.namespace_parents()),
+            (None, None)
+        );
+        let recorded = Owner::new(43, 778, "boot")
+            .in_namespace(Some(7))
+            .in_time_namespace(Some(9))
+            .with_namespace_parents(Some(vec![5, 3]));
+        let top = Owner::new(44, 779, "boot").with_namespace_parents(Some(Vec::new()));
+        for (port, owner) in [(20001, &recorded), (20002, &top)] {
+            tx.insert_lease(&Lease {
+                owner: Some(owner.clone()),
+                port,
+                id: u64::from(port),
+                ..old.clone()
+            })
+            .unwrap();
+        }
+        let read = tx.lease_on(20001).unwrap().unwrap();
+        let owner = read.owner().unwrap();
+        assert_eq!(owner.time_namespace(), Some(9));
+        assert_eq!(owner.namespace_parents(), Some(&[5, 3][..]));
+        let read = tx.lease_on(20002).unwrap().unwrap();
+        assert_eq!(read.owner().unwrap().namespace_parents(), Some(&[][..]));
+        conn.execute_batch("UPDATE leases SET owner_ns_parents = '5 x' WHERE port = 20001")
+            .unwrap();
+        let mut tx = SqlTx {
+            tx: &conn,
+            path,
+            deadline,
+        };
+        assert!(matches!(tx.lease_on(20001), Err(Error::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,30 @@
+//! The integration tests, in one binary (one link of the bundled SQLite instead of one per
+//! file): a module per file, sharing the helpers in `common`.
+//!
+//! Tests that need real processes start this binary again with one test selected by its full
+//! name (`processes::worker_entry`); [`common::workers`] and [`sibling_test!`] build it.
+//! `cargo nextest run` (README.md's test command) runs every test in a process of its own.
+
+#[macro_use]
+mod common;
+
+mod api;
+mod bad_input;
+mod blocks;
+#[cfg(feature = "cli")]
+mod cli;
+mod faults;
+mod format;
+mod handover;
+mod hostile;
+#[cfg(feature = "cli")]
+mod hostile_cli;
+mod inspection;
+mod limits;
+mod liveness;
+mod logging;
+mod model;
+mod processes;
+mod registry_files;
+mod replaced;
+mod sys;
