@@ -14,7 +14,7 @@ use crate::registry::PortDaddy;
 ///
 /// No other participant of the registry gets the port while the guard lives, with two
 /// exceptions that someone has to ask for: a lease taken with a [`Request::ttl`] can be
-/// reclaimed once the TTL has passed, and [`PortDaddy::release`] frees a port whoever holds
+/// reclaimed once the TTL has passed, and [`PortDaddy::release_port`] frees a port whoever holds
 /// it. Dropping the guard deletes exactly this lease: if the port went to someone else in
 /// one of those ways, their lease is left alone.
 ///
@@ -118,7 +118,7 @@ impl PortGuard {
     }
 
     /// Detaches the lease from this process and returns it: it now outlives the process and
-    /// lasts until released by port ([`PortDaddy::release`]) or until its TTL, if it has one,
+    /// lasts until released by port ([`PortDaddy::release_port`]) or until its TTL, if it has one,
     /// runs out. This is what a build script wants.
     ///
     /// ```

@@ -454,7 +454,7 @@ impl PortDaddy {
     /// # Errors
     ///
     /// A registry error.
-    pub fn release(&self, port: u16) -> Result<bool> {
+    pub fn release_port(&self, port: u16) -> Result<bool> {
         self.write_tracked(
             |tx, _| {
                 let found = tx.delete_port(port)?;
@@ -476,7 +476,7 @@ impl PortDaddy {
     /// leases that were released, oldest first (none if no lease has that name).
     ///
     /// Names are labels, not keys: this ends every holder's lease of that name, as
-    /// [`release`](Self::release) does for a port.
+    /// [`release_port`](Self::release_port) does for a port.
     ///
     /// ```
     /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
@@ -694,7 +694,7 @@ impl PortDaddy {
         self.inner.settings.range
     }
 
-    /// Releases exactly `lease`: unlike [`release`](Self::release), nothing happens if the
+    /// Releases exactly `lease`: unlike [`release_port`](Self::release_port), nothing happens if the
     /// port has meanwhile gone to another holder (say, after the lease expired). The way to
     /// end a detached lease from [`PortGuard::keep`](crate::PortGuard::keep).
     ///

@@ -109,9 +109,12 @@ fn every_port_of_a_block_is_released_together() {
 fn releasing_any_port_of_a_block_releases_the_whole_block() {
     for (registry, _dir) in both(30044..=30049) {
         let block = registry.acquire_with(&Request::new("b").block(3)).unwrap();
-        assert!(registry.release(block.port() + 2).unwrap());
+        assert!(registry.release_port(block.port() + 2).unwrap());
         assert!(registry.list().unwrap().is_empty());
-        assert!(!registry.release(block.port() + 1).unwrap(), "nothing left");
+        assert!(
+            !registry.release_port(block.port() + 1).unwrap(),
+            "nothing left"
+        );
     }
 }
 
