@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::guard::PortGuard;
 use crate::range::PortRange;
 use crate::text::escape;
 
@@ -306,56 +305,6 @@ fn exhausted_message(range: PortRange, held: usize, block_len: u16) -> String {
              reserved port or one bound by another program; release ports, ask for a shorter \
              block, or widen the range"
         )
-    }
-}
-
-/// An explicit operation on a [`PortGuard`] failed.
-///
-/// Returned by [`PortGuard::release`] and [`PortGuard::keep`]. When the registry could not be
-/// reached, the lease is still there and the guard is handed back to retry
-/// ([`into_guard`](GuardError::into_guard)); dropping the error drops the guard, which then
-/// releases quietly. When the lease itself is gone ([`Error::LeaseLost`]) there is no guard
-/// to give back. Converts into [`enum@Error`] with `?`.
-#[derive(Debug)]
-pub struct GuardError {
-    error: Error,
-    guard: Option<Box<PortGuard>>,
-}
-
-impl GuardError {
-    pub(crate) fn new(error: Error, guard: Option<PortGuard>) -> Self {
-        Self {
-            error,
-            guard: guard.map(Box::new),
-        }
-    }
-
-    /// The error that occurred.
-    pub fn error(&self) -> &Error {
-        &self.error
-    }
-
-    /// Takes the guard back to retry, if it still holds a lease.
-    pub fn into_guard(self) -> Option<PortGuard> {
-        self.guard.map(|g| *g)
-    }
-}
-
-impl std::fmt::Display for GuardError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.error.fmt(f)
-    }
-}
-
-impl std::error::Error for GuardError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.error)
-    }
-}
-
-impl From<GuardError> for Error {
-    fn from(e: GuardError) -> Self {
-        e.error
     }
 }
 

@@ -1,11 +1,12 @@
-//! [`PortGuard`]: a lease that ends when the guard drops.
+//! [`PortGuard`]: a lease that ends when the guard drops, and [`GuardError`], what its
+//! explicit operations return when they fail.
 
 use std::fmt;
 use std::mem;
 use std::net::{TcpListener, UdpSocket};
 use std::ops::RangeInclusive;
 
-use crate::error::{Error, GuardError};
+use crate::error::Error;
 use crate::lease::{Choice, Lease};
 use crate::probe::handover::Sockets;
 use crate::registry::PortDaddy;
@@ -251,5 +252,55 @@ impl fmt::Debug for PortGuard {
             .field("ports", &self.lease.ports())
             .field("choice", &self.choice)
             .finish_non_exhaustive()
+    }
+}
+
+/// An explicit operation on a [`PortGuard`] failed.
+///
+/// Returned by [`PortGuard::release`] and [`PortGuard::keep`]. When the registry could not be
+/// reached, the lease is still there and the guard is handed back to retry
+/// ([`into_guard`](GuardError::into_guard)); dropping the error drops the guard, which then
+/// releases quietly. When the lease itself is gone ([`Error::LeaseLost`]) there is no guard
+/// to give back. Converts into [`enum@Error`] with `?`.
+#[derive(Debug)]
+pub struct GuardError {
+    error: Error,
+    guard: Option<Box<PortGuard>>,
+}
+
+impl GuardError {
+    pub(crate) fn new(error: Error, guard: Option<PortGuard>) -> Self {
+        Self {
+            error,
+            guard: guard.map(Box::new),
+        }
+    }
+
+    /// The error that occurred.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// Takes the guard back to retry, if it still holds a lease.
+    pub fn into_guard(self) -> Option<PortGuard> {
+        self.guard.map(|g| *g)
+    }
+}
+
+impl std::fmt::Display for GuardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for GuardError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<GuardError> for Error {
+    fn from(e: GuardError) -> Self {
+        e.error
     }
 }

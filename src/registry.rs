@@ -694,9 +694,9 @@ impl PortDaddy {
         self.inner.settings.range
     }
 
-    /// Releases exactly `lease`: unlike [`release_port`](Self::release_port), nothing happens if the
-    /// port has meanwhile gone to another holder (say, after the lease expired). The way to
-    /// end a detached lease from [`PortGuard::keep`](crate::PortGuard::keep).
+    /// Releases exactly `lease`: unlike [`release_port`](Self::release_port), nothing happens
+    /// if the port has meanwhile gone to another holder (say, after the lease expired). The way
+    /// to end a detached lease from [`PortGuard::keep`](crate::PortGuard::keep).
     ///
     /// ```
     /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
