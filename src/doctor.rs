@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::builder::{Settings, DEFAULT_LOCK_TIMEOUT};
+use crate::error::Chain;
 use crate::lease::{LeaseState, Owner};
 use crate::policy::Env;
 use crate::probe::owner_lock::{owners_dir, Liveness};
@@ -304,7 +305,7 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
     let found = match sqlite::examine(path, DEFAULT_LOCK_TIMEOUT) {
         Result::Ok(found) => found,
         Err(error) => {
-            d.push("integrity", Fail, error.to_string());
+            d.push("integrity", Fail, Chain(&error).to_string());
             return;
         }
     };
@@ -362,7 +363,7 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
     }
     match found.leases {
         None => {}
-        Some(Err(error)) => d.push("stale leases", Fail, error.to_string()),
+        Some(Err(error)) => d.push("stale leases", Fail, Chain(&error).to_string()),
         Some(Result::Ok(leases)) => {
             let settings = Settings::defaults();
             let me = Owner::current().unwrap_or_else(|_| Owner::new(0, 0, ""));

@@ -237,7 +237,7 @@ impl Drop for PortGuard {
             Err(error) => tracing::warn!(
                 port = self.lease.port,
                 name = %self.lease.name,
-                %error,
+                error = %crate::error::Chain(&error),
                 "could not release a port lease; it will be reclaimed once this process exits"
             ),
         }
@@ -287,15 +287,19 @@ impl GuardError {
     }
 }
 
-impl std::fmt::Display for GuardError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+/// The error's own message: a `GuardError` is its [`error`](GuardError::error) with the
+/// guard attached, so it says nothing of its own.
+impl fmt::Display for GuardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.error.fmt(f)
     }
 }
 
+/// The [`error`](GuardError::error)'s cause: the error itself is not repeated as a cause of
+/// the same message.
 impl std::error::Error for GuardError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.error)
+        std::error::Error::source(&self.error)
     }
 }
 

@@ -785,17 +785,15 @@ impl PortDaddy {
     fn count_failure(&self, error: &Error) {
         let counter = match error {
             Error::Exhausted { .. } => Counter::Exhausted,
+            // One read or write failed; the count may still be written.
+            Error::Registry { .. } => Counter::Errors,
             // The registry cannot be written (or only after another long wait): nothing to count in.
-            Error::Open { .. }
-            | Error::Corrupt { .. }
-            | Error::SchemaTooNew { .. }
-            | Error::LockTimeout { .. }
-            | Error::ForkedHandle { .. }
-            | Error::Refused { .. } => return,
+            e if e.is_registry_unusable() => return,
+            Error::LockTimeout { .. } | Error::ForkedHandle { .. } => return,
             _ => Counter::Errors,
         };
         if let Err(e) = self.write(|tx, _| tx.count(counter, 1)) {
-            tracing::debug!(error = %e, "could not count a failed claim");
+            tracing::debug!(error = %crate::error::Chain(&e), "could not count a failed claim");
         }
     }
 

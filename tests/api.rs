@@ -132,6 +132,7 @@ fn required_port_fails_with_a_typed_error_when_taken() {
         Err(Error::PortUnavailable {
             port: 23050,
             reason,
+            ..
         }) => {
             assert!(reason.contains("\"x\""), "{reason}")
         }
@@ -377,7 +378,7 @@ fn keep_of_a_lost_lease_reports_it() {
     let guard = registry.acquire("a").unwrap();
     registry.release_port(guard.port()).unwrap();
     let err = guard.keep().unwrap_err();
-    assert!(matches!(err.error(), Error::LeaseLost { port: 23000 }));
+    assert!(matches!(err.error(), Error::LeaseLost { port: 23000, .. }));
     assert!(
         err.into_guard().is_none(),
         "a lost lease has no guard to give back"
@@ -590,7 +591,9 @@ fn a_lock_held_by_another_handle_times_out_with_the_path_named() {
         .port_probe(all_free)
         .lock_timeout(Duration::from_millis(100));
     match waiter.open() {
-        Err(Error::LockTimeout { path: p, waited }) => {
+        Err(Error::LockTimeout {
+            path: p, waited, ..
+        }) => {
             assert_eq!(p, path);
             assert!(
                 waited >= Duration::from_millis(100),
@@ -662,7 +665,9 @@ fn a_ttl_too_large_to_store_is_a_typed_error_not_a_panic() {
     for registry in [memory(23000..=23009), file(&path, 23000..=23009)] {
         let request = Request::new("forever").ttl(Duration::MAX);
         match registry.acquire_with(&request) {
-            Err(Error::InvalidRequest { reason }) => assert!(reason.contains("TTL"), "{reason}"),
+            Err(Error::InvalidRequest { reason, .. }) => {
+                assert!(reason.contains("TTL"), "{reason}")
+            }
             other => panic!("expected InvalidRequest, got {other:?}"),
         }
         assert!(registry.list().unwrap().is_empty());

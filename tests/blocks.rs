@@ -156,7 +156,7 @@ fn a_required_block_names_the_first_port_that_is_taken() {
         .acquire_with(&Request::new("c").block(4).require(30060))
         .unwrap_err();
     assert!(
-        matches!(&err, Error::PortUnavailable { port: 30062, reason } if reason.contains("\"x\"")),
+        matches!(&err, Error::PortUnavailable { port: 30062, reason, .. } if reason.contains("\"x\"")),
         "{err}"
     );
     assert_eq!(registry.list().unwrap().len(), 1, "nothing else was leased");
@@ -245,7 +245,7 @@ fn impossible_blocks_are_invalid_requests() {
         ),
     ] {
         match registry.acquire_with(&request) {
-            Err(Error::InvalidRequest { reason }) => {
+            Err(Error::InvalidRequest { reason, .. }) => {
                 assert!(reason.contains(needle), "{reason:?} should say {needle:?}")
             }
             other => panic!("{request:?} gave {other:?}"),

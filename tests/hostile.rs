@@ -340,7 +340,7 @@ fn default_path_entry() {
     }
     match PortDaddy::builder().port_probe(all_free).open() {
         Ok(registry) => println!("\n@pd ok {}", registry.path().unwrap().display()),
-        Err(e) => println!("\n@pd err {e}"),
+        Err(e) => println!("\n@pd err {}", common::chain(&e)),
     }
 }
 

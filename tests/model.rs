@@ -742,7 +742,7 @@ impl Harness {
                         );
                     }
                     (Err(e), false) => ensure!(
-                        matches!(e.error(), Error::LeaseLost { port: p } if *p == port),
+                        matches!(e.error(), Error::LeaseLost { port: p, .. } if *p == port),
                         "keep of a lost lease on {port} failed with {e:?}, expected LeaseLost"
                     ),
                     (got, present) => {

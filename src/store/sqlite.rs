@@ -1585,7 +1585,7 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(5));
         let err = store.write(deadline, |tx, _| tx.cursor()).unwrap_err();
         assert!(
-            matches!(&err, Error::Registry { .. }) && err.to_string().contains("leads to"),
+            matches!(&err, Error::Registry { source, .. } if source.to_string().contains("leads to")),
             "{err:?}"
         );
     }
