@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::panic::{RefUnwindSafe, UnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -76,6 +77,18 @@ use crate::store::{Counter, Tx};
 /// touching neither the file nor its lock, so the parent goes on undisturbed. (SQLite keeps
 /// each file's lock state in process memory, which the child inherits as it was, perhaps
 /// mid-transaction.) `exec` a program in the child, or fork before opening a registry.
+///
+/// # Panics and unwinding
+///
+/// `PortDaddy` and [`PortGuard`] are [`UnwindSafe`] and [`RefUnwindSafe`], so a test harness
+/// can use them across [`std::panic::catch_unwind`]. A panic inside a call, say in a
+/// [`PortProbe`](crate::PortProbe), [`ProcessProbe`](crate::ProcessProbe) or
+/// [`Clock`](crate::Clock) of yours, leaves the registry as it was before the call: the
+/// call's transaction is rolled back (a batch is all or nothing here too), the registry's
+/// lock is let go, and the handle records a lease as held only once its transaction has
+/// committed. The handle stays usable after the panic. Your probes and clock are called
+/// again by later calls: if a panic of theirs can leave them in a state they should not be
+/// used in, that is theirs to handle.
 #[derive(Clone)]
 pub struct PortDaddy {
     inner: Arc<Inner>,
@@ -95,6 +108,29 @@ struct Inner {
     /// that it is dropped after the store.
     _opened: Option<crate::fork::Opened>,
 }
+
+// A handle is unwind safe (see "Panics and unwinding" above): a panic during a call rolls
+// its transaction back (SQLite's through `RollbackUnlessCommitted`, the memory store's
+// through its undo log), and the handle's state behind a mutex changes only once a
+// transaction has committed, which is why a poisoned mutex is simply taken over. What
+// the compiler cannot see through are the caller's probes and clock, shared as `Arc<dyn …>`
+// in `settings` and `liveness`; everything else in `Inner` must be unwind safe on its own,
+// which the check below holds to.
+impl UnwindSafe for Inner {}
+impl RefUnwindSafe for Inner {}
+
+const _: fn() = || {
+    fn unwind_safe<T: UnwindSafe + RefUnwindSafe>() {}
+    // Every field of `Inner` but `settings` and `liveness`.
+    unwind_safe::<Backend>();
+    unwind_safe::<Owner>();
+    unwind_safe::<Option<PathBuf>>();
+    unwind_safe::<Option<crate::fork::Opened>>();
+    // What the crate promises.
+    fn promised<T: Send + Sync + UnwindSafe + RefUnwindSafe>() {}
+    promised::<PortDaddy>();
+    promised::<PortGuard>();
+};
 
 enum Backend {
     File {
