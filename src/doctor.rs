@@ -3,8 +3,6 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 use crate::builder::{Settings, DEFAULT_LOCK_TIMEOUT};
 use crate::error::Chain;
 use crate::lease::{LeaseState, Owner};
@@ -14,8 +12,9 @@ use crate::range::PortRange;
 use crate::store::sqlite;
 
 /// How one check of a [`Diagnosis`] came out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 #[non_exhaustive]
 pub enum Status {
     /// As it should be.
@@ -44,7 +43,8 @@ impl fmt::Display for Status {
 }
 
 /// One finding of a [`Diagnosis`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Check {
     /// What was checked: `registry path`, `directory permissions`, `file permissions`,
@@ -71,7 +71,8 @@ pub struct Check {
 /// assert_eq!(diagnosis.schema_found, Some(diagnosis.schema_supported));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Diagnosis {
     /// The registry path that was examined.

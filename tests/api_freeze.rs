@@ -155,3 +155,21 @@ fn worker_entry() {
     say(&format!("CLAIMED {}", guard.port()));
     wait_for_eof();
 }
+
+#[cfg(feature = "serde")]
+#[test]
+fn leases_and_ranges_round_trip_through_serde_and_ranges_are_checked() {
+    use portdaddy::PortRange;
+
+    let registry = common::memory(RANGE);
+    let lease = registry.acquire("web").unwrap().keep().unwrap();
+    let json = serde_json::to_string(&lease).unwrap();
+    assert_eq!(serde_json::from_str::<Lease>(&json).unwrap(), lease);
+
+    let range = PortRange::new(32650, 32699).unwrap();
+    let json = serde_json::to_string(&range).unwrap();
+    assert_eq!(json, r#"{"start":32650,"end":32699}"#);
+    assert_eq!(serde_json::from_str::<PortRange>(&json).unwrap(), range);
+    let reversed = serde_json::from_str::<PortRange>(r#"{"start":32699,"end":32650}"#);
+    assert!(reversed.is_err(), "{reversed:?}");
+}
