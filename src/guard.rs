@@ -262,6 +262,23 @@ impl fmt::Debug for PortGuard {
 /// ([`into_guard`](GuardError::into_guard)); dropping the error drops the guard, which then
 /// releases quietly. When the lease itself is gone ([`Error::LeaseLost`]) there is no guard
 /// to give back. Converts into [`enum@Error`] with `?`.
+///
+/// ```
+/// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+/// let mut guard = registry.acquire("api")?;
+/// for attempt in 1.. {
+///     match guard.release() {
+///         Ok(()) => break,
+///         Err(e) if attempt < 3 => match e.into_guard() {
+///             Some(back) => guard = back, // the lease is still there: try again
+///             None => break,              // the lease is gone: nothing left to release
+///         },
+///         Err(e) => return Err(e.into()),
+///     }
+/// }
+/// assert!(registry.list()?.is_empty());
+/// # Ok::<(), portdaddy::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct GuardError {
     error: Error,

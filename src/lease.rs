@@ -23,13 +23,20 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// Whether TCP must be free.
-    pub fn tcp(self) -> bool {
+    /// Whether the protocol includes TCP: a claim needs the port free for TCP.
+    ///
+    /// ```
+    /// use portdaddy::Protocol;
+    ///
+    /// assert!(Protocol::Both.includes_tcp() && Protocol::Both.includes_udp());
+    /// assert!(!Protocol::Udp.includes_tcp());
+    /// ```
+    pub fn includes_tcp(self) -> bool {
         matches!(self, Protocol::Tcp | Protocol::Both)
     }
 
-    /// Whether UDP must be free.
-    pub fn udp(self) -> bool {
+    /// Whether the protocol includes UDP: a claim needs the port free for UDP.
+    pub fn includes_udp(self) -> bool {
         matches!(self, Protocol::Udp | Protocol::Both)
     }
 
@@ -253,6 +260,18 @@ impl Owner {
 /// A lease is *owned* while it records an [`Owner`]: it lasts until released or until that
 /// process dies. A *detached* lease (from [`PortGuard::keep`](crate::PortGuard::keep)) has no
 /// owner and lasts until released by port or until its expiry passes.
+///
+/// ```
+/// use portdaddy::{PortDaddy, Request};
+///
+/// let registry = PortDaddy::builder().in_memory().open()?;
+/// let guard = registry.acquire_with(&Request::new("cluster").block(2))?;
+/// let lease = &registry.list()?[0];
+/// assert_eq!((lease.name(), lease.port(), lease.block_len()), ("cluster", guard.port(), 2));
+/// assert_eq!(lease.pid(), Some(std::process::id()));
+/// assert!(!lease.is_detached() && lease.expires_at().is_none());
+/// # Ok::<(), portdaddy::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Lease {
