@@ -25,7 +25,9 @@ type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// A variant that wraps an error of a layer below ([`Error::Open`], [`Error::Registry`])
 /// returns it from [`source`](std::error::Error::source) and does not repeat it in its own
 /// message, so that error-chain printers (`anyhow`'s `{:#}`, `eyre`, `tracing`) show it
-/// once. Print the whole chain to show a person everything:
+/// once. The variants that name what the operating system said as part of their advice
+/// ([`Error::Probe`], [`Error::OutOfDescriptors`]) have no `source()`. Print the whole chain
+/// to show a person everything:
 ///
 /// ```
 /// use std::error::Error as _;
