@@ -24,7 +24,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::sqlite::{Opened, SqliteStore};
 use crate::store::{Counter, Tx};
 
-/// A handle on a port registry: cheap to clone, `Send + Sync`.
+/// A handle on a port registry: cheap to clone, `Send + Sync`, unwind safe.
 ///
 /// A file registry coordinates every thread and process of the user that opens the same
 /// file; an in-memory registry coordinates the threads that share the handle.
