@@ -3,9 +3,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 use crate::builder::{Settings, DEFAULT_LOCK_TIMEOUT};
+use crate::error::Chain;
 use crate::lease::{LeaseState, Owner};
 use crate::policy::Env;
 use crate::probe::owner_lock::{owners_dir, Liveness};
@@ -13,8 +12,9 @@ use crate::range::PortRange;
 use crate::store::{sqlite, Tally};
 
 /// How one check of a [`Diagnosis`] came out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 #[non_exhaustive]
 pub enum Status {
     /// As it should be.
@@ -43,7 +43,8 @@ impl fmt::Display for Status {
 }
 
 /// One finding of a [`Diagnosis`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Check {
     /// What was checked: `registry path`, `directory permissions`, `file permissions`,
@@ -70,7 +71,8 @@ pub struct Check {
 /// assert_eq!(diagnosis.schema_found, Some(diagnosis.schema_supported));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Diagnosis {
     /// The registry path that was examined.
@@ -293,7 +295,7 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
     let found = match sqlite::examine(path, DEFAULT_LOCK_TIMEOUT) {
         Result::Ok(found) => found,
         Err(error) => {
-            d.push("integrity", Fail, error.to_string());
+            d.push("integrity", Fail, Chain(&error).to_string());
             return;
         }
     };
@@ -361,7 +363,7 @@ fn check_contents(d: &mut Diagnosis, path: &Path) {
     }
     match found.leases {
         None => {}
-        Some(Err(error)) => d.push("stale leases", Fail, error.to_string()),
+        Some(Err(error)) => d.push("stale leases", Fail, Chain(&error).to_string()),
         Some(Result::Ok(leases)) => {
             let settings = Settings::defaults();
             let me = Owner::current().unwrap_or_else(|_| Owner::new(0, 0, ""));

@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::guard::PortGuard;
 use crate::range::PortRange;
 use crate::text::escape;
 
@@ -16,14 +15,48 @@ type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Everything that can go wrong while handing out ports.
 ///
 /// Every variant names what was wrong and carries the context needed to fix it: the registry
-/// path, the port, the range. Match on the variant to react; print it (`Display`) to tell a
-/// person. New variants may be added in minor releases.
+/// path, the port, the range. Match on the variant to react, or ask the accessors
+/// ([`path`](Self::path), [`is_registry_unusable`](Self::is_registry_unusable)); print it
+/// (`Display`) to tell a person. New variants, and new fields of a variant, may be added in
+/// minor releases.
+///
+/// # Causes
+///
+/// A variant that wraps an error of a layer below ([`Error::Open`], [`Error::Registry`])
+/// returns it from [`source`](std::error::Error::source) and does not repeat it in its own
+/// message, so that error-chain printers (`anyhow`'s `{:#}`, `eyre`, `tracing`) show it
+/// once. The variants that name what the operating system said as part of their advice
+/// ([`Error::Probe`], [`Error::OutOfDescriptors`]) have no `source()`. Print the whole chain
+/// to show a person everything:
+///
+/// ```
+/// use std::error::Error as _;
+///
+/// let dir = tempfile::tempdir()?;
+/// let blocker = dir.path().join("not-a-directory");
+/// std::fs::write(&blocker, "")?;
+/// let error = portdaddy::PortDaddy::open(blocker.join("r.sqlite3")).unwrap_err();
+/// let mut line = error.to_string();
+/// let mut cause = error.source();
+/// while let Some(c) = cause {
+///     line += &format!(": {c}");
+///     cause = c.source();
+/// }
+/// assert!(line.starts_with("cannot open the port registry at "));
+/// assert!(line.len() > error.to_string().len(), "{line}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// The messages escape control and bidirectional characters of the paths and text they
+/// show; the text of a cause is the lower layer's own, so escape the chain before printing
+/// it to a terminal if its paths may be hostile.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// No port of the range is free: every one is leased, reserved or bound by another program.
     /// For a block ([`Request::block`](crate::Request::block)), no run of `block_len`
     /// consecutive ports is free.
+    #[non_exhaustive]
     #[error("{}", exhausted_message(*range, *held, *block_len))]
     Exhausted {
         /// The range that was searched.
@@ -36,6 +69,7 @@ pub enum Error {
     },
 
     /// A lease name breaks the naming rule (see [`Request::new`](crate::Request::new)).
+    #[non_exhaustive]
     #[error("invalid lease name {}: {reason}", escape(name))]
     InvalidName {
         /// The offending name, quoted and shortened for display.
@@ -45,6 +79,7 @@ pub enum Error {
     },
 
     /// A port range is empty, reversed, or leaves no usable port.
+    #[non_exhaustive]
     #[error("invalid port range {start}-{end}: {reason}")]
     InvalidRange {
         /// First port of the range as given.
@@ -56,6 +91,7 @@ pub enum Error {
     },
 
     /// A request carries a value that cannot be honoured (port 0, a zero TTL, …).
+    #[non_exhaustive]
     #[error("invalid request: {}", escape(reason))]
     InvalidRequest {
         /// What is wrong with it.
@@ -63,6 +99,7 @@ pub enum Error {
     },
 
     /// A port asked for with [`Request::require`](crate::Request::require) is not available.
+    #[non_exhaustive]
     #[error("port {port} is not available: {}", escape(reason))]
     PortUnavailable {
         /// The port that was required.
@@ -75,6 +112,7 @@ pub enum Error {
     /// about the port: the process is out of file descriptors (`EMFILE`), the host out of
     /// them (`ENFILE`) or of memory (`ENOBUFS`, `ENOMEM`). Nothing was leased; the range is
     /// not full.
+    #[non_exhaustive]
     #[error("cannot check whether port {port} is free: {}", probe_advice(error))]
     Probe {
         /// The port being checked.
@@ -89,6 +127,7 @@ pub enum Error {
     ///
     /// Nothing is wrong with the registry, and nothing was leased or changed: raise the limit
     /// or close some files, then try again.
+    #[non_exhaustive]
     #[error(
         "cannot use the port registry at {}: {}: {} (the registry itself is fine)",
         shown(path),
@@ -104,8 +143,10 @@ pub enum Error {
         error: std::io::Error,
     },
 
-    /// The registry file or its directory cannot be opened or created.
-    #[error("cannot open the port registry at {}: {}", shown(path), escape(&source.to_string()))]
+    /// The registry file or its directory cannot be opened or created. What the operating
+    /// system or SQLite said is the [`source`](std::error::Error::source).
+    #[non_exhaustive]
+    #[error("cannot open the port registry at {}", shown(path))]
     Open {
         /// The registry path.
         path: PathBuf,
@@ -118,6 +159,7 @@ pub enum Error {
     ///
     /// The file is left exactly as it was so that it can be inspected; move it away or point
     /// `PORTDADDY_DB` elsewhere to start afresh.
+    #[non_exhaustive]
     #[error(
         "{} is not a usable port registry ({}); it was left untouched: move it away or \
          set PORTDADDY_DB to another path",
@@ -136,6 +178,7 @@ pub enum Error {
     /// owners alive by rules this one does not know. A registry that a newer version only
     /// added to (a higher `user_version`) is no reason for this error. The file is left as
     /// it was.
+    #[non_exhaustive]
     #[error(
         "the port registry at {} needs portdaddy of registry format generation {required} or \
          newer (its min_reader_version), and this version reads generation {supported}; \
@@ -152,6 +195,7 @@ pub enum Error {
     },
 
     /// Another process kept the registry locked for longer than the configured lock timeout.
+    #[non_exhaustive]
     #[error(
         "timed out after {waited:?} waiting for the lock on the port registry at {}; another \
          process holds it (is one stopped in a debugger?)",
@@ -166,6 +210,7 @@ pub enum Error {
 
     /// The lease behind a guard is gone: it expired and was reclaimed, or it was released by
     /// port from elsewhere.
+    #[non_exhaustive]
     #[error(
         "the lease on port {port} is no longer in the registry (expired or released elsewhere)"
     )]
@@ -182,6 +227,7 @@ pub enum Error {
     /// it opened itself would share that view. So the child can use no file registry, neither
     /// an inherited handle nor a new one ([`portdaddy::acquire`](crate::acquire) included),
     /// and is told so at once. `exec` a program in the child, or fork before opening any.
+    #[non_exhaustive]
     #[error(
         "process {child} was forked from process {parent} while that had port registries \
          open, and cannot use one (SQLite connections and locks do not survive fork); exec a \
@@ -195,6 +241,7 @@ pub enum Error {
     },
 
     /// A process that a lease should belong to does not exist.
+    #[non_exhaustive]
     #[error("no process with pid {pid} is running")]
     NoSuchProcess {
         /// The pid that was looked up.
@@ -204,6 +251,7 @@ pub enum Error {
     /// A process exists but its identity (start time) cannot be read, so it cannot own
     /// leases: it belongs to another user on a system that hides other users' processes, or
     /// `/proc` is not mounted.
+    #[non_exhaustive]
     #[error(
         "cannot read the start time of process {pid} (another user's process hidden by \
          hidepid, or /proc not mounted), so it cannot own port leases"
@@ -213,8 +261,10 @@ pub enum Error {
         pid: u32,
     },
 
-    /// Reading or writing the registry failed.
-    #[error("port registry at {} failed: {}", shown(path), escape(&source.to_string()))]
+    /// Reading or writing the registry failed. What SQLite or the operating system said is
+    /// the [`source`](std::error::Error::source).
+    #[non_exhaustive]
+    #[error("reading or writing the port registry at {} failed", shown(path))]
     Registry {
         /// The registry path.
         path: PathBuf,
@@ -231,6 +281,7 @@ pub enum Error {
     /// directory of ours into another user's, or its name leaves no room for the side files.
     ///
     /// The refused file is left exactly as it was.
+    #[non_exhaustive]
     #[error(
         "refusing {}: {}; it was left as it was: {advice}",
         refused_what(path, file),
@@ -246,6 +297,115 @@ pub enum Error {
         /// What to do about it.
         advice: &'static str,
     },
+}
+
+impl Error {
+    /// The registry path the error is about, for the errors that concern a registry file:
+    /// [`Error::Open`], [`Error::Corrupt`], [`Error::SchemaTooNew`], [`Error::LockTimeout`],
+    /// [`Error::Registry`], [`Error::Refused`] (the registry, not the refused file beside
+    /// it, which is its `file`) and [`Error::OutOfDescriptors`]; `None` for the rest.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("r.sqlite3");
+    /// std::fs::write(&path, "not a registry")?;
+    /// let error = portdaddy::PortDaddy::open(&path).unwrap_err();
+    /// assert_eq!(error.path(), Some(path.as_path()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Error::OutOfDescriptors { path, .. }
+            | Error::Open { path, .. }
+            | Error::Corrupt { path, .. }
+            | Error::SchemaTooNew { path, .. }
+            | Error::LockTimeout { path, .. }
+            | Error::Registry { path, .. }
+            | Error::Refused { path, .. } => Some(path),
+            Error::Exhausted { .. }
+            | Error::InvalidName { .. }
+            | Error::InvalidRange { .. }
+            | Error::InvalidRequest { .. }
+            | Error::PortUnavailable { .. }
+            | Error::Probe { .. }
+            | Error::LeaseLost { .. }
+            | Error::ForkedHandle { .. }
+            | Error::NoSuchProcess { .. }
+            | Error::ProcessUnreadable { .. } => None,
+        }
+    }
+
+    /// Whether the registry file itself cannot be used as it is, so that trying again fails
+    /// the same way until someone acts on the file, its directory or the portdaddy version
+    /// (the message says what to do): it cannot be opened or created ([`Error::Open`]), is
+    /// not a portdaddy registry or is damaged ([`Error::Corrupt`]), was written by a newer
+    /// version ([`Error::SchemaTooNew`]), was refused as another user could have planted or
+    /// can change it ([`Error::Refused`]), or reading or writing it failed
+    /// ([`Error::Registry`]). [`path`](Self::path) names the file. Nothing was leased or
+    /// released; the request, the range and the ports have nothing to do with it.
+    ///
+    /// `false` for every error that leaves the registry usable:
+    ///
+    /// - [`Error::LockTimeout`]: the registry is fine, only busy: another process held its
+    ///   lock for longer than the lock timeout. That is transient; try again later (or look
+    ///   for a process stopped in a debugger).
+    /// - [`Error::OutOfDescriptors`]: the registry is fine; this process or the host is out
+    ///   of file descriptors.
+    /// - [`Error::ForkedHandle`]: the registry is fine; this forked child can use no file
+    ///   registry.
+    /// - the errors of the request, the range, the ports and the processes.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("r.sqlite3");
+    /// std::fs::write(&path, "not a registry")?;
+    /// let error = portdaddy::PortDaddy::open(&path).unwrap_err();
+    /// assert!(error.is_registry_unusable());
+    /// assert_eq!(std::fs::read(&path)?, b"not a registry", "left as it was");
+    ///
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let error = registry.acquire("").unwrap_err(); // an invalid name
+    /// assert!(!error.is_registry_unusable());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn is_registry_unusable(&self) -> bool {
+        match self {
+            Error::Open { .. }
+            | Error::Corrupt { .. }
+            | Error::SchemaTooNew { .. }
+            | Error::Refused { .. }
+            | Error::Registry { .. } => true,
+            Error::LockTimeout { .. }
+            | Error::OutOfDescriptors { .. }
+            | Error::ForkedHandle { .. }
+            | Error::Exhausted { .. }
+            | Error::InvalidName { .. }
+            | Error::InvalidRange { .. }
+            | Error::InvalidRequest { .. }
+            | Error::PortUnavailable { .. }
+            | Error::Probe { .. }
+            | Error::LeaseLost { .. }
+            | Error::NoSuchProcess { .. }
+            | Error::ProcessUnreadable { .. } => false,
+        }
+    }
+}
+
+/// An error's message followed by each of its causes (`msg: cause: cause`), escaped: for the
+/// places where the library itself turns an error into text (its logs, the diagnosis), which
+/// would otherwise lose the causes that the messages no longer repeat.
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {}", escape(&c.to_string()))?;
+            cause = c.source();
+        }
+        Ok(())
+    }
 }
 
 /// What [`Error::Refused`] refused: the registry itself, or a file beside it.
@@ -314,59 +474,202 @@ fn exhausted_message(range: PortRange, held: usize, block_len: u16) -> String {
     }
 }
 
-/// An explicit operation on a [`PortGuard`] failed.
-///
-/// Returned by [`PortGuard::release`] and [`PortGuard::keep`]. When the registry could not be
-/// reached, the lease is still there and the guard is handed back to retry
-/// ([`into_guard`](GuardError::into_guard)); dropping the error drops the guard, which then
-/// releases quietly. When the lease itself is gone ([`Error::LeaseLost`]) there is no guard
-/// to give back. Converts into [`enum@Error`] with `?`.
-#[derive(Debug)]
-pub struct GuardError {
-    error: Error,
-    guard: Option<Box<PortGuard>>,
-}
-
-impl GuardError {
-    pub(crate) fn new(error: Error, guard: Option<PortGuard>) -> Self {
-        Self {
-            error,
-            guard: guard.map(Box::new),
-        }
-    }
-
-    /// The error that occurred.
-    pub fn error(&self) -> &Error {
-        &self.error
-    }
-
-    /// Takes the guard back to retry, if it still holds a lease.
-    pub fn into_guard(self) -> Option<PortGuard> {
-        self.guard.map(|g| *g)
-    }
-}
-
-impl std::fmt::Display for GuardError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.error.fmt(f)
-    }
-}
-
-impl std::error::Error for GuardError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.error)
-    }
-}
-
-impl From<GuardError> for Error {
-    fn from(e: GuardError) -> Self {
-        e.error
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::collections::BTreeSet;
+    use std::error::Error as _;
+
+    /// The text every cause below carries, to be found (or not) in a message.
+    const CAUSE: &str = "the-cause-said-this";
+
+    /// One error of every variant, each with a cause where the variant has one.
+    fn every_variant() -> Vec<Error> {
+        let path = || PathBuf::from("/tmp/r.sqlite3");
+        let io = || std::io::Error::other(CAUSE);
+        vec![
+            Error::Exhausted {
+                range: PortRange::new(2000, 2009).unwrap(),
+                held: 3,
+                block_len: 1,
+            },
+            Error::InvalidName {
+                name: "n".into(),
+                reason: "r",
+            },
+            Error::InvalidRange {
+                start: 9,
+                end: 3,
+                reason: "r",
+            },
+            Error::InvalidRequest { reason: "r".into() },
+            Error::PortUnavailable {
+                port: 2000,
+                reason: "r".into(),
+            },
+            Error::Probe {
+                port: 2000,
+                error: io(),
+            },
+            Error::OutOfDescriptors {
+                path: path(),
+                detail: "d".into(),
+                error: io(),
+            },
+            Error::Open {
+                path: path(),
+                source: io().into(),
+            },
+            Error::Corrupt {
+                path: path(),
+                detail: "d".into(),
+            },
+            Error::SchemaTooNew {
+                path: path(),
+                required: 9,
+                supported: 4,
+            },
+            Error::LockTimeout {
+                path: path(),
+                waited: Duration::from_secs(1),
+            },
+            Error::LeaseLost { port: 2000 },
+            Error::ForkedHandle {
+                parent: 1,
+                child: 2,
+            },
+            Error::NoSuchProcess { pid: 1 },
+            Error::ProcessUnreadable { pid: 1 },
+            Error::Registry {
+                path: path(),
+                source: CAUSE.into(),
+            },
+            Error::Refused {
+                path: path(),
+                file: path(),
+                reason: "r".into(),
+                advice: "a",
+            },
+        ]
+    }
+
+    /// The variant's name; a variant added to [`Error`] fails to compile here until it is
+    /// added to [`every_variant`] too.
+    fn variant(error: &Error) -> &'static str {
+        match error {
+            Error::Exhausted { .. } => "Exhausted",
+            Error::InvalidName { .. } => "InvalidName",
+            Error::InvalidRange { .. } => "InvalidRange",
+            Error::InvalidRequest { .. } => "InvalidRequest",
+            Error::PortUnavailable { .. } => "PortUnavailable",
+            Error::Probe { .. } => "Probe",
+            Error::OutOfDescriptors { .. } => "OutOfDescriptors",
+            Error::Open { .. } => "Open",
+            Error::Corrupt { .. } => "Corrupt",
+            Error::SchemaTooNew { .. } => "SchemaTooNew",
+            Error::LockTimeout { .. } => "LockTimeout",
+            Error::LeaseLost { .. } => "LeaseLost",
+            Error::ForkedHandle { .. } => "ForkedHandle",
+            Error::NoSuchProcess { .. } => "NoSuchProcess",
+            Error::ProcessUnreadable { .. } => "ProcessUnreadable",
+            Error::Registry { .. } => "Registry",
+            Error::Refused { .. } => "Refused",
+        }
+    }
+
+    #[test]
+    fn every_variant_is_checked() {
+        let names: BTreeSet<_> = every_variant().iter().map(variant).collect();
+        assert_eq!(names.len(), 17, "{names:?}");
+    }
+
+    #[test]
+    fn no_message_repeats_the_text_of_its_cause() {
+        let mut with_cause = 0;
+        for error in every_variant() {
+            let message = error.to_string();
+            let mut cause = error.source();
+            while let Some(c) = cause {
+                with_cause += 1;
+                let said = c.to_string();
+                assert!(
+                    !message.contains(&said),
+                    "{}: {message:?} repeats its cause {said:?}",
+                    variant(&error)
+                );
+                cause = c.source();
+            }
+        }
+        assert_eq!(with_cause, 2, "Open and Registry return their causes");
+    }
+
+    #[test]
+    fn a_guard_error_shows_its_error_and_the_cause_once() {
+        let error = Error::Registry {
+            path: "/tmp/r.sqlite3".into(),
+            source: CAUSE.into(),
+        };
+        let message = error.to_string();
+        let guard_error = crate::guard::GuardError::new(error, None);
+        assert_eq!(guard_error.to_string(), message);
+        let chain = Chain(&guard_error).to_string();
+        assert_eq!(chain, format!("{message}: {CAUSE}"));
+        assert_eq!(chain.matches(CAUSE).count(), 1, "{chain}");
+    }
+
+    #[test]
+    fn a_cause_a_message_does_not_repeat_is_shown_by_the_chain_escaped() {
+        let error = Error::Open {
+            path: "/tmp/r.sqlite3".into(),
+            source: "a\u{1b}[2Jb".into(),
+        };
+        let chain = Chain(&error).to_string();
+        assert!(!chain.chars().any(crate::text::needs_escape), "{chain:?}");
+        assert_eq!(
+            chain,
+            r"cannot open the port registry at /tmp/r.sqlite3: a\u{1b}[2Jb"
+        );
+    }
+
+    #[test]
+    fn path_names_the_registry_of_the_errors_about_a_registry_file() {
+        let with_path: BTreeSet<_> = every_variant()
+            .iter()
+            .filter(|e| e.path() == Some(Path::new("/tmp/r.sqlite3")))
+            .map(variant)
+            .collect();
+        let expected = [
+            "OutOfDescriptors",
+            "Open",
+            "Corrupt",
+            "SchemaTooNew",
+            "LockTimeout",
+            "Registry",
+            "Refused",
+        ];
+        assert_eq!(with_path, BTreeSet::from(expected));
+        let refused = Error::Refused {
+            path: "/tmp/r.sqlite3".into(),
+            file: "/tmp/r.sqlite3.lock".into(),
+            reason: "r".into(),
+            advice: "a",
+        };
+        assert_eq!(refused.path(), Some(Path::new("/tmp/r.sqlite3")));
+    }
+
+    #[test]
+    fn only_errors_of_the_registry_file_itself_make_it_unusable() {
+        let unusable: BTreeSet<_> = every_variant()
+            .iter()
+            .filter(|e| e.is_registry_unusable())
+            .map(variant)
+            .collect();
+        // Not LockTimeout (busy, transient), OutOfDescriptors (the process or host is out
+        // of descriptors), ForkedHandle (this process cannot use any registry).
+        let expected = ["Open", "Corrupt", "SchemaTooNew", "Registry", "Refused"];
+        assert_eq!(unusable, BTreeSet::from(expected));
+    }
 
     #[cfg(unix)]
     #[test]

@@ -1,11 +1,12 @@
-//! [`PortGuard`]: a lease that ends when the guard drops.
+//! [`PortGuard`]: a lease that ends when the guard drops, and [`GuardError`], what its
+//! explicit operations return when they fail.
 
 use std::fmt;
 use std::mem;
 use std::net::{TcpListener, UdpSocket};
 use std::ops::RangeInclusive;
 
-use crate::error::{Error, GuardError};
+use crate::error::Error;
 use crate::lease::{Choice, Lease};
 use crate::probe::handover::Sockets;
 use crate::registry::PortDaddy;
@@ -14,7 +15,7 @@ use crate::registry::PortDaddy;
 ///
 /// No other participant of the registry gets the port while the guard lives, with two
 /// exceptions that someone has to ask for: a lease taken with a [`Request::ttl`] can be
-/// reclaimed once the TTL has passed, and [`PortDaddy::release`] frees a port whoever holds
+/// reclaimed once the TTL has passed, and [`PortDaddy::release_port`] frees a port whoever holds
 /// it. Dropping the guard deletes exactly this lease: if the port went to someone else in
 /// one of those ways, their lease is left alone.
 ///
@@ -118,7 +119,7 @@ impl PortGuard {
     }
 
     /// Detaches the lease from this process and returns it: it now outlives the process and
-    /// lasts until released by port ([`PortDaddy::release`]) or until its TTL, if it has one,
+    /// lasts until released by port ([`PortDaddy::release_port`]) or until its TTL, if it has one,
     /// runs out. This is what a build script wants.
     ///
     /// ```
@@ -236,7 +237,7 @@ impl Drop for PortGuard {
             Err(error) => tracing::warn!(
                 port = self.lease.port,
                 name = %self.lease.name,
-                %error,
+                error = %crate::error::Chain(&error),
                 "could not release a port lease; it will be reclaimed once this process exits"
             ),
         }
@@ -251,5 +252,76 @@ impl fmt::Debug for PortGuard {
             .field("ports", &self.lease.ports())
             .field("choice", &self.choice)
             .finish_non_exhaustive()
+    }
+}
+
+/// An explicit operation on a [`PortGuard`] failed.
+///
+/// Returned by [`PortGuard::release`] and [`PortGuard::keep`]. When the registry could not be
+/// reached, the lease is still there and the guard is handed back to retry
+/// ([`into_guard`](GuardError::into_guard)); dropping the error drops the guard, which then
+/// releases quietly. When the lease itself is gone ([`Error::LeaseLost`]) there is no guard
+/// to give back. Converts into [`enum@Error`] with `?`.
+///
+/// ```
+/// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+/// let mut guard = registry.acquire("api")?;
+/// for attempt in 1.. {
+///     match guard.release() {
+///         Ok(()) => break,
+///         Err(e) if attempt < 3 => match e.into_guard() {
+///             Some(back) => guard = back, // the lease is still there: try again
+///             None => break,              // the lease is gone: nothing left to release
+///         },
+///         Err(e) => return Err(e.into()),
+///     }
+/// }
+/// assert!(registry.list()?.is_empty());
+/// # Ok::<(), portdaddy::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct GuardError {
+    error: Error,
+    guard: Option<Box<PortGuard>>,
+}
+
+impl GuardError {
+    pub(crate) fn new(error: Error, guard: Option<PortGuard>) -> Self {
+        Self {
+            error,
+            guard: guard.map(Box::new),
+        }
+    }
+
+    /// The error that occurred.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// Takes the guard back to retry, if it still holds a lease.
+    pub fn into_guard(self) -> Option<PortGuard> {
+        self.guard.map(|g| *g)
+    }
+}
+
+/// The error's own message: a `GuardError` is its [`error`](GuardError::error) with the
+/// guard attached, so it says nothing of its own.
+impl fmt::Display for GuardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// The [`error`](GuardError::error)'s cause: the error itself is not repeated as a cause of
+/// the same message.
+impl std::error::Error for GuardError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+impl From<GuardError> for Error {
+    fn from(e: GuardError) -> Self {
+        e.error
     }
 }

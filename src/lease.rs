@@ -3,15 +3,14 @@
 use std::ops::RangeInclusive;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
 /// Which transport protocols a port must be free for.
 ///
 /// A lease always holds the port number for every protocol in the registry; the protocol only
 /// decides which kinds of socket the [`PortProbe`](crate::PortProbe) tries before handing the
 /// port out.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 #[non_exhaustive]
 pub enum Protocol {
     /// TCP only. The default.
@@ -24,13 +23,20 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// Whether TCP must be free.
-    pub fn tcp(self) -> bool {
+    /// Whether the protocol includes TCP: a claim needs the port free for TCP.
+    ///
+    /// ```
+    /// use portdaddy::Protocol;
+    ///
+    /// assert!(Protocol::Both.includes_tcp() && Protocol::Both.includes_udp());
+    /// assert!(!Protocol::Udp.includes_tcp());
+    /// ```
+    pub fn includes_tcp(self) -> bool {
         matches!(self, Protocol::Tcp | Protocol::Both)
     }
 
-    /// Whether UDP must be free.
-    pub fn udp(self) -> bool {
+    /// Whether the protocol includes UDP: a claim needs the port free for UDP.
+    pub fn includes_udp(self) -> bool {
         matches!(self, Protocol::Udp | Protocol::Both)
     }
 
@@ -100,26 +106,27 @@ impl Protocol {
 ///    container, or the namespace of a container seen from inside it) cannot tell, and
 ///    keeps the lease: such a lease is reclaimed by a process that can see it, or by its
 ///    expiry, or at reboot.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Owner {
     pid: u32,
     start_time: u64,
     boot_id: String,
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     pid_namespace: Option<u64>,
     /// The name of the lock file the owner holds in `<registry>.owners/`, if any. Not part
     /// of the identity: it says how to check liveness from another namespace.
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     lock: Option<String>,
     /// The time namespace through which the start time was read (on Linux, the inode number
     /// of `/proc/self/ns/time` of the recorder). Not part of the identity: it says whether a
     /// start time read here can be compared with the recorded one.
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     time_namespace: Option<u64>,
     /// The PID namespaces above [`pid_namespace`](Self::pid_namespace), nearest first, as
     /// far as the recorder could see them. Not part of the identity: it says which
     /// namespaces can see every process of the owner's namespace.
-    #[serde(default)]
+    #[cfg_attr(feature = "serde", serde(default))]
     namespace_parents: Option<Vec<u64>>,
 }
 
@@ -253,12 +260,25 @@ impl Owner {
 /// A lease is *owned* while it records an [`Owner`]: it lasts until released or until that
 /// process dies. A *detached* lease (from [`PortGuard::keep`](crate::PortGuard::keep)) has no
 /// owner and lasts until released by port or until its expiry passes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// ```
+/// use portdaddy::{PortDaddy, Request};
+///
+/// let registry = PortDaddy::builder().in_memory().open()?;
+/// let guard = registry.acquire_with(&Request::new("cluster").block(2))?;
+/// let lease = &registry.list()?[0];
+/// assert_eq!((lease.name(), lease.port(), lease.block_len()), ("cluster", guard.port(), 2));
+/// assert_eq!(lease.pid(), Some(std::process::id()));
+/// assert!(!lease.is_detached() && lease.expires_at().is_none());
+/// # Ok::<(), portdaddy::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Lease {
     pub(crate) id: u64,
     pub(crate) port: u16,
     /// How many consecutive ports, from `port` on, the lease holds.
-    #[serde(default = "one_port")]
+    #[cfg_attr(feature = "serde", serde(default = "one_port"))]
     pub(crate) block_len: u16,
     pub(crate) name: String,
     pub(crate) protocol: Protocol,
@@ -267,6 +287,7 @@ pub struct Lease {
     pub(crate) expires_at: Option<SystemTime>,
 }
 
+#[cfg(feature = "serde")]
 fn one_port() -> u16 {
     1
 }
@@ -352,8 +373,9 @@ impl Lease {
 /// Only [`Live`](LeaseState::Live) and [`Detached`](LeaseState::Detached) leases hold their
 /// port; [`Dead`](LeaseState::Dead) and [`Expired`](LeaseState::Expired) ones are reclaimed by
 /// the next claim that needs the port, or by [`PortDaddy::reap`](crate::PortDaddy::reap).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 #[non_exhaustive]
 pub enum LeaseState {
     /// Owned by a process that is still running, and not expired.

@@ -52,6 +52,13 @@
 //! probe and its own bind in which a program *outside* the registry could bind the port.
 //! Shrink it by starting the server right after the claim; close it by handing the server
 //! the socket ([`PortDaddy::acquire_listener`]) where the server accepts one.
+//!
+//! # Features
+//!
+//! - `serde`: `Serialize` and `Deserialize` for [`Lease`], [`Owner`], [`Protocol`],
+//!   [`LeaseState`] and [`PortRange`] (checked like [`PortRange::new`] on the way in), and
+//!   `Serialize` for [`Stats`] and [`Diagnosis`]. Off by default.
+//! - `cli`: the `portdaddy` command-line tool; turns on `serde`.
 
 #![deny(missing_docs)]
 #![warn(clippy::print_stdout, clippy::print_stderr, clippy::dbg_macro)]
@@ -79,8 +86,8 @@ mod text;
 pub use builder::Builder;
 pub use clock::{Clock, SystemClock};
 pub use doctor::{Check, Diagnosis, Status};
-pub use error::{Error, GuardError, Result};
-pub use guard::PortGuard;
+pub use error::{Error, Result};
+pub use guard::{GuardError, PortGuard};
 pub use lease::{Choice, Lease, LeaseState, Owner, Protocol};
 pub use paths::ENV_VAR;
 pub use probe::{BindProbe, PortProbe, ProcessProbe, SystemProcessProbe};

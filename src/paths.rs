@@ -674,7 +674,8 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
         let err = prepare_shared_dir(&dir.join(FILE_NAME)).unwrap_err();
-        assert!(err.to_string().contains("other users can write"), "{err}");
+        let text = crate::error::Chain(&err).to_string();
+        assert!(text.contains("other users can write"), "{text}");
     }
 
     #[test]
@@ -685,7 +686,8 @@ mod tests {
         let link = tmp.path().join("portdaddy-x");
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let err = prepare_shared_dir(&link.join(FILE_NAME)).unwrap_err();
-        assert!(err.to_string().contains("symbolic link"), "{err}");
+        let text = crate::error::Chain(&err).to_string();
+        assert!(text.contains("symbolic link"), "{text}");
     }
 
     #[test]

@@ -3,8 +3,6 @@
 use std::fmt;
 use std::ops::RangeInclusive;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 
 /// An inclusive, non-empty range of ports, such as `15000-32767`.
@@ -16,8 +14,9 @@ use crate::error::{Error, Result};
 /// assert_eq!(range.to_string(), "20000-20009");
 /// # Ok::<(), portdaddy::Error>(())
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "RawRange")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(try_from = "RawRange"))]
 pub struct PortRange {
     start: u16,
     end: u16,
@@ -135,12 +134,14 @@ impl PortRange {
 }
 
 /// The serialized form, validated through [`PortRange::new`] on the way in.
-#[derive(Deserialize)]
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
 struct RawRange {
     start: u16,
     end: u16,
 }
 
+#[cfg(feature = "serde")]
 impl TryFrom<RawRange> for PortRange {
     type Error = Error;
 
@@ -203,6 +204,7 @@ mod tests {
         assert!(!r.overlaps(&PortRange::ephemeral()) || PortRange::ephemeral().start() <= 1025);
     }
 
+    #[cfg(feature = "serde")]
     #[test]
     fn deserializing_validates_like_new() {
         let ok: PortRange = serde_json::from_str(r#"{"start":3,"end":9}"#).unwrap();

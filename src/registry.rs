@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::panic::{RefUnwindSafe, UnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::sqlite::{Opened, SqliteStore};
 use crate::store::{Counter, Tally, Tx};
 
-/// A handle on a port registry: cheap to clone, `Send + Sync`.
+/// A handle on a port registry: cheap to clone, `Send + Sync`, unwind safe.
 ///
 /// A file registry coordinates every thread and process of the user that opens the same
 /// file; an in-memory registry coordinates the threads that share the handle.
@@ -76,6 +77,18 @@ use crate::store::{Counter, Tally, Tx};
 /// touching neither the file nor its lock, so the parent goes on undisturbed. (SQLite keeps
 /// each file's lock state in process memory, which the child inherits as it was, perhaps
 /// mid-transaction.) `exec` a program in the child, or fork before opening a registry.
+///
+/// # Panics and unwinding
+///
+/// `PortDaddy` and [`PortGuard`] are [`UnwindSafe`] and [`RefUnwindSafe`], so a test harness
+/// can use them across [`std::panic::catch_unwind`]. A panic inside a call, say in a
+/// [`PortProbe`](crate::PortProbe), [`ProcessProbe`](crate::ProcessProbe) or
+/// [`Clock`](crate::Clock) of yours, leaves the registry as it was before the call: the
+/// call's transaction is rolled back (a batch is all or nothing here too), the registry's
+/// lock is let go, and the handle records a lease as held only once its transaction has
+/// committed. The handle stays usable after the panic. Your probes and clock are called
+/// again by later calls: if a panic of theirs can leave them in a state they should not be
+/// used in, that is theirs to handle.
 #[derive(Clone)]
 pub struct PortDaddy {
     inner: Arc<Inner>,
@@ -95,6 +108,29 @@ struct Inner {
     /// that it is dropped after the store.
     _opened: Option<crate::fork::Opened>,
 }
+
+// A handle is unwind safe (see "Panics and unwinding" above): a panic during a call rolls
+// its transaction back (SQLite's through `RollbackUnlessCommitted`, the memory store's
+// through its undo log), and the handle's state behind a mutex changes only once a
+// transaction has committed, which is why a poisoned mutex is simply taken over. What
+// the compiler cannot see through are the caller's probes and clock, shared as `Arc<dyn …>`
+// in `settings` and `liveness`; everything else in `Inner` must be unwind safe on its own,
+// which the check below holds to.
+impl UnwindSafe for Inner {}
+impl RefUnwindSafe for Inner {}
+
+const _: fn() = || {
+    fn unwind_safe<T: UnwindSafe + RefUnwindSafe>() {}
+    // Every field of `Inner` but `settings` and `liveness`.
+    unwind_safe::<Backend>();
+    unwind_safe::<Owner>();
+    unwind_safe::<Option<PathBuf>>();
+    unwind_safe::<Option<crate::fork::Opened>>();
+    // What the crate promises.
+    fn promised<T: Send + Sync + UnwindSafe + RefUnwindSafe>() {}
+    promised::<PortDaddy>();
+    promised::<PortGuard>();
+};
 
 enum Backend {
     File {
@@ -446,7 +482,7 @@ impl PortDaddy {
     /// # Errors
     ///
     /// A registry error.
-    pub fn release(&self, port: u16) -> Result<bool> {
+    pub fn release_port(&self, port: u16) -> Result<bool> {
         self.write_tracked(
             |tx, env| {
                 let found = tx.delete_port(port)?;
@@ -466,7 +502,7 @@ impl PortDaddy {
     /// leases that were released, oldest first (none if no lease has that name).
     ///
     /// Names are labels, not keys: this ends every holder's lease of that name, as
-    /// [`release`](Self::release) does for a port.
+    /// [`release_port`](Self::release_port) does for a port.
     ///
     /// ```
     /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
@@ -666,9 +702,9 @@ impl PortDaddy {
         self.inner.settings.range
     }
 
-    /// Releases exactly `lease`: unlike [`release`](Self::release), nothing happens if the
-    /// port has meanwhile gone to another holder (say, after the lease expired). The way to
-    /// end a detached lease from [`PortGuard::keep`](crate::PortGuard::keep).
+    /// Releases exactly `lease`: unlike [`release_port`](Self::release_port), nothing happens
+    /// if the port has meanwhile gone to another holder (say, after the lease expired). The way
+    /// to end a detached lease from [`PortGuard::keep`](crate::PortGuard::keep).
     ///
     /// ```
     /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
@@ -762,20 +798,18 @@ impl PortDaddy {
     fn count_failure(&self, error: &Error) {
         let counter = match error {
             Error::Exhausted { .. } => Counter::Exhausted,
+            // One read or write failed; the count may still be written.
+            Error::Registry { .. } => Counter::Errors,
             // The registry cannot be written (or only after another long wait): nothing to count in.
-            Error::Open { .. }
-            | Error::Corrupt { .. }
-            | Error::SchemaTooNew { .. }
-            | Error::LockTimeout { .. }
-            | Error::ForkedHandle { .. }
-            | Error::Refused { .. } => return,
+            e if e.is_registry_unusable() => return,
+            Error::LockTimeout { .. } | Error::ForkedHandle { .. } => return,
             _ => Counter::Errors,
         };
         if let Err(e) = self.write(|_, env| {
             env.tally.add(counter, 1);
             Ok(())
         }) {
-            tracing::debug!(error = %e, "could not count a failed claim");
+            tracing::debug!(error = %crate::error::Chain(&e), "could not count a failed claim");
         }
     }
 

@@ -1,7 +1,5 @@
 //! [`Stats`]: what a registry has counted about itself.
 
-use serde::Serialize;
-
 /// Counters a registry keeps in itself, shared by every process that uses it, and the
 /// current number of leases by state. Returned by [`PortDaddy::stats`](crate::PortDaddy::stats).
 ///
@@ -19,7 +17,8 @@ use serde::Serialize;
 /// assert_eq!(registry.stats()?.released, 1);
 /// # Ok::<(), portdaddy::Error>(())
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct Stats {
     /// Leases handed out.

@@ -34,8 +34,8 @@ impl PortProbe for BindProbe {
     }
 
     fn try_is_free(&self, port: u16, protocol: Protocol) -> io::Result<bool> {
-        Ok((!protocol.tcp() || all_bind::<TcpListener>(port)?)
-            && (!protocol.udp() || all_bind::<UdpSocket>(port)?))
+        Ok((!protocol.includes_tcp() || all_bind::<TcpListener>(port)?)
+            && (!protocol.includes_udp() || all_bind::<UdpSocket>(port)?))
     }
 }
 

@@ -99,11 +99,11 @@ pub(crate) fn check_address(ip: IpAddr, protocol: Protocol) -> io::Result<()> {
 fn bind(ip: IpAddr, port: u16, protocol: Protocol) -> io::Result<Bound> {
     Ok(Bound {
         tcp: protocol
-            .tcp()
+            .includes_tcp()
             .then(|| TcpListener::bind((ip, port)))
             .transpose()?,
         udp: protocol
-            .udp()
+            .includes_udp()
             .then(|| UdpSocket::bind((ip, port)))
             .transpose()?,
     })

@@ -132,6 +132,7 @@ fn required_port_fails_with_a_typed_error_when_taken() {
         Err(Error::PortUnavailable {
             port: 23050,
             reason,
+            ..
         }) => {
             assert!(reason.contains("\"x\""), "{reason}")
         }
@@ -343,7 +344,7 @@ fn keep_detaches_the_lease_so_it_outlives_the_guard() {
         0,
         "a detached lease without expiry passed stays"
     );
-    assert!(reopened.release(lease.port()).unwrap());
+    assert!(reopened.release_port(lease.port()).unwrap());
     assert!(reopened.list().unwrap().is_empty());
 }
 
@@ -351,7 +352,7 @@ fn keep_detaches_the_lease_so_it_outlives_the_guard() {
 fn a_kept_lease_comes_back_to_its_name_next_time() {
     let registry = memory(23000..=23099);
     let port = registry.acquire("build.rs").unwrap().keep().unwrap().port();
-    assert!(registry.release(port).unwrap());
+    assert!(registry.release_port(port).unwrap());
     assert_eq!(registry.acquire("build.rs").unwrap().port(), port);
 }
 
@@ -359,7 +360,7 @@ fn a_kept_lease_comes_back_to_its_name_next_time() {
 fn dropping_a_guard_removes_exactly_its_own_lease() {
     let registry = memory(23000..=23000);
     let old = registry.acquire("a").unwrap();
-    assert!(registry.release(old.port()).unwrap()); // released by port from elsewhere
+    assert!(registry.release_port(old.port()).unwrap()); // released by port from elsewhere
     let new = registry.acquire("b").unwrap();
     assert_eq!(new.port(), old.port());
     drop(old);
@@ -375,9 +376,9 @@ fn dropping_a_guard_removes_exactly_its_own_lease() {
 fn keep_of_a_lost_lease_reports_it() {
     let registry = memory(23000..=23000);
     let guard = registry.acquire("a").unwrap();
-    registry.release(guard.port()).unwrap();
+    registry.release_port(guard.port()).unwrap();
     let err = guard.keep().unwrap_err();
-    assert!(matches!(err.error(), Error::LeaseLost { port: 23000 }));
+    assert!(matches!(err.error(), Error::LeaseLost { port: 23000, .. }));
     assert!(
         err.into_guard().is_none(),
         "a lost lease has no guard to give back"
@@ -391,7 +392,7 @@ fn explicit_release_frees_the_port_and_tolerates_a_lost_lease() {
     guard.release().unwrap();
     assert!(registry.list().unwrap().is_empty());
     let guard = registry.acquire("a").unwrap();
-    registry.release(guard.port()).unwrap();
+    registry.release_port(guard.port()).unwrap();
     guard.release().unwrap();
 }
 
@@ -590,7 +591,9 @@ fn a_lock_held_by_another_handle_times_out_with_the_path_named() {
         .port_probe(all_free)
         .lock_timeout(Duration::from_millis(100));
     match waiter.open() {
-        Err(Error::LockTimeout { path: p, waited }) => {
+        Err(Error::LockTimeout {
+            path: p, waited, ..
+        }) => {
             assert_eq!(p, path);
             assert!(
                 waited >= Duration::from_millis(100),
@@ -662,7 +665,9 @@ fn a_ttl_too_large_to_store_is_a_typed_error_not_a_panic() {
     for registry in [memory(23000..=23009), file(&path, 23000..=23009)] {
         let request = Request::new("forever").ttl(Duration::MAX);
         match registry.acquire_with(&request) {
-            Err(Error::InvalidRequest { reason }) => assert!(reason.contains("TTL"), "{reason}"),
+            Err(Error::InvalidRequest { reason, .. }) => {
+                assert!(reason.contains("TTL"), "{reason}")
+            }
             other => panic!("expected InvalidRequest, got {other:?}"),
         }
         assert!(registry.list().unwrap().is_empty());

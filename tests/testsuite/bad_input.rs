@@ -192,18 +192,23 @@ fn assert_message(err: &Error, path: Option<&Path>, advice: &str) {
     );
 }
 
-/// Asserts an `Error::Open` for `path` with a lower-level cause that its message repeats.
+/// Asserts an `Error::Open` for `path` with a lower-level cause, which it returns as its
+/// source and does not repeat in its message.
 fn assert_open_error(err: &Error, path: &Path) {
     let Error::Open { path: reported, .. } = err else {
         panic!("expected Error::Open for {}, got {err:?}", path.display());
     };
     assert_eq!(reported, path);
+    assert_eq!(err.path(), Some(path));
+    assert!(err.is_registry_unusable(), "{err:?}");
     let source = std::error::Error::source(err).expect("Error::Open carries its cause as source()");
-    assert_message(err, Some(path), &source.to_string());
+    assert_message(err, Some(path), "cannot open the port registry");
+    let (text, cause) = (err.to_string(), source.to_string());
     assert!(
-        err.to_string().contains("cannot open the port registry"),
-        "{err}"
+        !text.contains(&cause),
+        "{text:?} repeats its cause {cause:?}"
     );
+    assert_eq!(common::chain(err), format!("{text}: {cause}"));
 }
 
 /// Asserts an `Error::Corrupt` for `path`, whose message says the file was left alone and
@@ -212,6 +217,7 @@ fn assert_corrupt(err: &Error, path: &Path) {
     let Error::Corrupt {
         path: reported,
         detail,
+        ..
     } = err
     else {
         panic!(
@@ -292,6 +298,7 @@ fn assert_invalid_name(registry: &PortDaddy, name: &str, advice: &str) -> Error 
     let Error::InvalidName {
         name: shown,
         reason,
+        ..
     } = &err
     else {
         panic!("expected Error::InvalidName for {name:?}, got {err:?}");
@@ -599,7 +606,8 @@ fn a_directory_as_the_registry_path_is_an_open_error() {
     fs::write(path.join("keep.txt"), b"mine").unwrap();
     let err = open_err(&path);
     assert_open_error(&err, &path);
-    assert_message(&err, Some(&path), "give a file path");
+    let said = common::chain(&err);
+    assert!(said.contains("give a file path"), "{said}");
     assert_eq!(
         entries(dir.path()),
         BTreeSet::from([OsString::from("registry.sqlite3")]),
@@ -646,7 +654,8 @@ fn a_path_where_even_root_cannot_create_files_is_an_open_error() {
 fn an_empty_path_is_an_open_error() {
     let err = open_err(Path::new(""));
     assert!(matches!(err, Error::Open { .. }), "{err:?}");
-    assert!(err.to_string().contains("names no file"), "{err}");
+    let said = common::chain(&err);
+    assert!(said.contains("names no file"), "{said}");
     // Refused before anything was created: a lock file for "" would land in the working
     // directory.
     assert!(
@@ -991,6 +1000,7 @@ fn a_registry_from_the_future_is_refused_and_left_untouched() {
         path: reported,
         required,
         supported,
+        ..
     } = &err
     else {
         panic!("expected SchemaTooNew, got {err:?}");

@@ -109,9 +109,12 @@ fn every_port_of_a_block_is_released_together() {
 fn releasing_any_port_of_a_block_releases_the_whole_block() {
     for (registry, _dir) in both(30044..=30049) {
         let block = registry.acquire_with(&Request::new("b").block(3)).unwrap();
-        assert!(registry.release(block.port() + 2).unwrap());
+        assert!(registry.release_port(block.port() + 2).unwrap());
         assert!(registry.list().unwrap().is_empty());
-        assert!(!registry.release(block.port() + 1).unwrap(), "nothing left");
+        assert!(
+            !registry.release_port(block.port() + 1).unwrap(),
+            "nothing left"
+        );
     }
 }
 
@@ -153,7 +156,7 @@ fn a_required_block_names_the_first_port_that_is_taken() {
         .acquire_with(&Request::new("c").block(4).require(30060))
         .unwrap_err();
     assert!(
-        matches!(&err, Error::PortUnavailable { port: 30062, reason } if reason.contains("\"x\"")),
+        matches!(&err, Error::PortUnavailable { port: 30062, reason, .. } if reason.contains("\"x\"")),
         "{err}"
     );
     assert_eq!(registry.list().unwrap().len(), 1, "nothing else was leased");
@@ -242,7 +245,7 @@ fn impossible_blocks_are_invalid_requests() {
         ),
     ] {
         match registry.acquire_with(&request) {
-            Err(Error::InvalidRequest { reason }) => {
+            Err(Error::InvalidRequest { reason, .. }) => {
                 assert!(reason.contains(needle), "{reason:?} should say {needle:?}")
             }
             other => panic!("{request:?} gave {other:?}"),

@@ -336,7 +336,10 @@ fn stalled_lock_holder(how: &str) {
     let started = Instant::now();
     match impatient.acquire("impatient") {
         Err(err @ Error::LockTimeout { .. }) => {
-            let Error::LockTimeout { path: p, waited } = &err else {
+            let Error::LockTimeout {
+                path: p, waited, ..
+            } = &err
+            else {
                 unreachable!()
             };
             assert_eq!(p, &path);
@@ -567,11 +570,11 @@ fn a_write_that_fails_for_lack_of_space_is_a_typed_error_and_leaves_the_registry
 /// end of stdin.
 fn fill_worker(registry: &PortDaddy) {
     let mut kept = 0usize;
-    let (err, step, pending) = loop {
+    let (err, _step, pending) = loop {
         assert!(kept < 10_000, "the file size limit never stopped a write");
         let guard = match registry.acquire(&format!("{kept:0>128}")) {
             Ok(guard) => guard,
-            Err(e) => break (e, "acquire", None),
+            Err(e) => break (Some(e), "acquire", None),
         };
         match guard.keep() {
             Ok(_) => kept += 1,
@@ -583,11 +586,11 @@ fn fill_worker(registry: &PortDaddy) {
                 let (debug, display) = shown.split_once('|').unwrap();
                 let variant = debug.split([' ', '{', '(']).next().unwrap_or_default();
                 say(&format!("FAILED {kept} keep {variant} {display}"));
-                break (Error::LeaseLost { port: 0 }, "keep", Some(guard));
+                break (None, "keep", Some(guard));
             }
         }
     };
-    if step == "acquire" {
+    if let Some(err) = err {
         let variant = format!("{err:?}");
         let variant = variant.split([' ', '{', '(']).next().unwrap_or_default();
         say(&format!("FAILED {kept} acquire {variant} {err}"));

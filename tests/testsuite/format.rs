@@ -115,7 +115,7 @@ fn a_registry_a_newer_version_added_to_is_used_and_its_data_survives() {
     let detached = registry.acquire("detached").unwrap().keep().unwrap();
     fresh.release().unwrap();
     again.release().unwrap();
-    assert!(registry.release(detached.port()).unwrap());
+    assert!(registry.release_port(detached.port()).unwrap());
     assert!(registry.stats().unwrap().acquired >= 5);
     let d = PortDaddy::diagnose(&path, PortRange::new(FIRST, LAST).unwrap());
     assert!(!d.has_failures(), "{d}");
@@ -216,6 +216,7 @@ fn a_registry_needing_a_newer_reader_is_refused_and_left_byte_identical() {
         path: reported,
         required,
         supported,
+        ..
     } = &err
     else {
         panic!("expected SchemaTooNew, got {err:?}");

@@ -235,7 +235,7 @@ fn an_address_of_another_host_is_an_invalid_request() {
     // 192.0.2.0/24 is reserved for documentation: no host has it.
     let ip: IpAddr = "192.0.2.1".parse().unwrap();
     match registry.acquire_with(&Request::new("x").listen_on(ip)) {
-        Err(Error::InvalidRequest { reason }) => {
+        Err(Error::InvalidRequest { reason, .. }) => {
             assert!(reason.contains("192.0.2.1"), "{reason}")
         }
         other => panic!("{other:?}"),

@@ -126,7 +126,7 @@ fn flipped_bytes_in_a_registry_never_cause_a_panic() {
                     registry.acquire("flip").map(|g| g.port()),
                     registry.list().map(|l| l.len() as u16),
                     registry.reap().map(|n| n as u16),
-                    registry.release(FIRST).map(u16::from),
+                    registry.release_port(FIRST).map(u16::from),
                     registry.acquire_many(&["x", "y"]).map(|g| g.len() as u16),
                 ] {
                     if let Err(e) = result {
@@ -242,7 +242,7 @@ fn names_with_sql_metacharacters_are_stored_verbatim() {
     expected.sort();
     assert_eq!(sorted, expected);
     for port in &ports {
-        assert!(registry.release(*port).unwrap());
+        assert!(registry.release_port(*port).unwrap());
     }
     drop(registry);
     // Reopened: each name gets its own port back, and the wildcard names match nothing else.
@@ -335,7 +335,7 @@ fn default_path_entry() {
     }
     match PortDaddy::builder().port_probe(all_free).open() {
         Ok(registry) => println!("\n@pd ok {}", registry.path().unwrap().display()),
-        Err(e) => println!("\n@pd err {e}"),
+        Err(e) => println!("\n@pd err {}", common::chain(&e)),
     }
 }
 

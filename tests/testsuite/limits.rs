@@ -38,7 +38,7 @@ fn a_ttl_below_one_millisecond_is_refused() {
         .acquire_with(&Request::new("short").ttl(Duration::from_micros(500)))
         .unwrap_err();
     assert!(
-        matches!(&err, Error::InvalidRequest { reason } if reason.contains("1ms")),
+        matches!(&err, Error::InvalidRequest { reason, .. } if reason.contains("1ms")),
         "{err}"
     );
     assert!(registry.list().unwrap().is_empty(), "nothing was leased");
@@ -108,6 +108,7 @@ fn a_block_without_a_free_run_says_so_and_counts_only_live_holders() {
             range,
             held,
             block_len,
+            ..
         } => assert_eq!((range.start(), *held, *block_len), (32300, 3, 4)),
         other => panic!("expected Exhausted, got {other:?}"),
     }

@@ -105,7 +105,7 @@ fn a_release_that_fails_in_drop_is_logged_and_does_not_panic() {
 
     // The lease is still there, owned by this live process; freeing it by port works.
     assert!(registry.list().unwrap().iter().any(|l| l.port() == port));
-    assert!(registry.release(port).unwrap());
+    assert!(registry.release_port(port).unwrap());
 }
 
 #[test]

@@ -9,6 +9,7 @@
 mod common;
 
 mod api;
+mod api_freeze;
 mod bad_input;
 mod blocks;
 #[cfg(feature = "cli")]

@@ -188,7 +188,7 @@ enum Op {
     Release(usize),
     /// `PortGuard::keep` of the live guard at this index.
     Keep(usize),
-    /// `PortDaddy::release(port)`.
+    /// `PortDaddy::release_port(port)`.
     ReleasePort(u16),
     Reap,
     /// The owner in this slot dies; the slot restarts as a new process.
@@ -742,7 +742,7 @@ impl Harness {
                         );
                     }
                     (Err(e), false) => ensure!(
-                        matches!(e.error(), Error::LeaseLost { port: p } if *p == port),
+                        matches!(e.error(), Error::LeaseLost { port: p, .. } if *p == port),
                         "keep of a lost lease on {port} failed with {e:?}, expected LeaseLost"
                     ),
                     (got, present) => {
@@ -758,11 +758,11 @@ impl Harness {
                 let expected = self.model.leases.remove(port).is_some();
                 let got = self
                     .registry()
-                    .release(*port)
-                    .map_err(|e| format!("release({port}): {e}"))?;
+                    .release_port(*port)
+                    .map_err(|e| format!("release_port({port}): {e}"))?;
                 ensure!(
                     got == expected,
-                    "release({port}) returned {got}, the model expected {expected}"
+                    "release_port({port}) returned {got}, the model expected {expected}"
                 );
                 Removal::Port(*port)
             }

@@ -197,7 +197,7 @@ fn a_port_taken_before_the_holder_notices_is_reported_lost_to_it() {
     drop(taken);
 }
 
-/// A lease that another process released (`release(port)`, `portdaddy release`) before the
+/// A lease that another process released (`release_port(port)`, `portdaddy release`) before the
 /// registry was deleted is no longer the holder's: the port went to a new holder in the
 /// same file. When the old holder notices the deletion first, it must not record the
 /// released lease again in the new file and so take the port from its present holder.
@@ -210,7 +210,7 @@ fn a_lease_released_by_another_before_the_deletion_is_not_recorded_again() {
     let mut old = Worker::spawn("old holder", "hold", &path, &ports, &no_listener);
     let (port, _) = parse_held(&old.expect_line("HELD", deadline()));
     assert!(
-        open_unprobed(&path, &ports).release(port).unwrap(),
+        open_unprobed(&path, &ports).release_port(port).unwrap(),
         "another process releases the old holder's lease"
     );
     let mut new = Worker::spawn("new holder", "hold", &path, &ports, &no_listener);

@@ -1,5 +1,5 @@
 //! The platform layer as other processes see it: the kind of lock a handle holds on its
-//! owner lock file, and which user a process counts as itself. Section 26 of
+//! owner lock file, and which user a process counts as itself. Section 27 of
 //! `RELIABILITY.md` says what holds.
 //!
 //! # Ports

@@ -161,7 +161,8 @@ fn unseen(registry: &PortDaddy, lease: &Lease, error: &io::Error) -> Failure {
             exit::OTHER,
             format!(
                 "cannot write the output: {error}; the lease on {what} cannot be released \
-                 either: {e}"
+                 either: {}",
+                exit::chain(&e)
             ),
         )
         .hint(format!(
@@ -366,7 +367,7 @@ fn run_command(
             eprintln!(
                 "portdaddy: warning: could not release port {port}: {}; it is reclaimed \
                  now that portdaddy exits",
-                escape(&e.to_string())
+                escape(&exit::chain(&e))
             );
         }
     }

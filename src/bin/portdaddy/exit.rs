@@ -73,14 +73,28 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// `error`'s message followed by each of its causes, `msg: cause: cause`: the library's
+/// messages do not repeat their causes, which they return from `source()` instead.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 impl From<Error> for Failure {
     fn from(error: Error) -> Self {
-        let failure = Failure::new(code_of(&error), &error);
+        let failure = Failure::new(code_of(&error), chain(&error));
         match &error {
             Error::Exhausted {
                 range,
                 held,
                 block_len,
+                ..
             } if *block_len > 1 => failure.hint(format!(
                 "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
                  reclaim dead ones, ask for a shorter --block, or widen the range with --range"
@@ -96,11 +110,7 @@ impl From<Error> for Failure {
             Error::InvalidName { .. } => {
                 failure.hint("a name is 1 to 128 bytes without control characters")
             }
-            Error::Open { .. }
-            | Error::Corrupt { .. }
-            | Error::SchemaTooNew { .. }
-            | Error::Refused { .. }
-            | Error::Registry { .. } => failure.hint(
+            _ if error.is_registry_unusable() => failure.hint(
                 "choose the registry file with --db or PORTDADDY_DB; `portdaddy doctor` checks it",
             ),
             _ => failure,
@@ -123,13 +133,10 @@ pub fn code_of(error: &Error) -> u8 {
         | Error::InvalidRequest { .. }
         | Error::NoSuchProcess { .. }
         | Error::ProcessUnreadable { .. } => USAGE,
-        Error::Open { .. }
-        | Error::Corrupt { .. }
-        | Error::SchemaTooNew { .. }
-        | Error::LockTimeout { .. }
-        | Error::ForkedHandle { .. }
-        | Error::Refused { .. }
-        | Error::Registry { .. } => REGISTRY,
+        _ if error.is_registry_unusable() => REGISTRY,
+        // The registry is fine, yet this command cannot use it: it stayed locked, or this
+        // process is a forked child.
+        Error::LockTimeout { .. } | Error::ForkedHandle { .. } => REGISTRY,
         // The registry is fine: the process or host is out of file descriptors.
         Error::OutOfDescriptors { .. } => OTHER,
         // Not "nothing matched": a script may take exit code 1 as an answer.
@@ -178,33 +185,50 @@ pub fn usage(error: clap::Error) -> ExitCode {
 mod tests {
     use super::*;
 
+    use portdaddy::{PortDaddy, Request};
+
+    fn registry() -> PortDaddy {
+        PortDaddy::builder()
+            .in_memory()
+            .range(32650..=32659)
+            .port_probe(|_, _| true)
+            .open()
+            .unwrap()
+    }
+
     #[test]
     fn a_lost_lease_or_port_is_not_reported_as_nothing_matched() {
-        let lost = Error::LeaseLost { port: 26001 };
-        let taken = Error::PortUnavailable {
-            port: 26002,
-            reason: "another lease holds it".into(),
-        };
+        let registry = registry();
+        let guard = registry.acquire("a").unwrap();
+        assert!(registry.release_port(guard.port()).unwrap());
+        let lost = Error::from(guard.keep().unwrap_err());
+        assert!(matches!(lost, Error::LeaseLost { .. }), "{lost:?}");
+        let held = registry.acquire("b").unwrap();
+        let taken = registry
+            .acquire_with(&Request::new("c").require(held.port()))
+            .unwrap_err();
+        assert!(matches!(taken, Error::PortUnavailable { .. }), "{taken:?}");
         assert_eq!(code_of(&lost), OTHER);
         assert_eq!(code_of(&taken), OTHER);
     }
 
     #[test]
-    fn a_probe_that_cannot_create_sockets_is_not_a_full_range() {
-        let starved = Error::Probe {
-            port: 26003,
-            error: std::io::Error::from_raw_os_error(24),
-        };
-        assert_eq!(code_of(&starved), OTHER);
-    }
-
-    #[test]
-    fn a_registry_out_of_descriptors_is_not_an_unusable_registry() {
-        let starved = Error::OutOfDescriptors {
-            path: "/tmp/r.sqlite3".into(),
-            detail: "SQLite: unable to open database file".into(),
-            error: std::io::Error::from_raw_os_error(24),
-        };
-        assert_eq!(code_of(&starved), OTHER);
+    fn an_unusable_registry_is_reported_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "").unwrap();
+        let error = PortDaddy::open(blocker.join("r.sqlite3")).unwrap_err();
+        assert!(matches!(error, Error::Open { .. }), "{error:?}");
+        let cause = std::error::Error::source(&error).unwrap().to_string();
+        let failure = Failure::from(error);
+        assert_eq!(failure.code(), REGISTRY);
+        let line = failure.to_string();
+        assert!(
+            line.starts_with("cannot open the port registry at "),
+            "{line}"
+        );
+        assert!(line.contains(&format!(": {cause}")), "{line}");
+        assert_eq!(line.matches(&cause).count(), 1, "{line}");
+        assert!(line.contains("; hint: choose the registry file"), "{line}");
     }
 }

@@ -424,7 +424,7 @@ impl SqliteStore {
         match self.read(deadline, |tx| tx.leases(None)) {
             Ok(leases) => Some(leases),
             Err(e) => {
-                tracing::debug!(path = %self.path.display(), error = %e,
+                tracing::debug!(path = %self.path.display(), error = %crate::error::Chain(&e),
                     "could not read the leases of the replaced registry file");
                 None
             }
@@ -753,7 +753,7 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(5));
         let err = store.write(deadline, |tx, _| tx.cursor()).unwrap_err();
         assert!(
-            matches!(&err, Error::Registry { .. }) && err.to_string().contains("leads to"),
+            matches!(&err, Error::Registry { source, .. } if source.to_string().contains("leads to")),
             "{err:?}"
         );
     }

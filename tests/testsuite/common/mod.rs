@@ -26,6 +26,7 @@
 //! | replaced.rs         | 32200-32299, 32500-32529 |
 //! | limits.rs           | 32300-32399   |
 //! | format.rs           | 32600-32649; binds and probes no port |
+//! | api_freeze.rs       | 32650-32699   |
 //! | sys.rs              | 32700-32749   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
@@ -61,6 +62,19 @@ pub fn temp_registry() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("create a temp dir");
     let path = dir.path().join("registry.sqlite3");
     (dir, path)
+}
+
+/// `error`'s message followed by each of its causes, `msg: cause: cause`, as an error-chain
+/// printer shows it: the library's messages do not repeat their causes.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// A port probe that says every port is free (for tests that never bind).
