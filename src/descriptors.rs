@@ -24,52 +24,29 @@ pub(crate) const SQLITE_NEEDS: usize = 4;
 /// Whether `error` is the operating system saying that the process (`EMFILE`) or the host
 /// (`ENFILE`) has no file descriptor left.
 pub(crate) fn exhausted(error: &io::Error) -> bool {
-    #[cfg(unix)]
-    {
-        matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = error;
-        false
-    }
+    crate::sys::is_out_of_descriptors(error)
 }
 
 /// Whether `error` is the host's file table being full (`ENFILE`), not only this process's
 /// limit.
 pub(crate) fn host_wide(error: &io::Error) -> bool {
-    #[cfg(unix)]
-    {
-        error.raw_os_error() == Some(libc::ENFILE)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = error;
-        false
-    }
+    crate::sys::is_host_out_of_descriptors(error)
 }
 
 /// The `EMFILE`/`ENFILE` error the kernel gives when this process tries to open `n`
 /// descriptors at once now, or `None` when it can (or the check cannot tell: `/dev/null`
 /// missing, another platform). Only for error paths: it costs `n` opens and closes.
 pub(crate) fn lacking(n: usize) -> Option<io::Error> {
-    #[cfg(unix)]
-    {
-        let mut opened = Vec::with_capacity(n);
-        for _ in 0..n {
-            match std::fs::File::open("/dev/null") {
-                Ok(file) => opened.push(file),
-                Err(e) if exhausted(&e) => return Some(e),
-                Err(_) => return None,
-            }
+    let null = crate::sys::NULL_DEVICE?;
+    let mut opened = Vec::with_capacity(n);
+    for _ in 0..n {
+        match std::fs::File::open(null) {
+            Ok(file) => opened.push(file),
+            Err(e) if exhausted(&e) => return Some(e),
+            Err(_) => return None,
         }
-        None
     }
-    #[cfg(not(unix))]
-    {
-        let _ = n;
-        None
-    }
+    None
 }
 
 /// `error` as [`Error::OutOfDescriptors`] when what the operating system said under it is
@@ -113,7 +90,10 @@ mod tests {
 
     #[test]
     fn an_open_or_registry_error_from_emfile_or_enfile_names_the_cause() {
-        for errno in [libc::EMFILE, libc::ENFILE] {
+        for errno in [
+            rustix::io::Errno::MFILE.raw_os_error(),
+            rustix::io::Errno::NFILE.raw_os_error(),
+        ] {
             let open = Error::Open {
                 path: "/r".into(),
                 source: io::Error::from_raw_os_error(errno).into(),
@@ -134,7 +114,7 @@ mod tests {
     fn other_errors_are_left_as_they_are() {
         let denied = Error::Open {
             path: "/r".into(),
-            source: io::Error::from_raw_os_error(libc::EACCES).into(),
+            source: io::Error::from_raw_os_error(rustix::io::Errno::ACCESS.raw_os_error()).into(),
         };
         assert!(matches!(name_cause(denied), Error::Open { .. }));
         let said = Error::Registry {

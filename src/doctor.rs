@@ -240,22 +240,18 @@ fn check_file(d: &mut Diagnosis, path: &Path) {
     }
 }
 
-/// Whether this user can read and write `path`, and whether others can too.
-#[cfg(unix)]
+/// Whether this user can read and write `path`, and whether others can too (where the
+/// platform has modes).
 fn permissions(path: &Path, meta: &std::fs::Metadata, wanted: u32) -> (Status, String) {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
-    let mode = meta.mode() & 0o7777;
     let shown = path.display();
-    let accessible = std::ffi::CString::new(path.as_os_str().as_bytes()).is_ok_and(|c| {
-        let mut how = libc::R_OK | libc::W_OK;
-        if meta.is_dir() {
-            how |= libc::X_OK;
-        }
-        // SAFETY: `c` is a valid NUL-terminated path; access only reads it.
-        unsafe { libc::access(c.as_ptr(), how) == 0 }
-    });
-    if !accessible {
+    let Some(mode) = crate::sys::mode(meta) else {
+        return if crate::sys::can_read_write(path, meta.is_dir()) {
+            (Status::Ok, format!("{shown} is writable"))
+        } else {
+            (Status::Fail, format!("{shown} is read-only"))
+        };
+    };
+    if !crate::sys::can_read_write(path, meta.is_dir()) {
         return (
             Status::Fail,
             format!("{shown} (mode {mode:04o}) cannot be read and written by this user"),
@@ -271,15 +267,6 @@ fn permissions(path: &Path, meta: &std::fs::Metadata, wanted: u32) -> (Status, S
         );
     }
     (Status::Ok, format!("{shown} has mode {mode:04o}"))
-}
-
-#[cfg(not(unix))]
-fn permissions(path: &Path, meta: &std::fs::Metadata, _wanted: u32) -> (Status, String) {
-    if meta.permissions().readonly() {
-        (Status::Fail, format!("{} is read-only", path.display()))
-    } else {
-        (Status::Ok, format!("{} is writable", path.display()))
-    }
 }
 
 fn check_range(d: &mut Diagnosis, range: PortRange) {

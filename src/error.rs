@@ -682,12 +682,12 @@ mod tests {
             }
             .to_string()
         };
-        let process = shown(libc::EMFILE);
+        let process = shown(rustix::io::Errno::MFILE.raw_os_error());
         assert!(
             process.contains("too many open files (EMFILE: ") && process.contains("ulimit -n"),
             "{process}"
         );
-        let host = shown(libc::ENFILE);
+        let host = shown(rustix::io::Errno::NFILE.raw_os_error());
         assert!(
             host.contains("too many open files in the system (ENFILE: ")
                 && host.contains("fs.file-max"),

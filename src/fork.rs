@@ -66,10 +66,10 @@ pub(crate) fn opening() -> Result<Opened> {
 
 impl Drop for Opened {
     fn drop(&mut self) {
-        // In a forked child the count belongs to the parent: leave it. On Unix the fork
-        // handler says whether this is such a child, without asking for the pid again.
-        #[cfg(not(unix))]
-        if std::process::id() != self.pid {
+        // In a forked child the count belongs to the parent: leave it. Where forks are
+        // watched, the fork handler says whether this is such a child, without asking for
+        // the pid again.
+        if !crate::sys::WATCHES_FORKS && std::process::id() != self.pid {
             return;
         }
         if INHERITED.load(Ordering::SeqCst) {
@@ -83,7 +83,6 @@ impl Drop for Opened {
 }
 
 /// Marks a child made by `fork` while registries were open, whatever its pid.
-#[cfg(unix)]
 fn watch_forks() {
     extern "C" fn in_child() {
         // Only atomics: this runs in the child right after fork, where little is safe.
@@ -93,18 +92,13 @@ fn watch_forks() {
     }
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        // SAFETY: the handler is a plain function that only touches atomics, which is
-        // async-signal-safe and so safe in a child of a multi-threaded process.
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
-        if rc != 0 {
+        // `in_child` only touches atomics, as the handler must.
+        if crate::sys::WATCHES_FORKS && !crate::sys::on_fork_child(in_child) {
             // The pid comparison still tells a child from its parent.
-            tracing::debug!(rc, "pthread_atfork failed");
+            tracing::debug!("pthread_atfork failed");
         }
     });
 }
-
-#[cfg(not(unix))]
-fn watch_forks() {}
 
 #[cfg(test)]
 mod tests {

@@ -80,6 +80,7 @@ mod registry;
 mod request;
 mod stats;
 mod store;
+mod sys;
 mod text;
 
 pub use builder::Builder;

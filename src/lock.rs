@@ -179,94 +179,11 @@ impl FileLock {
 /// Whether the file `file` has open was deleted (it has no links left): it was removed, its
 /// directory was, or another file was renamed over it. One `fstat`, without a path lookup.
 /// A file renamed or moved elsewhere is still linked, and so goes unnoticed.
-pub(crate) fn is_unlinked(file: &File) -> io::Result<bool> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fstat on a descriptor that `file` keeps open, writing into `stat`.
-        if unsafe { libc::fstat(file.as_raw_fd(), &mut stat) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(stat.st_nlink == 0)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = file;
-        Ok(false)
-    }
-}
+pub(crate) use crate::sys::is_unlinked;
 
 /// Tells whether the file at a path, opened by someone else (SQLite), was deleted since,
-/// without taking part in the file's locks.
-///
-/// On Linux it holds an `O_PATH` descriptor of the file: closing it, unlike closing any
-/// other descriptor of the file, does not drop this process's POSIX locks on the file (the
-/// kernel skips that for `O_PATH`), so SQLite's locks are safe; and [`is_unlinked`] asks it
-/// with one `fstat`. Elsewhere it keeps the file's identity and compares it with the path's
-/// (one `stat`).
-#[derive(Debug)]
-pub(crate) struct Anchor {
-    #[cfg(target_os = "linux")]
-    file: File,
-    #[cfg(not(target_os = "linux"))]
-    path: PathBuf,
-    #[cfg(all(unix, not(target_os = "linux")))]
-    id: (u64, u64),
-}
-
-impl Anchor {
-    /// Anchors the file `path` names now.
-    pub(crate) fn at(path: &Path) -> io::Result<Self> {
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let file = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_PATH)
-                .open(path)?;
-            Ok(Self { file })
-        }
-        #[cfg(all(unix, not(target_os = "linux")))]
-        {
-            use std::os::unix::fs::MetadataExt;
-            let meta = std::fs::metadata(path)?;
-            Ok(Self {
-                path: path.to_owned(),
-                id: (meta.dev(), meta.ino()),
-            })
-        }
-        #[cfg(not(unix))]
-        {
-            std::fs::metadata(path)?;
-            Ok(Self {
-                path: path.to_owned(),
-            })
-        }
-    }
-
-    /// Whether the anchored file was deleted or (where that can be told) replaced.
-    pub(crate) fn is_gone(&self) -> io::Result<bool> {
-        #[cfg(target_os = "linux")]
-        {
-            is_unlinked(&self.file)
-        }
-        #[cfg(all(unix, not(target_os = "linux")))]
-        {
-            use std::os::unix::fs::MetadataExt;
-            match std::fs::metadata(&self.path) {
-                Ok(meta) => Ok((meta.dev(), meta.ino()) != self.id),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
-                Err(e) => Err(e),
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            Ok(!self.path.exists())
-        }
-    }
-}
+/// without taking part in the file's locks (see [`crate::sys::Anchor`]).
+pub(crate) use crate::sys::Anchor;
 
 /// The slow path: let the helper thread queue in the kernel while this thread waits with a
 /// timeout.
@@ -394,15 +311,11 @@ impl std::error::Error for Refusal {}
 fn open_lock_file(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
-    }
+    crate::sys::private_file(&mut options);
+    crate::sys::open_flags(&mut options, true, false);
     let file = match options.open(path) {
         Ok(file) => file,
-        #[cfg(unix)]
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+        Err(e) if crate::sys::is_link_refused(&e) => {
             return Err(refuse(
                 path,
                 "it is a symbolic link, which is never followed there",
@@ -414,24 +327,17 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
     if !meta.is_file() {
         return Err(refuse(path, "it is not a regular file"));
     }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if meta.uid() != crate::paths::euid() {
-            return Err(refuse(
-                path,
-                &format!("it belongs to another user (uid {})", meta.uid()),
-            ));
-        }
-        if meta.mode() & 0o022 != 0 {
-            return Err(refuse(
-                path,
-                &format!(
-                    "group or other users can write to it (mode {:04o})",
-                    meta.mode() & 0o7777
-                ),
-            ));
-        }
+    if let Some(owner) = crate::sys::owner(&meta).filter(|&o| Some(o) != crate::sys::euid()) {
+        return Err(refuse(
+            path,
+            &format!("it belongs to another user (uid {owner})"),
+        ));
+    }
+    if let Some(mode) = crate::sys::mode(&meta).filter(|m| m & 0o022 != 0) {
+        return Err(refuse(
+            path,
+            &format!("group or other users can write to it (mode {mode:04o})"),
+        ));
     }
     Ok(file)
 }

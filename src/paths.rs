@@ -66,19 +66,8 @@ pub(crate) fn default_location() -> (PathBuf, bool) {
             false,
         );
     }
-    let dir = std::env::temp_dir().join(format!("portdaddy-{}", user_tag()));
+    let dir = std::env::temp_dir().join(format!("portdaddy-{}", crate::sys::user_tag()));
     (dir.join(FILE_NAME), true)
-}
-
-#[cfg(unix)]
-fn user_tag() -> String {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() }.to_string()
-}
-
-#[cfg(not(unix))]
-fn user_tag() -> String {
-    std::env::var("USERNAME").unwrap_or_else(|_| "user".into())
 }
 
 /// In the shared temp directory: creates `portdaddy-<uid>` for `path` if missing, and refuses
@@ -112,8 +101,7 @@ pub(crate) fn prepare_shared_dir(path: &Path) -> Result<()> {
 /// (between a check and the creation) is inspected, not adopted.
 fn create_dir_0700(dir: &Path) -> io::Result<()> {
     let mut builder = fs::DirBuilder::new();
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    crate::sys::private_dir(&mut builder);
     match builder.create(dir) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         result => result,
@@ -121,81 +109,40 @@ fn create_dir_0700(dir: &Path) -> io::Result<()> {
 }
 
 /// A directory in a shared place must be a real directory, ours, and closed to others.
-#[cfg(unix)]
 fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let refuse = |why: &str| {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "refusing to use {}: {why}; remove it or set {ENV_VAR}",
-                dir.display()
-            ),
-        ))
-    };
-    if meta.file_type().is_symlink() {
-        return refuse("it is a symbolic link");
-    }
-    if !meta.is_dir() {
-        return refuse("it is not a directory");
-    }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    if meta.uid() != unsafe { libc::getuid() } {
-        return refuse("it belongs to another user");
-    }
-    if meta.mode() & 0o022 != 0 {
-        return refuse("other users can write to it");
-    }
-    Ok(())
+    check_private(dir, meta, true)
 }
 
 /// A file in the shared place must be a regular file, ours, and closed to others' writes.
-#[cfg(unix)]
 fn check_private_file(file: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    check_private(file, meta, false)
+}
+
+fn check_private(path: &Path, meta: &fs::Metadata, dir: bool) -> io::Result<()> {
     let refuse = |why: &str| {
         Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
                 "refusing to use {}: {why}; remove it or set {ENV_VAR}",
-                file.display()
+                path.display()
             ),
         ))
     };
     if meta.file_type().is_symlink() {
         return refuse("it is a symbolic link");
     }
-    if !meta.is_file() {
+    if dir && !meta.is_dir() {
+        return refuse("it is not a directory");
+    }
+    if !dir && !meta.is_file() {
         return refuse("it is not a regular file");
     }
-    // SAFETY: getuid has no preconditions and cannot fail.
-    if meta.uid() != unsafe { libc::getuid() } {
+    // Where the platform has no owners or modes, there is nothing more to check.
+    if crate::sys::owner(meta).is_some_and(|owner| Some(owner) != crate::sys::euid()) {
         return refuse("it belongs to another user");
     }
-    if meta.mode() & 0o022 != 0 {
+    if crate::sys::mode(meta).is_some_and(|mode| mode & 0o022 != 0) {
         return refuse("other users can write to it");
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private_file(file: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    if meta.file_type().is_symlink() || !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("refusing to use {}: not a plain file", file.display()),
-        ));
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    if meta.file_type().is_symlink() || !meta.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("refusing to use {}: not a plain directory", dir.display()),
-        ));
     }
     Ok(())
 }
@@ -217,19 +164,16 @@ const SIDE_SUFFIXES: [&str; 5] = [".lock", ".owners", "-wal", "-shm", "-journal"
 const LONGEST_SUFFIX: usize = "-journal".len();
 
 /// The sticky bit of a mode: only a file's owner may remove or rename it in the directory.
-#[cfg(unix)]
 const STICKY: u32 = 0o1000;
 
 /// Advice for a file that another user planted or may change.
 pub(crate) const ADVICE_OWN: &str =
     "remove it (as its owner), or set PORTDADDY_DB to a registry in a directory of your own";
 /// Advice for a registry file reached by more than one name.
-#[cfg_attr(not(unix), allow(dead_code))]
 const ADVICE_SHARE_DIR: &str =
     "share the directory that holds the registry (bind-mount or link the directory), not the \
      file alone";
 /// Advice for a registry path inside a directory of another user.
-#[cfg_attr(not(unix), allow(dead_code))]
 const ADVICE_OTHER_USER: &str =
     "run as the user who owns it, or set PORTDADDY_DB to a path of your own";
 
@@ -242,15 +186,7 @@ fn refused(registry: &Path, file: &Path, reason: String, advice: &'static str) -
     }
 }
 
-/// The effective user id.
-#[cfg(unix)]
-pub(crate) fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 /// `user NAME (uid N)`, or `uid N` for a uid that `/etc/passwd` does not list.
-#[cfg(unix)]
 fn owner_name(uid: u32) -> String {
     let listed = fs::read_to_string("/etc/passwd").ok().and_then(|passwd| {
         passwd.lines().find_map(|line| {
@@ -326,7 +262,7 @@ pub(crate) fn resolve(path: &Path) -> Result<PathBuf> {
         }
         match fs::symlink_metadata(&next) {
             Ok(meta) if meta.file_type().is_symlink() => {
-                if meta.uid() != euid() && meta.uid() != 0 {
+                if Some(meta.uid()) != crate::sys::euid() && meta.uid() != 0 {
                     return Err(refused(
                         path,
                         &next,
@@ -439,9 +375,11 @@ pub(crate) fn prepare_dirs(registry: &Path, real: &Path) -> Result<()> {
 /// who may write to it while it has no sticky bit, could rename the directories below it
 /// and put their own in their place, with files of their choosing where the registry's
 /// files are opened again by name (the owners' lock files, for one).
-#[cfg(unix)]
 fn check_dirs_above(registry: &Path, dir: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    // Where the platform has no users, nobody else can own a directory above.
+    if crate::sys::euid().is_none() {
+        return Ok(());
+    }
     for above in dir.ancestors().skip(1) {
         if above.as_os_str().is_empty() {
             break;
@@ -450,27 +388,29 @@ fn check_dirs_above(registry: &Path, dir: &Path) -> Result<()> {
             path: registry.to_owned(),
             source: source.into(),
         })?;
-        if meta.uid() != euid() && meta.uid() != 0 {
+        let Some((owner, mode)) = owner_and_mode(&meta) else {
+            continue;
+        };
+        if Some(owner) != crate::sys::euid() && owner != 0 {
             return Err(refused(
                 registry,
                 above,
                 format!(
                     "this directory above the registry belongs to {}, who could replace the \
                      directories below it",
-                    owner_name(meta.uid())
+                    owner_name(owner)
                 ),
                 ADVICE_OTHER_USER,
             ));
         }
-        if meta.mode() & 0o022 != 0 && meta.mode() & STICKY == 0 {
+        if mode & 0o022 != 0 && mode & STICKY == 0 {
             return Err(refused(
                 registry,
                 above,
                 format!(
                     "group or other users can write to this directory above the registry \
-                     (mode {:04o}) and it has no sticky bit, so they could replace the \
+                     (mode {mode:04o}) and it has no sticky bit, so they could replace the \
                      directories below it",
-                    meta.mode() & 0o7777
                 ),
                 "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path \
                  in a directory of your own",
@@ -480,18 +420,19 @@ fn check_dirs_above(registry: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-#[cfg(not(unix))]
-fn check_dirs_above(_: &Path, _: &Path) -> Result<()> {
-    Ok(())
+/// The owner and mode of the file `meta` describes, where the platform has them.
+fn owner_and_mode(meta: &fs::Metadata) -> Option<(u32, u32)> {
+    Some((crate::sys::owner(meta)?, crate::sys::mode(meta)?))
 }
 
 /// A directory may be created in `parent` if it is ours, or root's with the sticky bit (as
 /// `/tmp`): never in another user's, where it would lock its owner out.
-#[cfg(unix)]
 fn may_create_in(registry: &Path, parent: &Path, meta: &fs::Metadata) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let sticky = meta.mode() & STICKY != 0;
-    if meta.uid() == euid() || (meta.uid() == 0 && sticky) {
+    let Some((owner, mode)) = owner_and_mode(meta) else {
+        return Ok(());
+    };
+    let sticky = mode & STICKY != 0;
+    if Some(owner) == crate::sys::euid() || (owner == 0 && sticky) {
         return Ok(());
     }
     Err(refused(
@@ -499,42 +440,37 @@ fn may_create_in(registry: &Path, parent: &Path, meta: &fs::Metadata) -> Result<
         parent,
         format!(
             "it belongs to {}, and a directory of ours created in it would lock its owner out",
-            owner_name(meta.uid())
+            owner_name(owner)
         ),
         ADVICE_OTHER_USER,
     ))
 }
 
-#[cfg(not(unix))]
-fn may_create_in(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
-    Ok(())
-}
-
 /// The directory of the registry must be ours (or root's), and closed to others' writes
 /// unless sticky, where nobody may remove or rename another's files.
-#[cfg(unix)]
 pub(crate) fn check_registry_dir(registry: &Path, dir: &Path, meta: &fs::Metadata) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if meta.uid() != euid() && meta.uid() != 0 {
+    let Some((owner, mode)) = owner_and_mode(meta) else {
+        return Ok(());
+    };
+    if Some(owner) != crate::sys::euid() && owner != 0 {
         return Err(refused(
             registry,
             dir,
             format!(
                 "the registry's directory belongs to {}, who could replace its files",
-                owner_name(meta.uid())
+                owner_name(owner)
             ),
             ADVICE_OTHER_USER,
         ));
     }
-    let sticky = meta.mode() & STICKY != 0;
-    if meta.mode() & 0o022 != 0 && !sticky {
+    let sticky = mode & STICKY != 0;
+    if mode & 0o022 != 0 && !sticky {
         return Err(refused(
             registry,
             dir,
             format!(
-                "group or other users can write to the registry's directory (mode {:04o}) \
+                "group or other users can write to the registry's directory (mode {mode:04o}) \
                  and it has no sticky bit, so they could replace its files",
-                meta.mode() & 0o7777
             ),
             "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path in a \
              directory of your own",
@@ -543,24 +479,13 @@ pub(crate) fn check_registry_dir(registry: &Path, dir: &Path, meta: &fs::Metadat
     Ok(())
 }
 
-#[cfg(not(unix))]
-pub(crate) fn check_registry_dir(_: &Path, _: &Path, _: &fs::Metadata) -> Result<()> {
-    Ok(())
-}
-
 /// Whether others may create files in the registry's directory (a sticky directory such as
 /// `/tmp`), so that the side files should be created by us before SQLite opens them.
-#[cfg(unix)]
 pub(crate) fn dir_open_to_others(real: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
     let dir = real.parent().filter(|d| !d.as_os_str().is_empty());
     dir.and_then(|d| fs::metadata(d).ok())
-        .is_some_and(|m| m.mode() & 0o022 != 0)
-}
-
-#[cfg(not(unix))]
-pub(crate) fn dir_open_to_others(_: &Path) -> bool {
-    false
+        .and_then(|m| crate::sys::mode(&m))
+        .is_some_and(|mode| mode & 0o022 != 0)
 }
 
 /// Refuses, without changing anything, a registry file or side file that another user could
@@ -601,16 +526,14 @@ enum Kind {
     Dir,
 }
 
-#[cfg(unix)]
 fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     let refuse = |reason: String, advice| Err(refused(registry, file, reason, advice));
     if meta.file_type().is_symlink() {
+        let of = crate::sys::owner(meta)
+            .map(|owner| format!(" (of {})", owner_name(owner)))
+            .unwrap_or_default();
         return refuse(
-            format!(
-                "it is a symbolic link (of {}), which is never followed there",
-                owner_name(meta.uid())
-            ),
+            format!("it is a symbolic link{of}, which is never followed there"),
             ADVICE_OWN,
         );
     }
@@ -625,34 +548,29 @@ fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> 
         }
         _ => {}
     }
-    if meta.uid() != euid() {
-        return refuse(
-            format!("it belongs to {}", owner_name(meta.uid())),
-            ADVICE_OWN,
-        );
-    }
-    if meta.mode() & 0o022 != 0 {
-        return refuse(
-            format!(
-                "group or other users can write to it (mode {:04o})",
-                meta.mode() & 0o7777
-            ),
-            "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path of \
-             your own",
-        );
+    if let Some((owner, mode)) = owner_and_mode(meta) {
+        if Some(owner) != crate::sys::euid() {
+            return refuse(format!("it belongs to {}", owner_name(owner)), ADVICE_OWN);
+        }
+        if mode & 0o022 != 0 {
+            return refuse(
+                format!("group or other users can write to it (mode {mode:04o})"),
+                "remove their write permission (chmod go-w), or set PORTDADDY_DB to a path \
+                 of your own",
+            );
+        }
     }
     if kind == Kind::Registry {
-        if meta.nlink() > 1 {
+        if let Some(links) = crate::sys::links(meta).filter(|&n| n > 1) {
             return refuse(
                 format!(
-                    "it has {} hard links, and each name would get a lock of its own, so \
-                     two processes could lease one port",
-                    meta.nlink()
+                    "it has {links} hard links, and each name would get a lock of its own, so \
+                     two processes could lease one port"
                 ),
                 ADVICE_SHARE_DIR,
             );
         }
-        if is_mount_root(file) {
+        if crate::sys::is_mount_root(file) {
             return refuse(
                 "it is mounted on its own (a single-file bind mount), so its lock file and \
                  owners directory are not the ones beside the original"
@@ -662,92 +580,6 @@ fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> 
         }
     }
     Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_meta(registry: &Path, file: &Path, meta: &fs::Metadata, kind: Kind) -> Result<()> {
-    if meta.file_type().is_symlink() || (kind == Kind::Side && !meta.is_file()) {
-        return Err(refused(
-            registry,
-            file,
-            "it is not a plain file".into(),
-            ADVICE_OWN,
-        ));
-    }
-    Ok(())
-}
-
-/// Whether `path` is the root of a mount of its own (a single file bind-mounted there).
-#[cfg(target_os = "linux")]
-fn is_mount_root(path: &Path) -> bool {
-    #[cfg(any(target_env = "gnu", target_env = "musl"))]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-            return false;
-        };
-        // SAFETY: an all-zero `statx` is a valid value of this plain C struct.
-        let mut buf: libc::statx = unsafe { std::mem::zeroed() };
-        // SAFETY: `c_path` is NUL-terminated and outlives the call; `buf` is a valid, writable
-        // statx buffer.
-        let rc = unsafe {
-            libc::statx(
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-                libc::STATX_BASIC_STATS,
-                &mut buf,
-            )
-        };
-        let flag = libc::STATX_ATTR_MOUNT_ROOT as u64;
-        if rc == 0 && buf.stx_attributes_mask & flag != 0 {
-            return buf.stx_attributes & flag != 0;
-        }
-    }
-    // Kernels before 5.8 do not say: look for the path among the mount points.
-    mounted_at(path)
-}
-
-#[cfg(not(target_os = "linux"))]
-#[cfg_attr(not(unix), allow(dead_code))]
-fn is_mount_root(_: &Path) -> bool {
-    false
-}
-
-/// Whether `/proc/self/mountinfo` lists a mount at `path`.
-#[cfg(target_os = "linux")]
-fn mounted_at(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(info) = fs::read(std::path::Path::new("/proc/self/mountinfo")) else {
-        return false;
-    };
-    let wanted = path.as_os_str().as_bytes();
-    info.split(|b| *b == b'\n').any(|line| {
-        line.split(|b| *b == b' ')
-            .nth(4)
-            .is_some_and(|point| unescape_octal(point) == wanted)
-    })
-}
-
-/// Undoes the `\ooo` escapes of mountinfo's fields.
-#[cfg(target_os = "linux")]
-fn unescape_octal(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let digits = field.get(i + 1..i + 4);
-        match digits {
-            Some(d) if field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)) => {
-                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
-                i += 4;
-            }
-            _ => {
-                out.push(field[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// A side file that [`precreate_side_files`] made: its path and identity (device, inode).
@@ -778,14 +610,11 @@ fn precreate(real: &Path, suffixes: &[&str]) -> io::Result<Vec<Created>> {
         let file = sibling(real, suffix);
         let mut options = fs::OpenOptions::new();
         options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
-        }
+        crate::sys::private_file(&mut options);
+        crate::sys::open_flags(&mut options, true, false);
         match options.open(&file) {
             Ok(handle) => {
-                let id = identity(&handle.metadata()?);
+                let id = crate::sys::file_id(&handle.metadata()?);
                 created.push((file, id));
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -795,21 +624,10 @@ fn precreate(real: &Path, suffixes: &[&str]) -> io::Result<Vec<Created>> {
     Ok(created)
 }
 
-#[cfg(unix)]
-fn identity(meta: &fs::Metadata) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    Some((meta.dev(), meta.ino()))
-}
-
-#[cfg(not(unix))]
-fn identity(_: &fs::Metadata) -> Option<(u64, u64)> {
-    None
-}
-
 /// Removes the side files [`precreate_side_files`] made, if their names still lead to them.
 pub(crate) fn remove_created(created: Vec<Created>) {
     for (file, id) in created {
-        let still = fs::symlink_metadata(&file).is_ok_and(|meta| identity(&meta) == id);
+        let still = fs::symlink_metadata(&file).is_ok_and(|meta| crate::sys::file_id(&meta) == id);
         if !still {
             continue;
         }
@@ -823,8 +641,7 @@ pub(crate) fn remove_created(created: Vec<Created>) {
 pub(crate) fn create_private_file(path: &Path) -> io::Result<()> {
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    crate::sys::private_file(&mut options);
     match options.open(path) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
@@ -905,13 +722,6 @@ mod tests {
         let long = PathBuf::from("x".repeat(NAME_MAX - LONGEST_SUFFIX + 1));
         let err = check_name_length(&long, &long).unwrap_err();
         assert!(matches!(err, Error::Refused { .. }), "{err:?}");
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_octal(br"/a\040b\011c"), b"/a b\tc");
-        assert_eq!(unescape_octal(br"/plain\9"), br"/plain\9");
     }
 
     #[test]

@@ -102,15 +102,9 @@ impl PortRange {
             start: 49152,
             end: 65535,
         };
-        #[cfg(target_os = "linux")]
-        {
-            if let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
-                if let Some(range) = Self::parse_pair(&text) {
-                    return range;
-                }
-            }
-        }
-        IANA
+        crate::sys::ephemeral_port_range()
+            .and_then(|text| Self::parse_pair(&text))
+            .unwrap_or(IANA)
     }
 
     fn parse_pair(text: &str) -> Option<PortRange> {

@@ -646,55 +646,37 @@ impl PortDaddy {
             return Ok(());
         };
         self.inner.check_not_forked()?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::io::AsRawFd;
-            use std::os::unix::process::CommandExt;
-            let in_place = {
-                let file = file.lock().unwrap_or_else(|p| p.into_inner());
-                file.owner_lock.is_in_place()
-            };
-            if !in_place {
-                // Take a new lock file now, and name it in the leases, so that the command
-                // shares one that others can see.
-                self.write(|_, _| Ok(()))?;
-            }
-            // A duplicate of the locked descriptor: the same open file description, and so
-            // the same lock. The command owns it, so it stays open until the command is
-            // spawned even if the handle takes a new lock file meanwhile and closes its own.
-            let shared = {
-                let file = file.lock().unwrap_or_else(|p| p.into_inner());
-                file.owner_lock.share().map_err(|e| {
-                    descriptors::name_cause(Error::Registry {
-                        path: self.inner.path.clone().unwrap_or_default(),
-                        source: e.into(),
-                    })
-                })?
-            };
-            let fd = shared.as_raw_fd();
-            // The command holds the handle too, so that the lock file stays where others
-            // look for it (the handle removes it when it closes) until the command is spawned.
-            let handle = self.clone();
-            // SAFETY: the hook runs in the child between fork and exec, where it only calls
-            // fcntl, which is async-signal-safe, and reads errno; it allocates nothing and
-            // takes no lock. `fd` is open in the child, since fork copies the descriptors
-            // and `shared`, which the hook owns, keeps it open in the parent.
-            unsafe {
-                command.pre_exec(move || {
-                    let _ = (&handle, &shared);
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags == -1
-                        || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) == -1
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+        let in_place = {
+            let file = file.lock().unwrap_or_else(|p| p.into_inner());
+            file.owner_lock.is_in_place()
+        };
+        if !in_place {
+            // Take a new lock file now, and name it in the leases, so that the command
+            // shares one that others can see.
+            self.write(|_, _| Ok(()))?;
         }
-        #[cfg(not(unix))]
-        let _ = (file, command);
-        Ok(())
+        // A duplicate of the locked descriptor: the same open file description, and so
+        // the same lock. The command owns it, so it stays open until the command is
+        // spawned even if the handle takes a new lock file meanwhile and closes its own.
+        let shared = {
+            let file = file.lock().unwrap_or_else(|p| p.into_inner());
+            file.owner_lock.share().map_err(|e| {
+                descriptors::name_cause(Error::Registry {
+                    path: self.inner.path.clone().unwrap_or_default(),
+                    source: e.into(),
+                })
+            })?
+        };
+        // The command holds the handle too, so that the lock file stays where others
+        // look for it (the handle removes it when it closes) until the command is spawned.
+        match crate::sys::keep_open_across_exec(command, shared, self.clone()) {
+            // Where a command cannot be handed a descriptor, the lease's owner keeps it.
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(()),
+            other => other.map_err(|e| Error::Registry {
+                path: self.inner.path.clone().unwrap_or_default(),
+                source: e.into(),
+            }),
+        }
     }
 
     /// Reclaims every lease whose owner is dead or whose expiry has passed; how many.

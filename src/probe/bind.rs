@@ -53,17 +53,9 @@ fn taken_or_failed(error: io::Error) -> io::Result<bool> {
 /// Whether a failed bind means the system lacks resources (descriptors, memory) rather than
 /// anything about the address or the port.
 pub(crate) fn out_of_resources(error: &io::Error) -> bool {
-    if error.kind() == io::ErrorKind::OutOfMemory || crate::descriptors::exhausted(error) {
-        return true;
-    }
-    #[cfg(unix)]
-    {
-        matches!(error.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM))
-    }
-    #[cfg(not(unix))]
-    {
-        false
-    }
+    error.kind() == io::ErrorKind::OutOfMemory
+        || crate::descriptors::exhausted(error)
+        || crate::sys::is_out_of_buffers(error)
 }
 
 /// A socket type the probe binds.
@@ -118,30 +110,15 @@ trait AsDualStack {
     fn is_dual_stack(&self) -> bool;
 }
 
-#[cfg(target_os = "linux")]
-impl<S: std::os::fd::AsRawFd> AsDualStack for S {
+impl AsDualStack for std::net::TcpListener {
     fn is_dual_stack(&self) -> bool {
-        let mut only_v6: libc::c_int = 1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: the descriptor is open for the lifetime of `self`, and the option value
-        // and its length point at a live `c_int` and `socklen_t`.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&raw mut only_v6).cast(),
-                &raw mut len,
-            )
-        };
-        rc == 0 && only_v6 == 0
+        crate::sys::is_dual_stack(self)
     }
 }
 
-#[cfg(not(target_os = "linux"))]
-impl<S> AsDualStack for S {
+impl AsDualStack for std::net::UdpSocket {
     fn is_dual_stack(&self) -> bool {
-        false
+        crate::sys::is_dual_stack(self)
     }
 }
 

@@ -41,16 +41,7 @@ use super::ProcessProbe;
 use crate::lease::Owner;
 
 /// The PID namespace of the calling process, where the system has such a thing.
-#[cfg(target_os = "linux")]
-pub(crate) fn pid_namespace() -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
-}
-
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn pid_namespace() -> Option<u64> {
-    None
-}
+pub(crate) use crate::sys::pid_namespace;
 
 /// The directory of owner lock files beside the registry at `registry`.
 pub(crate) fn owners_dir(registry: &Path) -> PathBuf {
@@ -66,9 +57,9 @@ pub(crate) struct OwnerLock {
     name: String,
     /// Held (locked) for as long as the handle lives.
     _file: File,
-    /// The file's device and inode, to tell whether the path still names it.
-    #[cfg(unix)]
-    id: (u64, u64),
+    /// The file's device and inode, to tell whether the path still names it, where the
+    /// platform has them.
+    id: Option<(u64, u64)>,
     /// The process that took it: a forked child must not remove its parent's file.
     creator: u32,
 }
@@ -90,8 +81,7 @@ impl OwnerLock {
             let path = dir.join(&name);
             let mut options = OpenOptions::new();
             options.read(true).write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            crate::sys::private_file(&mut options);
             let file = options.open(&path)?;
             match try_lock(&file) {
                 Ok(()) => {}
@@ -107,17 +97,11 @@ impl OwnerLock {
             if !still_linked(&path, &file) {
                 continue;
             }
-            #[cfg(unix)]
-            let id = {
-                use std::os::unix::fs::MetadataExt;
-                let meta = file.metadata()?;
-                (meta.dev(), meta.ino())
-            };
+            let id = crate::sys::file_id(&file.metadata()?);
             return Ok(Self {
                 path,
                 name,
                 _file: file,
-                #[cfg(unix)]
                 id,
                 creator: std::process::id(),
             });
@@ -137,35 +121,30 @@ impl OwnerLock {
     pub(crate) fn is_in_place(&self) -> bool {
         // One path lookup: while this handle holds the file open its inode cannot be reused,
         // so the path names it exactly when it shows the same device and inode (a file
-        // removed, or moved aside, leaves nothing or another file there).
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            match fs::metadata(&self.path) {
-                Ok(named) => (named.dev(), named.ino()) == self.id,
-                // Nothing, or no directory, at the path: the file was moved away. Unless the
-                // registry's own directory went with it, still linked (the registry was moved
-                // away whole): there is no directory beside it to take a new file in, and no
-                // one judges its leases by that path. A file deleted with its directory is
-                // not in place either way.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    !matches!(crate::lock::is_unlinked(&self._file), Ok(true))
-                        && self.registry_dir_moved()
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => false,
-                Err(_) => true,
+        // removed, or moved aside, leaves nothing or another file there). Where files have
+        // no identity, nothing tells, and the file is kept.
+        let Some(id) = self.id else {
+            return true;
+        };
+        match fs::metadata(&self.path) {
+            Ok(named) => crate::sys::file_id(&named) == Some(id),
+            // Nothing, or no directory, at the path: the file was moved away. Unless the
+            // registry's own directory went with it, still linked (the registry was moved
+            // away whole): there is no directory beside it to take a new file in, and no
+            // one judges its leases by that path. A file deleted with its directory is
+            // not in place either way.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                !matches!(crate::lock::is_unlinked(&self._file), Ok(true))
+                    && self.registry_dir_moved()
             }
-        }
-        #[cfg(not(unix))]
-        {
-            true
+            Err(e) if e.kind() == io::ErrorKind::NotADirectory => false,
+            Err(_) => true,
         }
     }
 
     /// Whether the directory that holds the owners directory is missing from its path:
     /// then the registry was moved away with its directory (it is not deleted, or its
     /// store would have opened a new one, creating the directory, before this is asked).
-    #[cfg(unix)]
     fn registry_dir_moved(&self) -> bool {
         let Some(registry_dir) = self.path.parent().and_then(Path::parent) else {
             return false;
@@ -175,7 +154,6 @@ impl OwnerLock {
 
     /// A new descriptor of the locked file description, which shares its lock (and keeps
     /// it while any process has it open), to pass on to a command.
-    #[cfg(unix)]
     pub(crate) fn share(&self) -> io::Result<File> {
         self._file.try_clone()
     }
@@ -210,18 +188,13 @@ fn sweep(dir: &Path) {
 
 /// Whether `path` still names the file that `file` has open.
 fn still_linked(path: &Path, file: &File) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        match (fs::metadata(path), file.metadata()) {
-            (Ok(named), Ok(open)) => named.dev() == open.dev() && named.ino() == open.ino(),
-            _ => false,
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = file;
-        path.exists()
+    match (fs::metadata(path), file.metadata()) {
+        (Ok(named), Ok(open)) => match crate::sys::file_id(&open) {
+            Some(id) => crate::sys::file_id(&named) == Some(id),
+            // Where files have no identity, that the path names something is all there is.
+            None => true,
+        },
+        _ => false,
     }
 }
 
@@ -230,8 +203,7 @@ fn still_linked(path: &Path, file: &File) -> bool {
 /// somewhere chosen by someone else.
 fn create_private_dir(dir: &Path) -> io::Result<()> {
     let mut builder = fs::DirBuilder::new();
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    crate::sys::private_dir(&mut builder);
     match builder.create(dir) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         other => return other,
@@ -249,37 +221,28 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
     if !meta.is_dir() {
         return refuse("it is not a directory");
     }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if meta.uid() != crate::paths::euid() {
-            return refuse("it belongs to another user");
-        }
-        // Others could plant or remove lock files there: a dead owner made to look alive, or
-        // a live one dead.
-        if meta.mode() & 0o022 != 0 {
-            return refuse("group or other users can write to it");
-        }
+    if crate::sys::owner(&meta).is_some_and(|owner| Some(owner) != crate::sys::euid()) {
+        return refuse("it belongs to another user");
+    }
+    // Others could plant or remove lock files there: a dead owner made to look alive, or a
+    // live one dead.
+    if crate::sys::mode(&meta).is_some_and(|mode| mode & 0o022 != 0) {
+        return refuse("group or other users can write to it");
     }
     Ok(())
 }
 
-/// An exclusive lock without waiting.
+/// An exclusive lock without waiting; `WouldBlock` when someone holds it.
+///
+/// std's lock, which on Linux (and the BSDs and macOS) is `flock(LOCK_EX | LOCK_NB)`, the
+/// same lock as the registry's lock file and the one earlier versions took here: it belongs
+/// to the open file description, so a descriptor handed to a command shares it. On Windows
+/// it is `LockFileEx`: there too a held file is never taken for free by a sweep.
 fn try_lock(file: &File) -> io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on a descriptor that `file` keeps open.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = file;
-        Ok(())
-    }
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => io::ErrorKind::WouldBlock.into(),
+        std::fs::TryLockError::Error(e) => e,
+    })
 }
 
 /// A lock file name as this module writes it: anything else (a path, `..`) read from a
@@ -406,6 +369,36 @@ fn decide(lock: Option<LockState>, foreign: bool, by_pid: impl FnOnce() -> bool)
     }
 }
 
+#[cfg(test)]
+mod any_platform_tests {
+    use super::*;
+
+    /// On every platform: a lock file held through another open file (another process, or
+    /// a descriptor handed to a command) is held, and free once that file is closed.
+    #[test]
+    fn a_lock_held_through_another_open_file_is_held_until_it_is_closed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let name = "0-1-2-ab";
+        let path = tmp.path().join(name);
+        let holder = File::create(&path).unwrap();
+        try_lock(&holder).unwrap();
+        let other = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(
+            try_lock(&other).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert_eq!(lock_state(tmp.path(), name, true), LockState::Held);
+        assert!(path.exists(), "a held file is never removed");
+        drop(holder);
+        assert_eq!(lock_state(tmp.path(), name, true), LockState::Free);
+        assert!(!path.exists(), "a free file is removed");
+    }
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
@@ -450,6 +443,26 @@ mod tests {
             "a closed handle removes its file"
         );
         assert!(!probe.is_alive(&owner(2, Some(name))));
+    }
+
+    /// The lock is `flock`'s, as the registry's lock file and earlier versions take it: an
+    /// `flock` through another open file description excludes it, both ways (a POSIX or an
+    /// OFD lock would not conflict with it).
+    #[test]
+    fn the_owner_lock_is_an_flock() {
+        use rustix::fs::{flock, FlockOperation};
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        let ours = File::create(&path).unwrap();
+        let theirs = File::open(&path).unwrap();
+        flock(&theirs, FlockOperation::NonBlockingLockExclusive).unwrap();
+        assert_eq!(
+            try_lock(&ours).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        flock(&theirs, FlockOperation::Unlock).unwrap();
+        try_lock(&ours).unwrap();
+        assert!(flock(&theirs, FlockOperation::NonBlockingLockExclusive).is_err());
     }
 
     #[test]

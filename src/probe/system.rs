@@ -154,55 +154,14 @@ fn recorded_here(pid: u32, start_time: u64, parents: Option<Option<Vec<u64>>>) -
 }
 
 /// The time namespace of the calling process: the inode number of `/proc/self/ns/time`.
-#[cfg(target_os = "linux")]
-fn time_namespace() -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/time")
-        .ok()
-        .map(|m| m.ino())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn time_namespace() -> Option<u64> {
-    None
-}
+use crate::sys::time_namespace;
 
 /// The PID namespaces above this process's, nearest first, as far as the kernel lets this
-/// process see (`ioctl(NS_GET_PARENT)` stops at the initial namespace, or at the edge of
-/// this process's user namespace).
-#[cfg(target_os = "linux")]
-fn pid_namespace_parents() -> Option<Vec<u64>> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::fs::MetadataExt;
-    /// `_IO(0xb7, 0x2)` from `<linux/nsfs.h>`.
-    const NS_GET_PARENT: u32 = 0xb702;
-    /// The kernel nests PID namespaces 32 deep at most.
-    const MAX_DEPTH: usize = 32;
-    let mut current = OwnedFd::from(std::fs::File::open("/proc/self/ns/pid").ok()?);
-    let mut parents = Vec::new();
-    while parents.len() < MAX_DEPTH {
-        // SAFETY: NS_GET_PARENT takes no argument; it returns a new descriptor or -1, and
-        // `current` is an open namespace descriptor.
-        let fd = unsafe { libc::ioctl(current.as_raw_fd(), NS_GET_PARENT as _) };
-        if fd < 0 {
-            break;
-        }
-        // SAFETY: the kernel just opened `fd` for us; nothing else owns it.
-        current = unsafe { OwnedFd::from_raw_fd(fd) };
-        let file = std::fs::File::from(current.try_clone().ok()?);
-        parents.push(file.metadata().ok()?.ino());
-    }
-    Some(parents)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn pid_namespace_parents() -> Option<Vec<u64>> {
-    None
-}
+/// process see.
+use crate::sys::pid_namespace_parents;
 
 /// How this process may use `/proc`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 enum ProcView {
     /// The `/proc` of this process's PID namespace: `/proc/<pid>` names the process `pid`.
     Ours,
@@ -215,7 +174,6 @@ enum ProcView {
 
 /// What `/proc` is to this process, found once per pid (a forked child into a new PID
 /// namespace looks again).
-#[cfg(target_os = "linux")]
 fn proc_view() -> ProcView {
     static CACHE: Mutex<Option<(u32, ProcView)>> = Mutex::new(None);
     let pid = std::process::id();
@@ -235,7 +193,6 @@ fn proc_view() -> ProcView {
 
 /// What `kill(pid, 0)` says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 enum Kill {
     /// The pid exists (0 or `EPERM`), maybe as a zombie.
     Exists,
@@ -246,22 +203,11 @@ enum Kill {
     NotAsked,
 }
 
-#[cfg(unix)]
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn kill_says(pid: u32) -> Kill {
-    match i32::try_from(pid) {
-        Ok(signed) if signed > 0 => {
-            // SAFETY: signal 0 sends nothing; it only checks that the pid exists.
-            if unsafe { libc::kill(signed, 0) } == 0 {
-                return Kill::Exists;
-            }
-            match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::ESRCH) => Kill::NoSuch,
-                Some(libc::EPERM) => Kill::Exists,
-                _ => Kill::NotAsked,
-            }
-        }
-        _ => Kill::NotAsked,
+    match crate::sys::pid_exists(pid) {
+        Some(true) => Kill::Exists,
+        Some(false) => Kill::NoSuch,
+        None => Kill::NotAsked,
     }
 }
 
@@ -270,7 +216,6 @@ fn kill_says(pid: u32) -> Kill {
 /// zombie, or a missing `/proc` entry of a pid that `kill` could not be asked about is
 /// "gone"; an entry that is missing or unreadable while the pid exists (`hidepid`, a process
 /// that is not dumpable) cannot tell.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn from_evidence(kill: Kill, stat: Option<std::io::Result<&str>>) -> ProcState {
     if kill == Kill::NoSuch {
         return ProcState::Gone;
@@ -285,8 +230,10 @@ fn from_evidence(kill: Kill, stat: Option<std::io::Result<&str>>) -> ProcState {
     }
 }
 
-#[cfg(target_os = "linux")]
 fn state_of(pid: u32) -> ProcState {
+    if !crate::sys::PROCFS {
+        return portable::state_of(pid);
+    }
     // `kill(pid, 0)` answers "no such process" for a fraction of the cost of reading
     // `/proc`; only a pid that exists needs its start time read.
     let kill = kill_says(pid);
@@ -311,23 +258,15 @@ fn state_of(pid: u32) -> ProcState {
     }
 }
 
-#[cfg(not(target_os = "linux"))]
-fn state_of(pid: u32) -> ProcState {
-    portable::state_of(pid)
-}
-
 /// The state of the calling process.
-#[cfg(target_os = "linux")]
 fn self_state() -> ProcState {
+    if !crate::sys::PROCFS {
+        return state_of(std::process::id());
+    }
     match std::fs::read_to_string("/proc/self/stat") {
         Ok(stat) => parse_stat(&stat).unwrap_or(ProcState::Unknown),
         Err(_) => state_of(std::process::id()),
     }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn self_state() -> ProcState {
-    state_of(std::process::id())
 }
 
 /// What this process can see of the PID namespace `namespace` through `/proc`.
@@ -346,9 +285,13 @@ enum Seen {
 /// namespace of each is `/proc/<p>/ns/pid`, its pid there the last field of `NSpid:` in
 /// `/proc/<p>/status`. A scan of `/proc`: only for the rare owner of another namespace
 /// recorded without a lock file.
-#[cfg(target_os = "linux")]
 fn seek_in_namespace(namespace: u64, pid: u32) -> Seen {
-    use std::os::unix::fs::MetadataExt;
+    if !crate::sys::PROCFS {
+        return Seen::NotFound {
+            any: false,
+            complete: false,
+        };
+    }
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Seen::NotFound {
             any: false,
@@ -371,7 +314,7 @@ fn seek_in_namespace(namespace: u64, pid: u32) -> Seen {
         };
         let base = entry.path();
         match std::fs::metadata(base.join("ns/pid")) {
-            Ok(meta) if meta.ino() == namespace => {}
+            Ok(meta) if crate::sys::file_id(&meta).map(|(_, ino)| ino) == Some(namespace) => {}
             Ok(_) => continue,
             // Exited since the listing.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -409,21 +352,12 @@ fn seek_in_namespace(namespace: u64, pid: u32) -> Seen {
     Seen::NotFound { any, complete }
 }
 
-#[cfg(not(target_os = "linux"))]
-fn seek_in_namespace(_namespace: u64, _pid: u32) -> Seen {
-    Seen::NotFound {
-        any: false,
-        complete: false,
-    }
-}
-
 /// Whether nothing hides processes from this process in `/proc`: it is root, or `/proc` is
 /// mounted without `hidepid`. Found once per process.
-#[cfg(target_os = "linux")]
 fn sees_every_process() -> bool {
     static SEES: OnceLock<bool> = OnceLock::new();
     *SEES.get_or_init(|| {
-        if crate::paths::euid() == 0 {
+        if crate::sys::euid() == Some(0) {
             return true;
         }
         std::fs::read_to_string("/proc/self/mountinfo")
@@ -435,7 +369,6 @@ fn sees_every_process() -> bool {
 
 /// Whether the `/proc` that `mountinfo` shows on top hides processes (`hidepid` other than
 /// 0 or `off`); `None` if no `/proc` mount is listed.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn proc_hides_processes(mountinfo: &str) -> Option<bool> {
     let line = mountinfo
         .lines()
@@ -480,7 +413,6 @@ pub(crate) fn foreign_owner_alive(owner: &Owner, our_namespace: Option<u64>) -> 
 /// A zombie whose other threads are still on their way out: the main thread of a killed
 /// multi-threaded process turns into a zombie first, and the process's files and sockets are
 /// closed only when its last thread exits. Until then it still holds its ports.
-#[cfg(target_os = "linux")]
 fn still_exiting(pid: u32, stat: &str) -> Option<ProcState> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let threads: u32 = status
@@ -499,7 +431,6 @@ fn still_exiting(pid: u32, stat: &str) -> Option<ProcState> {
 
 /// Parses `/proc/<pid>/stat`: the state is the first field after the parenthesised command
 /// name (which may itself hold spaces and parentheses), the start time the 20th.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn parse_stat(stat: &str) -> Option<ProcState> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_ascii_whitespace();
@@ -511,8 +442,10 @@ fn parse_stat(stat: &str) -> Option<ProcState> {
     Some(ProcState::Running { start_time })
 }
 
-#[cfg(target_os = "linux")]
 fn boot_id() -> String {
+    if !crate::sys::PROCFS {
+        return String::new();
+    }
     static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BOOT.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -522,13 +455,7 @@ fn boot_id() -> String {
     .clone()
 }
 
-#[cfg(not(target_os = "linux"))]
-fn boot_id() -> String {
-    String::new()
-}
-
 /// The `sysinfo` query, for systems without `/proc`.
-#[cfg_attr(target_os = "linux", allow(dead_code))]
 mod portable {
     use std::sync::{Mutex, OnceLock};
 

@@ -28,3 +28,4 @@ mod model;
 mod processes;
 mod registry_files;
 mod replaced;
+mod sys;

@@ -1,7 +1,7 @@
 //! The commands, each over the library's public API.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
@@ -173,9 +173,15 @@ fn unseen(registry: &PortDaddy, lease: &Lease, error: &io::Error) -> Failure {
 }
 
 /// The process that ran this command.
-#[cfg(unix)]
 fn parent() -> Result<Owner, Failure> {
-    owner_for_parent(std::os::unix::process::parent_id())
+    match crate::sys::parent_pid() {
+        Some(ppid) => owner_for_parent(ppid),
+        None => Err(Failure::new(
+            exit::USAGE,
+            "the parent process cannot be found on this platform",
+        )
+        .hint("give the owner with --pid, or a --ttl for a detached lease")),
+    }
 }
 
 /// The owner of a lease asked for by the process `ppid`, the parent of this command.
@@ -184,7 +190,6 @@ fn parent() -> Result<Owner, Failure> {
 /// or 1 (init: this command was orphaned, or started by systemd or a container's init) names
 /// no process that ends when the caller is done: the lease would never end, or would fail
 /// with a puzzling error. Both are refused; `--pid 1` still says so on purpose.
-#[cfg(unix)]
 fn owner_for_parent(ppid: u32) -> Result<Owner, Failure> {
     if ppid <= 1 {
         return Err(Failure::new(
@@ -197,15 +202,6 @@ fn owner_for_parent(ppid: u32) -> Result<Owner, Failure> {
         ));
     }
     Ok(Owner::of_pid(ppid)?)
-}
-
-#[cfg(not(unix))]
-fn parent() -> Result<Owner, Failure> {
-    Err(Failure::new(
-        exit::USAGE,
-        "the parent process cannot be found on this platform",
-    )
-    .hint("give the owner with --pid, or a --ttl for a detached lease"))
 }
 
 fn release(target: &Target, what: &str, as_name: bool) -> Outcome {
@@ -476,23 +472,10 @@ fn write_out(bytes: &[u8]) -> Outcome {
 /// and `acquire` would keep a lease whose port nobody saw. (A stdout closed at start is
 /// told apart before: see `output::stdout_closed_at_start`.)
 fn write_stdout(bytes: &[u8]) -> io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::fd::FromRawFd;
-        // SAFETY: descriptor 1 is open (the runtime opens /dev/null in place of a closed
-        // one before `main`), and `ManuallyDrop` never closes it: the `File` only borrows it
-        // for these writes.
-        let out = unsafe { std::fs::File::from_raw_fd(libc::STDOUT_FILENO) };
-        std::mem::ManuallyDrop::new(out).write_all(bytes)
-    }
-    #[cfg(not(unix))]
-    {
-        let mut out = io::stdout().lock();
-        out.write_all(bytes).and_then(|()| out.flush())
-    }
+    crate::sys::write_stdout(bytes)
 }
 
-#[cfg(all(test, unix))]
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -7,6 +7,7 @@ mod commands;
 mod exit;
 mod output;
 mod signals;
+mod sys;
 // The library's escaping, compiled here too: one rule for what the library's errors and the
 // command's output show.
 #[path = "../../text.rs"]

@@ -17,32 +17,8 @@ use crate::text::needs_escape;
 /// that, by a function the loader runs on start (`.init_array`). Elsewhere than on Linux it
 /// is not known, and false.
 pub fn stdout_closed_at_start() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        false
-    }
+    crate::sys::stdout_closed_at_start()
 }
-
-#[cfg(target_os = "linux")]
-static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Run by the loader before Rust's runtime starts (and before it replaces a closed stdout).
-#[cfg(target_os = "linux")]
-#[used]
-#[link_section = ".init_array"]
-static RECORD_STDOUT: extern "C" fn() = {
-    extern "C" fn record_stdout() {
-        // SAFETY: F_GETFD only reads the descriptor's flags; it fails (EBADF) only for a
-        // descriptor that is not open.
-        let closed = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFD) } == -1;
-        STDOUT_CLOSED.store(closed, std::sync::atomic::Ordering::Relaxed);
-    }
-    record_stdout
-};
 
 /// `value` as one line of JSON in which no character can steer a terminal either: serde_json
 /// escapes the C0 controls, and the rest (DEL, the C1 controls such as the one-byte CSI, line

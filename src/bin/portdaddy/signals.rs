@@ -6,21 +6,13 @@ use std::process::{Command, ExitStatus};
 /// Lets `portdaddy list | head -1` end quietly instead of failing on a closed pipe: the
 /// default action of `SIGPIPE`, which Rust programs ignore unless told otherwise.
 pub fn restore_sigpipe() {
-    #[cfg(unix)]
-    // SAFETY: setting a signal's disposition to its default touches no Rust state.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    crate::sys::restore_sigpipe();
 }
 
 /// Makes a write to a closed pipe fail with `EPIPE` instead of killing the process, for a
 /// command that must undo its work when its output is lost (`acquire`).
 pub fn report_closed_pipes() {
-    #[cfg(unix)]
-    // SAFETY: ignoring a signal touches no Rust state.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
+    crate::sys::ignore_sigpipe();
 }
 
 /// How the child of `run` ended.
@@ -53,28 +45,8 @@ pub enum Ended {
 /// platform has them `SIGPWR`, `SIGINFO` and the real-time signals. Most of them would kill
 /// portdaddy by default, orphaning the command and ending its leases while it runs.
 #[cfg(unix)]
-fn forwarded() -> Vec<libc::c_int> {
-    use signal_hook::consts::signal::*;
-    let mut signals = vec![
-        SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGWINCH, SIGVTALRM, SIGPROF,
-        SIGURG, SIGXCPU, SIGXFSZ,
-    ];
-    #[cfg(not(target_os = "haiku"))]
-    signals.push(SIGIO);
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        signals.push(libc::SIGPWR);
-        signals.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
-    }
-    #[cfg(any(
-        target_os = "freebsd",
-        target_os = "dragonfly",
-        target_os = "netbsd",
-        target_os = "openbsd",
-        target_os = "macos"
-    ))]
-    signals.push(SIGINFO);
-    signals
+fn forwarded() -> Vec<i32> {
+    crate::sys::forwarded()
 }
 
 /// Whether a signal portdaddy received goes on to its command.
@@ -82,13 +54,7 @@ fn forwarded() -> Vec<libc::c_int> {
 /// `kernel`: the kernel raised it (`SI_KERNEL`); `sender`: the process that sent it, where
 /// known. `me` is this process.
 #[cfg(unix)]
-fn passes_on(
-    signal: libc::c_int,
-    kernel: bool,
-    sender: Option<libc::pid_t>,
-    own_group: bool,
-    me: libc::pid_t,
-) -> bool {
+fn passes_on(signal: i32, kernel: bool, sender: Option<i32>, own_group: bool, me: i32) -> bool {
     // In our group, a signal the kernel raised for the terminal (Ctrl-C, Ctrl-\, a hang-up,
     // a resized window) went to the whole foreground group, the command included: passing
     // it on would deliver it twice. Signals sent by a process with kill(2) reach only us.
@@ -99,7 +65,8 @@ fn passes_on(
     // SIGXCPU as itself and SIGXFSZ as if portdaddy had sent it, to portdaddy alone.
     // Caught, SIGXFSZ leaves the write failing with EFBIG, which is reported.
     let own = kernel || sender == Some(me);
-    !(own && matches!(signal, libc::SIGXCPU | libc::SIGXFSZ))
+    use signal_hook::consts::{SIGXCPU, SIGXFSZ};
+    !(own && matches!(signal, SIGXCPU | SIGXFSZ))
 }
 
 /// Spawns `command`, passes on to it the signals this process receives while it runs (see
@@ -114,7 +81,7 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     // orphans the child. The child gets default handlers back when it executes. A signal
     // that arrived ignored (`nohup`, `&` in a script) is left ignored, for this process and
     // for the child, which inherits the ignoring.
-    let unignored = |s: &libc::c_int| !is_ignored(*s);
+    let unignored = |s: &i32| !crate::sys::is_ignored(*s);
     let mut signals = SignalsInfo::<WithOrigin>::new(forwarded().into_iter().filter(unignored))?;
     let handle = signals.handle();
     // In the terminal's foreground process group the child stays in ours, so that Ctrl-C,
@@ -122,12 +89,11 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     // background job, `timeout`, a CI runner, no terminal at all) whoever signals our whole
     // group would reach the child directly and again through us: there the child gets a
     // group of its own, and every signal reaches it through us alone, SIGCONT too.
-    let own_group = !in_foreground();
+    let own_group = !crate::sys::in_foreground();
     if own_group {
-        use std::os::unix::process::CommandExt;
-        command.process_group(0);
-        if unignored(&libc::SIGCONT) {
-            signals.add_signal(libc::SIGCONT)?;
+        crate::sys::own_process_group(command);
+        if unignored(&signal_hook::consts::SIGCONT) {
+            signals.add_signal(signal_hook::consts::SIGCONT)?;
         }
     }
     let mut child = command.spawn()?;
@@ -137,8 +103,8 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     // would kill this process before it released the command's leases. The command was
     // spawned with the default action, and `run` writes nothing to a pipe it must die on.
     report_closed_pipes();
-    let pid = child.id() as libc::pid_t;
-    let me = std::process::id() as libc::pid_t;
+    let pid = child.id();
+    let me = std::process::id() as i32;
     let forwarder = std::thread::spawn(move || {
         for origin in signals.forever() {
             let kernel = origin.cause == Cause::Kernel;
@@ -146,80 +112,18 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
             if !passes_on(origin.signal, kernel, sender, own_group, me) {
                 continue;
             }
-            // SAFETY: kill has no memory effects; the child is not reaped before this
-            // thread has stopped (see below), so the pid still names it.
-            unsafe {
-                libc::kill(pid, origin.signal);
-            }
+            // The child is not reaped before this thread has stopped (see below), so the
+            // pid still names it. A signal that cannot be sent is not the command's failure.
+            let _ = crate::sys::send_signal(pid, origin.signal);
         }
     });
-    let waited = wait_without_reaping(pid);
+    let waited = crate::sys::wait_without_reaping(pid);
     // Stop forwarding while the exited child still holds its pid, so that no signal can
     // reach another process that reuses the pid.
     handle.close();
     let _ = forwarder.join();
     waited?;
     Ok(ended(child.wait()?))
-}
-
-/// Whether this process is in the foreground process group of its controlling terminal;
-/// false without a controlling terminal.
-#[cfg(unix)]
-fn in_foreground() -> bool {
-    // SAFETY: a constant, NUL-terminated path; the descriptor is closed below.
-    let tty = unsafe {
-        libc::open(
-            c"/dev/tty".as_ptr(),
-            libc::O_RDONLY | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if tty < 0 {
-        return false;
-    }
-    // SAFETY: `tty` is an open descriptor of this function's own.
-    let foreground = unsafe { libc::tcgetpgrp(tty) };
-    // SAFETY: getpgrp cannot fail; close takes the descriptor opened above.
-    unsafe {
-        let ours = libc::getpgrp();
-        libc::close(tty);
-        foreground == ours
-    }
-}
-
-/// Whether `signal` is ignored (`SIG_IGN`) in this process now.
-#[cfg(unix)]
-fn is_ignored(signal: libc::c_int) -> bool {
-    // SAFETY: an all-zero sigaction is a valid value for sigaction to fill in.
-    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: a null new action only reads the current one into `current`.
-    let rc = unsafe { libc::sigaction(signal, std::ptr::null(), &mut current) };
-    rc == 0 && current.sa_sigaction == libc::SIG_IGN
-}
-
-/// Waits until the child `pid` has exited but leaves it unreaped (a zombie), so its pid is
-/// not reused before the forwarding has stopped.
-#[cfg(unix)]
-fn wait_without_reaping(pid: libc::pid_t) -> io::Result<()> {
-    loop {
-        // SAFETY: an all-zero siginfo_t is a valid value for waitid to fill in.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is a valid, writable siginfo_t.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
 }
 
 /// Spawns `command` and waits for it; this platform has no signals to pass on.
@@ -230,12 +134,8 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
 }
 
 fn ended(status: ExitStatus) -> Ended {
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::ExitStatusExt;
-        if let Some(signal) = status.signal() {
-            return Ended::Signal(signal);
-        }
+    if let Some(signal) = crate::sys::signal_of(status) {
+        return Ended::Signal(signal);
     }
     Ended::Code(status.code().unwrap_or(1))
 }
@@ -244,7 +144,7 @@ fn ended(status: ExitStatus) -> Ended {
 mod tests {
     use super::*;
 
-    const ME: libc::pid_t = 4242;
+    const ME: i32 = 4242;
 
     #[test]
     fn signals_sent_by_another_process_are_passed_on_in_either_group() {
@@ -260,7 +160,12 @@ mod tests {
 
     #[test]
     fn kernel_signals_are_passed_on_only_to_a_command_with_a_group_of_its_own() {
-        for signal in [libc::SIGINT, libc::SIGHUP, libc::SIGWINCH, libc::SIGQUIT] {
+        for signal in [
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGHUP,
+            signal_hook::consts::SIGWINCH,
+            signal_hook::consts::SIGQUIT,
+        ] {
             assert!(!passes_on(signal, true, None, false, ME), "{signal}");
             assert!(passes_on(signal, true, None, true, ME), "{signal}");
         }
@@ -270,12 +175,42 @@ mod tests {
     fn limits_portdaddy_itself_exceeds_are_not_passed_on() {
         for own_group in [false, true] {
             // SIGXCPU comes from the kernel, SIGXFSZ as if sent by this process.
-            assert!(!passes_on(libc::SIGXCPU, true, None, own_group, ME));
-            assert!(!passes_on(libc::SIGXFSZ, false, Some(ME), own_group, ME));
-            assert!(!passes_on(libc::SIGXFSZ, true, None, own_group, ME));
+            assert!(!passes_on(
+                signal_hook::consts::SIGXCPU,
+                true,
+                None,
+                own_group,
+                ME
+            ));
+            assert!(!passes_on(
+                signal_hook::consts::SIGXFSZ,
+                false,
+                Some(ME),
+                own_group,
+                ME
+            ));
+            assert!(!passes_on(
+                signal_hook::consts::SIGXFSZ,
+                true,
+                None,
+                own_group,
+                ME
+            ));
             // Sent by someone else, they are for the command.
-            assert!(passes_on(libc::SIGXCPU, false, Some(7), own_group, ME));
-            assert!(passes_on(libc::SIGXFSZ, false, Some(7), own_group, ME));
+            assert!(passes_on(
+                signal_hook::consts::SIGXCPU,
+                false,
+                Some(7),
+                own_group,
+                ME
+            ));
+            assert!(passes_on(
+                signal_hook::consts::SIGXFSZ,
+                false,
+                Some(7),
+                own_group,
+                ME
+            ));
         }
     }
 
@@ -283,21 +218,21 @@ mod tests {
     fn faults_job_control_stops_and_the_child_signal_are_not_caught() {
         let caught = forwarded();
         for signal in [
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGILL,
-            libc::SIGFPE,
-            libc::SIGTRAP,
-            libc::SIGSYS,
-            libc::SIGABRT,
-            libc::SIGCHLD,
-            libc::SIGPIPE,
-            libc::SIGTSTP,
-            libc::SIGTTIN,
-            libc::SIGTTOU,
-            libc::SIGCONT,
-            libc::SIGKILL,
-            libc::SIGSTOP,
+            signal_hook::consts::SIGSEGV,
+            signal_hook::consts::SIGBUS,
+            signal_hook::consts::SIGILL,
+            signal_hook::consts::SIGFPE,
+            signal_hook::consts::SIGTRAP,
+            signal_hook::consts::SIGSYS,
+            signal_hook::consts::SIGABRT,
+            signal_hook::consts::SIGCHLD,
+            signal_hook::consts::SIGPIPE,
+            signal_hook::consts::SIGTSTP,
+            signal_hook::consts::SIGTTIN,
+            signal_hook::consts::SIGTTOU,
+            signal_hook::consts::SIGCONT,
+            signal_hook::consts::SIGKILL,
+            signal_hook::consts::SIGSTOP,
         ] {
             assert!(!caught.contains(&signal), "{signal}");
         }

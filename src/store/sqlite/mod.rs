@@ -186,15 +186,8 @@ fn in_use_table() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<(
 }
 
 /// The (device, inode) of a file, where the platform has POSIX locks.
-#[cfg(unix)]
 fn file_id(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    Some((meta.dev(), meta.ino()))
-}
-
-#[cfg(not(unix))]
-fn file_id(_: &std::fs::Metadata) -> Option<(u64, u64)> {
-    None
+    crate::sys::file_id(meta)
 }
 
 /// A registry file marked in [`IN_USE`] while this process has a connection on it.

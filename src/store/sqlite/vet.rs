@@ -58,11 +58,7 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
     // Non-blocking, so that a FIFO at the path cannot hang the open or the read.
     // When opening for use, `real` has its links resolved already: one there now is not
     // followed.
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(
-        &mut options,
-        libc::O_NONBLOCK | if write { libc::O_NOFOLLOW } else { 0 },
-    );
+    crate::sys::open_flags(&mut options, write, true);
     let file = match options.open(real) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -1,0 +1,39 @@
+//! Platform code, in one place: every `unsafe` block and system call of the library other
+//! than through std lives below this module, and the rest of the crate calls the functions
+//! here, which have the same signatures on every platform. The rest has no `cfg` of its own
+//! but one: the walk of Unix paths in `paths::resolve`. Reading Linux's `/proc` (plain file
+//! reads) stays with the process probe, which asks [`PROCFS`] whether there is one.
+//!
+//! - `unix.rs`: the Unix implementation, through rustix (safe wrappers over the system
+//!   calls); the parts only Linux has (namespaces, `O_PATH`, `statx`, the ephemeral port
+//!   range) are marked there. The one call rustix does not cover (`pthread_atfork`) goes
+//!   through `libc`.
+//! - `unsupported.rs`: every other platform. It compiles everywhere and gives the answer
+//!   that keeps the rest safe: no evidence (`None`) where a question cannot be asked, which
+//!   the liveness rule turns into "keep the lease", or an [`io::ErrorKind::Unsupported`]
+//!   error where something cannot be done.
+//!
+//! The user rule: a file is ours when it belongs to the *effective* user id ([`euid`]). The
+//! kernel creates our files with the effective uid, so under setuid (or anything else that
+//! makes the real and effective ids differ) comparing with the real uid would refuse the
+//! files we just made, and accept those of the user who started us.
+//!
+//! [`io::ErrorKind::Unsupported`]: std::io::ErrorKind::Unsupported
+
+#[cfg(unix)]
+mod unix;
+#[cfg(unix)]
+use unix as imp;
+
+#[cfg(not(unix))]
+mod unsupported;
+#[cfg(not(unix))]
+use unsupported as imp;
+
+// The fallback is compiled and tested on Unix too, so that it keeps building for the
+// platforms nobody here runs.
+#[cfg(all(test, unix))]
+#[allow(dead_code, unused_imports)]
+mod unsupported;
+
+pub(crate) use imp::*;
