@@ -200,6 +200,15 @@ impl Holdings {
 impl PortDaddy {
     /// Opens (creating if needed) the file registry at `path`, with default settings.
     ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let path = dir.path().join("registry.sqlite3");
+    /// let registry = portdaddy::PortDaddy::open(&path)?;
+    /// let guard = registry.acquire("postgres")?;
+    /// assert!(registry.range().contains(guard.port()));
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// See [`Builder::open`].
@@ -478,6 +487,15 @@ impl PortDaddy {
     ///
     /// A guard of that lease then releases nothing when it drops. To end a lease you hold
     /// without any risk of freeing someone else's, use [`release_lease`](Self::release_lease).
+    ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let guard = registry.acquire("web")?;
+    /// assert!(registry.release_port(guard.port())?, "freed, whoever held it");
+    /// assert!(!registry.release_port(guard.port())?, "nothing is left on the port");
+    /// drop(guard); // releases nothing now
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
