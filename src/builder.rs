@@ -247,8 +247,9 @@ impl Builder {
     /// [`Error::SchemaTooNew`], [`Error::LockTimeout`] or [`Error::Refused`] (a file another
     /// user planted or may change, a registry file reached by other names too, a name too
     /// long for the side files), and [`Error::OutOfDescriptors`] when the process or host has
-    /// no file descriptor left to open it. A file that cannot be used is left exactly as it
-    /// was.
+    /// no file descriptor left to open it, or [`Error::ForkedHandle`] in a child made by
+    /// `fork` from a process that had file registries open. A file that cannot be used is
+    /// left exactly as it was.
     ///
     /// # Security
     ///

@@ -52,7 +52,17 @@ pub(crate) fn lacking(n: usize) -> Option<io::Error> {
 /// `error` as [`Error::OutOfDescriptors`] when what the operating system said under it is
 /// `EMFILE` or `ENFILE`; any other error unchanged.
 pub(crate) fn name_cause(error: Error) -> Error {
-    let (Error::Open { path, source } | Error::Registry { path, source }) = &error else {
+    let (Error::Open {
+        path,
+        source: Some(source),
+        ..
+    }
+    | Error::Registry {
+        path,
+        source: Some(source),
+        ..
+    }) = &error
+    else {
         return error;
     };
     match source.downcast_ref::<io::Error>() {
@@ -94,18 +104,12 @@ mod tests {
             rustix::io::Errno::MFILE.raw_os_error(),
             rustix::io::Errno::NFILE.raw_os_error(),
         ] {
-            let open = Error::Open {
-                path: "/r".into(),
-                source: io::Error::from_raw_os_error(errno).into(),
-            };
+            let open = Error::open("/r".as_ref(), io::Error::from_raw_os_error(errno));
             let Error::OutOfDescriptors { error, .. } = name_cause(open) else {
                 panic!("not named for errno {errno}");
             };
             assert_eq!(error.raw_os_error(), Some(errno));
-            let used = Error::Registry {
-                path: "/r".into(),
-                source: io::Error::from_raw_os_error(errno).into(),
-            };
+            let used = Error::registry("/r".as_ref(), io::Error::from_raw_os_error(errno));
             assert!(matches!(name_cause(used), Error::OutOfDescriptors { .. }));
         }
     }
@@ -114,12 +118,16 @@ mod tests {
     fn other_errors_are_left_as_they_are() {
         let denied = Error::Open {
             path: "/r".into(),
-            source: io::Error::from_raw_os_error(rustix::io::Errno::ACCESS.raw_os_error()).into(),
+            reason: None,
+            source: Some(
+                io::Error::from_raw_os_error(rustix::io::Errno::ACCESS.raw_os_error()).into(),
+            ),
         };
         assert!(matches!(name_cause(denied), Error::Open { .. }));
         let said = Error::Registry {
             path: "/r".into(),
-            source: "unable to open database file".into(),
+            reason: None,
+            source: Some("unable to open database file".into()),
         };
         assert!(matches!(name_cause(said), Error::Registry { .. }));
     }

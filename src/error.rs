@@ -25,9 +25,11 @@ type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// A variant that wraps an error of a layer below ([`Error::Open`], [`Error::Registry`])
 /// returns it from [`source`](std::error::Error::source) and does not repeat it in its own
 /// message, so that error-chain printers (`anyhow`'s `{:#}`, `eyre`, `tracing`) show it
-/// once. The variants that name what the operating system said as part of their advice
-/// ([`Error::Probe`], [`Error::OutOfDescriptors`]) have no `source()`. Print the whole chain
-/// to show a person everything:
+/// once. What portdaddy itself has to say (what it found wrong, what to do) is always in the
+/// message, never only in a cause: a `source()` is only ever what the operating system or
+/// SQLite said. The variants that name what the operating system said as part of their
+/// advice ([`Error::Probe`], [`Error::OutOfDescriptors`]) have no `source()`. Print the
+/// whole chain to show a person everything:
 ///
 /// ```
 /// use std::error::Error as _;
@@ -143,16 +145,26 @@ pub enum Error {
         error: std::io::Error,
     },
 
-    /// The registry file or its directory cannot be opened or created. What the operating
-    /// system or SQLite said is the [`source`](std::error::Error::source).
+    /// The registry file or its directory cannot be opened or created. What portdaddy found
+    /// wrong, and what to do about it, is the `reason`, shown in the message; what the
+    /// operating system or SQLite said is the [`source`](std::error::Error::source).
     #[non_exhaustive]
-    #[error("cannot open the port registry at {}", shown(path))]
+    #[error(
+        "cannot open the port registry at {}{}",
+        shown(path),
+        reason_shown(reason)
+    )]
     Open {
         /// The registry path.
         path: PathBuf,
-        /// What the operating system or SQLite said.
+        /// What portdaddy found wrong with the path and what to do (`the path is a
+        /// directory; give a file path`), or what it was doing when the operating system or
+        /// SQLite failed; `None` when the source says it all.
+        reason: Option<String>,
+        /// What the operating system or SQLite said; `None` when portdaddy itself found the
+        /// path unusable (the `reason` says why).
         #[source]
-        source: Source,
+        source: Option<Source>,
     },
 
     /// The file at the registry path is not a portdaddy registry, or is damaged.
@@ -261,16 +273,26 @@ pub enum Error {
         pid: u32,
     },
 
-    /// Reading or writing the registry failed. What SQLite or the operating system said is
-    /// the [`source`](std::error::Error::source).
+    /// Reading or writing the registry failed. What portdaddy found wrong, and what to do
+    /// about it, is the `reason`, shown in the message; what SQLite or the operating system
+    /// said is the [`source`](std::error::Error::source).
     #[non_exhaustive]
-    #[error("reading or writing the port registry at {} failed", shown(path))]
+    #[error(
+        "reading or writing the port registry at {} failed{}",
+        shown(path),
+        reason_shown(reason)
+    )]
     Registry {
         /// The registry path.
         path: PathBuf,
-        /// What SQLite or the operating system said.
+        /// What portdaddy found wrong and what to do (`the registry file was deleted or
+        /// replaced again each time it was opened anew`), or what it was doing when SQLite
+        /// or the operating system failed; `None` when the source says it all.
+        reason: Option<String>,
+        /// What SQLite or the operating system said; `None` when portdaddy itself found the
+        /// registry unusable (the `reason` says why).
         #[source]
-        source: Source,
+        source: Option<Source>,
     },
 
     /// A file or directory of the registry was refused before anything was written to it or
@@ -408,6 +430,53 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
+impl Error {
+    /// [`Error::Open`] for what the operating system or SQLite said.
+    pub(crate) fn open(path: &Path, source: impl Into<Source>) -> Self {
+        Error::Open {
+            path: path.to_owned(),
+            reason: None,
+            source: Some(source.into()),
+        }
+    }
+
+    /// [`Error::Open`] for what portdaddy found wrong itself, with what to do.
+    pub(crate) fn open_because(path: &Path, reason: impl Into<String>) -> Self {
+        Error::Open {
+            path: path.to_owned(),
+            reason: Some(reason.into()),
+            source: None,
+        }
+    }
+
+    /// [`Error::Registry`] for what the operating system or SQLite said.
+    pub(crate) fn registry(path: &Path, source: impl Into<Source>) -> Self {
+        Error::Registry {
+            path: path.to_owned(),
+            reason: None,
+            source: Some(source.into()),
+        }
+    }
+
+    /// [`Error::Registry`] for what portdaddy found wrong itself, with what to do.
+    pub(crate) fn registry_because(path: &Path, reason: impl Into<String>) -> Self {
+        Error::Registry {
+            path: path.to_owned(),
+            reason: Some(reason.into()),
+            source: None,
+        }
+    }
+}
+
+/// The `reason` of [`Error::Open`] and [`Error::Registry`] as their messages end: `: reason`,
+/// escaped, or nothing.
+fn reason_shown(reason: &Option<String>) -> String {
+    reason
+        .as_deref()
+        .map(|r| format!(": {}", escape(r)))
+        .unwrap_or_default()
+}
+
 /// What [`Error::Refused`] refused: the registry itself, or a file beside it.
 fn refused_what(path: &Path, file: &Path) -> String {
     if path == file {
@@ -519,7 +588,8 @@ mod tests {
             },
             Error::Open {
                 path: path(),
-                source: io().into(),
+                reason: None,
+                source: Some(io().into()),
             },
             Error::Corrupt {
                 path: path(),
@@ -543,7 +613,8 @@ mod tests {
             Error::ProcessUnreadable { pid: 1 },
             Error::Registry {
                 path: path(),
-                source: CAUSE.into(),
+                reason: None,
+                source: Some(CAUSE.into()),
             },
             Error::Refused {
                 path: path(),
@@ -605,10 +676,41 @@ mod tests {
     }
 
     #[test]
+    fn what_portdaddy_found_wrong_is_in_the_message_and_a_cause_only_what_a_layer_said() {
+        let path = Path::new("/tmp/r.sqlite3");
+        let advice = "the path is a directory; give a file path";
+        for error in [
+            Error::open_because(path, advice),
+            Error::registry_because(path, advice),
+        ] {
+            assert!(
+                error.to_string().ends_with(&format!(": {advice}")),
+                "{error}"
+            );
+            assert!(error.source().is_none(), "{error:?}");
+        }
+        let error = Error::Open {
+            path: path.to_owned(),
+            reason: Some("cannot create an owner lock file in /tmp/r.sqlite3.owners".into()),
+            source: Some(std::io::Error::other(CAUSE).into()),
+        };
+        let message = error.to_string();
+        assert!(message.contains("owner lock file"), "{message}");
+        assert!(!message.contains(CAUSE), "{message}");
+        assert_eq!(error.source().unwrap().to_string(), CAUSE);
+        let plain = Error::open(path, std::io::Error::other(CAUSE));
+        assert_eq!(
+            plain.to_string(),
+            "cannot open the port registry at /tmp/r.sqlite3"
+        );
+    }
+
+    #[test]
     fn a_guard_error_shows_its_error_and_the_cause_once() {
         let error = Error::Registry {
             path: "/tmp/r.sqlite3".into(),
-            source: CAUSE.into(),
+            reason: None,
+            source: Some(CAUSE.into()),
         };
         let message = error.to_string();
         let guard_error = crate::guard::GuardError::new(error, None);
@@ -622,7 +724,8 @@ mod tests {
     fn a_cause_a_message_does_not_repeat_is_shown_by_the_chain_escaped() {
         let error = Error::Open {
             path: "/tmp/r.sqlite3".into(),
-            source: "a\u{1b}[2Jb".into(),
+            reason: None,
+            source: Some("a\u{1b}[2Jb".into()),
         };
         let chain = Chain(&error).to_string();
         assert!(!chain.chars().any(crate::text::needs_escape), "{chain:?}");
@@ -744,7 +847,8 @@ mod tests {
             },
             Error::Open {
                 path: path(),
-                source: evil.into(),
+                reason: None,
+                source: Some(evil.into()),
             },
             Error::Corrupt {
                 path: path(),
@@ -761,7 +865,8 @@ mod tests {
             },
             Error::Registry {
                 path: path(),
-                source: evil.into(),
+                reason: None,
+                source: Some(evil.into()),
             },
             Error::OutOfDescriptors {
                 path: path(),

@@ -57,7 +57,7 @@
 //!
 //! - `serde`: `Serialize` and `Deserialize` for [`Lease`], [`Owner`], [`Protocol`],
 //!   [`LeaseState`] and [`PortRange`] (checked like [`PortRange::new`] on the way in), and
-//!   `Serialize` for [`Stats`] and [`Diagnosis`]. Off by default.
+//!   `Serialize` for [`Stats`], [`Diagnosis`], [`Check`] and [`Status`]. Off by default.
 //! - `cli`: the `portdaddy` command-line tool; turns on `serde`.
 
 #![deny(missing_docs)]

@@ -342,7 +342,9 @@ fn open_lock_file(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-fn refuse(path: &Path, reason: &str) -> io::Error {
+/// An `io::Error` carrying a [`Refusal`] of the file at `path`, so that whoever maps it
+/// into an [`Error`](crate::Error) can name it as [`Error::Refused`](crate::Error::Refused).
+pub(crate) fn refuse(path: &Path, reason: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,
         Refusal {

@@ -73,22 +73,19 @@ pub(crate) fn default_location() -> (PathBuf, bool) {
 /// In the shared temp directory: creates `portdaddy-<uid>` for `path` if missing, and refuses
 /// it, or the registry's files in it, unless they are ours and closed to others.
 pub(crate) fn prepare_shared_dir(path: &Path) -> Result<()> {
-    let open_err = |source: io::Error| Error::Open {
-        path: path.to_owned(),
-        source: source.into(),
-    };
+    let open_err = |source: io::Error| Error::open(path, source);
     let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
     };
     create_dir_0700(dir).map_err(open_err)?;
     let meta = fs::symlink_metadata(dir).map_err(open_err)?;
-    check_private_dir(dir, &meta).map_err(open_err)?;
+    check_private_dir(path, dir, &meta)?;
     // The files in it, if already there, must be as private: a link or someone else's file
     // would send the registry's writes wherever its author chose.
     for suffix in ["", ".lock", "-wal", "-shm", "-journal"] {
         let file = sibling(path, suffix);
         match fs::symlink_metadata(&file) {
-            Ok(meta) => check_private_file(&file, &meta).map_err(open_err)?,
+            Ok(meta) => check_private_file(path, &file, &meta)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(open_err(e)),
         }
@@ -109,25 +106,17 @@ fn create_dir_0700(dir: &Path) -> io::Result<()> {
 }
 
 /// A directory in a shared place must be a real directory, ours, and closed to others.
-fn check_private_dir(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    check_private(dir, meta, true)
+fn check_private_dir(registry: &Path, dir: &Path, meta: &fs::Metadata) -> Result<()> {
+    check_private(registry, dir, meta, true)
 }
 
 /// A file in the shared place must be a regular file, ours, and closed to others' writes.
-fn check_private_file(file: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    check_private(file, meta, false)
+fn check_private_file(registry: &Path, file: &Path, meta: &fs::Metadata) -> Result<()> {
+    check_private(registry, file, meta, false)
 }
 
-fn check_private(path: &Path, meta: &fs::Metadata, dir: bool) -> io::Result<()> {
-    let refuse = |why: &str| {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "refusing to use {}: {why}; remove it or set {ENV_VAR}",
-                path.display()
-            ),
-        ))
-    };
+fn check_private(registry: &Path, path: &Path, meta: &fs::Metadata, dir: bool) -> Result<()> {
+    let refuse = |why: &str| Err(refused(registry, path, why.to_owned(), ADVICE_OWN));
     if meta.file_type().is_symlink() {
         return refuse("it is a symbolic link");
     }
@@ -230,10 +219,7 @@ pub(crate) fn resolve(path: &Path) -> Result<PathBuf> {
             .map(|p| (p, from_link))
             .collect()
     }
-    let open_err = |source: io::Error| Error::Open {
-        path: path.to_owned(),
-        source: source.into(),
-    };
+    let open_err = |source: io::Error| Error::open(path, source);
     let mut out = if path.is_absolute() {
         PathBuf::from("/")
     } else {
@@ -276,9 +262,10 @@ pub(crate) fn resolve(path: &Path) -> Result<PathBuf> {
                 }
                 hops += 1;
                 if hops > 40 {
-                    return Err(open_err(io::Error::other(
-                        "too many levels of symbolic links",
-                    )));
+                    return Err(Error::open_because(
+                        path,
+                        "too many levels of symbolic links; give a path with fewer links",
+                    ));
                 }
                 let target = fs::read_link(&next).map_err(open_err)?;
                 for p in parts(&target, true).into_iter().rev() {
@@ -289,13 +276,13 @@ pub(crate) fn resolve(path: &Path) -> Result<PathBuf> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let more = pending.iter().any(|(p, _)| matches!(p, Part::Name(_)));
                 if from_link && more {
-                    return Err(open_err(io::Error::new(
-                        io::ErrorKind::NotFound,
+                    return Err(Error::open_because(
+                        path,
                         format!(
                             "a symbolic link on the path leads into {}, which does not exist",
                             next.display()
                         ),
-                    )));
+                    ));
                 }
                 missing = true;
                 out = next;
@@ -332,10 +319,7 @@ pub(crate) fn check_name_length(registry: &Path, real: &Path) -> Result<()> {
 /// inside a directory of another user, then refuses a registry directory that another user
 /// owns, or that others may write without the sticky bit.
 pub(crate) fn prepare_dirs(registry: &Path, real: &Path) -> Result<()> {
-    let open_err = |source: io::Error| Error::Open {
-        path: registry.to_owned(),
-        source: source.into(),
-    };
+    let open_err = |source: io::Error| Error::open(registry, source);
     let Some(dir) = real.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(());
     };
@@ -362,10 +346,10 @@ pub(crate) fn prepare_dirs(registry: &Path, real: &Path) -> Result<()> {
         parent = new;
     }
     if !meta.is_dir() {
-        return Err(open_err(io::Error::other(format!(
-            "{} is not a directory",
-            dir.display()
-        ))));
+        return Err(Error::open_because(
+            registry,
+            format!("{} is not a directory", dir.display()),
+        ));
     }
     check_registry_dir(registry, dir, &meta)?;
     check_dirs_above(registry, dir)
@@ -384,10 +368,7 @@ fn check_dirs_above(registry: &Path, dir: &Path) -> Result<()> {
         if above.as_os_str().is_empty() {
             break;
         }
-        let meta = fs::symlink_metadata(above).map_err(|source| Error::Open {
-            path: registry.to_owned(),
-            source: source.into(),
-        })?;
+        let meta = fs::symlink_metadata(above).map_err(|source| Error::open(registry, source))?;
         let Some((owner, mode)) = owner_and_mode(&meta) else {
             continue;
         };
@@ -494,10 +475,7 @@ pub(crate) fn dir_open_to_others(real: &Path) -> bool {
 /// link, or a file mounted on its own). A registry path that is not a regular file is left
 /// for the open to report.
 pub(crate) fn check_files(registry: &Path, real: &Path) -> Result<()> {
-    let open_err = |source: io::Error| Error::Open {
-        path: registry.to_owned(),
-        source: source.into(),
-    };
+    let open_err = |source: io::Error| Error::open(registry, source);
     let entries = std::iter::once((real.to_owned(), Kind::Registry)).chain(
         SIDE_SUFFIXES.iter().map(|suffix| {
             let kind = if *suffix == ".owners" {

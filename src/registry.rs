@@ -200,6 +200,15 @@ impl Holdings {
 impl PortDaddy {
     /// Opens (creating if needed) the file registry at `path`, with default settings.
     ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let path = dir.path().join("registry.sqlite3");
+    /// let registry = portdaddy::PortDaddy::open(&path)?;
+    /// let guard = registry.acquire("postgres")?;
+    /// assert!(registry.range().contains(guard.port()));
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// See [`Builder::open`].
@@ -479,6 +488,15 @@ impl PortDaddy {
     /// A guard of that lease then releases nothing when it drops. To end a lease you hold
     /// without any risk of freeing someone else's, use [`release_lease`](Self::release_lease).
     ///
+    /// ```
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let guard = registry.acquire("web")?;
+    /// assert!(registry.release_port(guard.port())?, "freed, whoever held it");
+    /// assert!(!registry.release_port(guard.port())?, "nothing is left on the port");
+    /// drop(guard); // releases nothing now
+    /// # Ok::<(), portdaddy::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// A registry error.
@@ -661,10 +679,10 @@ impl PortDaddy {
         let shared = {
             let file = file.lock().unwrap_or_else(|p| p.into_inner());
             file.owner_lock.share().map_err(|e| {
-                descriptors::name_cause(Error::Registry {
-                    path: self.inner.path.clone().unwrap_or_default(),
-                    source: e.into(),
-                })
+                descriptors::name_cause(Error::registry(
+                    self.inner.path.as_deref().unwrap_or(Path::new("")),
+                    e,
+                ))
             })?
         };
         // The command holds the handle too, so that the lock file stays where others
@@ -672,9 +690,8 @@ impl PortDaddy {
         match crate::sys::keep_open_across_exec(command, shared, self.clone()) {
             // Where a command cannot be handed a descriptor, the lease's owner keeps it.
             Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(()),
-            other => other.map_err(|e| Error::Registry {
-                path: self.inner.path.clone().unwrap_or_default(),
-                source: e.into(),
+            other => other.map_err(|e| {
+                Error::registry(self.inner.path.as_deref().unwrap_or(Path::new("")), e)
             }),
         }
     }
@@ -918,12 +935,11 @@ impl FileState {
                 }
             }
         }
-        Err(Error::Registry {
-            path: self.store.path().to_owned(),
-            source: "the registry file or the owner lock file kept being deleted or replaced \
-                     while this handle recorded its leases again"
-                .into(),
-        })
+        Err(Error::registry_because(
+            self.store.path(),
+            "the registry file or the owner lock file kept being deleted or replaced while \
+             this handle recorded its leases again",
+        ))
     }
 }
 
@@ -935,10 +951,10 @@ fn retake_owner_lock(inner: &Inner, me: &Owner) -> Result<OwnerLock> {
     // A file handle always has both.
     let (Some(path), Some(owners)) = (inner.path.as_deref(), inner.liveness.owners.as_deref())
     else {
-        return Err(Error::Registry {
-            path: inner.path.clone().unwrap_or_default(),
-            source: "no owners directory to take a lock file in".into(),
-        });
+        return Err(Error::registry_because(
+            inner.path.as_deref().unwrap_or(Path::new("")),
+            "no owners directory to take a lock file in",
+        ));
     };
     tracing::warn!(dir = %owners.display(),
         "this handle's owner lock file was removed; taking a new one");
@@ -951,9 +967,13 @@ fn owner_lock_err(path: &Path, owners: &Path, e: std::io::Error) -> Error {
     if descriptors::exhausted(&e) {
         return descriptors::out_of_descriptors(path, detail, e);
     }
-    Error::Open {
-        path: path.to_owned(),
-        source: format!("{detail}: {e}").into(),
+    match crate::store::sqlite::refusal(path, e) {
+        Ok(refused) => refused,
+        Err(e) => Error::Open {
+            path: path.to_owned(),
+            reason: Some(detail),
+            source: Some(e.into()),
+        },
     }
 }
 

@@ -209,12 +209,7 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
         other => return other,
     }
     let meta = fs::symlink_metadata(dir)?;
-    let refuse = |why: &str| {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("refusing {}: {why}; remove it", dir.display()),
-        ))
-    };
+    let refuse = |why: &str| Err(crate::lock::refuse(dir, why));
     if meta.file_type().is_symlink() {
         return refuse("it is a symbolic link");
     }

@@ -13,6 +13,7 @@
 #![cfg(unix)]
 
 use crate::common;
+use crate::common::users::TestUser;
 use crate::common::{in_new_pid_namespace, is_root, sibling};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,7 +21,6 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::all_free;
@@ -51,70 +51,9 @@ fn deadline() -> Instant {
 // Helpers: another user, a sticky directory, snapshots of a tree
 // ---------------------------------------------------------------------------------------------
 
-/// A user made for one test with `useradd`, removed with `userdel` when dropped (also when
-/// the test fails).
-struct OtherUser {
-    name: String,
-    uid: u32,
-}
-
-impl OtherUser {
-    /// Adds a fresh user, or `None` (with the reason printed) where that is not possible.
-    fn add() -> Option<Self> {
-        if !is_root() {
-            println!("skipped: needs root to add a user");
-            return None;
-        }
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "pdf{}x{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        let added = Command::new("useradd")
-            .args(["-M", "-N", "-s", "/bin/sh", "-d", "/nonexistent", &name])
-            .output();
-        match added {
-            Ok(out) if out.status.success() => {}
-            other => {
-                println!("skipped: useradd {name} failed: {other:?}");
-                return None;
-            }
-        }
-        // Removed on drop from here on, even if what follows fails.
-        let mut user = Self { name, uid: 0 };
-        let id = Command::new("id")
-            .args(["-u", &user.name])
-            .output()
-            .expect("run id");
-        user.uid = String::from_utf8_lossy(&id.stdout)
-            .trim()
-            .parse()
-            .expect("a uid");
-        Some(user)
-    }
-
-    /// Runs `script` with `sh -c` as this user, in `dir`; it must succeed.
-    fn run(&self, dir: &Path, script: &str) {
-        let out = Command::new("runuser")
-            .args(["-u", &self.name, "--", "sh", "-c", script])
-            .current_dir(dir)
-            .output()
-            .expect("run runuser");
-        assert!(
-            out.status.success(),
-            "as {}: {script}: {}{}",
-            self.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for OtherUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).output();
-    }
+/// A user made for one test, removed when dropped.
+fn other_user() -> Option<TestUser> {
+    TestUser::add("pdf", "add a user")
 }
 
 /// A temporary directory that every user may enter, holding `shared`: mode `1777`, as `/tmp`.
@@ -175,7 +114,7 @@ fn assert_refused(err: &Error, file: &Path, why: &str) {
 /// target or in a linked directory.
 #[test]
 fn a_registry_symlink_planted_by_another_user_is_refused_and_its_target_untouched() {
-    let Some(user) = OtherUser::add() else { return };
+    let Some(user) = other_user() else { return };
     let (tmp, shared) = sticky_dir();
     let victim = tmp.path().join("victim");
     fs::write(&victim, b"precious bytes").unwrap();
@@ -212,7 +151,7 @@ fn a_registry_symlink_planted_by_another_user_is_refused_and_its_target_untouche
 /// nothing is created at its target and nothing changes.
 #[test]
 fn side_file_symlinks_planted_by_another_user_are_refused_and_nothing_is_created_through_them() {
-    let Some(user) = OtherUser::add() else { return };
+    let Some(user) = other_user() else { return };
     for suffix in [".lock", "-wal", "-shm", "-journal", ".owners"] {
         let (tmp, shared) = sticky_dir();
         let path = shared.join("reg.sqlite3");
@@ -234,7 +173,7 @@ fn side_file_symlinks_planted_by_another_user_are_refused_and_nothing_is_created
 /// refused with its owner named, and left as it was.
 #[test]
 fn a_registry_file_of_another_user_is_refused_even_when_everybody_may_write_it() {
-    let Some(user) = OtherUser::add() else { return };
+    let Some(user) = other_user() else { return };
     let (tmp, shared) = sticky_dir();
     for mode in ["666", "644", "600"] {
         let name = format!("reg-{mode}.sqlite3");
@@ -255,7 +194,7 @@ fn a_registry_file_of_another_user_is_refused_even_when_everybody_may_write_it()
 /// refused with its owner named, and the registry is left as it was.
 #[test]
 fn side_files_of_another_user_are_refused() {
-    let Some(user) = OtherUser::add() else { return };
+    let Some(user) = other_user() else { return };
     for (suffix, plant) in [
         (".lock", ": > NAME && chmod 600 NAME"),
         ("-wal", ": > NAME && chmod 600 NAME"),
@@ -410,7 +349,7 @@ fn default_path_child(env: &[(&str, &Path)]) -> String {
 /// home, which would lock its owner out of it: the open is refused, naming the home.
 #[test]
 fn root_with_another_users_home_creates_nothing_there() {
-    let Some(user) = OtherUser::add() else { return };
+    let Some(user) = other_user() else { return };
     let tmp = tempfile::tempdir().unwrap();
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let home = tmp.path().join("home");
@@ -903,7 +842,7 @@ fn checkpoint(path: &Path) -> (u32, u32, u32) {
 /// registry that SQLite waits for, taken before and released once the journal is planted.
 #[test]
 fn a_journal_planted_while_the_registry_opens_is_never_rolled_back_into_it() {
-    let Some(user) = OtherUser::add() else {
+    let Some(user) = other_user() else {
         return;
     };
     let (tmp, shared) = sticky_dir();
@@ -1003,7 +942,7 @@ fn a_journal_planted_while_the_registry_opens_is_never_rolled_back_into_it() {
 /// used.
 #[test]
 fn a_registry_below_a_directory_another_user_may_change_is_refused() {
-    let Some(user) = OtherUser::add() else {
+    let Some(user) = other_user() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -14,7 +14,6 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::all_free;
 use common::workers::say;
@@ -75,70 +74,35 @@ fn the_owner_lock_excludes_an_flock_of_another_process() {
     assert!(!file.exists(), "a closed handle removes its lock file");
 }
 
-/// A user made for one test with `useradd`, removed with `userdel` when dropped (also when
-/// the test fails), with the shared temp directory of registries it got.
+/// A user made for one test, removed when dropped (also when the test fails), with the
+/// shared temp directory of registries it got.
 struct TempUser {
-    name: String,
-    uid: u32,
+    user: common::users::TestUser,
 }
 
 impl TempUser {
     /// Adds a fresh user, or `None` (with the reason printed) where that is not possible.
     fn add() -> Option<Self> {
-        if !common::is_root() {
-            println!("skipped: needs root to add a user and make a setuid program");
-            return None;
-        }
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "pds{}x{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        let added = Command::new("useradd")
-            .args(["-M", "-N", "-s", "/bin/sh", "-d", "/nonexistent", &name])
-            .output();
-        match added {
-            Ok(out) if out.status.success() => {}
-            other => {
-                println!("skipped: useradd {name} failed: {other:?}");
-                return None;
-            }
-        }
-        // Removed on drop from here on, even if what follows fails.
-        let mut user = Self {
-            name,
-            uid: u32::MAX,
-        };
-        let id = Command::new("id")
-            .args(["-u", &user.name])
-            .output()
-            .expect("run id");
-        user.uid = String::from_utf8_lossy(&id.stdout)
-            .trim()
-            .parse()
-            .expect("a uid");
-        Some(user)
+        let user = common::users::TestUser::add("pds", "add a user and make a setuid program")?;
+        Some(Self { user })
     }
 
     /// The directory of registries of this user in the shared temp directory.
     fn shared_dir(&self) -> PathBuf {
-        Path::new("/tmp").join(format!("portdaddy-{}", self.uid))
+        Path::new("/tmp").join(format!("portdaddy-{}", self.user.uid))
     }
 }
 
 impl Drop for TempUser {
+    /// Removes the user's directories before the user (dropped after this).
     fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt;
-        if self.uid != u32::MAX {
-            let _ = fs::remove_dir_all(self.shared_dir());
-            // A build that named the directory after the real uid (root's) made this one.
-            let real = Path::new("/tmp/portdaddy-0");
-            if fs::symlink_metadata(real).is_ok_and(|m| m.uid() == self.uid) {
-                let _ = fs::remove_dir_all(real);
-            }
+        let _ = fs::remove_dir_all(self.shared_dir());
+        // A build that named the directory after the real uid (root's) made this one.
+        let real = Path::new("/tmp/portdaddy-0");
+        if fs::symlink_metadata(real).is_ok_and(|m| m.uid() == self.user.uid) {
+            let _ = fs::remove_dir_all(real);
         }
-        let _ = Command::new("userdel").arg(&self.name).output();
     }
 }
 
@@ -180,7 +144,7 @@ fn a_setuid_process_uses_the_registry_of_its_effective_user() {
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let program = tmp.path().join("probe");
     fs::copy(std::env::current_exe().unwrap(), &program).unwrap();
-    std::os::unix::fs::chown(&program, Some(user.uid), None).unwrap();
+    std::os::unix::fs::chown(&program, Some(user.user.uid), None).unwrap();
     fs::set_permissions(&program, fs::Permissions::from_mode(0o4755)).unwrap();
     let output = Command::new(&program)
         .args([&sibling_test!("setuid_entry"), "--exact", "--nocapture"])
@@ -194,7 +158,7 @@ fn a_setuid_process_uses_the_registry_of_its_effective_user() {
         .filter_map(|l| l.strip_prefix("@pd "))
         .collect();
     assert!(output.status.success(), "child failed: {stdout}");
-    if lines.first() != Some(&format!("ids 0 {}", user.uid).as_str()) {
+    if lines.first() != Some(&format!("ids 0 {}", user.user.uid).as_str()) {
         println!("skipped: the setuid bit took no effect here (nosuid mount?): {lines:?}");
         return;
     }
@@ -206,6 +170,10 @@ fn a_setuid_process_uses_the_registry_of_its_effective_user() {
     );
     use std::os::unix::fs::MetadataExt;
     let dir = fs::symlink_metadata(user.shared_dir()).unwrap();
-    assert_eq!(dir.uid(), user.uid, "the directory is the effective user's");
+    assert_eq!(
+        dir.uid(),
+        user.user.uid,
+        "the directory is the effective user's"
+    );
     assert_eq!(dir.mode() & 0o777, 0o700);
 }

@@ -145,13 +145,12 @@ fn shm_gone(shm: &Option<Anchor>) -> bool {
 /// The store refuses to write (and to read a stale view) instead; its leases are reclaimed
 /// when the process exits.
 fn shm_removed_err(path: &Path) -> Error {
-    Error::Registry {
-        path: path.to_owned(),
-        source: "its -shm file was deleted while this process had the registry open, and \
-                 this process can no longer write it without overwriting the leases of \
-                 others; restart the process (its leases are reclaimed when it exits)"
-            .into(),
-    }
+    Error::registry_because(
+        path,
+        "its -shm file was deleted while this process had the registry open, and this \
+         process can no longer write it without overwriting the leases of others; restart \
+         the process (its leases are reclaimed when it exits)",
+    )
 }
 
 /// Whether the file a write ran on is the one the store had open before.
@@ -221,19 +220,18 @@ impl Drop for InUse {
 impl SqliteStore {
     pub(crate) fn open(path: &Path, shared_tmp: bool, timeout: Duration) -> Result<Self> {
         let deadline = Deadline::after(timeout);
-        let open_err = |e: io::Error| Error::Open {
-            path: path.to_owned(),
-            source: e.into(),
-        };
+        let open_err = |e: io::Error| Error::open(path, e);
         if path.file_name().is_none() {
-            return Err(open_err(io::Error::other(
+            return Err(Error::open_because(
+                path,
                 "the path names no file; give the path of a registry file",
-            )));
+            ));
         }
         if path.is_dir() {
-            return Err(open_err(io::Error::other(
+            return Err(Error::open_because(
+                path,
                 "the path is a directory; give a file path",
-            )));
+            ));
         }
         if shared_tmp {
             paths::prepare_shared_dir(path)?;
@@ -371,10 +369,7 @@ impl SqliteStore {
                     shm,
                     ..
                 } = self;
-                let registry_err = |e: io::Error| Error::Registry {
-                    path: path.clone(),
-                    source: e.into(),
-                };
+                let registry_err = |e: io::Error| Error::registry(path, e);
                 match lock.lock(deadline) {
                     Ok(Some(_held)) => {
                         if !anchor.is_gone().map_err(registry_err)? {
@@ -409,12 +404,10 @@ impl SqliteStore {
             self.reopen(deadline)?;
             opened = Opened::Anew { left_behind };
         }
-        Err(Error::Registry {
-            path: self.path.clone(),
-            source: "the registry file was deleted or replaced again each time it was opened \
-                     anew"
-                .into(),
-        })
+        Err(Error::registry_because(
+            &self.path,
+            "the registry file was deleted or replaced again each time it was opened anew",
+        ))
     }
 
     /// The leases of the file the store has open (deleted or replaced), read through its
@@ -441,16 +434,15 @@ impl SqliteStore {
         // that leads elsewhere now (a symbolic link changed) is another registry.
         let (was, now) = (self.real_path(), fresh.real_path());
         if now != was {
-            return Err(Error::Registry {
-                path: self.path.clone(),
-                source: format!(
+            return Err(Error::registry_because(
+                &self.path,
+                format!(
                     "the registry file was deleted, and the path now leads to {} instead of \
                      {}; open the registry again",
                     now.display(),
                     was.display()
-                )
-                .into(),
-            });
+                ),
+            ));
         }
         // Closing the old connection does not touch the new registry: SQLite checkpoints on
         // close (and then deletes `<path>-wal` and `<path>-shm` by name) only while the path
@@ -469,10 +461,7 @@ impl SqliteStore {
         match self.anchor.is_gone() {
             Ok(false) if shm_gone(&self.shm) => Err(shm_removed_err(&self.path)),
             Ok(gone) => Ok(!gone),
-            Err(e) => Err(Error::Registry {
-                path: self.path.clone(),
-                source: e.into(),
-            }),
+            Err(e) => Err(Error::registry(&self.path, e)),
         }
     }
 
@@ -572,14 +561,11 @@ fn lock_path(path: &Path) -> PathBuf {
 
 /// Maps a failure to open the lock file: a refusal of the file when it is one.
 fn lock_err(path: &Path, e: io::Error) -> Error {
-    refusal(path, e).unwrap_or_else(|e| Error::Open {
-        path: path.to_owned(),
-        source: e.into(),
-    })
+    refusal(path, e).unwrap_or_else(|e| Error::open(path, e))
 }
 
 /// [`Error::Refused`] when `e` is a refusal of the lock file; else `e` back.
-fn refusal(path: &Path, e: io::Error) -> std::result::Result<Error, io::Error> {
+pub(crate) fn refusal(path: &Path, e: io::Error) -> std::result::Result<Error, io::Error> {
     e.downcast::<crate::lock::Refusal>()
         .map(|refusal| Error::Refused {
             path: path.to_owned(),
@@ -593,7 +579,15 @@ fn refusal(path: &Path, e: io::Error) -> std::result::Result<Error, io::Error> {
 /// the registry could not be opened.
 fn open_sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
     match sql_err(path, deadline, e) {
-        Error::Registry { path, source } => Error::Open { path, source },
+        Error::Registry {
+            path,
+            reason,
+            source,
+        } => Error::Open {
+            path,
+            reason,
+            source,
+        },
         other => other,
     }
 }
@@ -621,10 +615,7 @@ fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
             path: path.to_owned(),
             waited: deadline.elapsed(),
         },
-        _ => Error::Registry {
-            path: path.to_owned(),
-            source: e.into(),
-        },
+        _ => Error::registry(path, e),
     }
 }
 
@@ -753,7 +744,7 @@ mod tests {
         let deadline = Deadline::after(Duration::from_secs(5));
         let err = store.write(deadline, |tx, _| tx.cursor()).unwrap_err();
         assert!(
-            matches!(&err, Error::Registry { source, .. } if source.to_string().contains("leads to")),
+            matches!(&err, Error::Registry { reason: Some(r), .. } if r.contains("leads to")),
             "{err:?}"
         );
     }

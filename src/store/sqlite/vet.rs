@@ -29,10 +29,7 @@ pub(super) fn check_existing_file(path: &Path, real: &Path, locked: bool) -> Res
 /// [`check_existing_file`], opening the file for writing too only when `write`.
 /// `real` is the file with its links resolved; `path` names it in errors.
 pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) -> Result<()> {
-    let open_err = |e: io::Error| Error::Open {
-        path: path.to_owned(),
-        source: e.into(),
-    };
+    let open_err = |e: io::Error| Error::open(path, e);
     let corrupt = |detail: String| Error::Corrupt {
         path: path.to_owned(),
         detail,
@@ -72,9 +69,10 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
         return Ok(());
     }
     if !meta.is_file() {
-        return Err(open_err(io::Error::other(
+        return Err(Error::open_because(
+            path,
             "the path is not a regular file; give the path of a registry file",
-        )));
+        ));
     }
     let mut header = Vec::with_capacity(HEADER_LEN);
     file.take(HEADER_LEN as u64)

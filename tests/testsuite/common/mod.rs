@@ -48,6 +48,8 @@ macro_rules! sibling_test {
 }
 
 #[cfg(unix)]
+pub mod users;
+#[cfg(unix)]
 pub mod workers;
 
 use std::path::PathBuf;
