@@ -348,3 +348,28 @@ fn user_versions_no_version_writes_are_refused_untouched_and_higher_ones_used() 
         }
     }
 }
+
+/// The marker is read once per open (not per claim, which keeps the claim's statements as
+/// they are): a handle opened before a newer version raised it goes on until it is opened
+/// again, as the format policy says; every open after refuses.
+#[test]
+fn a_marker_raised_under_an_open_handle_binds_the_next_open() {
+    let (_dir, path) = registry();
+    let held = open_at(&path).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("INSERT INTO meta (key, value) VALUES ('min_reader_version', 2)")
+        .unwrap();
+    drop(conn);
+    let lease = held.acquire("still").unwrap();
+    let err = open_at(&path).unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaTooNew { required: 2, .. }),
+        "{err:?}"
+    );
+    lease.release().unwrap();
+    assert_eq!(
+        held.list().unwrap().len(),
+        1,
+        "the kept lease of `registry()`"
+    );
+}
