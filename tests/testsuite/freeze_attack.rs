@@ -373,3 +373,71 @@ fn a_marker_raised_under_an_open_handle_binds_the_next_open() {
         "the kept lease of `registry()`"
     );
 }
+
+/// A file registry over this file's ports whose clock panics once `panicking` is set.
+fn with_panicking_clock(
+    path: &Path,
+    panicking: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> PortDaddy {
+    let flag = panicking.clone();
+    PortDaddy::builder()
+        .path(path)
+        .range(FIRST..=LAST)
+        .port_probe(all_free)
+        .clock(move || {
+            assert!(
+                !flag.load(std::sync::atomic::Ordering::SeqCst),
+                "the caller's clock panics"
+            );
+            std::time::SystemTime::now()
+        })
+        .open()
+        .unwrap()
+}
+
+/// A guard's `Drop` never panics, even when the caller's clock panics in it: the panic is
+/// caught and logged, and the lease is left to be reclaimed when the process exits.
+#[test]
+fn a_guard_dropped_while_the_clock_panics_does_not_panic() {
+    let (_dir, path) = temp_registry();
+    let panicking = common::flag(false);
+    let registry = with_panicking_clock(&path, &panicking);
+    let guard = registry.acquire("dropped").unwrap();
+    panicking.store(true, std::sync::atomic::Ordering::SeqCst);
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(guard)));
+    assert!(dropped.is_ok(), "the guard's Drop panicked");
+    panicking.store(false, std::sync::atomic::Ordering::SeqCst);
+    let names: Vec<String> = registry
+        .list()
+        .unwrap()
+        .iter()
+        .map(|l| l.name().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["dropped"],
+        "the release's transaction was not rolled back"
+    );
+    // The handle goes on working.
+    registry.acquire("after").unwrap().release().unwrap();
+}
+
+/// A guard dropped while a panic unwinds, with a clock that panics too, must not abort the
+/// process (a panic in `Drop` during unwinding does): the unwinding panic reaches the caller.
+#[test]
+fn a_guard_dropped_in_unwinding_with_a_panicking_clock_does_not_abort() {
+    let (_dir, path) = temp_registry();
+    let panicking = common::flag(false);
+    let registry = with_panicking_clock(&path, &panicking);
+    let guard = registry.acquire("unwound").unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _guard = guard;
+        panicking.store(true, std::sync::atomic::Ordering::SeqCst);
+        panic!("the caller's own panic");
+    }));
+    let payload = caught.unwrap_err();
+    assert_eq!(
+        payload.downcast_ref::<&str>(),
+        Some(&"the caller's own panic")
+    );
+}
