@@ -441,3 +441,27 @@ fn a_guard_dropped_in_unwinding_with_a_panicking_clock_does_not_abort() {
         Some(&"the caller's own panic")
     );
 }
+
+/// In a directory others may write (sticky, as `/tmp`), the open makes the `-wal`, `-shm` and
+/// `-journal` itself before SQLite opens them; a registry refused as too new must still be
+/// left with no file beside it that was not there.
+#[cfg(unix)]
+#[test]
+fn a_registry_needing_a_newer_reader_in_a_sticky_directory_gets_no_files_beside_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, path) = registry();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("INSERT INTO meta (key, value) VALUES ('min_reader_version', 2)")
+        .unwrap();
+    drop(conn);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let before = snapshot(dir.path());
+    let err = open_at(&path).unwrap_err();
+    assert!(matches!(err, Error::SchemaTooNew { .. }), "{err:?}");
+    assert_eq!(
+        snapshot(dir.path()).keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "files were left beside the refused registry"
+    );
+    assert_eq!(snapshot(dir.path()), before);
+}
