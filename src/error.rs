@@ -200,7 +200,8 @@ pub enum Error {
     SchemaTooNew {
         /// The registry path.
         path: PathBuf,
-        /// The format generation the registry demands (its `min_reader_version`).
+        /// The format generation the registry demands (its `min_reader_version`); `u32::MAX`
+        /// when that names a generation above it, or none at all (not a number).
         required: u32,
         /// The format generation this version of portdaddy reads.
         supported: u32,

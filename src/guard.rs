@@ -230,15 +230,27 @@ impl Drop for PortGuard {
             );
             return;
         }
-        match self.registry.delete_exact(self.lease.port, self.lease.id) {
-            Ok(_) => {}
+        // A probe or clock of the caller's may panic in the release; `Drop` must not (during
+        // unwinding that would abort the process). The transaction is rolled back as the
+        // panic unwinds through it, so the lease stays until the process exits.
+        let (port, id) = (self.lease.port, self.lease.id);
+        let registry = &self.registry;
+        let released = std::panic::catch_unwind(|| registry.delete_exact(port, id));
+        match released {
+            Ok(Ok(_)) => {}
             // Logged when it was lost.
-            Err(Error::LeaseLost { .. }) => {}
-            Err(error) => tracing::warn!(
+            Ok(Err(Error::LeaseLost { .. })) => {}
+            Ok(Err(error)) => tracing::warn!(
                 port = self.lease.port,
                 name = %self.lease.name,
                 error = %crate::error::Chain(&error),
                 "could not release a port lease; it will be reclaimed once this process exits"
+            ),
+            Err(_) => tracing::warn!(
+                port = self.lease.port,
+                name = %self.lease.name,
+                "a probe or clock panicked while releasing a port lease; it will be reclaimed \
+                 once this process exits"
             ),
         }
     }

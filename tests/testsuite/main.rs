@@ -16,6 +16,7 @@ mod blocks;
 mod cli;
 mod faults;
 mod format;
+mod freeze_attack;
 mod handover;
 mod hostile;
 #[cfg(feature = "cli")]

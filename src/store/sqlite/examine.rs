@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
-use super::schema::{check_reader, identify, min_reader_version, schema_supported};
+use super::schema::{check_demands, identify, schema_supported};
 use super::tx::SqlTx;
 use super::vet::check_file;
 use super::{busy_timeout, open_sql_err};
@@ -68,10 +68,14 @@ pub(crate) fn examine(path: &Path, timeout: Duration) -> Result<Examination> {
         .query_row("PRAGMA integrity_check(1)", [], |r| r.get::<_, String>(0))
         .map_err(|e| e.to_string())
         .and_then(|check| if check == "ok" { Ok(()) } else { Err(check) });
-    // Read only where there is a `meta` table to read it from; a registry without one is
-    // judged by the other checks.
+    // The same test of what the registry demands as the open's: what the open refuses is
+    // never called fine here.
     let too_new = if schema_found > 0 {
-        check_reader(path, min_reader_version(&conn).ok().flatten()).err()
+        match check_demands(&conn, path, deadline) {
+            Ok(()) => None,
+            Err(e @ Error::SchemaTooNew { .. }) => Some(e),
+            Err(e) => return Err(e),
+        }
     } else {
         None
     };

@@ -267,6 +267,8 @@ impl SqliteStore {
             paths::create_private_file(&real).map_err(open_err)?;
             // Before SQLite locks it: from now on nothing of this process closes it again.
             let in_use = InUse::mark(&real).map_err(open_err)?;
+            // A `-wal` made below is empty: SQLite may checkpoint it and remove it on close.
+            let wal_was_there = sibling(&real, "-wal").exists();
             let (created, journal) = if paths::dir_open_to_others(&real) {
                 let created = paths::precreate_side_files(&real).map_err(open_err)?;
                 let journal = paths::precreate_journal(&real).map_err(open_err)?;
@@ -281,7 +283,7 @@ impl SqliteStore {
             } else {
                 (Vec::new(), Vec::new())
             };
-            let opened = open_checked(path, &real, deadline)
+            let opened = open_checked(path, &real, deadline, wal_was_there)
                 .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
             // In WAL mode no journal is written: ours only kept others from planting one
             // for SQLite's first read.
@@ -524,7 +526,13 @@ fn busy_timeout(deadline: Deadline) -> Duration {
 /// Opens the connection, inspects the file read-only, then sets WAL mode and migrates.
 /// The caller holds the write lock.
 /// `real` is the registry file with its links resolved; `path` names it in errors.
-fn open_checked(path: &Path, real: &Path, deadline: Deadline) -> Result<Connection> {
+/// `wal_was_there` says whether a `-wal` was there before this open made one.
+fn open_checked(
+    path: &Path,
+    real: &Path,
+    deadline: Deadline,
+    wal_was_there: bool,
+) -> Result<Connection> {
     let sql = |e| open_sql_err(path, deadline, e);
     // The links are resolved: a link in the path now was put there since, and is not
     // followed.
@@ -534,8 +542,9 @@ fn open_checked(path: &Path, real: &Path, deadline: Deadline) -> Result<Connecti
     let mut conn = Connection::open_with_flags(real, flags).map_err(sql)?;
     conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
     // Closing the last connection checkpoints the WAL into the file: not before we know the
-    // file is ours.
-    let guard_wal = sibling(real, "-wal").exists();
+    // file is ours. An empty `-wal` this open made (in a directory open to others) has
+    // nothing to checkpoint, and closing removes it again, as it would one SQLite made.
+    let guard_wal = wal_was_there;
     if guard_wal {
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(sql)?;
@@ -767,7 +776,8 @@ mod tests {
                 .unwrap()
                 .lines()
                 .filter(|l| l.contains("POSIX") && l.contains(&id) && l.contains(&pid))
-                .map(str::to_owned)
+                // Without the line's ordinal, which changes as other processes lock files.
+                .map(|l| l.split_once(':').map_or(l, |(_, lock)| lock).to_owned())
                 .collect()
         };
         let deadline = Deadline::after(Duration::from_secs(5));

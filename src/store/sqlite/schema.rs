@@ -148,22 +148,7 @@ pub(super) fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Res
     // A newer `user_version` is no reason to refuse (see "Registry format" above); only the
     // marker is.
     if found > 0 {
-        let ours: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema
-                 WHERE type = 'table' AND name IN ('leases', 'names', 'meta')",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| open_sql_err(path, deadline, e))?;
-        if ours != 3 {
-            return Err(Error::Corrupt {
-                path: path.to_owned(),
-                detail: "tables of the registry are missing".into(),
-            });
-        }
-        let required = min_reader_version(conn).map_err(|e| open_sql_err(path, deadline, e))?;
-        check_reader(path, required)?;
+        check_demands(conn, path, deadline)?;
     }
     let check: String = conn
         .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
@@ -175,6 +160,29 @@ pub(super) fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Res
         });
     }
     Ok(())
+}
+
+/// What a registry of ours (`user_version` above 0) demands of its reader, read-only: its
+/// tables must be there, and its `min_reader_version` must not be above this build's
+/// generation. The one test for the store's open and the examination alike, so that the
+/// examination never calls fine what the open refuses.
+pub(super) fn check_demands(conn: &Connection, path: &Path, deadline: Deadline) -> Result<()> {
+    let ours: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema
+             WHERE type = 'table' AND name IN ('leases', 'names', 'meta')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| open_sql_err(path, deadline, e))?;
+    if ours != 3 {
+        return Err(Error::Corrupt {
+            path: path.to_owned(),
+            detail: "tables of the registry are missing".into(),
+        });
+    }
+    let required = min_reader_version(conn).map_err(|e| open_sql_err(path, deadline, e))?;
+    check_reader(path, required)
 }
 
 /// Applies the pending migrations in one transaction.
@@ -194,24 +202,60 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 /// The `min_reader_version` a registry demands ([`MIN_READER_KEY`] in `meta`): `None` when
 /// it demands none. The caller has checked that the `meta` table exists.
-pub(super) fn min_reader_version(conn: &Connection) -> rusqlite::Result<Option<i64>> {
-    conn.query_row(
-        "SELECT value FROM meta WHERE key = ?1",
-        [MIN_READER_KEY],
-        |r| r.get(0),
-    )
-    .optional()
+///
+/// Our `meta` stores integers, but a newer version may have rebuilt it: a whole number in
+/// any type (`2`, `2.0`, `'2'`) is that number, a fraction is rounded up, and anything else
+/// (`NULL`, a blob, other text) is no generation this build knows, so it demands more than
+/// any ([`Demand::Unreadable`]): when in doubt, the registry is not used.
+pub(super) fn min_reader_version(conn: &Connection) -> rusqlite::Result<Option<Demand>> {
+    use rusqlite::types::Value;
+    let value: Option<Value> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [MIN_READER_KEY],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(value.map(|value| {
+        let whole = match &value {
+            Value::Integer(n) => Some(*n),
+            Value::Real(r) if r.is_finite() => Some(r.ceil() as i64),
+            Value::Text(t) => t.trim().parse::<i64>().ok(),
+            _ => None,
+        };
+        whole.map_or_else(
+            || Demand::Unreadable(format!("{value:?}")),
+            Demand::Generation,
+        )
+    }))
 }
 
-/// Refuses a registry whose `min_reader_version` is above [`READER_GENERATION`]: a newer
-/// portdaddy judges ports or owners there by rules this one does not know.
-pub(super) fn check_reader(path: &Path, required: Option<i64>) -> Result<()> {
+/// What a registry's `min_reader_version` demands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Demand {
+    /// The oldest format generation that may use the registry.
+    Generation(i64),
+    /// A value that names no generation (shown as SQLite returned it).
+    Unreadable(String),
+}
+
+/// Refuses a registry whose `min_reader_version` is above [`READER_GENERATION`], or names no
+/// generation: a newer portdaddy judges ports or owners there by rules this one does not know.
+pub(super) fn check_reader(path: &Path, required: Option<Demand>) -> Result<()> {
+    let too_new = |required: u32| Error::SchemaTooNew {
+        path: path.to_owned(),
+        required,
+        supported: READER_GENERATION,
+    };
     match required {
-        Some(required) if required > i64::from(READER_GENERATION) => Err(Error::SchemaTooNew {
-            path: path.to_owned(),
-            required: u32::try_from(required).unwrap_or(u32::MAX),
-            supported: READER_GENERATION,
-        }),
+        Some(Demand::Generation(required)) if required > i64::from(READER_GENERATION) => {
+            Err(too_new(u32::try_from(required).unwrap_or(u32::MAX)))
+        }
+        Some(Demand::Unreadable(value)) => {
+            tracing::warn!(path = %path.display(), %value,
+                "the registry's min_reader_version names no format generation; refusing it");
+            Err(too_new(u32::MAX))
+        }
         _ => Ok(()),
     }
 }
