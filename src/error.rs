@@ -261,6 +261,26 @@ pub enum Error {
         pid: u32,
     },
 
+    /// Nothing started listening on a port before the time given to
+    /// [`wait_until_listening`](crate::wait_until_listening) (or
+    /// [`PortGuard::wait_until_listening`](crate::PortGuard::wait_until_listening)) had passed:
+    /// no TCP connection to `127.0.0.1` or `::1` was accepted, or for UDP no socket was bound
+    /// on the port.
+    #[non_exhaustive]
+    #[error(
+        "nothing listens on port {port} ({}) after waiting {waited:?}; check that the server \
+         started, and that it listens on 127.0.0.1 or ::1 (or on all addresses)",
+        protocol_name(*protocol)
+    )]
+    NotListening {
+        /// The port waited for.
+        port: u16,
+        /// What had to listen: TCP, UDP, or both.
+        protocol: crate::lease::Protocol,
+        /// How long was waited.
+        waited: Duration,
+    },
+
     /// Reading or writing the registry failed. What SQLite or the operating system said is
     /// the [`source`](std::error::Error::source).
     #[non_exhaustive]
@@ -299,6 +319,15 @@ pub enum Error {
     },
 }
 
+/// A protocol as the messages name it.
+fn protocol_name(protocol: crate::lease::Protocol) -> &'static str {
+    match protocol {
+        crate::lease::Protocol::Udp => "UDP",
+        crate::lease::Protocol::Both => "TCP and UDP",
+        _ => "TCP",
+    }
+}
+
 impl Error {
     /// The registry path the error is about, for the errors that concern a registry file:
     /// [`Error::Open`], [`Error::Corrupt`], [`Error::SchemaTooNew`], [`Error::LockTimeout`],
@@ -331,7 +360,8 @@ impl Error {
             | Error::LeaseLost { .. }
             | Error::ForkedHandle { .. }
             | Error::NoSuchProcess { .. }
-            | Error::ProcessUnreadable { .. } => None,
+            | Error::ProcessUnreadable { .. }
+            | Error::NotListening { .. } => None,
         }
     }
 
@@ -386,7 +416,8 @@ impl Error {
             | Error::Probe { .. }
             | Error::LeaseLost { .. }
             | Error::NoSuchProcess { .. }
-            | Error::ProcessUnreadable { .. } => false,
+            | Error::ProcessUnreadable { .. }
+            | Error::NotListening { .. } => false,
         }
     }
 }
@@ -541,6 +572,11 @@ mod tests {
             },
             Error::NoSuchProcess { pid: 1 },
             Error::ProcessUnreadable { pid: 1 },
+            Error::NotListening {
+                port: 2000,
+                protocol: crate::lease::Protocol::Udp,
+                waited: Duration::from_millis(1500),
+            },
             Error::Registry {
                 path: path(),
                 source: CAUSE.into(),
@@ -573,6 +609,7 @@ mod tests {
             Error::ForkedHandle { .. } => "ForkedHandle",
             Error::NoSuchProcess { .. } => "NoSuchProcess",
             Error::ProcessUnreadable { .. } => "ProcessUnreadable",
+            Error::NotListening { .. } => "NotListening",
             Error::Registry { .. } => "Registry",
             Error::Refused { .. } => "Refused",
         }
@@ -581,7 +618,7 @@ mod tests {
     #[test]
     fn every_variant_is_checked() {
         let names: BTreeSet<_> = every_variant().iter().map(variant).collect();
-        assert_eq!(names.len(), 17, "{names:?}");
+        assert_eq!(names.len(), 18, "{names:?}");
     }
 
     #[test]

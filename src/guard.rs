@@ -118,6 +118,36 @@ impl PortGuard {
         self.choice
     }
 
+    /// Waits until a server listens on the guard's [`port`](Self::port), for at most
+    /// `timeout`: a TCP connection to it on `127.0.0.1` or `::1` is accepted, or for a UDP
+    /// lease a socket is bound on it (both for [`Protocol::Both`](crate::Protocol::Both)).
+    /// For a fixture that starts a server and must not connect before it listens. See
+    /// [`wait_until_listening`](crate::wait_until_listening) for how it checks.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let guard = registry.acquire("api")?;
+    /// let port = guard.port();
+    /// let server = std::thread::spawn(move || {
+    ///     let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    ///     listener.accept().map(|_| ())
+    /// });
+    /// guard.wait_until_listening(Duration::from_secs(10))?;
+    /// // the server listens now
+    /// # server.join().unwrap()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotListening`] once `timeout` has passed, naming the port and how long was
+    /// waited.
+    pub fn wait_until_listening(&self, timeout: std::time::Duration) -> crate::Result<()> {
+        crate::listening::wait_until_listening(self.port(), self.lease.protocol(), timeout)
+    }
+
     /// Detaches the lease from this process and returns it: it now outlives the process and
     /// lasts until released by port ([`PortDaddy::release_port`]) or until its TTL, if it has one,
     /// runs out. This is what a build script wants.

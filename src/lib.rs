@@ -19,6 +19,8 @@
 //! | a port that outlives the process (build scripts) | [`Request::ttl`] + [`Request::reuse_detached`], then [`PortGuard::keep`] |
 //! | threads of one process only, no file | [`PortDaddy::in_process`] |
 //! | a preferred port, a range, UDP, another owner | [`Request`], [`PortDaddy::builder`] |
+//! | to wait until the server you started listens | [`PortGuard::wait_until_listening`], [`wait_until_listening`] |
+//! | to know which process holds a port | [`socket_holders`] |
 //!
 //! # Compared with the usual ways
 //!
@@ -71,6 +73,7 @@ mod error;
 mod fork;
 mod guard;
 mod lease;
+mod listening;
 mod lock;
 mod paths;
 mod policy;
@@ -89,6 +92,7 @@ pub use doctor::{Check, Diagnosis, Status};
 pub use error::{Error, Result};
 pub use guard::{GuardError, PortGuard};
 pub use lease::{Choice, Lease, LeaseState, Owner, Protocol};
+pub use listening::{socket_holders, wait_until_listening, SocketHolder};
 pub use paths::ENV_VAR;
 pub use probe::{BindProbe, PortProbe, ProcessProbe, SystemProcessProbe};
 pub use range::PortRange;
