@@ -268,9 +268,10 @@ pub enum Error {
     /// on the port.
     #[non_exhaustive]
     #[error(
-        "nothing listens on port {port} ({}) after waiting {waited:?}; check that the server \
+        "nothing listens on port {port} ({}) after waiting {:?}; check that the server \
          started, and that it listens on 127.0.0.1 or ::1 (or on all addresses)",
-        protocol_name(*protocol)
+        protocol_name(*protocol),
+        Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
     )]
     NotListening {
         /// The port waited for.
