@@ -58,8 +58,8 @@
 //! # Features
 //!
 //! - `serde`: `Serialize` and `Deserialize` for [`Lease`], [`Owner`], [`Protocol`],
-//!   [`LeaseState`] and [`PortRange`] (checked like [`PortRange::new`] on the way in), and
-//!   `Serialize` for [`Stats`] and [`Diagnosis`]. Off by default.
+//!   [`LeaseState`], [`Choice`] and [`PortRange`] (checked like [`PortRange::new`] on the way
+//!   in), and `Serialize` for [`Stats`], [`Diagnosis`] and [`SocketHolder`]. Off by default.
 //! - `cli`: the `portdaddy` command-line tool; turns on `serde`.
 
 #![deny(missing_docs)]
