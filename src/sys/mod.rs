@@ -43,20 +43,6 @@ pub(crate) use imp::*;
 #[cfg(target_os = "linux")]
 mod sockets;
 
-/// Whether a UDP socket is bound on `port`, from the kernel's socket tables, without binding
-/// anything; `None` where the system cannot tell.
-pub(crate) fn udp_port_bound(port: u16) -> Option<bool> {
-    #[cfg(target_os = "linux")]
-    {
-        sockets::udp_bound(port)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = port;
-        None
-    }
-}
-
 /// A process with a socket bound on a port, as [`socket_holders`] finds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SocketOwner {
@@ -67,18 +53,4 @@ pub(crate) struct SocketOwner {
     pub(crate) pid: Option<u32>,
     /// Its command line, where it can be read.
     pub(crate) command: Option<String>,
-}
-
-/// The processes with a listening TCP socket or a UDP socket bound on `port`, or `None`
-/// where the system cannot tell (no Linux `/proc`, or its socket tables cannot be read).
-pub(crate) fn socket_holders(port: u16) -> Option<Vec<SocketOwner>> {
-    #[cfg(target_os = "linux")]
-    {
-        sockets::holders(port)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = port;
-        None
-    }
 }
