@@ -145,7 +145,8 @@ enum Command {
     },
     /// Reclaims the leases whose owner has died or whose expiry has passed; prints how many.
     Reap,
-    /// Prints the counters kept in the registry and the number of leases by state.
+    /// Prints the counters kept in the registry and the number of leases by state; also for
+    /// Prometheus.
     #[command(after_help = "Example, for node_exporter's textfile collector:\n  \
         portdaddy stats --format prometheus > /var/lib/node_exporter/portdaddy.prom.$$ && \
         mv /var/lib/node_exporter/portdaddy.prom.$$ /var/lib/node_exporter/portdaddy.prom")]
@@ -159,9 +160,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Waits until something listens on PORT: exits 0 once a TCP connection to 127.0.0.1 or
-    /// ::1 is accepted (with --udp: once a UDP socket is bound on the port), and 1 once the
-    /// timeout has passed. Checks at once, then after pauses that double from 1 ms to 100 ms.
+    /// Waits until something listens on PORT; exits 1 if nothing does before the timeout.
+    ///
+    /// Exits 0 once a TCP connection to 127.0.0.1 or ::1 is accepted (with --udp: once a UDP
+    /// socket is bound on the port), and 1 once the timeout has passed. Checks at once, then
+    /// after pauses that double from 1 ms to 100 ms.
     ///
     /// The TCP server sees one connection that is closed at once. For UDP, which has no
     /// connection to accept, "listening" means a UDP socket is bound on the port on any
@@ -181,8 +184,10 @@ enum Command {
         #[arg(long)]
         udp: bool,
     },
-    /// Shows who holds PORT: the registry's lease on it (name, owner pid, state, age) and the
-    /// processes with a listening TCP socket or a UDP socket bound on it (pid, command).
+    /// Shows who holds PORT: its lease in the registry, and the processes bound on it.
+    ///
+    /// The lease: name, owner pid, state, age. The processes: each with a listening TCP
+    /// socket or a UDP socket bound on the port, by pid and command.
     ///
     /// A socket whose process cannot be read (another user's, or /proc mounted with hidepid)
     /// is shown as a process we cannot see. The processes are found in Linux's /proc; on
