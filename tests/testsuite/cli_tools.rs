@@ -501,6 +501,18 @@ fn acquire_json_says_how_the_port_was_chosen_and_who_holds_the_preferred_one() {
     );
     let other = fixture.json(&["acquire", "other", "--pid", &pid, "--json"]);
     assert_eq!(other["choice"], "searched");
+    // Preferred, but leased in the registry: no process to name.
+    let leased = fixture.json(&[
+        "acquire",
+        "third",
+        "--preferred",
+        "32920",
+        "--pid",
+        &pid,
+        "--json",
+    ]);
+    assert_eq!(leased["choice"], "searched", "{leased}");
+    assert!(leased.get("preferred_held_by").is_none(), "{leased}");
 
     // A preferred port outside the range that a foreign process holds: searched instead,
     // and the holder is named.

@@ -158,7 +158,7 @@ fn acquire(
         // Why the preferred port was not given, where a process outside the registry holds
         // it: looked up only then, after the claim.
         if let Some(preferred) = request_preferred.filter(|_| choice != Choice::Preferred) {
-            if let Some(holders) = portdaddy::socket_holders(preferred) {
+            if let Some(holders) = portdaddy::socket_holders(preferred).filter(|h| !h.is_empty()) {
                 value["preferred_held_by"] =
                     json!(holders.iter().map(output::holder_json).collect::<Vec<_>>());
             }
