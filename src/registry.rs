@@ -377,7 +377,7 @@ impl PortDaddy {
                 |holdings, (lease, _, _)| holdings.hold(lease),
             )
             .map_err(name_foreign_holder)?;
-        Ok(PortGuard::new(self.clone(), lease, choice, sockets))
+        Ok(PortGuard::new(self.clone(), lease, choice, sockets).preferring(request.preferred))
     }
 
     /// Leases a port under `name` together with the TCP listener, bound on `127.0.0.1`, that
@@ -474,7 +474,10 @@ impl PortDaddy {
             .map_err(name_foreign_holder)?;
         Ok(claims
             .into_iter()
-            .map(|(lease, choice, sockets)| PortGuard::new(self.clone(), lease, choice, sockets))
+            .zip(requests)
+            .map(|((lease, choice, sockets), request)| {
+                PortGuard::new(self.clone(), lease, choice, sockets).preferring(request.preferred)
+            })
             .collect())
     }
 

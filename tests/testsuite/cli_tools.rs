@@ -661,3 +661,32 @@ fn stats_in_prometheus_format_reads_back_with_the_reference_parser() {
     let line = error_line(&run(&["stats", "--format", "xml"]), 2);
     assert!(line.contains("xml"), "{line}");
 }
+
+#[test]
+fn a_guard_names_who_holds_its_preferred_port_when_it_got_another() {
+    let port = 32872;
+    let server = listening_server("foreign listener", port, "tcp");
+    let (_dir, db) = common::temp_registry();
+    let registry = PortDaddy::builder()
+        .path(&db)
+        .range(LEASE_RANGE)
+        .open()
+        .unwrap();
+    let guard = registry
+        .acquire_with(&Request::new("api").preferred(port))
+        .unwrap();
+    assert_ne!(guard.port(), port);
+    let holders = guard.preferred_port_holders().expect("Linux can tell");
+    assert!(
+        holders
+            .iter()
+            .any(|h| h.pid == Some(server.pid()) && h.protocol == Protocol::Tcp),
+        "{holders:?}"
+    );
+    // A preferred port that was given has nothing to explain.
+    let free = registry
+        .acquire_with(&Request::new("web").preferred(32873))
+        .unwrap();
+    assert_eq!(free.port(), 32873);
+    assert_eq!(free.preferred_port_holders(), None);
+}

@@ -6,9 +6,7 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::CommandFactory;
-use portdaddy::{
-    Choice, Lease, LeaseState, Owner, PortDaddy, PortRange, Protocol, Request, Status,
-};
+use portdaddy::{Lease, LeaseState, Owner, PortDaddy, PortRange, Protocol, Request, Status};
 use serde_json::json;
 
 use crate::exit::{self, Failure};
@@ -42,7 +40,7 @@ pub fn run(cli: Cli) -> Outcome {
             if udp {
                 request = request.protocol(Protocol::Udp);
             }
-            acquire(&target, request, preferred, ttl, pid, json)
+            acquire(&target, request, ttl, pid, json)
         }
         Command::Release { target: what, name } => release(&target, &what, name),
         Command::List { json, all } => list(&target, json, all),
@@ -109,7 +107,6 @@ impl Target {
 fn acquire(
     target: &Target,
     request: Request,
-    request_preferred: Option<u16>,
     ttl: Option<std::time::Duration>,
     pid: Option<u32>,
     json: bool,
@@ -138,30 +135,36 @@ fn acquire(
     // A reader that has gone must not kill this process before it has released the lease.
     signals::report_closed_pipes();
     let registry = target.open()?;
-    let (lease, choice) = match holder {
+    // How the port was chosen and, if a preferred port went elsewhere, who holds that one:
+    // looked up only then, and only for --json, after the claim.
+    let chosen = |guard: &portdaddy::PortGuard| {
+        let holders = if json {
+            guard.preferred_port_holders().filter(|h| !h.is_empty())
+        } else {
+            None
+        };
+        (guard.choice(), holders)
+    };
+    let (lease, (choice, preferred_holders)) = match holder {
         Holder::Ttl(ttl) => {
             let guard = registry.acquire_with(&request.ttl(ttl))?;
-            let choice = guard.choice();
-            (guard.keep()?, choice)
+            let chosen = chosen(&guard);
+            (guard.keep()?, chosen)
         }
         // The command exits at once: the lease must belong to whoever asked for it.
         Holder::Owner(owner) => {
             let guard = registry.acquire_with(&request.owner(owner))?;
-            let choice = guard.choice();
-            (guard.into_lease(), choice)
+            let chosen = chosen(&guard);
+            (guard.into_lease(), chosen)
         }
     };
     let text = if json {
         let state = registry.state_of(&lease);
         let mut value = output::lease_json(&lease, state, SystemTime::now());
         value["choice"] = json!(choice.as_str());
-        // Why the preferred port was not given, where a process outside the registry holds
-        // it: looked up only then, after the claim.
-        if let Some(preferred) = request_preferred.filter(|_| choice != Choice::Preferred) {
-            if let Some(holders) = portdaddy::socket_holders(preferred).filter(|h| !h.is_empty()) {
-                value["preferred_held_by"] =
-                    json!(holders.iter().map(output::holder_json).collect::<Vec<_>>());
-            }
+        if let Some(holders) = preferred_holders {
+            value["preferred_held_by"] =
+                json!(holders.iter().map(output::holder_json).collect::<Vec<_>>());
         }
         format!("{}\n", output::json_text(&value))
     } else {
