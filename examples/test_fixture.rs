@@ -5,13 +5,20 @@
 //! cargo run --example test_fixture
 //! ```
 //!
+//! The server binds its port itself, on a thread of its own, as most servers that take a port
+//! number do; the fixture waits until it listens ([`PortGuard::wait_until_listening`]) before
+//! handing it to the test, so the test never connects too early.
+//!
 //! In a real test suite the fixture lives in `tests/common/mod.rs` and each `#[test]` creates
 //! its own; threads of one test binary and the separate processes of `cargo nextest` all
 //! draw from the same registry, so no two servers ever get the same port.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use portdaddy::{PortDaddy, PortGuard};
 
@@ -19,27 +26,39 @@ use portdaddy::{PortDaddy, PortGuard};
 struct EchoServer {
     // Field order is drop order: stop the server, then release the port.
     thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
     guard: PortGuard,
 }
 
 impl EchoServer {
     fn start(registry: &PortDaddy, name: &str) -> portdaddy::Result<Self> {
         let guard = registry.acquire(name)?;
-        let listener =
-            TcpListener::bind(("127.0.0.1", guard.port())).expect("a leased port is free to bind");
+        let port = guard.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
-            // Serve one connection, echoing lines until the client hangs up.
-            if let Ok((stream, _)) = listener.accept() {
+            let listener =
+                TcpListener::bind(("127.0.0.1", port)).expect("a leased port is free to bind");
+            // Serve connections one after another, echoing lines until each client hangs up.
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
                 let mut writer = stream.try_clone().expect("clone stream");
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     let _ = writeln!(writer, "{line}");
                 }
             }
         });
-        Ok(Self {
+        let server = Self {
             thread: Some(thread),
+            stop,
             guard,
-        })
+        };
+        // The thread may not have bound the port yet: connecting now could be refused.
+        server.guard.wait_until_listening(Duration::from_secs(10))?;
+        Ok(server)
     }
 
     fn port(&self) -> u16 {
@@ -50,6 +69,7 @@ impl EchoServer {
 impl Drop for EchoServer {
     fn drop(&mut self) {
         // Unblock a server still waiting in `accept`, then join it.
+        self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(("127.0.0.1", self.port()));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

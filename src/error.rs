@@ -274,6 +274,27 @@ pub enum Error {
         pid: u32,
     },
 
+    /// Nothing started listening on a port before the time given to
+    /// [`wait_until_listening`](crate::wait_until_listening) (or
+    /// [`PortGuard::wait_until_listening`](crate::PortGuard::wait_until_listening)) had passed:
+    /// no TCP connection to `127.0.0.1` or `::1` was accepted, or for UDP no socket was bound
+    /// on the port.
+    #[non_exhaustive]
+    #[error(
+        "nothing listens on port {port} ({}) after waiting {:?}; check that the server \
+         started, and that it listens on 127.0.0.1 or ::1 (or on all addresses)",
+        protocol_name(*protocol),
+        Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
+    )]
+    NotListening {
+        /// The port waited for.
+        port: u16,
+        /// What had to listen: TCP, UDP, or both.
+        protocol: crate::lease::Protocol,
+        /// How long was waited.
+        waited: Duration,
+    },
+
     /// Reading or writing the registry failed. What portdaddy found wrong, and what to do
     /// about it, is the `reason`, shown in the message; what SQLite or the operating system
     /// said is the [`source`](std::error::Error::source).
@@ -322,6 +343,15 @@ pub enum Error {
     },
 }
 
+/// A protocol as the messages name it.
+fn protocol_name(protocol: crate::lease::Protocol) -> &'static str {
+    match protocol {
+        crate::lease::Protocol::Udp => "UDP",
+        crate::lease::Protocol::Both => "TCP and UDP",
+        _ => "TCP",
+    }
+}
+
 impl Error {
     /// The registry path the error is about, for the errors that concern a registry file:
     /// [`Error::Open`], [`Error::Corrupt`], [`Error::SchemaTooNew`], [`Error::LockTimeout`],
@@ -354,7 +384,8 @@ impl Error {
             | Error::LeaseLost { .. }
             | Error::ForkedHandle { .. }
             | Error::NoSuchProcess { .. }
-            | Error::ProcessUnreadable { .. } => None,
+            | Error::ProcessUnreadable { .. }
+            | Error::NotListening { .. } => None,
         }
     }
 
@@ -409,7 +440,8 @@ impl Error {
             | Error::Probe { .. }
             | Error::LeaseLost { .. }
             | Error::NoSuchProcess { .. }
-            | Error::ProcessUnreadable { .. } => false,
+            | Error::ProcessUnreadable { .. }
+            | Error::NotListening { .. } => false,
         }
     }
 }
@@ -612,6 +644,11 @@ mod tests {
             },
             Error::NoSuchProcess { pid: 1 },
             Error::ProcessUnreadable { pid: 1 },
+            Error::NotListening {
+                port: 2000,
+                protocol: crate::lease::Protocol::Udp,
+                waited: Duration::from_millis(1500),
+            },
             Error::Registry {
                 path: path(),
                 reason: None,
@@ -645,6 +682,7 @@ mod tests {
             Error::ForkedHandle { .. } => "ForkedHandle",
             Error::NoSuchProcess { .. } => "NoSuchProcess",
             Error::ProcessUnreadable { .. } => "ProcessUnreadable",
+            Error::NotListening { .. } => "NotListening",
             Error::Registry { .. } => "Registry",
             Error::Refused { .. } => "Refused",
         }
@@ -653,7 +691,7 @@ mod tests {
     #[test]
     fn every_variant_is_checked() {
         let names: BTreeSet<_> = every_variant().iter().map(variant).collect();
-        assert_eq!(names.len(), 17, "{names:?}");
+        assert_eq!(names.len(), 18, "{names:?}");
     }
 
     #[test]

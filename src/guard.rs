@@ -43,6 +43,8 @@ pub struct PortGuard {
     registry: PortDaddy,
     lease: Lease,
     choice: Choice,
+    /// The port the request preferred or required, if any.
+    preferred: Option<u16>,
     /// Sockets bound for [`Request::listen_on`](crate::Request::listen_on), until taken.
     sockets: Sockets,
     /// The process that took the lease; a forked child must not release it.
@@ -56,10 +58,17 @@ impl PortGuard {
             registry,
             lease,
             choice,
+            preferred: None,
             sockets,
             creator: std::process::id(),
             armed: true,
         }
+    }
+
+    /// Records the port the request preferred, for [`preferred_port_holders`](Self::preferred_port_holders).
+    pub(crate) fn preferring(mut self, port: Option<u16>) -> Self {
+        self.preferred = port;
+        self
     }
 
     /// The leased port.
@@ -116,6 +125,63 @@ impl PortGuard {
     /// How the port was chosen: the preferred port, the name's remembered one, or a search.
     pub fn choice(&self) -> Choice {
         self.choice
+    }
+
+    /// Waits until a server listens on the guard's [`port`](Self::port), for at most
+    /// `timeout`: a TCP connection to it on `127.0.0.1` or `::1` is accepted, or for a UDP
+    /// lease a socket is bound on it (both for [`Protocol::Both`](crate::Protocol::Both)).
+    /// For a fixture that starts a server and must not connect before it listens. See
+    /// [`wait_until_listening`](crate::wait_until_listening) for how it checks.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let guard = registry.acquire("api")?;
+    /// let port = guard.port();
+    /// let server = std::thread::spawn(move || {
+    ///     let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    ///     listener.accept().map(|_| ())
+    /// });
+    /// guard.wait_until_listening(Duration::from_secs(10))?;
+    /// // the server listens now
+    /// # server.join().unwrap()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotListening`] once `timeout` has passed, naming the port and how long was
+    /// waited.
+    pub fn wait_until_listening(&self, timeout: std::time::Duration) -> crate::Result<()> {
+        crate::listening::wait_until_listening(self.port(), self.lease.protocol(), timeout)
+    }
+
+    /// Why the preferred port ([`Request::preferred`](crate::Request::preferred)) was not
+    /// given, where programs outside the registry hold it: the processes with a socket bound
+    /// on that port (see [`socket_holders`](crate::socket_holders)), looked up now, not at the
+    /// claim, so that claims pay nothing for it.
+    ///
+    /// `None` if the preferred port was given ([`Choice::Preferred`]), none was asked for, or
+    /// the system cannot tell; an empty list if no process has a socket on it (another lease
+    /// holds it, it is reserved, or the holder has gone since).
+    ///
+    /// ```
+    /// let foreign = std::net::TcpListener::bind("127.0.0.1:0")?; // a program outside the registry
+    /// let taken = foreign.local_addr()?.port();
+    /// let registry = portdaddy::PortDaddy::builder().in_memory().open()?;
+    /// let guard = registry.acquire_with(&portdaddy::Request::new("api").preferred(taken))?;
+    /// assert_ne!(guard.port(), taken);
+    /// if let Some(holders) = guard.preferred_port_holders() {
+    ///     assert!(holders.iter().any(|h| h.pid == Some(std::process::id())));
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn preferred_port_holders(&self) -> Option<Vec<crate::SocketHolder>> {
+        match (self.preferred, self.choice) {
+            (Some(port), choice) if choice != Choice::Preferred => crate::socket_holders(port),
+            _ => None,
+        }
     }
 
     /// Detaches the lease from this process and returns it: it now outlives the process and

@@ -411,8 +411,24 @@ impl std::fmt::Display for LeaseState {
     }
 }
 
-/// How a guard's port was chosen.
+/// How a guard's port was chosen ([`PortGuard::choice`](crate::PortGuard::choice)).
+///
+/// ```
+/// use portdaddy::{Choice, PortDaddy, Request};
+///
+/// let registry = PortDaddy::builder()
+///     .in_memory()
+///     .range(20000..=20099)
+///     .port_probe(|_, _| true) // every port free, for the example
+///     .open()?;
+/// let guard = registry.acquire_with(&Request::new("api").preferred(20042))?;
+/// assert_eq!(guard.choice(), Choice::Preferred);
+/// assert_eq!(guard.choice().as_str(), "preferred");
+/// # Ok::<(), portdaddy::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 #[non_exhaustive]
 pub enum Choice {
     /// The port asked for with [`Request::preferred`](crate::Request::preferred) or
@@ -422,6 +438,24 @@ pub enum Choice {
     Remembered,
     /// A port found by searching the range (the preferred or remembered one, if any, was taken).
     Searched,
+}
+
+impl Choice {
+    /// The choice in lower case, as the command's JSON shows it: `preferred`, `remembered`,
+    /// `searched`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Choice::Preferred => "preferred",
+            Choice::Remembered => "remembered",
+            Choice::Searched => "searched",
+        }
+    }
+}
+
+impl std::fmt::Display for Choice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Milliseconds since the Unix epoch, saturating, for storage.

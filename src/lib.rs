@@ -19,6 +19,8 @@
 //! | a port that outlives the process (build scripts) | [`Request::ttl`] + [`Request::reuse_detached`], then [`PortGuard::keep`] |
 //! | threads of one process only, no file | [`PortDaddy::in_process`] |
 //! | a preferred port, a range, UDP, another owner | [`Request`], [`PortDaddy::builder`] |
+//! | to wait until the server you started listens | [`PortGuard::wait_until_listening`], [`wait_until_listening`] |
+//! | to know which process holds a port | [`socket_holders`] |
 //!
 //! # Compared with the usual ways
 //!
@@ -56,8 +58,9 @@
 //! # Features
 //!
 //! - `serde`: `Serialize` and `Deserialize` for [`Lease`], [`Owner`], [`Protocol`],
-//!   [`LeaseState`] and [`PortRange`] (checked like [`PortRange::new`] on the way in), and
-//!   `Serialize` for [`Stats`], [`Diagnosis`], [`Check`] and [`Status`]. Off by default.
+//!   [`LeaseState`], [`Choice`] and [`PortRange`] (checked like [`PortRange::new`] on the way
+//!   in), and `Serialize` for [`Stats`], [`Diagnosis`], [`Check`], [`Status`] and
+//!   [`SocketHolder`]. Off by default.
 //! - `cli`: the `portdaddy` command-line tool; turns on `serde`.
 
 #![deny(missing_docs)]
@@ -71,6 +74,7 @@ mod error;
 mod fork;
 mod guard;
 mod lease;
+mod listening;
 mod lock;
 mod paths;
 mod policy;
@@ -89,6 +93,7 @@ pub use doctor::{Check, Diagnosis, Status};
 pub use error::{Error, Result};
 pub use guard::{GuardError, PortGuard};
 pub use lease::{Choice, Lease, LeaseState, Owner, Protocol};
+pub use listening::{socket_holders, wait_until_listening, SocketHolder};
 pub use paths::ENV_VAR;
 pub use probe::{BindProbe, PortProbe, ProcessProbe, SystemProcessProbe};
 pub use range::PortRange;

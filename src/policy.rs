@@ -100,6 +100,10 @@ enum Blocked {
     Foreign,
 }
 
+/// Why a port a program outside the registry holds is refused; the registry names that
+/// program after the claim, outside the lock.
+pub(crate) const FOREIGN: &str = "a program outside the registry has it bound";
+
 impl Blocked {
     fn describe(&self) -> String {
         match self {
@@ -108,7 +112,7 @@ impl Blocked {
                 Some(pid) => format!("leased as {:?} by pid {pid}", l.name),
                 None => format!("leased as {:?} (detached)", l.name),
             },
-            Blocked::Foreign => "a program outside the registry has it bound".into(),
+            Blocked::Foreign => FOREIGN.into(),
         }
     }
 }

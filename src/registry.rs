@@ -379,12 +379,14 @@ impl PortDaddy {
     /// taken and [`Error::InvalidRequest`](crate::Error::InvalidRequest).
     pub fn acquire_with(&self, request: &Request) -> Result<PortGuard> {
         self.check_request(request)?;
-        let (lease, choice, sockets) = self.counted_claim(
-            1,
-            |tx, env| claim(tx, env, request),
-            |holdings, (lease, _, _)| holdings.hold(lease),
-        )?;
-        Ok(PortGuard::new(self.clone(), lease, choice, sockets))
+        let (lease, choice, sockets) = self
+            .counted_claim(
+                1,
+                |tx, env| claim(tx, env, request),
+                |holdings, (lease, _, _)| holdings.hold(lease),
+            )
+            .map_err(name_foreign_holder)?;
+        Ok(PortGuard::new(self.clone(), lease, choice, sockets).preferring(request.preferred))
     }
 
     /// Leases a port under `name` together with the TCP listener, bound on `127.0.0.1`, that
@@ -463,23 +465,28 @@ impl PortDaddy {
         requests
             .iter()
             .try_for_each(|request| self.check_request(request))?;
-        let claims = self.counted_claim(
-            requests.len(),
-            |tx, env| {
-                requests
-                    .iter()
-                    .map(|request| claim(tx, env, request))
-                    .collect::<Result<Vec<_>>>()
-            },
-            |holdings, claims| {
-                for (lease, _, _) in claims {
-                    holdings.hold(lease);
-                }
-            },
-        )?;
+        let claims = self
+            .counted_claim(
+                requests.len(),
+                |tx, env| {
+                    requests
+                        .iter()
+                        .map(|request| claim(tx, env, request))
+                        .collect::<Result<Vec<_>>>()
+                },
+                |holdings, claims| {
+                    for (lease, _, _) in claims {
+                        holdings.hold(lease);
+                    }
+                },
+            )
+            .map_err(name_foreign_holder)?;
         Ok(claims
             .into_iter()
-            .map(|(lease, choice, sockets)| PortGuard::new(self.clone(), lease, choice, sockets))
+            .zip(requests)
+            .map(|((lease, choice, sockets), request)| {
+                PortGuard::new(self.clone(), lease, choice, sockets).preferring(request.preferred)
+            })
             .collect())
     }
 
@@ -1031,6 +1038,22 @@ fn rerecord(tx: &mut dyn Tx, me: &Owner, holdings: &mut Holdings) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Names the process that holds a required port outside the registry, where it can be
+/// seen. Only on this failure path, after the claim's transaction: the claims that succeed
+/// pay nothing for it.
+fn name_foreign_holder(error: Error) -> Error {
+    match error {
+        Error::PortUnavailable { port, reason } if reason == policy::FOREIGN => {
+            let reason = match crate::listening::describe_holders(port) {
+                Some(holders) => format!("{reason}: {holders}"),
+                None => reason,
+            };
+            Error::PortUnavailable { port, reason }
+        }
+        other => other,
+    }
 }
 
 /// Claims one port for `request`; with [`Request::listen_on`], the probe keeps the sockets

@@ -8,6 +8,8 @@
 //!   calls); the parts only Linux has (namespaces, `O_PATH`, `statx`, the ephemeral port
 //!   range) are marked there. The one call rustix does not cover (`pthread_atfork`) goes
 //!   through `libc`.
+//! - `sockets.rs`: Linux only, which processes have a socket bound on a port, read from
+//!   `/proc` (plain file reads); elsewhere [`socket_holders`] says it cannot tell.
 //! - `unsupported.rs`: every other platform. It compiles everywhere and gives the answer
 //!   that keeps the rest safe: no evidence (`None`) where a question cannot be asked, which
 //!   the liveness rule turns into "keep the lease", or an [`io::ErrorKind::Unsupported`]
@@ -37,3 +39,18 @@ use unsupported as imp;
 mod unsupported;
 
 pub(crate) use imp::*;
+
+#[cfg(target_os = "linux")]
+mod sockets;
+
+/// A process with a socket bound on a port, as [`socket_holders`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SocketOwner {
+    /// A UDP socket; a listening TCP socket otherwise.
+    pub(crate) udp: bool,
+    /// `None`: a socket whose process cannot be seen (another user's, or `/proc` mounted
+    /// with `hidepid`).
+    pub(crate) pid: Option<u32>,
+    /// Its command line, where it can be read.
+    pub(crate) command: Option<String>,
+}

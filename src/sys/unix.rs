@@ -391,6 +391,34 @@ pub(crate) fn on_fork_child(handler: extern "C" fn()) -> bool {
     unsafe { libc::pthread_atfork(None, None, Some(handler)) == 0 }
 }
 
+/// Whether a UDP socket is bound on `port`, from the kernel's socket tables, without binding
+/// anything; `None` where the system cannot tell (no Linux `/proc/net`).
+pub(crate) fn udp_port_bound(port: u16) -> Option<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        super::sockets::udp_bound(port)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = port;
+        None
+    }
+}
+
+/// The processes with a listening TCP socket or a UDP socket bound on `port`, or `None`
+/// where the system cannot tell (no Linux `/proc`, or its socket tables cannot be read).
+pub(crate) fn socket_holders(port: u16) -> Option<Vec<super::SocketOwner>> {
+    #[cfg(target_os = "linux")]
+    {
+        super::sockets::holders(port)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = port;
+        None
+    }
+}
+
 /// The text of the kernel's range of ephemeral ports, where the system says it.
 pub(crate) fn ephemeral_port_range() -> Option<String> {
     #[cfg(target_os = "linux")]

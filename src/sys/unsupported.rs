@@ -159,6 +159,16 @@ pub(crate) fn on_fork_child(_: extern "C" fn()) -> bool {
     false
 }
 
+/// Cannot be told here.
+pub(crate) fn udp_port_bound(_: u16) -> Option<bool> {
+    None
+}
+
+/// Cannot be told here.
+pub(crate) fn socket_holders(_: u16) -> Option<Vec<super::SocketOwner>> {
+    None
+}
+
 /// Not known here.
 pub(crate) fn ephemeral_port_range() -> Option<String> {
     None
@@ -180,6 +190,9 @@ mod tests {
         );
         // No evidence that a process is gone: the liveness rule keeps its leases.
         assert_eq!(pid_exists(u32::MAX - 7), None);
+        // No claim about who holds a port, or whether a UDP socket is bound on it.
+        assert_eq!(socket_holders(80), None);
+        assert_eq!(udp_port_bound(80), None);
         assert!(!is_unlinked(&file).unwrap());
         let anchor = Anchor::at(&path).unwrap();
         assert!(!anchor.is_gone().unwrap());

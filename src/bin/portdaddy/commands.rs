@@ -1,7 +1,7 @@
 //! The commands, each over the library's public API.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, IsTerminal};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::exit::{self, Failure};
 use crate::output::{self, escape};
 use crate::signals::{self, Ended};
-use crate::{Cli, Command};
+use crate::{Cli, Command, StatsFormat};
 
 type Outcome = Result<ExitCode, Failure>;
 
@@ -53,7 +53,11 @@ pub fn run(cli: Cli) -> Outcome {
             let reaped = target.open()?.reap()?;
             print(format_args!("reaped {reaped}\n"))
         }
-        Command::Stats { json } => stats(&target, json),
+        Command::Stats { format, json } => {
+            stats(&target, if json { StatsFormat::Json } else { format })
+        }
+        Command::Wait { port, timeout, udp } => wait(port, timeout, udp),
+        Command::Who { port, json } => who(&target, port, json),
         Command::Doctor { json } => doctor(&target, json),
         Command::Completions { shell } => {
             let mut out = Vec::new();
@@ -131,14 +135,37 @@ fn acquire(
     // A reader that has gone must not kill this process before it has released the lease.
     signals::report_closed_pipes();
     let registry = target.open()?;
-    let lease = match holder {
-        Holder::Ttl(ttl) => registry.acquire_with(&request.ttl(ttl))?.keep()?,
+    // How the port was chosen and, if a preferred port went elsewhere, who holds that one:
+    // looked up only then, and only for --json, after the claim.
+    let chosen = |guard: &portdaddy::PortGuard| {
+        let holders = if json {
+            guard.preferred_port_holders().filter(|h| !h.is_empty())
+        } else {
+            None
+        };
+        (guard.choice(), holders)
+    };
+    let (lease, (choice, preferred_holders)) = match holder {
+        Holder::Ttl(ttl) => {
+            let guard = registry.acquire_with(&request.ttl(ttl))?;
+            let chosen = chosen(&guard);
+            (guard.keep()?, chosen)
+        }
         // The command exits at once: the lease must belong to whoever asked for it.
-        Holder::Owner(owner) => registry.acquire_with(&request.owner(owner))?.into_lease(),
+        Holder::Owner(owner) => {
+            let guard = registry.acquire_with(&request.owner(owner))?;
+            let chosen = chosen(&guard);
+            (guard.into_lease(), chosen)
+        }
     };
     let text = if json {
         let state = registry.state_of(&lease);
-        let value = output::lease_json(&lease, state, SystemTime::now());
+        let mut value = output::lease_json(&lease, state, SystemTime::now());
+        value["choice"] = json!(choice.as_str());
+        if let Some(holders) = preferred_holders {
+            value["preferred_held_by"] =
+                json!(holders.iter().map(output::holder_json).collect::<Vec<_>>());
+        }
         format!("{}\n", output::json_text(&value))
     } else {
         format!("{}\n", lease.port())
@@ -279,7 +306,9 @@ fn list(target: &Target, json: bool, all: bool) -> Outcome {
             output::json_text(&serde_json::Value::Array(values))
         ));
     }
-    if leases.is_empty() {
+    // On a terminal the header says the list is empty; a script reading a pipe gets no
+    // output for no leases, as it always did.
+    if leases.is_empty() && !std::io::stdout().is_terminal() {
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = leases
@@ -387,11 +416,15 @@ fn run_command(
     }
 }
 
-fn stats(target: &Target, json: bool) -> Outcome {
+fn stats(target: &Target, format: StatsFormat) -> Outcome {
     let stats = target.open()?.stats()?;
-    if json {
+    if format == StatsFormat::Json {
         let value = serde_json::to_value(stats).map_err(|e| Failure::new(exit::REGISTRY, e))?;
         return print(format_args!("{}\n", output::json_text(&value)));
+    }
+    if format == StatsFormat::Prometheus {
+        let path = target.path();
+        return print(format_args!("{}", output::prometheus(&stats, &path)));
     }
     let rows: Vec<Vec<String>> = [
         ("acquired", stats.acquired),
@@ -410,6 +443,50 @@ fn stats(target: &Target, json: bool) -> Outcome {
     // The header helps nobody here: the names say what the numbers are.
     let body: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
     print(format_args!("{body}"))
+}
+
+fn wait(port: u16, timeout: std::time::Duration, udp: bool) -> Outcome {
+    let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+    match portdaddy::wait_until_listening(port, protocol, timeout) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(error @ portdaddy::Error::NotListening { .. }) => {
+            Err(Failure::new(exit::NOT_FOUND, error))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn who(target: &Target, port: u16, json: bool) -> Outcome {
+    let registry = target.open()?;
+    let now = SystemTime::now();
+    let lease = registry
+        .list()?
+        .into_iter()
+        .find(|l| l.ports().contains(&port))
+        .map(|l| {
+            let state = registry.state_of(&l);
+            (l, state)
+        });
+    let holders = portdaddy::socket_holders(port);
+    let found = lease.is_some() || holders.as_ref().is_some_and(|h| !h.is_empty());
+    let text = if json {
+        let value = json!({
+            "port": port,
+            "lease": lease.as_ref().map(|(l, s)| output::lease_json(l, *s, now)),
+            "processes": holders
+                .as_ref()
+                .map(|h| h.iter().map(output::holder_json).collect::<Vec<_>>()),
+        });
+        format!("{}\n", output::json_text(&value))
+    } else {
+        output::who_text(port, lease.as_ref(), holders.as_deref(), now)
+    };
+    write_out(text.as_bytes())?;
+    Ok(ExitCode::from(if found {
+        exit::OK
+    } else {
+        exit::NOT_FOUND
+    }))
 }
 
 fn doctor(target: &Target, json: bool) -> Outcome {

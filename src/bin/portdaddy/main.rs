@@ -25,7 +25,8 @@ use portdaddy::PortRange;
 const AFTER_HELP: &str = "\
 Exit codes:
   0  success (for `run`: the command's own exit code is passed on)
-  1  nothing matched (`release`), or a check failed (`doctor`)
+  1  nothing matched (`release`, `who`), a check failed (`doctor`), or nothing listened
+     before the timeout (`wait`)
   2  usage error: unknown command or flag, a bad port, duration or range, an invalid name,
      a --pid that is not running, `acquire` by init without --pid or --ttl
   3  no free port left in the range: run `portdaddy reap` or widen the range
@@ -144,9 +145,62 @@ enum Command {
     },
     /// Reclaims the leases whose owner has died or whose expiry has passed; prints how many.
     Reap,
-    /// Prints the counters kept in the registry and the number of leases by state.
+    /// Prints the counters kept in the registry and the number of leases by state; also for
+    /// Prometheus.
+    #[command(after_help = "Example, for node_exporter's textfile collector:\n  \
+        portdaddy stats --format prometheus > /var/lib/node_exporter/portdaddy.prom.$$ && \
+        mv /var/lib/node_exporter/portdaddy.prom.$$ /var/lib/node_exporter/portdaddy.prom")]
     Stats {
-        /// Print a JSON object.
+        /// The output format: `text` (a line per counter), `json` (one object), or
+        /// `prometheus` (the Prometheus text exposition format: `portdaddy_*_total` counters
+        /// and the `portdaddy_leases` gauge by state, labelled with the registry path).
+        #[arg(long, value_enum, default_value_t = StatsFormat::Text, conflicts_with = "json")]
+        format: StatsFormat,
+        /// Print a JSON object: the same as `--format json`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Waits until something listens on PORT; exits 1 if nothing does before the timeout.
+    ///
+    /// Exits 0 once a TCP connection to 127.0.0.1 or ::1 is accepted (with --udp: once a UDP
+    /// socket is bound on the port), and 1 once the timeout has passed. Checks at once, then
+    /// after pauses that double from 1 ms to 100 ms.
+    ///
+    /// The TCP server sees one connection that is closed at once. For UDP, which has no
+    /// connection to accept, "listening" means a UDP socket is bound on the port on any
+    /// address: on Linux read from /proc/net/udp and /proc/net/udp6, elsewhere found by a
+    /// bind of the port that fails with "address in use".
+    #[command(
+        after_help = "Example: python3 -m http.server 8080 & portdaddy wait 8080 && curl localhost:8080"
+    )]
+    Wait {
+        /// The port to wait for.
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
+        /// How long to wait at most (500ms, 30s, 2m; 0 checks once).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
+        timeout: Duration,
+        /// Wait for a UDP socket instead of a TCP listener.
+        #[arg(long)]
+        udp: bool,
+    },
+    /// Shows who holds PORT: its lease in the registry, and the processes bound on it.
+    ///
+    /// The lease: name, owner pid, state, age. The processes: each with a listening TCP
+    /// socket or a UDP socket bound on the port, by pid and command.
+    ///
+    /// A socket whose process cannot be read (another user's, or /proc mounted with hidepid)
+    /// is shown as a process we cannot see. The processes are found in Linux's /proc; on
+    /// other systems the command says it cannot tell. Exits 0 if a lease or a process was
+    /// found, and 1 if neither was.
+    #[command(after_help = "Example: portdaddy who 8080")]
+    Who {
+        /// The port to look at.
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
+        /// Print a JSON object: `port`, `lease` (as in `list --json`, or null) and `processes`
+        /// (each `pid` (null: cannot be seen), `command`, `protocol`; null if the system
+        /// cannot tell).
         #[arg(long)]
         json: bool,
     },
@@ -173,6 +227,25 @@ pub(crate) fn parse_range(text: &str) -> Result<PortRange, String> {
             .map_err(|_| format!("{p:?} is not a port number (1-65535)"))
     };
     PortRange::new(port(start)?, port(end)?).map_err(|e| e.to_string())
+}
+
+/// The formats of `portdaddy stats`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum StatsFormat {
+    /// A line per counter.
+    Text,
+    /// One JSON object.
+    Json,
+    /// The Prometheus text exposition format.
+    Prometheus,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 500ms, 30s or 2m"))
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use portdaddy::{Lease, LeaseState};
+use portdaddy::{Lease, LeaseState, SocketHolder, Stats};
 use serde_json::{json, Value};
 use unicode_width::UnicodeWidthStr;
 
@@ -130,11 +130,7 @@ pub fn lease_row(lease: &Lease, state: LeaseState, now: SystemTime) -> Vec<Strin
 pub const LEASE_HEADER: &[&str] = &["PORT", "PROTO", "NAME", "PID", "AGE", "EXPIRES", "STATE"];
 
 fn protocol(lease: &Lease) -> &'static str {
-    match lease.protocol() {
-        portdaddy::Protocol::Udp => "udp",
-        portdaddy::Protocol::Both => "tcp+udp",
-        _ => "tcp",
-    }
+    protocol_name(lease.protocol())
 }
 
 /// A lease as a JSON object: `port` (the first, with `block_len` ports from there), `name`,
@@ -152,6 +148,146 @@ pub fn lease_json(lease: &Lease, state: LeaseState, now: SystemTime) -> Value {
         "expires_at": lease.expires_at().map(rfc3339),
         "age_secs": now.duration_since(lease.acquired_at()).unwrap_or_default().as_secs(),
     })
+}
+
+/// A process with a socket on a port as a JSON object: `pid` (null for a process that cannot
+/// be seen), `command` (null if unreadable), `protocol` (`tcp` or `udp`).
+pub fn holder_json(holder: &SocketHolder) -> Value {
+    json!({
+        "pid": holder.pid,
+        "command": holder.command,
+        "protocol": protocol_name(holder.protocol),
+    })
+}
+
+fn protocol_name(protocol: portdaddy::Protocol) -> &'static str {
+    match protocol {
+        portdaddy::Protocol::Udp => "udp",
+        portdaddy::Protocol::Both => "tcp+udp",
+        _ => "tcp",
+    }
+}
+
+/// What `portdaddy who` prints: the lease, then the processes.
+pub fn who_text(
+    port: u16,
+    lease: Option<&(Lease, LeaseState)>,
+    holders: Option<&[SocketHolder]>,
+    now: SystemTime,
+) -> String {
+    let mut out = match lease {
+        Some((lease, state)) => {
+            let owner = lease
+                .pid()
+                .map_or_else(|| "detached".to_owned(), |p| format!("pid {p}"));
+            format!(
+                "lease: {} on {} ({owner}, {state}, age {})\n",
+                escape(lease.name()),
+                ports_phrase(lease),
+                age(now, lease.acquired_at())
+            )
+        }
+        None => format!("lease: none on port {port}\n"),
+    };
+    match holders {
+        None => out.push_str(&format!(
+            "processes: cannot tell on this system which processes have a socket on port \
+             {port}\n"
+        )),
+        Some([]) => out.push_str(&format!(
+            "processes: none with a listening TCP socket or a UDP socket on port {port}\n"
+        )),
+        Some(holders) => {
+            let rows: Vec<Vec<String>> = holders
+                .iter()
+                .map(|h| {
+                    vec![
+                        h.pid.map_or_else(|| "?".to_owned(), |p| p.to_string()),
+                        protocol_name(h.protocol).to_owned(),
+                        match (h.pid, &h.command) {
+                            (None, _) => "a process we cannot see (another user's, or hidden \
+                                          by hidepid)"
+                                .to_owned(),
+                            (Some(_), Some(command)) => escape(command),
+                            (Some(_), None) => "(command unreadable)".to_owned(),
+                        },
+                    ]
+                })
+                .collect();
+            out.push_str(&table(&["PID", "PROTO", "COMMAND"], &rows));
+        }
+    }
+    out
+}
+
+/// The counters and lease counts in the Prometheus text exposition format (version 0.0.4),
+/// each sample labelled with the registry's path.
+pub fn prometheus(stats: &Stats, registry: &std::path::Path) -> String {
+    let label = format!(
+        "registry=\"{}\"",
+        prometheus_label_value(&registry.to_string_lossy())
+    );
+    let mut out = String::new();
+    let counters = [
+        (
+            "portdaddy_leases_acquired_total",
+            "Leases handed out.",
+            stats.acquired,
+        ),
+        (
+            "portdaddy_leases_released_total",
+            "Leases ended by their holder, or released by port or name.",
+            stats.released,
+        ),
+        (
+            "portdaddy_leases_reaped_total",
+            "Leases reclaimed because their owner had died or their expiry had passed.",
+            stats.reaped,
+        ),
+        (
+            "portdaddy_claims_exhausted_total",
+            "Claims that failed because no port of the range was free.",
+            stats.exhausted,
+        ),
+        (
+            "portdaddy_claims_failed_total",
+            "Claims that failed for another reason (a required port taken, a registry error).",
+            stats.errors,
+        ),
+    ];
+    for (name, help, value) in counters {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{label}}} {value}\n"
+        ));
+    }
+    out.push_str(
+        "# HELP portdaddy_leases Leases in the registry now, by state (stale: owner dead or \
+         expired, not yet reclaimed).\n# TYPE portdaddy_leases gauge\n",
+    );
+    for (state, value) in [
+        ("live", stats.live),
+        ("detached", stats.detached),
+        ("stale", stats.stale),
+    ] {
+        out.push_str(&format!(
+            "portdaddy_leases{{{label},state=\"{state}\"}} {value}\n"
+        ));
+    }
+    out
+}
+
+/// A label value as the exposition format escapes it: backslash, double quote and line feed.
+fn prometheus_label_value(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The last second RFC 3339 can write, 9999-12-31T23:59:59Z, after the Unix epoch.
@@ -263,6 +399,12 @@ mod tests {
             let t = UNIX_EPOCH + Duration::from_secs(secs);
             assert_eq!(rfc3339(t), humantime::format_rfc3339_seconds(t).to_string());
         }
+    }
+
+    #[test]
+    fn prometheus_label_values_escape_backslash_quote_and_newline() {
+        assert_eq!(prometheus_label_value("a\\b\"c\nd"), r#"a\\b\"c\nd"#);
+        assert_eq!(prometheus_label_value("/tmp/ü r"), "/tmp/ü r");
     }
 
     #[test]
