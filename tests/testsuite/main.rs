@@ -14,6 +14,8 @@ mod bad_input;
 mod blocks;
 #[cfg(feature = "cli")]
 mod cli;
+#[cfg(feature = "cli")]
+mod cli_first;
 mod faults;
 mod format;
 mod handover;
