@@ -160,8 +160,8 @@ pub fn code_of(error: &Error) -> u8 {
 /// else as one line with exit code 2, or 125 for the command line of `run` (`for_run`),
 /// whose other codes are its command's.
 pub fn usage(error: clap::Error, for_run: bool) -> ExitCode {
-    let code = if for_run { RUN_FAILED } else { USAGE };
     use clap::error::ErrorKind;
+    let code = if for_run { RUN_FAILED } else { USAGE };
     match error.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = error.print();
@@ -213,6 +213,20 @@ mod tests {
             .port_probe(|_, _| true)
             .open()
             .unwrap()
+    }
+
+    #[test]
+    fn run_reports_its_own_failures_as_125_and_keeps_126_and_127() {
+        for code in [NOT_FOUND, USAGE, EXHAUSTED, REGISTRY, OTHER, RUN_FAILED] {
+            assert_eq!(
+                Failure::new(code, "x").of_run().code(),
+                RUN_FAILED,
+                "{code}"
+            );
+        }
+        for code in [CANNOT_EXECUTE, NOT_FOUND_COMMAND] {
+            assert_eq!(Failure::new(code, "x").of_run().code(), code);
+        }
     }
 
     #[test]

@@ -62,7 +62,8 @@ Exit codes (those of env(1) and timeout(1)):
   other  the command's own exit code
 A command that itself exits with 125, 126 or 127 cannot be told from a failure of `run`
 by the code alone: `run`'s own failures print one line starting `portdaddy: error:` on
-stderr. A file that is executable but has no `#!` line runs under /bin/sh.";
+stderr. An executable file without a `#!` line is run by /bin/sh on Linux with glibc;
+where the system refuses it instead, the code is 126.";
 
 /// Hands out TCP/UDP ports that nothing else on this host uses, from a registry shared with
 /// every Rust program, script and CI job that uses portdaddy.
