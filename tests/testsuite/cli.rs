@@ -673,7 +673,7 @@ fn run_exits_128_plus_the_signal_that_killed_the_command() {
 #[test]
 fn run_refuses_names_that_would_share_a_variable() {
     let f = Fixture::new();
-    let line = error_line(&f.run(&["run", "web-1", "web_1", "--", "true"]), 2);
+    let line = error_line(&f.run(&["run", "web-1", "web_1", "--", "true"]), 125);
     assert!(line.contains("PORT_WEB_1"), "{line}");
     assert!(f.list_json().is_empty());
 }
@@ -850,7 +850,7 @@ fn bad_input_gives_the_documented_exit_code_and_one_line() {
         (&["acquire", "a", "--ttl", "1h", "--pid", "1"], 2, "--pid"),
         (&["acquire", "a\tb"], 2, "invalid lease name"),
         (&["list", "--range", "26100-26000"], 2, "26100"),
-        (&["run", "api"], 2, "CMD"),
+        (&["run", "api"], 125, "CMD"),
         (
             &["list", "--db", "/dev/null/registry.sqlite3"],
             4,

@@ -64,8 +64,13 @@ fn raw_controls(text: &str) -> Vec<char> {
 /// Asserts a usage error (exit code 2): one short line on stderr naming the problem, with no
 /// raw control character, and nothing on stdout.
 fn assert_refused(out: &Output, what: &str) {
+    assert_refused_with(out, 2, what);
+}
+
+/// Asserts a usage error as `assert_refused`, with exit code `code` (125 for `run`).
+fn assert_refused_with(out: &Output, code: i32, what: &str) {
     let stderr = lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+    assert_eq!(out.status.code(), Some(code), "{what}: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
     assert!(
         stderr.len() < 1000,
@@ -104,7 +109,7 @@ fn names_with_escape_sequences_or_the_longest_argument_are_usage_errors() {
         ("a thousand escapes", escapes.as_str()),
     ] {
         assert_refused(&f.run(&["acquire", name]), what);
-        assert_refused(&f.run(&["run", name, "--", "true"]), what);
+        assert_refused_with(&f.run(&["run", name, "--", "true"]), 125, what);
     }
     assert_eq!(f.ok(&["list", "--all", "--json"]).trim(), "[]");
 }

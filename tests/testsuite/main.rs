@@ -15,6 +15,8 @@ mod blocks;
 #[cfg(feature = "cli")]
 mod cli;
 #[cfg(feature = "cli")]
+mod cli_first;
+#[cfg(feature = "cli")]
 mod cli_tools;
 mod faults;
 mod format;

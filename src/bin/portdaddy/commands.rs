@@ -11,12 +11,23 @@ use serde_json::json;
 
 use crate::exit::{self, Failure};
 use crate::output::{self, escape};
-use crate::signals::{self, Ended};
+use crate::signals::{self, Ended, NotRun};
 use crate::{Cli, Command, StatsFormat};
 
 type Outcome = Result<ExitCode, Failure>;
 
 pub fn run(cli: Cli) -> Outcome {
+    let for_run = matches!(cli.command, Command::Run { .. });
+    let outcome = dispatch(cli);
+    if for_run {
+        // `run` keeps 125, 126 and 127 for itself, as env(1) and timeout(1) do: every
+        // other exit code is its command's.
+        return outcome.map_err(Failure::of_run);
+    }
+    outcome
+}
+
+fn dispatch(cli: Cli) -> Outcome {
     let Cli { db, range, command } = cli;
     let range = match range {
         Some(range) => Some(range),
@@ -374,11 +385,11 @@ fn run_command(
             None => Request::new(name.as_str()),
         })
         .collect();
-    let registry = target.open()?;
-    let guards = registry.acquire_many_with(&requests)?;
     let (program, args) = command.split_first().ok_or_else(|| {
         Failure::new(exit::USAGE, "no command given").hint("write the command after `--`")
     })?;
+    let registry = target.open()?;
+    let guards = registry.acquire_many_with(&requests)?;
     let mut child = std::process::Command::new(program);
     child.args(args);
     child.env("PORT", guards[0].port().to_string());
@@ -403,16 +414,18 @@ fn run_command(
     match ended {
         Ok(Ended::Code(code)) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
         Ok(Ended::Signal(signal)) => Ok(ExitCode::from((128 + signal).clamp(0, 255) as u8)),
-        Err(e) => {
-            let code = match e.kind() {
-                io::ErrorKind::NotFound => exit::NOT_FOUND_COMMAND,
-                _ => exit::CANNOT_EXECUTE,
-            };
-            Err(Failure::new(
-                code,
-                format!("cannot run {:?}: {e}", program.to_string_lossy()),
-            ))
-        }
+        Err(NotRun::NotFound(e)) => Err(Failure::new(
+            exit::NOT_FOUND_COMMAND,
+            format!("cannot run {:?}: {e}", program.to_string_lossy()),
+        )),
+        Err(NotRun::CannotExecute(e)) => Err(Failure::new(
+            exit::CANNOT_EXECUTE,
+            format!("cannot run {:?}: {e}", program.to_string_lossy()),
+        )),
+        Err(NotRun::Failed(e)) => Err(Failure::new(
+            exit::RUN_FAILED,
+            format!("while running {:?}: {e}", program.to_string_lossy()),
+        )),
     }
 }
 

@@ -20,6 +20,9 @@ pub const EXHAUSTED: u8 = 3;
 pub const REGISTRY: u8 = 4;
 /// Anything else: the output cannot be written, or the lease or port was lost meanwhile.
 pub const OTHER: u8 = 5;
+/// `run` itself failed (a usage error, the registry, no free port, or the command could
+/// not be started for a reason of portdaddy's own), as env(1) and timeout(1) exit with 125.
+pub const RUN_FAILED: u8 = 125;
 /// The command of `run` cannot be executed.
 pub const CANNOT_EXECUTE: u8 = 126;
 /// The command of `run` does not exist.
@@ -44,6 +47,15 @@ impl Failure {
 
     pub fn hint(mut self, hint: impl Display) -> Self {
         self.hint = Some(hint.to_string());
+        self
+    }
+
+    /// The failure as `run` reports it: its own failures exit with 125, so that every other
+    /// code but 126 and 127 (the command cannot be executed, is not found) is the command's.
+    pub fn of_run(mut self) -> Self {
+        if self.code != CANNOT_EXECUTE && self.code != NOT_FOUND_COMMAND {
+            self.code = RUN_FAILED;
+        }
         self
     }
 
@@ -145,9 +157,11 @@ pub fn code_of(error: &Error) -> u8 {
 }
 
 /// Reports a command line clap refused: help and version as clap prints them, anything
-/// else as one line with exit code 2.
-pub fn usage(error: clap::Error) -> ExitCode {
+/// else as one line with exit code 2, or 125 for the command line of `run` (`for_run`),
+/// whose other codes are its command's.
+pub fn usage(error: clap::Error, for_run: bool) -> ExitCode {
     use clap::error::ErrorKind;
+    let code = if for_run { RUN_FAILED } else { USAGE };
     match error.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             let _ = error.print();
@@ -155,7 +169,7 @@ pub fn usage(error: clap::Error) -> ExitCode {
         }
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let _ = error.print();
-            ExitCode::from(USAGE)
+            ExitCode::from(code)
         }
         _ => {
             // clap's first paragraph says what is wrong (some errors list the missing
@@ -174,8 +188,13 @@ pub fn usage(error: clap::Error) -> ExitCode {
             } else {
                 message
             };
-            Failure::new(USAGE, message)
-                .hint("run `portdaddy --help` for usage")
+            let help = if for_run {
+                "portdaddy run --help"
+            } else {
+                "portdaddy --help"
+            };
+            Failure::new(code, message)
+                .hint(format!("run `{help}` for usage"))
                 .report()
         }
     }
@@ -194,6 +213,20 @@ mod tests {
             .port_probe(|_, _| true)
             .open()
             .unwrap()
+    }
+
+    #[test]
+    fn run_reports_its_own_failures_as_125_and_keeps_126_and_127() {
+        for code in [NOT_FOUND, USAGE, EXHAUSTED, REGISTRY, OTHER, RUN_FAILED] {
+            assert_eq!(
+                Failure::new(code, "x").of_run().code(),
+                RUN_FAILED,
+                "{code}"
+            );
+        }
+        for code in [CANNOT_EXECUTE, NOT_FOUND_COMMAND] {
+            assert_eq!(Failure::new(code, "x").of_run().code(), code);
+        }
     }
 
     #[test]

@@ -36,12 +36,35 @@ Exit codes:
      took the lease or the port while the command ran, or the process or host is out of
      file descriptors (to open the registry or probe ports) or of memory (to probe); also
      any other failure
-  `run` exits with the command's exit code, 128+N when a signal N killed it, 126 when the
-  command cannot be executed and 127 when it is not found.
+  `run` exits with its command's exit code, 128+N when signal N killed the command, 125
+  when `run` itself fails (any of 2-5 above), 126 when the command cannot be executed and
+  127 when it is not found: see `portdaddy run --help`.
 
 Environment:
   PORTDADDY_DB     the registry file when --db is not given
   PORTDADDY_RANGE  the port range when --range is not given";
+
+/// What `run --help` says after the options: examples and exit codes.
+const RUN_AFTER_HELP: &str = "\
+Examples:
+  portdaddy run api web -- npm run dev
+  portdaddy run web -- sh -c 'exec python3 -m http.server \"$PORT\"'
+The command and its arguments are passed on as they are, with no shell in between:
+`$PORT` written among them stays the text $PORT, so let `sh -c` expand it, as above.
+
+Exit codes (those of env(1) and timeout(1)):
+  125    `run` itself failed before the command started: a usage error, the registry
+         cannot be used, no free port in the range; or it failed to start or wait for the
+         command (out of processes or memory)
+  126    the command was found but cannot be executed: not executable, a directory, not
+         permitted
+  127    the command was not found
+  128+N  signal N killed the command
+  other  the command's own exit code
+A command that itself exits with 125, 126 or 127 cannot be told from a failure of `run`
+by the code alone: `run`'s own failures print one line starting `portdaddy: error:` on
+stderr. An executable file without a `#!` line is run by /bin/sh on Linux with glibc;
+where the system refuses it instead, the code is 126.";
 
 /// Hands out TCP/UDP ports that nothing else on this host uses, from a registry shared with
 /// every Rust program, script and CI job that uses portdaddy.
@@ -126,12 +149,13 @@ enum Command {
     /// background job, `timeout`, CI) the command runs in a process group of its own, so a
     /// signal sent to portdaddy's whole group reaches it once, passed on. A signal ignored
     /// when portdaddy starts (`nohup`) stays ignored, for the command too. The exit code is
-    /// the command's, or 128+N when signal N killed it.
+    /// the command's, or 128+N when signal N killed it; 125, 126 and 127 say that the
+    /// command did not run (see below).
     ///
     /// The leases follow the command: if portdaddy itself is killed (SIGKILL, the OOM
     /// killer), they stay live while the command (or a process it started that kept its
     /// descriptors) still runs, and are reclaimed once they have all exited.
-    #[command(after_help = "Example: portdaddy run api web -- npm run dev")]
+    #[command(after_help = RUN_AFTER_HELP)]
     Run {
         /// The names to lease a port for.
         #[arg(required = true, value_name = "NAME")]
@@ -271,11 +295,21 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Whether the command line names the `run` subcommand, read as leniently as clap can: for a
+/// command line clap refused.
+fn names_run() -> bool {
+    use clap::CommandFactory;
+    Cli::command()
+        .ignore_errors(true)
+        .try_get_matches()
+        .is_ok_and(|m| m.subcommand_name() == Some("run"))
+}
+
 fn main() -> ExitCode {
     signals::restore_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => return exit::usage(e),
+        Err(e) => return exit::usage(e, names_run()),
     };
     match commands::run(cli) {
         Ok(code) => code,

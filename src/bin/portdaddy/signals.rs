@@ -69,10 +69,36 @@ fn passes_on(signal: i32, kernel: bool, sender: Option<i32>, own_group: bool, me
     !(own && matches!(signal, SIGXCPU | SIGXFSZ))
 }
 
+/// Why the command of `run` did not run to its end.
+#[derive(Debug)]
+pub enum NotRun {
+    /// The program does not exist.
+    NotFound(io::Error),
+    /// The program exists but cannot be executed: not executable, a directory, not a
+    /// format the system runs, not permitted.
+    CannotExecute(io::Error),
+    /// portdaddy itself failed, to start the command (out of processes, memory or file
+    /// descriptors) or to wait for it.
+    Failed(io::Error),
+}
+
+impl NotRun {
+    /// Sorts an error of `Command::spawn`.
+    fn of_spawn(error: io::Error) -> Self {
+        if error.kind() == io::ErrorKind::NotFound {
+            NotRun::NotFound(error)
+        } else if crate::sys::cannot_execute(&error) {
+            NotRun::CannotExecute(error)
+        } else {
+            NotRun::Failed(error)
+        }
+    }
+}
+
 /// Spawns `command`, passes on to it the signals this process receives while it runs (see
 /// `forwarded`), and waits for it to end.
 #[cfg(unix)]
-pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
+pub fn run_forwarding(command: &mut Command) -> Result<Ended, NotRun> {
     use signal_hook::iterator::exfiltrator::WithOrigin;
     use signal_hook::iterator::SignalsInfo;
     use signal_hook::low_level::siginfo::Cause;
@@ -82,7 +108,8 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     // that arrived ignored (`nohup`, `&` in a script) is left ignored, for this process and
     // for the child, which inherits the ignoring.
     let unignored = |s: &i32| !crate::sys::is_ignored(*s);
-    let mut signals = SignalsInfo::<WithOrigin>::new(forwarded().into_iter().filter(unignored))?;
+    let mut signals = SignalsInfo::<WithOrigin>::new(forwarded().into_iter().filter(unignored))
+        .map_err(NotRun::Failed)?;
     let handle = signals.handle();
     // In the terminal's foreground process group the child stays in ours, so that Ctrl-C,
     // Ctrl-Z and reading the terminal work for it as for any command. Elsewhere (a script's
@@ -93,10 +120,12 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     if own_group {
         crate::sys::own_process_group(command);
         if unignored(&signal_hook::consts::SIGCONT) {
-            signals.add_signal(signal_hook::consts::SIGCONT)?;
+            signals
+                .add_signal(signal_hook::consts::SIGCONT)
+                .map_err(NotRun::Failed)?;
         }
     }
-    let mut child = command.spawn()?;
+    let mut child = command.spawn().map_err(NotRun::of_spawn)?;
     // The forwarding thread closes the read end of signal-hook's self-pipe when it stops,
     // while the handlers stay installed until `signals` and `handle` are both gone; a signal
     // in between is written into a pipe without a reader. With SIGPIPE's default action that
@@ -122,15 +151,15 @@ pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
     // reach another process that reuses the pid.
     handle.close();
     let _ = forwarder.join();
-    waited?;
-    Ok(ended(child.wait()?))
+    waited.map_err(NotRun::Failed)?;
+    Ok(ended(child.wait().map_err(NotRun::Failed)?))
 }
 
 /// Spawns `command` and waits for it; this platform has no signals to pass on.
 #[cfg(not(unix))]
-pub fn run_forwarding(command: &mut Command) -> io::Result<Ended> {
-    let mut child = command.spawn()?;
-    Ok(ended(child.wait()?))
+pub fn run_forwarding(command: &mut Command) -> Result<Ended, NotRun> {
+    let mut child = command.spawn().map_err(NotRun::of_spawn)?;
+    Ok(ended(child.wait().map_err(NotRun::Failed)?))
 }
 
 fn ended(status: ExitStatus) -> Ended {

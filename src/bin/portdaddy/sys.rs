@@ -120,6 +120,45 @@ pub fn own_process_group(command: &mut std::process::Command) {
     command.process_group(0);
 }
 
+/// Whether `error`, from starting a program, says that the program exists but cannot be
+/// executed (env(1)'s exit code 126): not executable or not permitted, a directory, not a
+/// format the system runs, busy being written, a path or argument list too long. Not for
+/// a program that is not found, nor for a failure to create the process.
+pub fn cannot_execute(error: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        use rustix::io::Errno;
+        matches!(
+            Errno::from_io_error(error),
+            Some(
+                Errno::ACCESS
+                    | Errno::PERM
+                    | Errno::NOEXEC
+                    | Errno::ISDIR
+                    | Errno::NOTDIR
+                    | Errno::LOOP
+                    | Errno::TXTBSY
+                    | Errno::TOOBIG
+                    | Errno::NAMETOOLONG
+            )
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::ErrorKind;
+        matches!(
+            error.kind(),
+            ErrorKind::PermissionDenied
+                | ErrorKind::IsADirectory
+                | ErrorKind::NotADirectory
+                | ErrorKind::FilesystemLoop
+                | ErrorKind::ExecutableFileBusy
+                | ErrorKind::ArgumentListTooLong
+                | ErrorKind::InvalidFilename
+        )
+    }
+}
+
 /// The signal that ended a process, if one did.
 pub fn signal_of(status: ExitStatus) -> Option<i32> {
     #[cfg(unix)]

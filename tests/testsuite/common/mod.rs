@@ -28,6 +28,7 @@
 //! | format.rs           | 32600-32649; binds and probes no port |
 //! | api_freeze.rs       | 32650-32699   |
 //! | sys.rs              | 32700-32749   |
+//! | cli_first.rs        | 32750-32799   |
 //! | cli_tools.rs        | 32850-32949   |
 //! | freeze_attack.rs    | 33100-33149; binds and probes no port |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |

@@ -1,10 +1,12 @@
 //! Lease a port from the default registry, look at the registry, and release.
 //!
 //! ```text
-//! cargo run --example quickstart
+//! cargo run -p quickstart
 //! ```
 //!
-//! No configuration: the registry is `$PORTDADDY_DB` or the per-user default path.
+//! No configuration: the registry is `$PORTDADDY_DB` or the per-user default path. A package
+//! of its own (`examples/quickstart`), so that it compiles portdaddy and its dependencies
+//! only, not the dev-dependencies of portdaddy's tests and benches.
 
 use std::net::TcpListener;
 
