@@ -31,7 +31,7 @@
 //! | claim_speed.rs      | 33000-33099   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
-//! | benches             | 40000-59999   |
+//! | benches             | 40000-59999 (and `examples/new_names.rs`: 42000-55999; not run in CI) |
 #![allow(dead_code)]
 
 /// The full name of the test `$name` in the calling module, as the test harness selects it
