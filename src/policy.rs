@@ -52,7 +52,9 @@
 //! - Each memory carries the time its name last used it (`used_at`): set when the name
 //!   remembers a port, and brought up to date when the name gets its remembered port again,
 //!   at most once per [`MEMORY_REFRESH`] (a day), so that the common claim, a name getting
-//!   its own port back, writes no memory at all.
+//!   its own port back, writes no memory at all. A memory stamped in the future (by a clock
+//!   that was ahead) is stamped again at its next use, so that it does not pass for the
+//!   newest for as long as that lead.
 //! - Memories are kept for as long as the range has a vacant port that no name remembers.
 //!   When a search finds none (step 3 would have to lend out a remembered port), the
 //!   memories of ports that no lease holds are forgotten, those used longest ago first, as
@@ -411,11 +413,12 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
     };
     tx.insert_lease(&lease)?;
     // A remembered port handed out again is remembered already; its use is recorded again
-    // only once the memory has grown stale (see "Forgotten ports").
+    // only once the memory has grown stale, or was stamped in the future by a clock that
+    // was ahead (see "Forgotten ports").
     let stale = used_at.is_none_or(|at| {
         env.now
             .duration_since(at)
-            .is_ok_and(|age| age >= MEMORY_REFRESH)
+            .map_or(true, |age| age >= MEMORY_REFRESH)
     });
     if !keep_memory && (choice != Choice::Remembered || stale) {
         tx.remember(&request.name, port, env.now)?;
@@ -691,6 +694,16 @@ mod tests {
             at(1000 + day),
             "recorded again after a day"
         );
+    }
+
+    #[test]
+    fn a_memory_stamped_in_the_future_is_stamped_again_at_its_next_use() {
+        let store = MemoryStore::default();
+        let (port, _) = claim_at(&store, "a", 5000);
+        // The clock was ahead at the first claim: now it says earlier.
+        assert_eq!(claim_at(&store, "a", 1000), (port, Choice::Remembered));
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(memory_of(&store, "a"), Some((port, now)));
     }
 
     #[test]
