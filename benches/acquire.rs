@@ -178,5 +178,77 @@ fn searches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pairs, parts, searches);
+/// The number of ports the long-lived registry of [`new_names`] remembers, each for a name.
+const REMEMBERED: u16 = 14_000;
+
+/// The range of [`new_names`]: exactly [`REMEMBERED`] ports.
+const NAMES_RANGE: RangeInclusive<u16> = 42000..=(42000 + REMEMBERED - 1);
+
+/// A fresh registry stays fresh for this many new names, then the bench opens another one.
+const FRESH_NAMES: u64 = 1_000;
+
+/// Acquire and release of a name the registry has never seen, as every test of a long-lived
+/// per-user registry does the first time it runs: on a fresh registry, and on one where
+/// every port of the range is remembered by some name (14,000 tests that each named their
+/// port once). The port probe binds for real; filling uses a probe that binds nothing.
+///
+/// ```text
+/// cargo bench --bench acquire -- 'new names'
+/// ```
+fn new_names(c: &mut Criterion) {
+    let mut group = c.benchmark_group("new names");
+    let mut serial = 0u64;
+    let mut next_name = move || {
+        serial += 1;
+        format!("new-{serial}")
+    };
+
+    // A fresh registry each `FRESH_NAMES` names, opened outside the measured time.
+    let mut fresh: Option<(tempfile::TempDir, PortDaddy, u64)> = None;
+    group.bench_function("fresh registry acquire+release", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if fresh
+                    .as_ref()
+                    .is_none_or(|(_, _, used)| *used >= FRESH_NAMES)
+                {
+                    let (dir, registry) = file_registry(NAMES_RANGE);
+                    fresh = Some((dir, registry, 0));
+                }
+                let (_, registry, used) = fresh.as_mut().expect("a fresh registry");
+                *used += 1;
+                let name = next_name();
+                let start = Instant::now();
+                black_box(registry.acquire(&name).expect("acquire").port());
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+
+    let (_dir, long_lived) = file_registry(NAMES_RANGE);
+    remember_every_port(&long_lived);
+    group.bench_function("14,000 remembered ports acquire+release", |b| {
+        b.iter(|| black_box(long_lived.acquire(&next_name()).expect("acquire").port()))
+    });
+    group.finish();
+}
+
+/// Makes a name remember each port of [`NAMES_RANGE`], through a second handle whose probe
+/// binds nothing; the leases are released again.
+fn remember_every_port(registry: &PortDaddy) {
+    let filler = PortDaddy::builder()
+        .path(registry.path().expect("a file registry"))
+        .range(NAMES_RANGE)
+        .port_probe(|_: u16, _: Protocol| true)
+        .open()
+        .expect("open filler");
+    let names: Vec<String> = (0..REMEMBERED).map(|i| format!("old-{i:05}")).collect();
+    for chunk in names.chunks(1000) {
+        drop(filler.acquire_many(chunk).expect("fill"));
+    }
+}
+
+criterion_group!(benches, pairs, parts, searches, new_names);
 criterion_main!(benches);

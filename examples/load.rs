@@ -6,7 +6,10 @@
 //! ```
 //!
 //! Options: `--procs N` (default 8), `--ops N` per worker (default 2000), `--range A-B`
-//! (default 28000-29999), `--registry PATH` (default: a fresh temporary file).
+//! (default 28000-29999), `--registry PATH` (default: a fresh temporary file), `--no-probe`
+//! (the registry's port probe binds nothing: what the claims cost with the bind probe out of
+//! the registry's lock altogether, an upper bound for any design that moves it out; the
+//! workers' own binds still catch a port held twice).
 //!
 //! Each worker binds `127.0.0.1:<port>` for every port it gets (a second holder would fail
 //! with "address in use") and appends one line per cycle to a file of its own:
@@ -30,6 +33,7 @@ struct Options {
     ops: usize,
     range: (u16, u16),
     registry: Option<PathBuf>,
+    no_probe: bool,
     worker: Option<(usize, PathBuf)>,
 }
 
@@ -38,7 +42,9 @@ fn main() -> ExitCode {
         Ok(options) => options,
         Err(message) => {
             eprintln!("load: {message}");
-            eprintln!("usage: load [--procs N] [--ops N] [--range A-B] [--registry PATH]");
+            eprintln!(
+                "usage: load [--procs N] [--ops N] [--range A-B] [--registry PATH] [--no-probe]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -61,11 +67,16 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
         ops: 2000,
         range: (28000, 29999),
         registry: None,
+        no_probe: false,
         worker: None,
     };
     let mut worker_id = None;
     let mut out = None;
     while let Some(flag) = args.next() {
+        if flag == "--no-probe" {
+            options.no_probe = true;
+            continue;
+        }
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         let number = |text: String| {
             text.parse::<usize>()
@@ -107,11 +118,13 @@ fn worker(options: &Options, id: usize, out: &Path) -> Result<ExitCode, String> 
         .registry
         .as_ref()
         .ok_or("a worker needs --registry")?;
-    let registry = PortDaddy::builder()
+    let mut builder = PortDaddy::builder()
         .path(path)
-        .range(options.range.0..=options.range.1)
-        .open()
-        .map_err(|e| format!("worker {id}: {e}"))?;
+        .range(options.range.0..=options.range.1);
+    if options.no_probe {
+        builder = builder.port_probe(|_: u16, _: portdaddy::Protocol| true);
+    }
+    let registry = builder.open().map_err(|e| format!("worker {id}: {e}"))?;
     let mut file = BufWriter::new(File::create(out).map_err(|e| e.to_string())?);
     let name = format!("worker-{id}");
     let mut go = [0u8; 1];
@@ -210,6 +223,7 @@ fn parent(options: &Options) -> Result<ExitCode, String> {
             .arg("--registry")
             .arg(&registry)
             .args(["--ops", &options.ops.to_string()])
+            .args(options.no_probe.then_some("--no-probe"))
             .args([
                 "--range",
                 &format!("{}-{}", options.range.0, options.range.1),
@@ -329,8 +343,14 @@ fn print_table(options: &Options, totals: &mut Totals, wall: Duration, overlaps:
     };
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     println!(
-        "portdaddy load: {} processes × {} acquire/bind/release cycles on one registry file",
-        options.procs, options.ops
+        "portdaddy load: {} processes × {} acquire/bind/release cycles on one registry file{}",
+        options.procs,
+        options.ops,
+        if options.no_probe {
+            ", port probe off"
+        } else {
+            ""
+        }
     );
     println!();
     println!("| measure                    | value |");

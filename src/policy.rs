@@ -15,7 +15,8 @@
 //!    and is available.
 //! 3. Otherwise a search of the range from a persisted cursor (next-fit, wrapping around), so
 //!    that recently released ports are not handed out again at once. The search skips ports
-//!    that other names remember, to keep their stickiness, unless nothing else is left.
+//!    that other names remember, to keep their stickiness, unless nothing else is left; then
+//!    it first forgets the memories used longest ago (see "Forgotten ports").
 //! 4. Otherwise the range is full of leases: the ones whose owner is dead or whose expiry has
 //!    passed are reclaimed, and the search runs once more.
 //! 5. Otherwise [`Error::Exhausted`].
@@ -40,6 +41,31 @@
 //! by a live holder *of the same name* (a second instance of a service): the first instance
 //! keeps its port for next time and the second gets another without moving it. A port is
 //! remembered by at most one name.
+//!
+//! # Forgotten ports
+//!
+//! A registry that outlives many names (a per-user registry whose tests name their ports
+//! after themselves) would otherwise end with every port of the range remembered, and then
+//! each new name's search would walk the whole range past remembered ports before lending
+//! one out. So memories are kept by recency of use:
+//!
+//! - Each memory carries the time its name last used it (`used_at`): set when the name
+//!   remembers a port, and brought up to date when the name gets its remembered port again,
+//!   at most once per [`MEMORY_REFRESH`] (a day), so that the common claim, a name getting
+//!   its own port back, writes no memory at all. A memory stamped in the future (by a clock
+//!   that was ahead) is stamped again at its next use, so that it does not pass for the
+//!   newest for as long as that lead.
+//! - Memories are kept for as long as the range has a vacant port that no name remembers.
+//!   When a search finds none (step 3 would have to lend out a remembered port), the
+//!   memories of ports that no lease holds are forgotten, those used longest ago first, as
+//!   many as a quarter of the range's ports ([`forget_batch`]), and the search runs again.
+//!   A memory of a port that a lease holds stays (it blocks no search: the lease does).
+//!   The names used most recently keep their ports; a forgotten name simply gets a port by
+//!   search at its next claim, and remembers that one.
+//! - Nothing is forgotten while the range has room, nor when it is full of leases: the
+//!   forgetting happens only when a remembered but vacant port is what the search would hand
+//!   out, so one search in many walks the range, and the claims after it find a forgotten
+//!   port at once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
@@ -53,6 +79,17 @@ use crate::probe::{PortProbe, ProcessProbe};
 use crate::range::PortRange;
 use crate::request::Request;
 use crate::store::{Counter, Tally, Tx};
+
+/// How stale a name's memory (`used_at`) may grow while the name keeps getting its
+/// remembered port, before a claim records the use again: see "Forgotten ports" above.
+pub(crate) const MEMORY_REFRESH: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How many memories a search forgets when every vacant port of `range` is remembered: a
+/// quarter of the range's ports (at least one), so that the cost of the search that found no
+/// unremembered port is shared by the many claims after it.
+pub(crate) fn forget_batch(range: PortRange) -> usize {
+    (range.len() / 4).max(1)
+}
 
 /// What the policy needs to know besides the store.
 pub(crate) struct Env<'a> {
@@ -306,11 +343,14 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
     let protocol = request.protocol;
     let len = request.block_len;
     let mut keep_memory = false;
+    // When the name last recorded a use of its remembered port, if it gets that port again.
+    let mut used_at = None;
 
     let found = 'choose: {
         if request.reuse_detached {
-            if let Some(lease) = detached_lease_of(tx, env, request)? {
+            if let Some((lease, at)) = detached_lease_of(tx, env, request)? {
                 tx.delete_lease(lease.port, lease.id)?;
+                used_at = Some(at);
                 break 'choose Some((lease.port, Choice::Remembered));
             }
         }
@@ -326,10 +366,13 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
                 Some(_) => {}
             }
         }
-        if let Some(port) = tx.remembered_port(&request.name)? {
+        if let Some((port, at)) = tx.remembered_port(&request.name)? {
             if fits_range(env.range, port, len) {
                 match env.check_block(tx, port, len, protocol)?.map(|(_, b)| b) {
-                    None => break 'choose Some((port, Choice::Remembered)),
+                    None => {
+                        used_at = Some(at);
+                        break 'choose Some((port, Choice::Remembered));
+                    }
                     Some(Blocked::Leased(l)) if l.name == request.name => keep_memory = true,
                     Some(_) => {}
                 }
@@ -373,8 +416,15 @@ pub(crate) fn claim(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result
         expires_at,
     };
     tx.insert_lease(&lease)?;
-    // A remembered port handed out again is remembered already.
-    if !keep_memory && choice != Choice::Remembered {
+    // A remembered port handed out again is remembered already; its use is recorded again
+    // only once the memory has grown stale, or was stamped in the future by a clock that
+    // was ahead (see "Forgotten ports").
+    let stale = used_at.is_none_or(|at| {
+        env.now
+            .duration_since(at)
+            .map_or(true, |age| age >= MEMORY_REFRESH)
+    });
+    if !keep_memory && (choice != Choice::Remembered || stale) {
         tx.remember(&request.name, port, env.now)?;
     }
     tracing::debug!(port, name = %lease.name, ?choice, "port leased");
@@ -393,6 +443,20 @@ fn search_range(
         return Ok(Some(port));
     }
     if let Some(port) = env.search(tx, protocol, len, false)? {
+        // Every vacant port of the range is remembered: forget the memories used longest
+        // ago, and take one of their ports if it fits (see "Forgotten ports").
+        let forgotten = tx.forget_oldest(env.range, forget_batch(env.range))?;
+        if forgotten > 0 {
+            tracing::debug!(
+                forgotten,
+                range = %env.range,
+                "every vacant port of the range was remembered; forgot the memories used \
+                 longest ago"
+            );
+            if let Some(port) = env.search(tx, protocol, len, true)? {
+                return Ok(Some(port));
+            }
+        }
         return Ok(Some(port));
     }
     if reap(tx, env, Some(env.range))? > 0 {
@@ -430,9 +494,14 @@ fn expiry(now: SystemTime, ttl: Duration) -> Result<SystemTime> {
 
 /// The name's own unexpired detached lease on its remembered port, if the request would
 /// accept that port: the preferred port when one is asked for (so `require` stays strict),
-/// else a port of the range; and checked for at least the requested protocols.
-fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Result<Option<Lease>> {
-    let Some(port) = tx.remembered_port(&request.name)? else {
+/// else a port of the range; and checked for at least the requested protocols. With it, when
+/// the name last recorded a use of that port.
+fn detached_lease_of(
+    tx: &mut dyn Tx,
+    env: &Env<'_>,
+    request: &Request,
+) -> Result<Option<(Lease, SystemTime)>> {
+    let Some((port, used_at)) = tx.remembered_port(&request.name)? else {
         return Ok(None);
     };
     let wanted = match request.preferred {
@@ -442,13 +511,16 @@ fn detached_lease_of(tx: &mut dyn Tx, env: &Env<'_>, request: &Request) -> Resul
     if !wanted || block_ports(port, request.block_len).any(|p| env.reserved.contains(&p)) {
         return Ok(None);
     }
-    Ok(tx.lease_on(port)?.filter(|l| {
-        l.name == request.name
-            && l.is_detached()
-            && !l.is_expired_at(env.now)
-            && l.block_len == request.block_len
-            && (l.protocol == request.protocol || l.protocol == Protocol::Both)
-    }))
+    Ok(tx
+        .lease_on(port)?
+        .filter(|l| {
+            l.name == request.name
+                && l.is_detached()
+                && !l.is_expired_at(env.now)
+                && l.block_len == request.block_len
+                && (l.protocol == request.protocol || l.protocol == Protocol::Both)
+        })
+        .map(|lease| (lease, used_at)))
 }
 
 /// The error for a full range, or for a block that found no run: counts the ports of the
@@ -551,5 +623,120 @@ mod tests {
             })
             .unwrap();
         assert_eq!(left.iter().map(|l| l.port).collect::<Vec<_>>(), [20001]);
+    }
+
+    /// A claim of `name` at `secs` seconds after the epoch, over the ports 20000-20007 with
+    /// every port free; its lease is released again.
+    fn claim_at(store: &MemoryStore, name: &str, secs: u64) -> (u16, Choice) {
+        let me = Owner::new(1, 1, "boot");
+        let all_free = |_: u16, _: Protocol| true;
+        let alive = |_: &Owner| true;
+        let env = Env {
+            range: PortRange::new(20000, 20007).unwrap(),
+            reserved: &BTreeSet::new(),
+            ports: &all_free,
+            processes: &alive,
+            me: &me,
+            now: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            tally: &Tally::default(),
+        };
+        store
+            .transact(|tx| {
+                let (lease, choice) = claim(tx, &env, &Request::new(name))?;
+                tx.delete_lease(lease.port, lease.id)?;
+                Ok((lease.port, choice))
+            })
+            .unwrap()
+    }
+
+    fn memory_of(store: &MemoryStore, name: &str) -> Option<(u16, SystemTime)> {
+        store.transact(|tx| tx.remembered_port(name)).unwrap()
+    }
+
+    #[test]
+    fn a_range_whose_every_vacant_port_is_remembered_forgets_the_oldest_quarter() {
+        let store = MemoryStore::default();
+        for i in 0..8 {
+            assert_eq!(
+                claim_at(&store, &format!("n{i}"), 100 + i).0,
+                20000 + i as u16
+            );
+        }
+        // Every port is remembered: the new name costs the two memories used longest ago,
+        // and gets one of their ports.
+        assert_eq!(claim_at(&store, "new", 200), (20000, Choice::Searched));
+        assert_eq!(memory_of(&store, "n0"), None);
+        assert_eq!(memory_of(&store, "n1"), None);
+        for i in 2..8 {
+            assert_eq!(
+                memory_of(&store, &format!("n{i}")).unwrap().0,
+                20000 + i as u16
+            );
+        }
+        // The next new name finds the other forgotten port at once, forgetting nothing more.
+        assert_eq!(claim_at(&store, "newer", 201), (20001, Choice::Searched));
+        assert!(memory_of(&store, "n2").is_some());
+    }
+
+    #[test]
+    fn a_name_that_gets_its_port_back_records_the_use_once_the_memory_is_a_day_old() {
+        let store = MemoryStore::default();
+        let day = MEMORY_REFRESH.as_secs();
+        let (port, _) = claim_at(&store, "a", 1000);
+        let at = |secs: u64| Some((port, SystemTime::UNIX_EPOCH + Duration::from_secs(secs)));
+        assert_eq!(
+            claim_at(&store, "a", 1000 + day - 1),
+            (port, Choice::Remembered)
+        );
+        assert_eq!(memory_of(&store, "a"), at(1000), "not written within a day");
+        assert_eq!(
+            claim_at(&store, "a", 1000 + day),
+            (port, Choice::Remembered)
+        );
+        assert_eq!(
+            memory_of(&store, "a"),
+            at(1000 + day),
+            "recorded again after a day"
+        );
+    }
+
+    #[test]
+    fn a_memory_stamped_in_the_future_is_stamped_again_at_its_next_use() {
+        let store = MemoryStore::default();
+        let (port, _) = claim_at(&store, "a", 5000);
+        // The clock was ahead at the first claim: now it says earlier.
+        assert_eq!(claim_at(&store, "a", 1000), (port, Choice::Remembered));
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(memory_of(&store, "a"), Some((port, now)));
+    }
+
+    #[test]
+    fn a_range_full_of_leases_forgets_nothing() {
+        let store = MemoryStore::default();
+        let me = Owner::new(1, 1, "boot");
+        let all_free = |_: u16, _: Protocol| true;
+        let alive = |_: &Owner| true;
+        let env = Env {
+            range: PortRange::new(20000, 20007).unwrap(),
+            reserved: &BTreeSet::new(),
+            ports: &all_free,
+            processes: &alive,
+            me: &me,
+            now: SystemTime::UNIX_EPOCH,
+            tally: &Tally::default(),
+        };
+        store
+            .transact(|tx| {
+                for i in 0..8 {
+                    claim(tx, &env, &Request::new(format!("n{i}")))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let result = store.transact(|tx| claim(tx, &env, &Request::new("new")));
+        assert!(matches!(result, Err(Error::Exhausted { .. })));
+        for i in 0..8 {
+            assert!(memory_of(&store, &format!("n{i}")).is_some());
+        }
     }
 }

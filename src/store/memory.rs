@@ -21,7 +21,8 @@ pub(crate) struct MemoryStore {
 struct State {
     leases: BTreeMap<u16, Lease>,
     name_port: HashMap<String, u16>,
-    port_name: BTreeMap<u16, String>,
+    /// The name that remembers each port, and when it recorded it.
+    port_name: BTreeMap<u16, (String, SystemTime)>,
     cursor: Option<u16>,
     counters: HashMap<Counter, u64>,
 }
@@ -71,11 +72,11 @@ impl MemTx<'_> {
     }
 
     fn forget_port(&mut self, port: u16) {
-        if let Some(old) = self.state.port_name.remove(&port) {
+        if let Some((old, at)) = self.state.port_name.remove(&port) {
             self.state.name_port.remove(&old);
             self.undo.push(Box::new(move |s| {
                 s.name_port.insert(old.clone(), port);
-                s.port_name.insert(port, old);
+                s.port_name.insert(port, (old, at));
             }));
         }
     }
@@ -95,8 +96,11 @@ impl Tx for MemTx<'_> {
         Ok(self.holder_of(port).cloned())
     }
 
-    fn remembered_port(&mut self, name: &str) -> Result<Option<u16>> {
-        Ok(self.state.name_port.get(name).copied())
+    fn remembered_port(&mut self, name: &str) -> Result<Option<(u16, SystemTime)>> {
+        Ok(self.state.name_port.get(name).and_then(|port| {
+            let (_, at) = self.state.port_name.get(port)?;
+            Some((*port, *at))
+        }))
     }
 
     fn first_vacant(&mut self, from: u16, to: u16, avoid_remembered: bool) -> Result<Option<u16>> {
@@ -140,19 +144,35 @@ impl Tx for MemTx<'_> {
         Ok(())
     }
 
-    fn remember(&mut self, name: &str, port: u16, _at: SystemTime) -> Result<()> {
+    fn remember(&mut self, name: &str, port: u16, at: SystemTime) -> Result<()> {
         self.forget_port(port);
         if let Some(old_port) = self.state.name_port.get(name).copied() {
             self.forget_port(old_port);
         }
         self.state.name_port.insert(name.to_owned(), port);
-        self.state.port_name.insert(port, name.to_owned());
+        self.state.port_name.insert(port, (name.to_owned(), at));
         let name = name.to_owned();
         self.undo.push(Box::new(move |s| {
             s.name_port.remove(&name);
             s.port_name.remove(&port);
         }));
         Ok(())
+    }
+
+    fn forget_oldest(&mut self, range: PortRange, count: usize) -> Result<usize> {
+        let mut oldest: Vec<(SystemTime, &str, u16)> = self
+            .state
+            .port_name
+            .range(range.start()..=range.end())
+            .filter(|(port, _)| self.holder_of(**port).is_none())
+            .map(|(port, (name, at))| (*at, name.as_str(), *port))
+            .collect();
+        oldest.sort_unstable();
+        let ports: Vec<u16> = oldest.iter().take(count).map(|(_, _, p)| *p).collect();
+        for &port in &ports {
+            self.forget_port(port);
+        }
+        Ok(ports.len())
     }
 
     fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool> {

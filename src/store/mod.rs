@@ -19,8 +19,10 @@ pub(crate) trait Tx {
     /// that starts below it and runs over it.
     fn lease_on(&mut self, port: u16) -> Result<Option<Lease>>;
 
-    /// The port `name` had last.
-    fn remembered_port(&mut self, name: &str) -> Result<Option<u16>>;
+    /// The port `name` had last, and when the name last recorded it ([`remember`]).
+    ///
+    /// [`remember`]: Tx::remember
+    fn remembered_port(&mut self, name: &str) -> Result<Option<(u16, SystemTime)>>;
 
     /// The lowest port in `from..=to` that no lease holds and, when `avoid_remembered`, no
     /// name remembers.
@@ -29,8 +31,13 @@ pub(crate) trait Tx {
     /// Adds a lease; its ports must be vacant.
     fn insert_lease(&mut self, lease: &Lease) -> Result<()>;
 
-    /// Records `port` as the last port of `name`; other names that remembered it forget it.
+    /// Records `port` as the last port of `name`, used `at`; other names that remembered it
+    /// forget it.
     fn remember(&mut self, name: &str, port: u16, at: SystemTime) -> Result<()>;
+
+    /// Forgets the `count` memories of ports in `range` that no lease holds and that were
+    /// recorded longest ago (ties broken by name); how many were forgotten.
+    fn forget_oldest(&mut self, range: PortRange, count: usize) -> Result<usize>;
 
     /// Deletes the lease on `port` if its id is `id`; whether there was one.
     fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool>;

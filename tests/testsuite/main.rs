@@ -12,6 +12,7 @@ mod api;
 mod api_freeze;
 mod bad_input;
 mod blocks;
+mod claim_speed;
 #[cfg(feature = "cli")]
 mod cli;
 #[cfg(feature = "cli")]

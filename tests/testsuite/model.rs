@@ -4,7 +4,8 @@
 //! guard, release by port, reap, crash an owner, drop a crashed owner's guard late, let time
 //! pass) run against a real registry and, side by side, against [`Model`]: a plain
 //! re-statement of the rules of `src/policy.rs` (preferred port, remembered port with the
-//! "keep memory" rule, next-fit search from a cursor that avoids other names' ports, reclaim
+//! "keep memory" rule, next-fit search from a cursor that avoids other names' ports (forgetting the memories used
+//! longest ago when every vacant port is remembered), reclaim
 //! of dead or expired leases, exhaustion). After every step:
 //!
 //! - the registry's listing equals the model's leases exactly (ports, ids, names, owners,
@@ -359,8 +360,9 @@ struct Model {
     alive: HashSet<Owner>,
     now: SystemTime,
     leases: BTreeMap<u16, MLease>,
-    /// name -> remembered port; a port is remembered by at most one name.
-    names: BTreeMap<String, u16>,
+    /// name -> remembered port and when the name last recorded its use; a port is
+    /// remembered by at most one name.
+    names: BTreeMap<String, (u16, SystemTime)>,
     cursor: Option<u16>,
 }
 
@@ -435,7 +437,7 @@ impl Model {
     fn search(&self, avoid: bool) -> Option<u16> {
         let start = self.cursor.filter(|c| self.in_range(*c)).unwrap_or(self.lo);
         (start..=self.hi).chain(self.lo..start).find(|p| {
-            let remembered = avoid && self.names.values().any(|q| q == p);
+            let remembered = avoid && self.names.values().any(|(q, _)| q == p);
             !self.reserved.contains(p) && !self.leases.contains_key(p) && !remembered
         })
     }
@@ -455,8 +457,26 @@ impl Model {
     }
 
     fn remember(&mut self, name: &str, port: u16) {
-        self.names.retain(|n, p| *p != port || n == name);
-        self.names.insert(name.to_owned(), port);
+        self.names.retain(|n, (p, _)| *p != port || n == name);
+        self.names.insert(name.to_owned(), (port, self.now));
+    }
+
+    /// Forgets a quarter of the range's size (at least one) of the memories of ports no
+    /// lease holds, those used longest ago, ties broken by name; how many.
+    fn forget_oldest(&mut self) -> usize {
+        let batch = (usize::from(self.hi - self.lo) + 1) / 4;
+        let mut oldest: Vec<(SystemTime, String)> = self
+            .names
+            .iter()
+            .filter(|(_, (p, _))| self.in_range(*p) && !self.leases.contains_key(p))
+            .map(|(n, (_, at))| (*at, n.clone()))
+            .collect();
+        oldest.sort();
+        oldest.truncate(batch.max(1));
+        for (_, name) in &oldest {
+            self.names.remove(name);
+        }
+        oldest.len()
     }
 
     /// One claim, as `policy::claim` makes it. On `Err` the caller discards this model (the
@@ -475,7 +495,7 @@ impl Model {
             if let Some(port) = self
                 .names
                 .get(req.name)
-                .copied()
+                .map(|(p, _)| *p)
                 .filter(|p| self.in_range(*p))
             {
                 match self.check(port) {
@@ -491,8 +511,20 @@ impl Model {
                 let exhausted = |m: &Model| Refusal::Exhausted {
                     held: m.leases_in_range(),
                 };
-                let port = match self.search(true).or_else(|| self.search(false)) {
+                // When every vacant port is remembered, the memories used longest ago go.
+                let forgetting = |m: &mut Model, port: u16| {
+                    if m.forget_oldest() > 0 {
+                        m.search(true).unwrap_or(port)
+                    } else {
+                        port
+                    }
+                };
+                let port = match self.search(true) {
                     Some(port) => port,
+                    None if self.search(false).is_some() => {
+                        let port = self.search(false).expect("just found");
+                        forgetting(self, port)
+                    }
                     None if self.reap(true) > 0 => {
                         self.search(false).ok_or_else(|| exhausted(self))?
                     }
@@ -515,7 +547,14 @@ impl Model {
             self.leases.insert(port, lease).is_none(),
             "model bug: claimed a leased port"
         );
-        if !keep_memory {
+        // A remembered port handed out again is recorded again only once a day.
+        let fresh = choice == Choice::Remembered
+            && self.names.get(req.name).is_some_and(|(_, at)| {
+                self.now
+                    .duration_since(*at)
+                    .is_ok_and(|age| age < Duration::from_secs(24 * 60 * 60))
+            });
+        if !keep_memory && !fresh {
             self.remember(req.name, port);
         }
         Ok((port, choice))
@@ -1017,7 +1056,7 @@ fn check_acquire_rules(m: &Model, req: &Req, outcome: &Result<(u16, Choice), Ref
     let remembered = m
         .names
         .get(req.name)
-        .copied()
+        .map(|(p, _)| *p)
         .filter(|p| m.in_range(*p) && m.vacant(*p));
     match *outcome {
         Ok((port, choice)) => {

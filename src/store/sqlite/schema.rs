@@ -22,7 +22,9 @@
 //!   column list), updates rows in place instead of replacing them, and never rebuilds or
 //!   drops a table, nor deletes a row or column it does not understand: what a newer version
 //!   wrote survives this one. Releasing or reaping a lease deletes its row, with whatever a
-//!   newer version added to it; that is what releasing means.
+//!   newer version added to it; that is what releasing means. Likewise a name's memory
+//!   (its `names` row) is deleted when another name takes its port or when it is forgotten
+//!   as one of the oldest (the policy's "Forgotten ports").
 //! - A newer version's columns on a lease are its own business: this version writes and
 //!   clears only the columns it knows (clearing a lease's owner clears the owner columns it
 //!   knows), so a newer one must read its own owner columns only together with `owner_pid`.

@@ -233,12 +233,12 @@ impl Tx for SqlTx<'_> {
         Ok(nearest.filter(|l| l.covers(port)))
     }
 
-    fn remembered_port(&mut self, name: &str) -> Result<Option<u16>> {
+    fn remembered_port(&mut self, name: &str) -> Result<Option<(u16, SystemTime)>> {
         let mut stmt = self
             .tx
-            .prepare_cached("SELECT port FROM names WHERE name = ?1")
+            .prepare_cached("SELECT port, used_at FROM names WHERE name = ?1")
             .map_err(|e| self.err(e))?;
-        stmt.query_row([name], |r| r.get(0))
+        stmt.query_row([name], |r| Ok((r.get(0)?, from_millis(r.get(1)?))))
             .optional()
             .map_err(|e| self.err(e))
     }
@@ -341,6 +341,27 @@ impl Tx for SqlTx<'_> {
             .execute(params![name, port, to_millis(at)])
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    fn forget_oldest(&mut self, range: PortRange, count: usize) -> Result<usize> {
+        // One scan of the range's memories and a sort: this runs once per many claims (see
+        // the policy's "Forgotten ports"), so `used_at` has no index to keep up on every claim.
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "DELETE FROM names WHERE name IN (
+                     SELECT n.name FROM names AS n
+                     WHERE n.port BETWEEN ?1 AND ?2
+                       AND NOT EXISTS (
+                           SELECT 1 FROM leases AS l
+                           WHERE l.port = (SELECT max(port) FROM leases WHERE port <= n.port)
+                             AND l.port + l.block_len > n.port)
+                     ORDER BY n.used_at, n.name LIMIT ?3)",
+            )
+            .map_err(|e| self.err(e))?;
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        stmt.execute(params![range.start(), range.end(), count])
+            .map_err(|e| self.err(e))
     }
 
     fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool> {

@@ -30,10 +30,11 @@
 //! | sys.rs              | 32700-32749   |
 //! | cli_first.rs        | 32750-32799   |
 //! | cli_tools.rs        | 32850-32949   |
+//! | claim_speed.rs      | 33000-33099   |
 //! | freeze_attack.rs    | 33100-33149; binds and probes no port |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
-//! | benches             | 40000-59999   |
+//! | benches             | 40000-59999 (and `examples/new_names.rs`: 42000-55999; not run in CI) |
 #![allow(dead_code)]
 
 /// The full name of the test `$name` in the calling module, as the test harness selects it
