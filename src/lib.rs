@@ -78,6 +78,7 @@ mod probe;
 mod range;
 mod registry;
 mod request;
+mod reserved;
 mod stats;
 mod store;
 mod sys;
