@@ -28,6 +28,7 @@
 //! | format.rs           | 32600-32649; binds and probes no port |
 //! | api_freeze.rs       | 32650-32699   |
 //! | sys.rs              | 32700-32749   |
+//! | reserved.rs         | 32800-32849   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
 //! | benches             | 40000-59999   |
