@@ -19,6 +19,7 @@
 //! | a port that outlives the process (build scripts) | [`Request::ttl`] + [`Request::reuse_detached`], then [`PortGuard::keep`] |
 //! | threads of one process only, no file | [`PortDaddy::in_process`] |
 //! | a preferred port, a range, UDP, another owner | [`Request`], [`PortDaddy::builder`] |
+//! | ports that no process using the registry may be handed | [`PortDaddy::reserve_ports`] |
 //!
 //! # Compared with the usual ways
 //!

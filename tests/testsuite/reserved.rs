@@ -197,7 +197,7 @@ fn a_registry_of_the_format_before_gains_the_table_without_locking_older_version
             .unwrap();
     }
     let registry = open_real(&path, 32824..=32825);
-    assert_eq!(registry.list().unwrap(), [lease.clone()]);
+    assert_eq!(registry.list().unwrap(), std::slice::from_ref(&lease));
     assert!(registry.reserved_ports().unwrap().is_empty());
     registry.reserve_ports(range(32824, 32825)).unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
