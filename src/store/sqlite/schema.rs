@@ -355,6 +355,23 @@ mod tests {
     }
 
     #[test]
+    fn the_schema_refuses_reserved_ranges_that_are_not_port_ranges() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let insert = |first: i64, last: i64| {
+            conn.execute(
+                "INSERT INTO reserved (first_port, last_port, added_at) VALUES (?1, ?2, 0)",
+                [first, last],
+            )
+        };
+        for (first, last) in [(0, 5), (10, 9), (1, 65536), (65536, 65536)] {
+            assert!(insert(first, last).is_err(), "{first}-{last}");
+        }
+        insert(9, 9).unwrap();
+        assert!(insert(9, 20).is_err(), "one range per first port");
+    }
+
+    #[test]
     fn the_schema_refuses_two_leases_on_one_port() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
