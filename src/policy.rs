@@ -115,7 +115,9 @@ enum Blocked {
 impl Blocked {
     fn describe(&self) -> String {
         match self {
-            Blocked::Reserved => "it is reserved in this registry".into(),
+            Blocked::Reserved => {
+                "it is reserved by this handle's settings (`Builder::reserve`)".into()
+            }
             Blocked::RegistryReserved(range) => format!(
                 "it lies in the range {range} reserved for every user of the registry; \
                  `portdaddy reserve` lists the reserved ranges, `portdaddy unreserve` frees them"

@@ -78,6 +78,35 @@ fn a_required_reserved_port_fails_naming_the_reservation_and_a_preferred_one_fal
 }
 
 #[test]
+fn a_port_reserved_by_one_handle_alone_says_so_and_stays_free_for_others() {
+    let (_dir, path) = temp_registry();
+    let open = |reserve: &[u16]| {
+        PortDaddy::builder()
+            .path(&path)
+            .range(32810..=32812)
+            .port_probe(all_free)
+            .reserve(reserve.iter().copied())
+            .open()
+            .unwrap()
+    };
+    let err = open(&[32810])
+        .acquire_with(&Request::new("db").require(32810))
+        .unwrap_err();
+    match &err {
+        Error::PortUnavailable { port, reason, .. } => {
+            assert_eq!(*port, 32810);
+            assert!(reason.contains("this handle"), "{reason}");
+        }
+        other => panic!("expected PortUnavailable, got {other:?}"),
+    }
+    assert!(open(&[]).reserved_ports().unwrap().is_empty());
+    let guard = open(&[])
+        .acquire_with(&Request::new("db").require(32810))
+        .unwrap();
+    assert_eq!(guard.port(), 32810);
+}
+
+#[test]
 fn a_remembered_port_that_was_reserved_since_is_not_handed_back() {
     let registry = PortDaddy::builder()
         .in_memory()
