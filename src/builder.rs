@@ -136,7 +136,9 @@ impl Builder {
         self
     }
 
-    /// Ports never handed out, not even when preferred. May be called repeatedly.
+    /// Ports this handle never hands out, not even when preferred. May be called repeatedly.
+    /// For ports that no user of the registry may be handed, see
+    /// [`PortDaddy::reserve_ports`](crate::PortDaddy::reserve_ports).
     ///
     /// Default: none.
     ///

@@ -21,6 +21,7 @@
 //! | a preferred port, a range, UDP, another owner | [`Request`], [`PortDaddy::builder`] |
 //! | to wait until the server you started listens | [`PortGuard::wait_until_listening`], [`wait_until_listening`] |
 //! | to know which process holds a port | [`socket_holders`] |
+//! | ports that no process using the registry may be handed | [`PortDaddy::reserve_ports`] |
 //!
 //! # Compared with the usual ways
 //!
@@ -82,6 +83,7 @@ mod probe;
 mod range;
 mod registry;
 mod request;
+mod reserved;
 mod stats;
 mod store;
 mod sys;

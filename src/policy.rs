@@ -9,8 +9,9 @@
 //!    remembered port is taken over (same port, no probe), if that port is the preferred one
 //!    or, without a preference, lies in the range, and the lease covers the protocols asked
 //!    for.
-//! 1. The preferred port, if the request names one and it is *available*: not reserved, no
-//!    lease that still counts on it, and the port probe says the host has it free.
+//! 1. The preferred port, if the request names one and it is *available*: not reserved (by
+//!    the handle's settings or for the whole registry), no lease that still counts on it,
+//!    and the port probe says the host has it free.
 //! 2. Otherwise the name's remembered port (the port it got last), if it lies in the range
 //!    and is available.
 //! 3. Otherwise a search of the range from a persisted cursor (next-fit, wrapping around), so
@@ -78,6 +79,7 @@ use crate::lease::{
 use crate::probe::{PortProbe, ProcessProbe};
 use crate::range::PortRange;
 use crate::request::Request;
+use crate::reserved::RegistryReserved;
 use crate::store::{Counter, Tally, Tx};
 
 /// How stale a name's memory (`used_at`) may grow while the name keeps getting its
@@ -95,6 +97,8 @@ pub(crate) fn forget_batch(range: PortRange) -> usize {
 pub(crate) struct Env<'a> {
     pub(crate) range: PortRange,
     pub(crate) reserved: &'a BTreeSet<u16>,
+    /// The ranges reserved for the whole registry, read from the transaction on first use.
+    pub(crate) registry_reserved: RegistryReserved,
     pub(crate) ports: &'a dyn PortProbe,
     pub(crate) processes: &'a dyn ProcessProbe,
     /// The calling process: its own leases are alive without asking the probe.
@@ -116,6 +120,7 @@ impl<'a> Env<'a> {
         Env {
             range: settings.range,
             reserved: &settings.reserved,
+            registry_reserved: RegistryReserved::default(),
             ports: &*settings.ports,
             processes,
             me,
@@ -126,13 +131,20 @@ impl<'a> Env<'a> {
 
     /// The same view, with ports probed by `ports`.
     pub(crate) fn with_ports(&self, ports: &'a dyn PortProbe) -> Self {
-        Env { ports, ..*self }
+        Env {
+            ports,
+            registry_reserved: self.registry_reserved.clone(),
+            ..*self
+        }
     }
 }
 
 /// Why a port cannot be handed out.
 enum Blocked {
+    /// Reserved by the handle's settings ([`crate::Builder::reserve`]).
     Reserved,
+    /// In a range reserved for the whole registry.
+    RegistryReserved(PortRange),
     Leased(Lease),
     Foreign,
 }
@@ -144,7 +156,13 @@ pub(crate) const FOREIGN: &str = "a program outside the registry has it bound";
 impl Blocked {
     fn describe(&self) -> String {
         match self {
-            Blocked::Reserved => "it is reserved in this registry".into(),
+            Blocked::Reserved => {
+                "it is reserved by this handle's settings (`Builder::reserve`)".into()
+            }
+            Blocked::RegistryReserved(range) => format!(
+                "it lies in the range {range} reserved for every user of the registry; \
+                 `portdaddy reserve` lists the reserved ranges, `portdaddy unreserve` frees them"
+            ),
             Blocked::Leased(l) => match l.pid() {
                 Some(pid) => format!("leased as {:?} by pid {pid}", l.name),
                 None => format!("leased as {:?} (detached)", l.name),
@@ -220,10 +238,21 @@ impl Env<'_> {
         Ok(clamped)
     }
 
-    /// Checks one port, reclaiming a lease on it that no longer counts.
-    fn check(&self, tx: &mut dyn Tx, port: u16, protocol: Protocol) -> Result<Option<Blocked>> {
+    /// Why `port` is reserved, if it is: by the handle's settings, or for the whole registry.
+    fn reservation(&self, tx: &mut dyn Tx, port: u16) -> Result<Option<Blocked>> {
         if self.reserved.contains(&port) {
             return Ok(Some(Blocked::Reserved));
+        }
+        Ok(self
+            .registry_reserved
+            .covering(tx, port)?
+            .map(Blocked::RegistryReserved))
+    }
+
+    /// Checks one port, reclaiming a lease on it that no longer counts.
+    fn check(&self, tx: &mut dyn Tx, port: u16, protocol: Protocol) -> Result<Option<Blocked>> {
+        if let Some(reserved) = self.reservation(tx, port)? {
+            return Ok(Some(reserved));
         }
         if let Some(lease) = tx.lease_on(port)? {
             let lease = self.clamp(tx, lease)?;
@@ -296,7 +325,8 @@ impl Env<'_> {
     }
 
     /// Whether the `len` ports from the vacant port `first` on can all be had: vacant,
-    /// not reserved, free on the host. If not, the first one that cannot.
+    /// not reserved, free on the host. If not, the first one that cannot, or the last port
+    /// of the reserved range it lies in, so that the search goes on after that range.
     fn run_fits(
         &self,
         tx: &mut dyn Tx,
@@ -307,7 +337,12 @@ impl Env<'_> {
     ) -> Result<Option<u16>> {
         for port in block_ports(first, len) {
             let vacant = port == first || tx.first_vacant(port, port, avoid)? == Some(port);
-            if !vacant || self.reserved.contains(&port) || !self.is_free(port, protocol)? {
+            match self.reservation(tx, port)? {
+                Some(Blocked::RegistryReserved(range)) => return Ok(Some(range.end())),
+                Some(_) => return Ok(Some(port)),
+                None => {}
+            }
+            if !vacant || !self.is_free(port, protocol)? {
                 return Ok(Some(port));
             }
         }
@@ -508,8 +543,13 @@ fn detached_lease_of(
         Some(preferred) => preferred == port,
         None => fits_range(env.range, port, request.block_len),
     };
-    if !wanted || block_ports(port, request.block_len).any(|p| env.reserved.contains(&p)) {
+    if !wanted {
         return Ok(None);
+    }
+    for p in block_ports(port, request.block_len) {
+        if env.reservation(tx, p)?.is_some() {
+            return Ok(None);
+        }
     }
     Ok(tx
         .lease_on(port)?
@@ -608,6 +648,7 @@ mod tests {
         let env = Env {
             range: PortRange::new(20000, 20009).unwrap(),
             reserved: &BTreeSet::new(),
+            registry_reserved: RegistryReserved::default(),
             ports: &all_free,
             processes: &by_lock,
             me: &me,
@@ -639,6 +680,7 @@ mod tests {
             me: &me,
             now: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
             tally: &Tally::default(),
+            registry_reserved: RegistryReserved::default(),
         };
         store
             .transact(|tx| {
@@ -724,6 +766,7 @@ mod tests {
             me: &me,
             now: SystemTime::UNIX_EPOCH,
             tally: &Tally::default(),
+            registry_reserved: RegistryReserved::default(),
         };
         store
             .transact(|tx| {

@@ -839,7 +839,7 @@ impl PortDaddy {
 
     /// Runs `f` as one write transaction; the policy's view of the world (the time above
     /// all) is taken once the transaction holds the lock.
-    fn write<R>(&self, f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>) -> Result<R> {
+    pub(crate) fn write<R>(&self, f: impl FnOnce(&mut dyn Tx, &Env<'_>) -> Result<R>) -> Result<R> {
         self.write_tracked(f, |_, _| Ok(()))
     }
 
@@ -867,7 +867,7 @@ impl PortDaddy {
         }
     }
 
-    fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
         let inner = &*self.inner;
         match &inner.backend {
             Backend::File { file, timeout } => {

@@ -25,6 +25,8 @@ struct State {
     port_name: BTreeMap<u16, (String, SystemTime)>,
     cursor: Option<u16>,
     counters: HashMap<Counter, u64>,
+    /// Reserved ranges by first port: the last port and when it was added.
+    reserved: BTreeMap<u16, (u16, SystemTime)>,
 }
 
 type Undo = Box<dyn FnOnce(&mut State)>;
@@ -246,6 +248,33 @@ impl Tx for MemTx<'_> {
             .collect();
         out.sort_by_key(|l| (l.acquired_at, l.id));
         Ok(out)
+    }
+
+    fn reservations(&mut self) -> Result<Vec<(PortRange, SystemTime)>> {
+        self.state
+            .reserved
+            .iter()
+            .map(|(&first, &(last, at))| Ok((PortRange::new(first, last)?, at)))
+            .collect()
+    }
+
+    fn insert_reservation(&mut self, range: PortRange, at: SystemTime) -> Result<()> {
+        let first = range.start();
+        self.state.reserved.insert(first, (range.end(), at));
+        self.undo.push(Box::new(move |s| {
+            s.reserved.remove(&first);
+        }));
+        Ok(())
+    }
+
+    fn delete_reservation(&mut self, first: u16) -> Result<bool> {
+        let Some(was) = self.state.reserved.remove(&first) else {
+            return Ok(false);
+        };
+        self.undo.push(Box::new(move |s| {
+            s.reserved.insert(first, was);
+        }));
+        Ok(true)
     }
 
     fn cursor(&mut self) -> Result<Option<u16>> {

@@ -71,6 +71,15 @@ pub(crate) trait Tx {
     /// Moves the search start.
     fn set_cursor(&mut self, port: u16) -> Result<()>;
 
+    /// The ranges reserved for the whole registry, by first port, with when each was added.
+    fn reservations(&mut self) -> Result<Vec<(PortRange, SystemTime)>>;
+
+    /// Records `range` as reserved since `at`; it must not overlap a reserved range.
+    fn insert_reservation(&mut self, range: PortRange, at: SystemTime) -> Result<()>;
+
+    /// Deletes the reserved range that starts at `first`; whether there was one.
+    fn delete_reservation(&mut self, first: u16) -> Result<bool>;
+
     /// Adds `by` to a persisted counter: one statement.
     fn count(&mut self, counter: Counter, by: u64) -> Result<()>;
 

@@ -34,4 +34,5 @@ mod model;
 mod processes;
 mod registry_files;
 mod replaced;
+mod reserved;
 mod sys;

@@ -60,6 +60,9 @@ fn dispatch(cli: Cli) -> Outcome {
             preferred,
             command,
         } => run_command(&target, &names, &preferred, &command),
+        Command::Reserve { ports, json } if ports.is_empty() => list_reserved(&target, json),
+        Command::Reserve { ports, .. } => reserve(&target, &ports),
+        Command::Unreserve { ports } => unreserve(&target, &ports),
         Command::Reap => {
             let reaped = target.open()?.reap()?;
             print(format_args!("reaped {reaped}\n"))
@@ -329,6 +332,81 @@ fn list(target: &Target, json: bool, all: bool) -> Outcome {
     print(format_args!(
         "{}",
         output::table(output::LEASE_HEADER, &rows)
+    ))
+}
+
+/// `20000`, or `20000-20009`: a range as the commands print it.
+fn span(range: PortRange) -> String {
+    if range.len() == 1 {
+        range.start().to_string()
+    } else {
+        range.to_string()
+    }
+}
+
+/// Reserves each range, and notes the leases that hold a port of it.
+fn reserve(target: &Target, ranges: &[PortRange]) -> Outcome {
+    let registry = target.open()?;
+    let mut text = String::new();
+    for &range in ranges {
+        let held = registry.reserve_ports(range)?;
+        text.push_str(&format!("reserved {}\n", span(range)));
+        for lease in held {
+            let holder = lease
+                .pid()
+                .map_or_else(|| "detached".to_owned(), |p| format!("pid {p}"));
+            eprintln!(
+                "portdaddy: note: {} is leased ({}, {holder}); the lease keeps it, and it is \
+                 not handed out again once released",
+                output::ports_phrase(&lease),
+                escape(lease.name())
+            );
+        }
+    }
+    print(format_args!("{text}"))
+}
+
+/// Frees each range, saying which parts of it were reserved.
+fn unreserve(target: &Target, ranges: &[PortRange]) -> Outcome {
+    let registry = target.open()?;
+    let mut text = String::new();
+    for &range in ranges {
+        let freed = registry.unreserve_ports(range)?;
+        if freed.is_empty() {
+            text.push_str(&if range.len() == 1 {
+                format!(
+                    "port {range_text} was not reserved\n",
+                    range_text = span(range)
+                )
+            } else {
+                format!("no port of {range} was reserved\n")
+            });
+        }
+        for part in freed {
+            text.push_str(&format!("unreserved {}\n", span(part)));
+        }
+    }
+    print(format_args!("{text}"))
+}
+
+/// The reserved ranges: a table (only its header when there are none, on a terminal), or
+/// JSON.
+fn list_reserved(target: &Target, json: bool) -> Outcome {
+    let ranges = target.open()?.reserved_ports()?;
+    if json {
+        let value = serde_json::to_value(&ranges).map_err(|e| Failure::new(exit::OTHER, e))?;
+        return print(format_args!("{}\n", output::json_text(&value)));
+    }
+    if ranges.is_empty() && !io::IsTerminal::is_terminal(&io::stdout()) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = ranges
+        .iter()
+        .map(|r| vec![span(*r), r.len().to_string()])
+        .collect();
+    print(format_args!(
+        "{}",
+        output::table(&["RESERVED", "PORTS"], &rows)
     ))
 }
 

@@ -167,6 +167,32 @@ enum Command {
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
+    /// Reserves ports for every user of the registry, or lists the reserved ranges when no
+    /// port is given.
+    ///
+    /// No claim of any process that uses the registry hands out a reserved port, not even as
+    /// a preferred port; a request that requires one fails. Reserving a port that a lease
+    /// holds is allowed: a note names the lease, which keeps its port until it is released;
+    /// then the port is not handed out again. Ranges that overlap or touch are kept as one.
+    /// portdaddy versions that do not know reserved ranges (registry schema before 6) do not
+    /// honour them.
+    #[command(after_help = "Example: portdaddy reserve 8080 5432 9000-9099")]
+    Reserve {
+        /// The ports to reserve: a port, or a range START-END (both included).
+        #[arg(value_name = "PORT|START-END", value_parser = parse_ports)]
+        ports: Vec<PortRange>,
+        /// List the reserved ranges as a JSON array of {"start", "end"} objects.
+        #[arg(long, conflicts_with = "ports")]
+        json: bool,
+    },
+    /// Stops reserving ports: they are handed out again. Freeing part of a reserved range
+    /// leaves the rest of it reserved; freeing a port that is not reserved changes nothing
+    /// and says so.
+    Unreserve {
+        /// The ports to free: a port, or a range START-END (both included).
+        #[arg(required = true, value_name = "PORT|START-END", value_parser = parse_ports)]
+        ports: Vec<PortRange>,
+    },
     /// Reclaims the leases whose owner has died or whose expiry has passed; prints how many.
     Reap,
     /// Prints the counters kept in the registry and the number of leases by state; also for
@@ -270,6 +296,20 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(text)
         .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 500ms, 30s or 2m"))
+}
+
+/// A port (`8080`) as a range of one port, or a range (`9000-9099`).
+pub(crate) fn parse_ports(text: &str) -> Result<PortRange, String> {
+    if text.contains('-') {
+        return parse_range(text);
+    }
+    let port = text
+        .trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|&port| port > 0)
+        .ok_or_else(|| format!("{text:?} is not a port number (1-65535) nor a range START-END"))?;
+    PortRange::new(port, port).map_err(|e| e.to_string())
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {

@@ -7,7 +7,8 @@
 //! Never edit or reorder an entry: add a new one. Entries 1 to 5 come from before the first
 //! release (one of them rebuilds the `leases` table); they stay, so that the registries made
 //! by development builds (`user_version` 1 to 5) are still recognised and migrated. Every
-//! entry from here on follows the format policy below.
+//! entry from here on follows the format policy below; entry 6, the table of reserved
+//! ports, is the first.
 //!
 //! # Registry format
 //!
@@ -108,6 +109,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // nearest first), which tell who sees every process of the owner's namespace.
     "ALTER TABLE leases ADD COLUMN owner_time_ns INTEGER;
      ALTER TABLE leases ADD COLUMN owner_ns_parents TEXT;",
+    // 6: ports reserved for the whole registry: no claim of this version or a later one
+    // hands them out. Ranges never overlap nor touch (adjacent ones are stored as one), and
+    // are keyed by their first port. Additive: a version before this one does not know the
+    // table and hands the ports out as before, which gives no port to two holders, so the
+    // min-reader marker is not raised.
+    "CREATE TABLE reserved (
+        first_port INTEGER PRIMARY KEY CHECK (first_port BETWEEN 1 AND 65535),
+        last_port  INTEGER NOT NULL CHECK (last_port BETWEEN first_port AND 65535),
+        added_at   INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// The key of the `meta` row that names the oldest format generation that may read and
@@ -387,6 +398,23 @@ mod tests {
             )
             .unwrap();
         assert_eq!(without_rowid, 1, "the port is the table's key");
+    }
+
+    #[test]
+    fn the_schema_refuses_reserved_ranges_that_are_not_port_ranges() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        let insert = |first: i64, last: i64| {
+            conn.execute(
+                "INSERT INTO reserved (first_port, last_port, added_at) VALUES (?1, ?2, 0)",
+                [first, last],
+            )
+        };
+        for (first, last) in [(0, 5), (10, 9), (1, 65536), (65536, 65536)] {
+            assert!(insert(first, last).is_err(), "{first}-{last}");
+        }
+        insert(9, 9).unwrap();
+        assert!(insert(9, 20).is_err(), "one range per first port");
     }
 
     #[test]

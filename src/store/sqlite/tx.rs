@@ -428,6 +428,58 @@ impl Tx for SqlTx<'_> {
             > 0)
     }
 
+    fn reservations(&mut self) -> Result<Vec<(PortRange, SystemTime)>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT first_port, last_port, added_at FROM reserved ORDER BY first_port",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (first, last, at) = row.map_err(|e| self.err(e))?;
+            let range = u16::try_from(first)
+                .ok()
+                .zip(u16::try_from(last).ok())
+                .and_then(|(first, last)| PortRange::new(first, last).ok())
+                .ok_or_else(|| Error::Corrupt {
+                    path: self.path.to_owned(),
+                    detail: format!("the reserved range {first}-{last} is not a port range"),
+                })?;
+            out.push((range, from_millis(at)));
+        }
+        Ok(out)
+    }
+
+    fn insert_reservation(&mut self, range: PortRange, at: SystemTime) -> Result<()> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO reserved (first_port, last_port, added_at) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.execute(params![range.start(), range.end(), to_millis(at)])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn delete_reservation(&mut self, first: u16) -> Result<bool> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("DELETE FROM reserved WHERE first_port = ?1")
+            .map_err(|e| self.err(e))?;
+        Ok(stmt.execute([first]).map_err(|e| self.err(e))? > 0)
+    }
+
     fn leases(&mut self, range: Option<PortRange>) -> Result<Vec<Lease>> {
         let (lo, hi) = range.map_or((0, u16::MAX), |r| (r.start(), r.end()));
         let mut stmt = self

@@ -29,6 +29,7 @@
 //! | api_freeze.rs       | 32650-32699   |
 //! | sys.rs              | 32700-32749   |
 //! | cli_first.rs        | 32750-32799   |
+//! | reserved.rs         | 32800-32849   |
 //! | cli_tools.rs        | 32850-32949   |
 //! | claim_speed.rs      | 33000-33099   |
 //! | freeze_attack.rs    | 33100-33149; binds and probes no port |
