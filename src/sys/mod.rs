@@ -8,6 +8,7 @@
 //!   calls); the parts only Linux has (namespaces, `O_PATH`, `statx`, the ephemeral port
 //!   range) are marked there. The one call rustix does not cover (`pthread_atfork`) goes
 //!   through `libc`.
+//! - `portable.rs`: the process query through `sysinfo`, for every platform but Linux.
 //! - `unsupported.rs`: every other platform. It compiles everywhere and gives the answer
 //!   that keeps the rest safe: no evidence (`None`) where a question cannot be asked, which
 //!   the liveness rule turns into "keep the lease", or an [`io::ErrorKind::Unsupported`]
@@ -37,3 +38,9 @@ use unsupported as imp;
 mod unsupported;
 
 pub(crate) use imp::*;
+
+// Processes where there is no Linux `/proc`: `sysinfo`, which Linux builds need not compile.
+#[cfg(not(target_os = "linux"))]
+mod portable;
+#[cfg(not(target_os = "linux"))]
+pub(crate) use portable::process_state;
