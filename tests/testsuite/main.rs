@@ -14,6 +14,7 @@ mod bad_input;
 mod blocks;
 #[cfg(feature = "cli")]
 mod cli;
+mod durability;
 mod faults;
 mod format;
 mod handover;

@@ -28,6 +28,7 @@
 //! | format.rs           | 32600-32649; binds and probes no port |
 //! | api_freeze.rs       | 32650-32699   |
 //! | sys.rs              | 32700-32749   |
+//! | durability.rs       | 32950-32999   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
 //! | benches             | 40000-59999   |
@@ -174,6 +175,20 @@ pub fn sibling(path: &std::path::Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
+}
+
+/// Copies the write-ahead log of the registry at `path` into its file and removes `-wal` and
+/// `-shm`, as a plain SQLite client closing last does (portdaddy's connections leave them
+/// in place): for tests that need every lease in the file itself. No handle may be open.
+pub fn fold_wal(path: &std::path::Path) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    conn.close().unwrap();
+    assert!(
+        !sibling(path, "-wal").exists(),
+        "the write-ahead log is still there"
+    );
 }
 
 /// Whether this process runs as root, which ignores permission bits.
