@@ -232,7 +232,7 @@ fn from_evidence(kill: Kill, stat: Option<std::io::Result<&str>>) -> ProcState {
 
 fn state_of(pid: u32) -> ProcState {
     if !crate::sys::PROCFS {
-        return portable::state_of(pid);
+        return portable_state_of(pid);
     }
     // `kill(pid, 0)` answers "no such process" for a fraction of the cost of reading
     // `/proc`; only a pid that exists needs its start time read.
@@ -243,8 +243,8 @@ fn state_of(pid: u32) -> ProcState {
     match proc_view() {
         ProcView::Ours => {}
         ProcView::Foreign => return from_evidence(kill, None),
-        // No /proc at all: fall back to the portable query.
-        ProcView::Missing => return portable::state_of(pid),
+        // No /proc at all: the portable query where there is one, else what `kill` said.
+        ProcView::Missing => return portable_state_of(pid),
     }
     let read = std::fs::read_to_string(format!("/proc/{pid}/stat"));
     match from_evidence(kill, Some(read.as_deref().map_err(|e| e.kind().into()))) {
@@ -455,49 +455,13 @@ fn boot_id() -> String {
     .clone()
 }
 
-/// The `sysinfo` query, for systems without `/proc`.
-mod portable {
-    use std::sync::{Mutex, OnceLock};
-
-    use sysinfo::{Pid, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System};
-
-    use super::ProcState;
-
-    pub(super) fn state_of(pid: u32) -> ProcState {
-        static SYSTEM: OnceLock<Option<Mutex<System>>> = OnceLock::new();
-        let Some(system) = SYSTEM.get_or_init(|| System::new().ok().map(Mutex::new)) else {
-            return ProcState::Unknown;
-        };
-        let mut system = system.lock().unwrap_or_else(|p| p.into_inner());
-        let pid = Pid::from_u32(pid);
-        system.refresh_processes_specifics(
-            ProcessesToUpdate::Some(&[pid]),
-            true,
-            ProcessRefreshKind::nothing(),
-        );
-        match system.process(pid) {
-            Some(p) if matches!(p.status(), ProcessStatus::Zombie | ProcessStatus::Dead) => {
-                ProcState::Gone
-            }
-            Some(p) => ProcState::Running {
-                start_time: p.start_time(),
-            },
-            None => ProcState::Gone,
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn sees_itself_and_not_a_missing_pid() {
-            assert!(matches!(
-                state_of(std::process::id()),
-                ProcState::Running { .. }
-            ));
-            assert_eq!(state_of(u32::MAX - 7), ProcState::Gone);
-        }
+/// What the portable process query says of `pid` (see `sys::process_state`), where there is
+/// no `/proc` to read; where it cannot be asked, what `kill` says.
+fn portable_state_of(pid: u32) -> ProcState {
+    match crate::sys::process_state(pid) {
+        Some(Some(start_time)) => ProcState::Running { start_time },
+        Some(None) => ProcState::Gone,
+        None => from_evidence(kill_says(pid), None),
     }
 }
 

@@ -10,6 +10,7 @@
 //!   through `libc`.
 //! - `sockets.rs`: Linux only, which processes have a socket bound on a port, read from
 //!   `/proc` (plain file reads); elsewhere [`socket_holders`] says it cannot tell.
+//! - `portable.rs`: the process query through `sysinfo`, for every platform but Linux.
 //! - `unsupported.rs`: every other platform. It compiles everywhere and gives the answer
 //!   that keeps the rest safe: no evidence (`None`) where a question cannot be asked, which
 //!   the liveness rule turns into "keep the lease", or an [`io::ErrorKind::Unsupported`]
@@ -54,3 +55,9 @@ pub(crate) struct SocketOwner {
     /// Its command line, where it can be read.
     pub(crate) command: Option<String>,
 }
+
+// Processes where there is no Linux `/proc`: `sysinfo`, which Linux builds need not compile.
+#[cfg(not(target_os = "linux"))]
+mod portable;
+#[cfg(not(target_os = "linux"))]
+pub(crate) use portable::process_state;

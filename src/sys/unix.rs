@@ -166,6 +166,13 @@ pub(crate) fn pid_exists(pid: u32) -> Option<bool> {
 /// are read there, and elsewhere asked of the portable process query.
 pub(crate) const PROCFS: bool = cfg!(target_os = "linux");
 
+/// Linux reads `/proc` instead of asking the portable query (`portable.rs`): when `/proc`
+/// is missing, there is nobody else to ask.
+#[cfg(target_os = "linux")]
+pub(crate) fn process_state(_: u32) -> Option<Option<u64>> {
+    None
+}
+
 /// The inode of `/proc/self/ns/<kind>`: which namespace of that kind this process is in.
 #[cfg(target_os = "linux")]
 fn namespace(kind: &str) -> Option<u64> {

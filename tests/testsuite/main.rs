@@ -19,6 +19,7 @@ mod cli;
 mod cli_first;
 #[cfg(feature = "cli")]
 mod cli_tools;
+mod durability;
 mod faults;
 mod format;
 mod freeze_attack;

@@ -12,8 +12,8 @@
 //!    its side files (see the `paths` module: anything another user planted or may change is
 //!    refused). SQLite opens the real file with `SQLITE_OPEN_NOFOLLOW` and its side files
 //!    with `O_NOFOLLOW`; in a directory others may write (sticky), `-wal` and `-shm` are
-//!    created by us (`O_EXCL`, `0600`) before SQLite opens them. SQLite removes them again
-//!    when the last connection closes, so this runs at every open.
+//!    created by us (`O_EXCL`, `0600`) before SQLite opens them, where they are missing (a
+//!    new registry, or side files someone removed).
 //! 1. The path is checked before SQLite sees it: anything but a regular file we can read and
 //!    write, a non-empty file without the SQLite header, or one whose header names another
 //!    application is refused, and nothing is written. (The plainest of these are refused
@@ -42,6 +42,20 @@
 //! Leases are ephemeral (a reboot kills every owner anyway), so the fsync per claim that
 //! `synchronous=FULL` costs buys nothing here.
 //!
+//! # Write-ahead log
+//!
+//! No connection checkpoints when it closes (`SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`), so `-wal`
+//! and `-shm` stay beside the registry between processes, as they do after a process that
+//! was killed. Were the last connection to close to checkpoint and delete them, as SQLite
+//! does by default, every short-lived process (a test under nextest, a call of the command)
+//! would pay for two `fsync`s, two unlinks, and creating and syncing a new log. What a
+//! commit wrote is in the log either way, and every process reads it: a crash of any
+//! process loses no committed lease. The log is copied into the file by SQLite's automatic
+//! checkpoint (every 1,000 pages) in a long-lived process, and by an open that finds it
+//! longer than 64 pages (`trim_wal`): the first process to open the registry rebuilds the
+//! log's index by reading the whole log, so its length is what a fresh process pays for.
+//! When SQLite starts the log over, it truncates it to that length (`journal_size_limit`).
+//!
 //! WAL needs shared memory that works across processes, so the registry must live on a local
 //! filesystem, not on NFS or another network mount.
 //!
@@ -57,8 +71,8 @@
 //! real file by then (a symbolic link on it changed) is an error: the handle judges owners
 //! by the lock files beside the file it first opened. A registry renamed or moved elsewhere is still linked and goes unnoticed (where
 //! there is no `O_PATH`, the path's inode is compared instead, which notices that too).
-//! Closing the old connection is safe: SQLite does not checkpoint on close (nor delete `-wal` and
-//! `-shm` by name) once the path no longer names its file. A registry created where the
+//! Closing the old connection is safe: it does not checkpoint (nor delete `-wal` and `-shm` by
+//! name; see "Write-ahead log"). A registry created where the
 //! main file is missing first removes `-wal` and `-shm` left of a deleted one, on which
 //! SQLite would otherwise fail with "disk I/O error".
 //!
@@ -96,6 +110,13 @@ use vet::check_existing_file;
 /// How many prepared statements a connection keeps.
 const STATEMENT_CACHE: usize = 64;
 
+/// The size past which an open checkpoints the write-ahead log (see "Write-ahead log"
+/// above), and to which SQLite truncates the log when it starts it over: 64 frames of
+/// 4 KiB pages, that is 16 claims or releases of two pages each. The first process to open
+/// the registry reads the whole log to rebuild its index, so this bounds what a fresh
+/// process reads; a checkpoint costs two `fsync`s, and starting the log over one more.
+const WAL_TRIM_BYTES: i64 = 64 * (4096 + 24) + 32;
+
 #[derive(Debug)]
 pub(crate) struct SqliteStore {
     path: PathBuf,
@@ -113,23 +134,6 @@ pub(crate) struct SqliteStore {
     shared_tmp: bool,
     /// Declared after `conn`, so that the file is marked in use until the connection closed.
     _in_use: InUse,
-}
-
-impl Drop for SqliteStore {
-    fn drop(&mut self) {
-        // A connection whose `-shm` was removed would checkpoint through its stale index
-        // when it closes, and then delete the write-ahead log by name, with every lease
-        // recorded through the new index since: it must close without a checkpoint.
-        if shm_gone(&self.shm) {
-            if let Err(e) = self
-                .conn
-                .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
-            {
-                tracing::warn!(path = %self.path.display(), error = %e,
-                    "could not keep a registry whose -shm was removed from a checkpoint on close");
-            }
-        }
-    }
 }
 
 /// Whether the `-shm` file anchored in `shm` was deleted or replaced. A check that fails
@@ -309,6 +313,7 @@ impl SqliteStore {
                     return Err(e);
                 }
             };
+            trim_wal(&conn, &real);
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).
             let anchor = Anchor::at(&real).map_err(open_err)?;
@@ -320,8 +325,6 @@ impl SqliteStore {
             };
             (conn, anchor, shm, in_use)
         };
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| open_sql_err(path, deadline, e))?;
         // Room for every statement of the store (rusqlite keeps 16 by default), so none is
         // parsed again on the hot path.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -446,10 +449,9 @@ impl SqliteStore {
                 ),
             ));
         }
-        // Closing the old connection does not touch the new registry: SQLite checkpoints on
-        // close (and then deletes `<path>-wal` and `<path>-shm` by name) only while the path
-        // still names the file it has open, which it checks itself. The `replaced` tests
-        // hold it to that.
+        // Closing the old connection does not touch the new registry: it never checkpoints on
+        // close (which would delete `<path>-wal` and `<path>-shm` by name). The `replaced`
+        // tests hold it to that.
         drop(std::mem::replace(self, fresh));
         Ok(())
     }
@@ -516,6 +518,21 @@ fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Checkpoints the write-ahead log beside `real` when it has grown past [`WAL_TRIM_BYTES`],
+/// so that the next writer starts it over and SQLite truncates it to that size. The caller
+/// holds the write lock, so no claim of ours waits on the copy. A checkpoint that fails or
+/// cannot finish (a reader still needs old frames) changes nothing; the next open tries
+/// again.
+fn trim_wal(conn: &Connection, real: &Path) {
+    let len = std::fs::symlink_metadata(sibling(real, "-wal")).map_or(0, |m| m.len());
+    if len <= WAL_TRIM_BYTES as u64 {
+        return;
+    }
+    if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::debug!(path = %real.display(), %error, "could not checkpoint the registry");
+    }
+}
+
 /// What is left of `deadline`, as far as SQLite's busy timeout (an `int` of milliseconds)
 /// can express it.
 fn busy_timeout(deadline: Deadline) -> Duration {
@@ -541,25 +558,34 @@ fn open_checked(
         | OpenFlags::SQLITE_OPEN_NOFOLLOW;
     let mut conn = Connection::open_with_flags(real, flags).map_err(sql)?;
     conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
-    // Closing the last connection checkpoints the WAL into the file: not before we know the
-    // file is ours. An empty `-wal` this open made (in a directory open to others) has
-    // nothing to checkpoint, and closing removes it again, as it would one SQLite made.
+    // Closing a connection checkpoints the log into the file: not before the file is known
+    // to be ours. An empty `-wal` this open made (in a directory open to others) has nothing
+    // to checkpoint, and closing removes it again, as it would one SQLite made; a file
+    // refused below is left as it was found.
     let guard_wal = wal_was_there;
     if guard_wal {
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(sql)?;
     }
     inspect(&conn, path, deadline)?;
-    if guard_wal {
-        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
+    // From now on the connection never checkpoints as it closes, so the log and its index
+    // stay (see "Write-ahead log" above): not through an index that was removed, nor at
+    // every exit of a short-lived process.
+    if !guard_wal {
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(sql)?;
     }
+    // Before anything is written, so that creating a registry syncs no more than a claim.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sql)?;
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
         .map_err(sql)?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(path = %path.display(), %mode, "the registry could not switch to WAL mode");
     }
+    conn.pragma_update(None, "journal_size_limit", WAL_TRIM_BYTES)
+        .map_err(sql)?;
     migrate(&mut conn).map_err(sql)?;
     Ok(conn)
 }

@@ -31,6 +31,7 @@
 //! | cli_first.rs        | 32750-32799   |
 //! | reserved.rs         | 32800-32849   |
 //! | cli_tools.rs        | 32850-32949   |
+//! | durability.rs       | 32950-32999   |
 //! | claim_speed.rs      | 33000-33099   |
 //! | freeze_attack.rs    | 33100-33149; binds and probes no port |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
@@ -181,6 +182,20 @@ pub fn sibling(path: &std::path::Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
     PathBuf::from(name)
+}
+
+/// Copies the write-ahead log of the registry at `path` into its file and removes `-wal` and
+/// `-shm`, as a plain SQLite client closing last does (portdaddy's connections leave them
+/// in place): for tests that need every lease in the file itself. No handle may be open.
+pub fn fold_wal(path: &std::path::Path) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    conn.close().unwrap();
+    assert!(
+        !sibling(path, "-wal").exists(),
+        "the write-ahead log is still there"
+    );
 }
 
 /// Whether this process runs as root, which ignores permission bits.

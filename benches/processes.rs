@@ -1,0 +1,309 @@
+//! What users pay for a whole process, timed from outside: start, open the registry, claim,
+//! release, exit. Each figure is a ratio against a baseline measured in the same run,
+//! interleaved with it (A B A B …), so that the load of a shared machine falls on both.
+//!
+//! ```text
+//! cargo bench --bench processes               # per process and command line (a minute or two)
+//! cargo bench --bench processes -- --build    # and the cold build (a few minutes more)
+//! ```
+//!
+//! Options: `--runs N` (default 7) batches of `--batch N` (default 50) processes in a row for
+//! each program; the figure is the median over the runs of a batch's mean. `--build-runs N`
+//! (default 1) clean builds of each scratch crate for `--build`.
+//!
+//! - *per process*: `examples/one_claim.rs` (calls `portdaddy::acquire` once and drops the
+//!   guard) ÷ `examples/one_pick.rs` (calls `portpicker::pick_unused_port()` once), both on a
+//!   registry that exists.
+//! - *new registry*: `one_claim` where the registry does not exist yet (a new path for each
+//!   process) ÷ `one_claim` where it does.
+//! - *command line*: `portdaddy acquire NAME` and `portdaddy release NAME`, each minus
+//!   `/bin/true`.
+//! - *cold build* (`--build`): `cargo build --tests --offline` of a new crate with portdaddy
+//!   as a dev-dependency ÷ the same crate with portpicker instead, each with a clean target
+//!   directory and this repository's `Cargo.lock`, so that both use the versions it pins.
+//!
+//! It first builds what it runs (`cargo build --release --features cli --example one_claim
+//! --example one_pick --bin portdaddy`). The claims come from ports 40000-59999, as the other
+//! benches' do; the registries live in a temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+const RANGE: &str = "40000-59999";
+
+struct Options {
+    runs: usize,
+    batch: usize,
+    build: bool,
+    build_runs: usize,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        runs: 7,
+        batch: 50,
+        build: false,
+        build_runs: 1,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut number = |what: &str| -> usize {
+            args.next()
+                .and_then(|n| n.parse().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| panic!("{what} takes a positive number"))
+        };
+        match arg.as_str() {
+            "--runs" => options.runs = number("--runs"),
+            "--batch" => options.batch = number("--batch"),
+            "--build-runs" => options.build_runs = number("--build-runs"),
+            "--build" => options.build = true,
+            // What `cargo bench` passes to every bench.
+            "--bench" => {}
+            other => panic!("unknown option {other:?}; see benches/processes.rs"),
+        }
+    }
+    options
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+/// Runs `command` to completion with its output discarded; how long that took.
+fn time(command: &mut Command) -> Duration {
+    let start = Instant::now();
+    let status = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    let took = start.elapsed();
+    assert!(status.success(), "{command:?} failed: {status}");
+    took
+}
+
+/// The directory `cargo build --release` puts its binaries in: the one this bench runs from.
+fn release_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/release/deps/processes-<hash>
+    exe.parent().and_then(Path::parent).unwrap().to_owned()
+}
+
+fn build_programs() {
+    let status = cargo()
+        .current_dir(MANIFEST_DIR)
+        .args(["build", "--release", "--features", "cli"])
+        .args(["--example", "one_claim", "--example", "one_pick"])
+        .args(["--bin", "portdaddy"])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build failed");
+}
+
+/// A program measured: its name and how to start one process of it (`i` numbers the
+/// processes of the run, for programs that need a new registry each time).
+struct Program<'a> {
+    name: &'a str,
+    command: Box<dyn Fn(usize) -> Command + 'a>,
+}
+
+fn processes(options: &Options) {
+    build_programs();
+    let bin = release_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let warm = dir.path().join("warm.sqlite3");
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
+    let one_claim = bin.join("examples").join("one_claim");
+    let claim = |db: &Path| {
+        let mut c = Command::new(&one_claim);
+        c.env("PORTDADDY_DB", db).env("PORTDADDY_RANGE", RANGE);
+        c
+    };
+    let cli = |verb: &str| {
+        let mut c = Command::new(bin.join("portdaddy"));
+        c.arg("--db")
+            .arg(&warm)
+            .args(["--range", RANGE, verb, "bench-cli"]);
+        c
+    };
+    let programs = [
+        Program {
+            name: "one_pick (portpicker)",
+            command: Box::new(|_| Command::new(bin.join("examples").join("one_pick"))),
+        },
+        Program {
+            name: "one_claim, registry exists",
+            command: Box::new(|_| claim(&warm)),
+        },
+        Program {
+            name: "one_claim, new registry",
+            command: Box::new(|i| claim(&fresh.join(format!("r{i}.sqlite3")))),
+        },
+        Program {
+            name: "/bin/true",
+            command: Box::new(|_| Command::new("/bin/true")),
+        },
+        Program {
+            name: "portdaddy acquire",
+            command: Box::new(|_| cli("acquire")),
+        },
+        Program {
+            name: "portdaddy release",
+            command: Box::new(|_| cli("release")),
+        },
+    ];
+    // The registry that exists: created, and its claim made once, before timing.
+    time(&mut claim(&warm));
+    let load_before = load_average();
+    let mut means: Vec<Vec<Duration>> = vec![Vec::new(); programs.len()];
+    let mut serial = 0;
+    for _ in 0..options.runs {
+        // One batch of each program in turn, so that each run's batches share its load.
+        // The command's acquire and release alternate within their batches.
+        for (p, program) in programs.iter().enumerate() {
+            if program.name.starts_with("portdaddy") {
+                continue;
+            }
+            let mut total = Duration::ZERO;
+            for _ in 0..options.batch {
+                serial += 1;
+                total += time(&mut (program.command)(serial));
+            }
+            means[p].push(total / options.batch as u32);
+        }
+        let (mut acquire, mut release) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..options.batch {
+            acquire += time(&mut (programs[4].command)(0));
+            release += time(&mut (programs[5].command)(0));
+        }
+        means[4].push(acquire / options.batch as u32);
+        means[5].push(release / options.batch as u32);
+    }
+    let load_after = load_average();
+    let medians: Vec<Duration> = means.into_iter().map(median).collect();
+    println!(
+        "\nwhole processes: {} runs of {} in a row each, median of the runs' means; \
+         load average {load_before} before, {load_after} after",
+        options.runs, options.batch
+    );
+    for (program, m) in programs.iter().zip(&medians) {
+        println!("  {:<28} {:>9.3} ms", program.name, ms(*m));
+    }
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    println!(
+        "per process: one_claim ÷ one_pick = {:.2}×",
+        ratio(medians[1], medians[0])
+    );
+    println!(
+        "new registry: one_claim on a new registry ÷ on one that exists = {:.2}×",
+        ratio(medians[2], medians[1])
+    );
+    println!(
+        "command line: acquire − /bin/true = {:.3} ms, release − /bin/true = {:.3} ms",
+        ms(medians[4].saturating_sub(medians[3])),
+        ms(medians[5].saturating_sub(medians[3])),
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Writes a scratch crate at `dir` whose tests depend on `dependency` (a `Cargo.toml`
+/// dependency line) and use it through `use_it` (a statement).
+fn scratch_crate(dir: &Path, dependency: &str, use_it: &str) {
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::create_dir_all(dir.join("tests")).unwrap();
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"scratch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n\
+             [dev-dependencies]\n{dependency}\n\n[workspace]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("src").join("lib.rs"), "").unwrap();
+    std::fs::write(
+        dir.join("tests").join("port.rs"),
+        format!("#[test]\nfn port() {{\n    {use_it}\n}}\n"),
+    )
+    .unwrap();
+    std::fs::copy(
+        Path::new(MANIFEST_DIR).join("Cargo.lock"),
+        dir.join("Cargo.lock"),
+    )
+    .unwrap();
+}
+
+fn cold_build(dir: &Path) -> Duration {
+    let target = dir.join("target");
+    let _ = std::fs::remove_dir_all(&target);
+    let took = time(
+        cargo()
+            .current_dir(dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["build", "--tests", "--offline", "--quiet"]),
+    );
+    let _ = std::fs::remove_dir_all(&target);
+    took
+}
+
+fn builds(options: &Options) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (
+        dir.path().join("with-portdaddy"),
+        dir.path().join("with-portpicker"),
+    );
+    scratch_crate(
+        &ours,
+        &format!("portdaddy = {{ path = {MANIFEST_DIR:?} }}"),
+        "let _ = portdaddy::acquire(\"port\");",
+    );
+    scratch_crate(
+        &theirs,
+        "portpicker = \"0.1\"",
+        "let _ = portpicker::pick_unused_port();",
+    );
+    let load_before = load_average();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..options.build_runs {
+        b.push(cold_build(&theirs));
+        a.push(cold_build(&ours));
+    }
+    let load_after = load_average();
+    let (a, b) = (median(a), median(b));
+    println!(
+        "\ncold `cargo build --tests`: {} run(s) each, median; load average {load_before} \
+         before, {load_after} after",
+        options.build_runs
+    );
+    println!("  with portdaddy  {:>7.1} s", a.as_secs_f64());
+    println!("  with portpicker {:>7.1} s", b.as_secs_f64());
+    println!(
+        "cold build: portdaddy ÷ portpicker = {:.2}×",
+        a.as_secs_f64() / b.as_secs_f64()
+    );
+}
+
+fn main() {
+    let options = options();
+    processes(&options);
+    if options.build {
+        builds(&options);
+    }
+}
