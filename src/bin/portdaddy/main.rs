@@ -280,12 +280,15 @@ pub(crate) fn parse_range(text: &str) -> Result<PortRange, String> {
     let (start, end) = text
         .split_once('-')
         .ok_or_else(|| format!("{text:?} is not a range; write START-END, e.g. 26000-26499"))?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .map_err(|_| format!("{p:?} is not a port number (1-65535)"))
-    };
-    PortRange::new(port(start)?, port(end)?).map_err(|e| e.to_string())
+    PortRange::new(port_number(start)?, port_number(end)?).map_err(|e| e.to_string())
+}
+
+/// A port number, blanks around it allowed; 0 is left for `PortRange::new` to refuse, with
+/// its reason.
+fn port_number(text: &str) -> Result<u16, String> {
+    text.trim()
+        .parse::<u16>()
+        .map_err(|_| format!("{text:?} is not a port number (1-65535)"))
 }
 
 /// The formats of `portdaddy stats`.
@@ -312,9 +315,7 @@ pub(crate) fn parse_ports(text: &str) -> Result<PortRange, String> {
     if text.contains('-') {
         return parse_range(text);
     }
-    let port = text
-        .trim()
-        .parse::<u16>()
+    let port = port_number(text)
         .ok()
         .filter(|&port| port > 0)
         .ok_or_else(|| format!("{text:?} is not a port number (1-65535) nor a range START-END"))?;
@@ -369,6 +370,26 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn ports_and_ranges_parse_alike_and_refuse_port_0_naming_it() {
+        use super::{parse_ports, parse_range};
+        let range = |a, b| portdaddy::PortRange::new(a, b).unwrap();
+        assert_eq!(parse_ports(" 8080 "), Ok(range(8080, 8080)));
+        assert_eq!(parse_ports("9000-9099"), Ok(range(9000, 9099)));
+        assert_eq!(parse_range("9000 - 9099"), Ok(range(9000, 9099)));
+        let typo = parse_ports("80a").unwrap_err();
+        assert!(typo.contains("\"80a\" is not a port number") && typo.contains("nor a range"));
+        assert!(parse_ports("0")
+            .unwrap_err()
+            .contains("\"0\" is not a port number"));
+        assert!(parse_range("0-10")
+            .unwrap_err()
+            .contains("port 0 is not a port"));
+        assert!(parse_range("1-x")
+            .unwrap_err()
+            .contains("\"x\" is not a port number"));
+    }
 
     #[test]
     fn every_command_shows_an_example_in_its_help() {
