@@ -152,7 +152,9 @@ pub(crate) fn describe_holders(port: u16) -> Option<String> {
         let name = match (holder.pid, holder.command) {
             (Some(pid), Some(command)) => format!("pid {pid} ({command})"),
             (Some(pid), None) => format!("pid {pid}"),
-            (None, _) => "a process we cannot see (another user's?)".to_owned(),
+            (None, _) => {
+                "a process we cannot see (another user's, or hidden by hidepid)".to_owned()
+            }
         };
         if !names.contains(&name) {
             names.push(name);

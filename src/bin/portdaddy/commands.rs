@@ -320,28 +320,25 @@ fn list(target: &Target, json: bool, all: bool) -> Outcome {
             output::json_text(&serde_json::Value::Array(values))
         ));
     }
-    // On a terminal the header says the list is empty; a script reading a pipe gets no
-    // output for no leases, as it always did.
-    if leases.is_empty() && !std::io::stdout().is_terminal() {
-        return Ok(ExitCode::SUCCESS);
-    }
     let rows: Vec<Vec<String>> = leases
         .iter()
         .map(|(l, s)| output::lease_row(l, *s, now))
         .collect();
-    print(format_args!(
-        "{}",
-        output::table(output::LEASE_HEADER, &rows)
-    ))
+    print_table(output::LEASE_HEADER, &rows)
+}
+
+/// Prints `rows` under `header`. With no rows, a terminal gets the header alone, which says
+/// the table is empty; a script reading a pipe gets no output, as it always did.
+fn print_table(header: &[&str], rows: &[Vec<String>]) -> Outcome {
+    if rows.is_empty() && !io::stdout().is_terminal() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    print(format_args!("{}", output::table(header, rows)))
 }
 
 /// `20000`, or `20000-20009`: a range as the commands print it.
 fn span(range: PortRange) -> String {
-    if range.len() == 1 {
-        range.start().to_string()
-    } else {
-        range.to_string()
-    }
+    output::span(range.start(), range.end())
 }
 
 /// Reserves each range, and notes the leases that hold a port of it.
@@ -397,17 +394,11 @@ fn list_reserved(target: &Target, json: bool) -> Outcome {
         let value = serde_json::to_value(&ranges).map_err(|e| Failure::new(exit::OTHER, e))?;
         return print(format_args!("{}\n", output::json_text(&value)));
     }
-    if ranges.is_empty() && !io::IsTerminal::is_terminal(&io::stdout()) {
-        return Ok(ExitCode::SUCCESS);
-    }
     let rows: Vec<Vec<String>> = ranges
         .iter()
         .map(|r| vec![span(*r), r.len().to_string()])
         .collect();
-    print(format_args!(
-        "{}",
-        output::table(&["RESERVED", "PORTS"], &rows)
-    ))
+    print_table(&["RESERVED", "PORTS"], &rows)
 }
 
 /// `PORT_<NAME>`: the name upper-cased, every character but ASCII letters and digits as `_`.

@@ -95,6 +95,7 @@ enum Command {
     ///
     /// A port that cannot be printed (stdout closed, a full disk, a pipe whose reader has
     /// gone) is released again, with exit code 5.
+    #[command(after_help = "Example: PG_PORT=$(portdaddy acquire postgres)")]
     Acquire {
         /// A label for the port: shown in listings, and the name gets its last port back.
         name: String,
@@ -121,6 +122,7 @@ enum Command {
         json: bool,
     },
     /// Releases the lease on a port, or every lease of a name, whoever holds it.
+    #[command(after_help = "Example: portdaddy release \"$PG_PORT\"")]
     Release {
         /// A port number, or a name.
         target: String,
@@ -129,6 +131,7 @@ enum Command {
         name: bool,
     },
     /// Lists the leases, oldest first.
+    #[command(after_help = "Example: portdaddy list --all --json")]
     List {
         /// Print a JSON array instead of a table.
         #[arg(long)]
@@ -188,12 +191,14 @@ enum Command {
     /// Stops reserving ports: they are handed out again. Freeing part of a reserved range
     /// leaves the rest of it reserved; freeing a port that is not reserved changes nothing
     /// and says so.
+    #[command(after_help = "Example: portdaddy unreserve 9050-9059")]
     Unreserve {
         /// The ports to free: a port, or a range START-END (both included).
         #[arg(required = true, value_name = "PORT|START-END", value_parser = parse_ports)]
         ports: Vec<PortRange>,
     },
     /// Reclaims the leases whose owner has died or whose expiry has passed; prints how many.
+    #[command(after_help = "Example: portdaddy reap")]
     Reap,
     /// Prints the counters kept in the registry and the number of leases by state; also for
     /// Prometheus.
@@ -255,12 +260,16 @@ enum Command {
         json: bool,
     },
     /// Checks the registry and the setup without changing anything; one line per check.
+    #[command(after_help = "Example: portdaddy doctor --json")]
     Doctor {
         /// Print a JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Prints shell completions.
+    #[command(
+        after_help = "Example: portdaddy completions bash > ~/.local/share/bash-completion/completions/portdaddy"
+    )]
     Completions {
         /// The shell to complete for.
         shell: clap_complete::Shell,
@@ -271,12 +280,15 @@ pub(crate) fn parse_range(text: &str) -> Result<PortRange, String> {
     let (start, end) = text
         .split_once('-')
         .ok_or_else(|| format!("{text:?} is not a range; write START-END, e.g. 26000-26499"))?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .map_err(|_| format!("{p:?} is not a port number (1-65535)"))
-    };
-    PortRange::new(port(start)?, port(end)?).map_err(|e| e.to_string())
+    PortRange::new(port_number(start)?, port_number(end)?).map_err(|e| e.to_string())
+}
+
+/// A port number, blanks around it allowed; 0 is left for `PortRange::new` to refuse, with
+/// its reason.
+fn port_number(text: &str) -> Result<u16, String> {
+    text.trim()
+        .parse::<u16>()
+        .map_err(|_| format!("{text:?} is not a port number (1-65535)"))
 }
 
 /// The formats of `portdaddy stats`.
@@ -303,9 +315,7 @@ pub(crate) fn parse_ports(text: &str) -> Result<PortRange, String> {
     if text.contains('-') {
         return parse_range(text);
     }
-    let port = text
-        .trim()
-        .parse::<u16>()
+    let port = port_number(text)
         .ok()
         .filter(|&port| port > 0)
         .ok_or_else(|| format!("{text:?} is not a port number (1-65535) nor a range START-END"))?;
@@ -354,5 +364,44 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(failure) => failure.report(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn ports_and_ranges_parse_alike_and_refuse_port_0_naming_it() {
+        use super::{parse_ports, parse_range};
+        let range = |a, b| portdaddy::PortRange::new(a, b).unwrap();
+        assert_eq!(parse_ports(" 8080 "), Ok(range(8080, 8080)));
+        assert_eq!(parse_ports("9000-9099"), Ok(range(9000, 9099)));
+        assert_eq!(parse_range("9000 - 9099"), Ok(range(9000, 9099)));
+        let typo = parse_ports("80a").unwrap_err();
+        assert!(typo.contains("\"80a\" is not a port number") && typo.contains("nor a range"));
+        assert!(parse_ports("0")
+            .unwrap_err()
+            .contains("\"0\" is not a port number"));
+        assert!(parse_range("0-10")
+            .unwrap_err()
+            .contains("port 0 is not a port"));
+        assert!(parse_range("1-x")
+            .unwrap_err()
+            .contains("\"x\" is not a port number"));
+    }
+
+    #[test]
+    fn every_command_shows_an_example_in_its_help() {
+        let cli = super::Cli::command();
+        let without: Vec<&str> = cli
+            .get_subcommands()
+            .filter(|c| {
+                !c.get_after_help()
+                    .is_some_and(|h| h.to_string().contains("Example"))
+            })
+            .map(|c| c.get_name())
+            .collect();
+        assert!(without.is_empty(), "no example in --help: {without:?}");
     }
 }

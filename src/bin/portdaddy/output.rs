@@ -88,14 +88,18 @@ pub fn until(now: SystemTime, t: SystemTime) -> String {
     }
 }
 
+/// Ports from `first` to `last` as the commands print them: `20000`, or `20000-20003`.
+pub fn span(first: u16, last: u16) -> String {
+    if first == last {
+        first.to_string()
+    } else {
+        format!("{first}-{last}")
+    }
+}
+
 /// A lease's ports: `20000`, or `20000-20003` for a block.
 fn port_span(lease: &Lease) -> String {
-    let ports = lease.ports();
-    if ports.start() == ports.end() {
-        ports.start().to_string()
-    } else {
-        format!("{}-{}", ports.start(), ports.end())
-    }
+    span(*lease.ports().start(), *lease.ports().end())
 }
 
 /// A lease's ports in a sentence: `port 20000`, or `ports 20000-20003` for a block.
@@ -405,6 +409,12 @@ mod tests {
     fn prometheus_label_values_escape_backslash_quote_and_newline() {
         assert_eq!(prometheus_label_value("a\\b\"c\nd"), r#"a\\b\"c\nd"#);
         assert_eq!(prometheus_label_value("/tmp/ü r"), "/tmp/ü r");
+    }
+
+    #[test]
+    fn a_span_of_one_port_is_the_port_and_of_more_the_first_and_last() {
+        assert_eq!(span(20000, 20000), "20000");
+        assert_eq!(span(20000, 20003), "20000-20003");
     }
 
     #[test]
