@@ -40,6 +40,13 @@ fn len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
+/// The checkpoint sequence number in a write-ahead log's header (bytes 12-15, big-endian),
+/// which SQLite increments each time it starts the log over.
+fn checkpoint_sequence(wal: &Path) -> u32 {
+    let header = std::fs::read(wal).expect("read the log");
+    u32::from_be_bytes(header[12..16].try_into().expect("a log header"))
+}
+
 fn lease<'a>(leases: &'a [Lease], name: &str) -> &'a Lease {
     leases
         .iter()
@@ -131,19 +138,23 @@ fn an_open_folds_a_long_log_into_the_file() {
     };
     let long = len(&wal);
     assert!(long > WAL_TRIM_BYTES, "the log is only {long} bytes long");
+    let sequence_before = checkpoint_sequence(&wal);
     let file_before = len(&path);
     let registry = open_at(&path, &PORTS);
     assert!(
         len(&path) > file_before,
         "the open copied nothing into the file ({file_before} bytes before and after)"
     );
-    // The next commit starts the log over and truncates it.
+    // The next commit starts the log over from its first frame, in place: the log's header
+    // counts one more restart, and the file is not cut short (a log that had to grow again
+    // page by page would cost every commit a block allocation).
     drop(registry.acquire("churn").unwrap());
-    let short = len(&wal);
-    assert!(
-        short <= WAL_TRIM_BYTES,
-        "the log was not started over: {short} bytes (it had {long})"
+    assert_eq!(
+        checkpoint_sequence(&wal),
+        sequence_before.wrapping_add(1),
+        "the log was not started over"
     );
+    assert_eq!(len(&wal), long, "the log was cut short");
     let leases = registry.list().unwrap();
     assert_eq!(leases.len(), 1, "{leases:?}");
     assert_eq!(lease(&leases, "kept").port(), kept.port());

@@ -54,7 +54,10 @@
 //! checkpoint (every 1,000 pages) in a long-lived process, and by an open that finds it
 //! longer than 64 pages (`trim_wal`): the first process to open the registry rebuilds the
 //! log's index by reading the whole log, so its length is what a fresh process pays for.
-//! When SQLite starts the log over, it truncates it to that length (`journal_size_limit`).
+//! Starting the log over writes over the old frames in place: a log that grew past
+//! [`WAL_LIMIT_BYTES`] (a reader held back the checkpoints) is truncated to that length then
+//! (`journal_size_limit`), but the usual log is never cut short, since a log that had to
+//! grow again page by page would cost every commit a block allocation.
 //!
 //! WAL needs shared memory that works across processes, so the registry must live on a local
 //! filesystem, not on NFS or another network mount.
@@ -111,11 +114,15 @@ use vet::check_existing_file;
 const STATEMENT_CACHE: usize = 64;
 
 /// The size past which an open checkpoints the write-ahead log (see "Write-ahead log"
-/// above), and to which SQLite truncates the log when it starts it over: 64 frames of
-/// 4 KiB pages, that is 16 claims or releases of two pages each. The first process to open
-/// the registry reads the whole log to rebuild its index, so this bounds what a fresh
-/// process reads; a checkpoint costs two `fsync`s, and starting the log over one more.
+/// above): 64 frames of 4 KiB pages, that is 16 claims or releases of two pages each. The
+/// first process to open the registry reads the log's valid frames to rebuild its index, so
+/// this bounds what a fresh process reads; a checkpoint costs two `fsync`s.
 const WAL_TRIM_BYTES: i64 = 64 * (4096 + 24) + 32;
+
+/// The length to which SQLite cuts the log when it starts it over, if it grew longer
+/// (`journal_size_limit`): twice what the automatic checkpoint (every 1,000 pages) lets it
+/// reach, so that only a log that readers kept from being checkpointed is cut.
+const WAL_LIMIT_BYTES: i64 = 2 * 1000 * (4096 + 24) + 32;
 
 #[derive(Debug)]
 pub(crate) struct SqliteStore {
@@ -519,7 +526,7 @@ fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
 }
 
 /// Checkpoints the write-ahead log beside `real` when it has grown past [`WAL_TRIM_BYTES`],
-/// so that the next writer starts it over and SQLite truncates it to that size. The caller
+/// so that the next writer starts it over from its first frame. The caller
 /// holds the write lock, so no claim of ours waits on the copy. A checkpoint that fails or
 /// cannot finish (a reader still needs old frames) changes nothing; the next open tries
 /// again.
@@ -584,7 +591,7 @@ fn open_checked(
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(path = %path.display(), %mode, "the registry could not switch to WAL mode");
     }
-    conn.pragma_update(None, "journal_size_limit", WAL_TRIM_BYTES)
+    conn.pragma_update(None, "journal_size_limit", WAL_LIMIT_BYTES)
         .map_err(sql)?;
     migrate(&mut conn).map_err(sql)?;
     Ok(conn)
