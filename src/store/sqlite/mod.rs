@@ -52,8 +52,9 @@
 //! commit wrote is in the log either way, and every process reads it: a crash of any
 //! process loses no committed lease. The log is copied into the file by SQLite's automatic
 //! checkpoint (every 1,000 pages) in a long-lived process, and by an open that finds it
-//! longer than 64 pages (`trim_wal`): the first process to open the registry rebuilds the
-//! log's index by reading the whole log, so its length is what a fresh process pays for.
+//! holding more than 64 frames (`trim_wal`, which reads the count from `-shm`): the first
+//! process to open the registry rebuilds the log's index by reading the log's frames since
+//! it was last started over, so their number is what a fresh process pays for.
 //! Starting the log over writes over the old frames in place: a log that grew past
 //! [`WAL_LIMIT_BYTES`] (a reader held back the checkpoints) is truncated to that length then
 //! (`journal_size_limit`), but the usual log is never cut short, since a log that had to
@@ -113,11 +114,12 @@ use vet::check_existing_file;
 /// How many prepared statements a connection keeps.
 const STATEMENT_CACHE: usize = 64;
 
-/// The size past which an open checkpoints the write-ahead log (see "Write-ahead log"
+/// How many frames past which an open checkpoints the write-ahead log (see "Write-ahead log"
 /// above): 64 frames of 4 KiB pages, that is 16 claims or releases of two pages each. The
-/// first process to open the registry reads the log's valid frames to rebuild its index, so
-/// this bounds what a fresh process reads; a checkpoint costs two `fsync`s.
-const WAL_TRIM_BYTES: i64 = 64 * (4096 + 24) + 32;
+/// first process to open the registry reads the log's frames since it was last started over
+/// to rebuild its index, so this bounds what a fresh process reads; a checkpoint costs two
+/// `fsync`s.
+const WAL_TRIM_FRAMES: u32 = 64;
 
 /// The length to which SQLite cuts the log when it starts it over, if it grew longer
 /// (`journal_size_limit`): twice what the automatic checkpoint (every 1,000 pages) lets it
@@ -525,19 +527,34 @@ fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Checkpoints the write-ahead log beside `real` when it has grown past [`WAL_TRIM_BYTES`],
-/// so that the next writer starts it over from its first frame. The caller
-/// holds the write lock, so no claim of ours waits on the copy. A checkpoint that fails or
-/// cannot finish (a reader still needs old frames) changes nothing; the next open tries
-/// again.
+/// Checkpoints the write-ahead log beside `real` when it holds more than [`WAL_TRIM_FRAMES`]
+/// frames, so that the next writer starts it over from its first frame. The caller holds the
+/// write lock, so no claim of ours waits on the copy. A checkpoint that fails or cannot
+/// finish (a reader still needs old frames) changes nothing; the next open tries again.
 fn trim_wal(conn: &Connection, real: &Path) {
-    let len = std::fs::symlink_metadata(sibling(real, "-wal")).map_or(0, |m| m.len());
-    if len <= WAL_TRIM_BYTES as u64 {
+    if wal_frames(real).is_none_or(|frames| frames <= WAL_TRIM_FRAMES) {
         return;
     }
     if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
         tracing::debug!(path = %real.display(), %error, "could not checkpoint the registry");
     }
+}
+
+/// How many frames the write-ahead log beside `real` holds since it was last started over,
+/// as its last writer left them in the log's index (`-shm`: the `mxFrame` field of the
+/// wal-index header, in the machine's byte order, after the format version 3007000), or
+/// `None` when the index is missing or not of that format: the log's length would not tell,
+/// since a log started over keeps its length and is written over in place. Only a hint of
+/// when to checkpoint: a wrong answer costs a checkpoint or defers one, nothing else.
+fn wal_frames(real: &Path) -> Option<u32> {
+    let mut header = [0u8; 20];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open(sibling(real, "-shm")).ok()?,
+        &mut header,
+    )
+    .ok()?;
+    let field = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    (field(0) == 3_007_000).then(|| field(16))
 }
 
 /// What is left of `deadline`, as far as SQLite's busy timeout (an `int` of milliseconds)
