@@ -7,7 +7,9 @@
 use crate::common;
 
 use common::{all_free, temp_registry};
-use portdaddy::{Error, PortDaddy, PortRange, Request};
+use std::time::{Duration, Instant};
+
+use portdaddy::{Error, PortDaddy, PortRange, Protocol, Request};
 
 fn range(start: u16, end: u16) -> PortRange {
     PortRange::new(start, end).unwrap()
@@ -75,4 +77,50 @@ fn unreserving_part_of_overlapping_reserved_rows_frees_just_that_part() {
     );
     registry.reserve_ports(range(33163, 33163)).unwrap();
     assert_eq!(registry.reserved_ports().unwrap(), [range(33160, 33168)]);
+}
+
+/// A dual-stack TCP listener on `port` whose accept queue is full: connections to it are
+/// neither accepted nor refused (the kernel drops their SYN), as a busy server's are.
+/// Returns the listener and the connections that fill its queue, once a new connection to
+/// 127.0.0.1 goes unanswered.
+fn listener_with_a_full_queue(port: u16) -> Vec<rustix::fd::OwnedFd> {
+    use rustix::net::{
+        sockopt, AddressFamily, SocketAddrV4, SocketAddrV6, SocketFlags, SocketType,
+    };
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let listener = rustix::net::socket(AddressFamily::INET6, SocketType::STREAM, None).unwrap();
+    sockopt::set_ipv6_v6only(&listener, false).unwrap();
+    rustix::net::bind(
+        &listener,
+        &SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0),
+    )
+    .unwrap();
+    rustix::net::listen(&listener, 0).unwrap();
+    let mut fds = vec![listener];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let client = rustix::net::socket_with(
+            AddressFamily::INET,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        // In progress, or done at once while the queue had room.
+        let _ = rustix::net::connect(&client, &SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+        fds.push(client);
+        let probe = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        match std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(200)) {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return fds,
+            _ => assert!(Instant::now() < deadline, "the accept queue never filled"),
+        }
+    }
+}
+
+#[test]
+fn waiting_for_a_busy_server_whose_queue_is_full_sees_it_listening() {
+    let port = 33170;
+    let _busy = listener_with_a_full_queue(port);
+    let result = portdaddy::wait_until_listening(port, Protocol::Tcp, Duration::from_secs(3));
+    assert!(result.is_ok(), "{result:?}");
 }
