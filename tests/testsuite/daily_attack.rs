@@ -124,3 +124,23 @@ fn waiting_for_a_busy_server_whose_queue_is_full_sees_it_listening() {
     let result = portdaddy::wait_until_listening(port, Protocol::Tcp, Duration::from_secs(3));
     assert!(result.is_ok(), "{result:?}");
 }
+
+#[test]
+fn a_range_reserved_whole_is_exhausted_saying_its_ports_are_reserved() {
+    let registry = PortDaddy::builder()
+        .in_memory()
+        .range(33175..=33179)
+        .reserve([33179])
+        .port_probe(all_free)
+        .open()
+        .unwrap();
+    registry.reserve_ports(range(33175, 33178)).unwrap();
+    let err = registry.acquire("svc").unwrap_err();
+    match &err {
+        Error::Exhausted { held, reserved, .. } => {
+            assert_eq!((*held, *reserved), (0, 5), "{err}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("5 reserved"), "{err}");
+}
