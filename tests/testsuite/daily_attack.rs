@@ -144,3 +144,175 @@ fn a_range_reserved_whole_is_exhausted_saying_its_ports_are_reserved() {
     }
     assert!(err.to_string().contains("5 reserved"), "{err}");
 }
+
+#[test]
+fn worker_entry() {
+    use common::workers::{parse_range, read_line, say, var, MODE, RANGE, REGISTRY};
+    let Ok(mode) = std::env::var(MODE) else {
+        return;
+    };
+    assert_eq!(mode, "reserve", "unknown worker mode");
+    let registry = PortDaddy::builder()
+        .path(var(REGISTRY))
+        .range(parse_range(&var(RANGE)))
+        .port_probe(all_free)
+        .lock_timeout(Duration::from_secs(30))
+        .open()
+        .unwrap();
+    say("OPEN");
+    while let Some(line) = read_line() {
+        let (verb, ranges) = line.split_once(' ').expect("verb and ranges");
+        if verb == "claim" {
+            for k in 0..ranges.parse::<u32>().unwrap() {
+                match registry.acquire(&format!("c{k}")) {
+                    Ok(guard) => say(&format!("PORT {}", guard.keep().unwrap().port())),
+                    Err(Error::Exhausted { .. }) => break,
+                    Err(error) => panic!("{error:?}"),
+                }
+            }
+            say("DONE");
+            continue;
+        }
+        for part in ranges.split(',') {
+            let ports = parse_range(part);
+            let ports = range(*ports.start(), *ports.end());
+            match verb {
+                "reserve" => drop(registry.reserve_ports(ports).unwrap()),
+                "unreserve" => drop(registry.unreserve_ports(ports).unwrap()),
+                other => panic!("unknown verb {other}"),
+            }
+        }
+        say("DONE");
+    }
+}
+
+/// The ranges of `ports` as `a-b,c-d`, for a worker.
+fn ranges_text(ranges: &[(u16, u16)]) -> String {
+    let parts: Vec<String> = ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+    parts.join(",")
+}
+
+/// `ports` as ascending ranges of consecutive ports.
+fn as_ranges(ports: &std::collections::BTreeSet<u16>) -> Vec<PortRange> {
+    let mut out: Vec<(u16, u16)> = Vec::new();
+    for &port in ports {
+        match out.last_mut() {
+            Some((_, end)) if u32::from(*end) + 1 == u32::from(port) => *end = port,
+            _ => out.push((port, port)),
+        }
+    }
+    out.into_iter().map(|(a, b)| range(a, b)).collect()
+}
+
+#[test]
+fn processes_reserving_and_unreserving_overlapping_ranges_at_once_lose_no_change() {
+    let (_dir, path) = temp_registry();
+    let ports = 33150..=33199;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut workers: Vec<_> = (0..4)
+        .map(|i| {
+            common::workers::Worker::spawn(format!("reserver-{i}"), "reserve", &path, &ports, &[])
+        })
+        .collect();
+    for worker in &workers {
+        worker.expect_line("OPEN", deadline);
+    }
+    // Each worker reserves ranges of 3 that overlap or touch the others' (and its own).
+    let reserving: Vec<Vec<(u16, u16)>> = (0..4u16)
+        .map(|i| {
+            (0..10u16)
+                .map(|k| {
+                    let start = 33150 + (k * 7 + i * 3) % 48;
+                    (start, start + 2)
+                })
+                .collect()
+        })
+        .collect();
+    for (worker, ranges) in workers.iter_mut().zip(&reserving) {
+        worker.send(&format!("reserve {}", ranges_text(ranges)));
+    }
+    for worker in &workers {
+        assert_eq!(
+            worker.expect_line("DONE", deadline),
+            "DONE",
+            "{}",
+            worker.stderr()
+        );
+    }
+    let mut expected: std::collections::BTreeSet<u16> = reserving
+        .iter()
+        .flatten()
+        .flat_map(|&(a, b)| a..=b)
+        .collect();
+    let registry = PortDaddy::builder().path(&path).open().unwrap();
+    assert_eq!(registry.reserved_ports().unwrap(), as_ranges(&expected));
+    // Then each frees ports of its own, split out of the merged ranges at the same time.
+    let freeing: Vec<Vec<(u16, u16)>> = (0..4u16)
+        .map(|i| {
+            (0..5u16)
+                .map(|k| 33151 + i + k * 8)
+                .map(|p| (p, p))
+                .collect()
+        })
+        .collect();
+    for (worker, ports) in workers.iter_mut().zip(&freeing) {
+        worker.send(&format!("unreserve {}", ranges_text(ports)));
+    }
+    for worker in &workers {
+        assert_eq!(
+            worker.expect_line("DONE", deadline),
+            "DONE",
+            "{}",
+            worker.stderr()
+        );
+    }
+    for &(port, _) in freeing.iter().flatten() {
+        expected.remove(&port);
+    }
+    assert_eq!(registry.reserved_ports().unwrap(), as_ranges(&expected));
+    for worker in &mut workers {
+        worker.close_stdin();
+        let (_, status) = worker.finish(deadline);
+        assert!(status.success(), "{}", worker.stderr());
+    }
+}
+
+#[test]
+fn a_claim_racing_a_reservation_in_another_process_is_either_before_it_or_skips_it() {
+    let (_dir, path) = temp_registry();
+    let ports = 33150..=33199;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut worker = common::workers::Worker::spawn("claimer", "reserve", &path, &ports, &[]);
+    worker.expect_line("OPEN", deadline);
+    let registry = PortDaddy::builder()
+        .path(&path)
+        .range(ports.clone())
+        .lock_timeout(Duration::from_secs(30))
+        .open()
+        .unwrap();
+    worker.send("claim 50");
+    // Once the worker has a port or two, reserve the whole range under its claims.
+    let first = worker.expect_line("PORT", deadline);
+    let before: std::collections::BTreeSet<u16> = registry
+        .reserve_ports(range(33150, 33199))
+        .unwrap()
+        .iter()
+        .flat_map(|lease| lease.ports())
+        .collect();
+    worker.close_stdin();
+    let (mut lines, status) = worker.finish(deadline);
+    assert!(status.success(), "{}", worker.stderr());
+    lines.push(first);
+    let handed_out: std::collections::BTreeSet<u16> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("PORT "))
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert!(lines.iter().any(|l| l == "DONE"), "{lines:?}");
+    assert!(
+        handed_out.is_subset(&before),
+        "ports handed out after the reservation committed: {:?}",
+        handed_out.difference(&before).collect::<Vec<_>>()
+    );
+    assert!(!handed_out.is_empty());
+}
