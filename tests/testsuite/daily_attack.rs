@@ -151,6 +151,13 @@ fn worker_entry() {
     let Ok(mode) = std::env::var(MODE) else {
         return;
     };
+    if mode == "listen" {
+        let port: u16 = var("DAILY_ATTACK_PORT").parse().unwrap();
+        let _listener = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
+        say("LISTENING");
+        common::workers::wait_for_eof();
+        return;
+    }
     assert_eq!(mode, "reserve", "unknown worker mode");
     let registry = PortDaddy::builder()
         .path(var(REGISTRY))
@@ -315,4 +322,57 @@ fn a_claim_racing_a_reservation_in_another_process_is_either_before_it_or_skips_
         handed_out.difference(&before).collect::<Vec<_>>()
     );
     assert!(!handed_out.is_empty());
+}
+
+/// Runs `portdaddy who PORT` on the registry at `path`: its exit code and stdout.
+#[cfg(feature = "cli")]
+fn who(path: &std::path::Path, port: u16) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portdaddy"))
+        .arg("--db")
+        .arg(path)
+        .args(["who", &port.to_string()])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn who_names_a_listener_of_this_network_namespace_and_not_one_of_another() {
+    let (_dir, path) = temp_registry();
+    let port = 33185;
+    let ports = port..=port;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let extra = [("DAILY_ATTACK_PORT", port.to_string())];
+    let mut here = common::workers::Worker::spawn("here", "listen", &path, &ports, &extra);
+    here.expect_line("LISTENING", deadline);
+    let (code, text) = who(&path, port);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&here.pid().to_string()), "{text}");
+    here.close_stdin();
+    assert!(here.finish(deadline).1.success(), "{}", here.stderr());
+
+    let usable = std::process::Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !usable {
+        println!("skipped: unshare -n is not permitted here");
+        return;
+    }
+    let elsewhere =
+        common::workers::Worker::spawn_with("elsewhere", "listen", &path, &ports, &extra, |c| {
+            let program = c.get_program().to_owned();
+            let args: Vec<_> = c.get_args().map(|a| a.to_owned()).collect();
+            let mut wrapped = std::process::Command::new("unshare");
+            wrapped.arg("-n").arg(program).args(args);
+            *c = wrapped;
+        });
+    elsewhere.expect_line("LISTENING", deadline);
+    let (code, text) = who(&path, port);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("processes: none"), "{text}");
 }
