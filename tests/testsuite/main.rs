@@ -19,7 +19,6 @@ mod cli;
 mod cli_first;
 #[cfg(feature = "cli")]
 mod cli_tools;
-#[cfg(feature = "cli")]
 mod daily_attack;
 mod faults;
 mod format;
