@@ -59,13 +59,17 @@ pub enum Error {
     /// For a block ([`Request::block`](crate::Request::block)), no run of `block_len`
     /// consecutive ports is free.
     #[non_exhaustive]
-    #[error("{}", exhausted_message(*range, *held, *block_len))]
+    #[error("{}", exhausted_message(*range, *held, *reserved, *block_len))]
     Exhausted {
         /// The range that was searched.
         range: PortRange,
         /// How many ports of the range are leased by holders that are still alive, or by
         /// detached leases that have not expired.
         held: usize,
+        /// How many of the other ports of the range are reserved: for the whole registry
+        /// ([`PortDaddy::reserve_ports`](crate::PortDaddy::reserve_ports)) or for the handle
+        /// ([`Builder::reserve`](crate::Builder::reserve)).
+        reserved: usize,
         /// How many consecutive ports the claim asked for (1 for a single port).
         block_len: u16,
     },
@@ -553,12 +557,12 @@ fn probe_advice(error: &std::io::Error) -> String {
 
 /// What [`Error::Exhausted`] says: for a block, that no run of its length was left, which
 /// is not the same as a full range.
-fn exhausted_message(range: PortRange, held: usize, block_len: u16) -> String {
+fn exhausted_message(range: PortRange, held: usize, reserved: usize, block_len: u16) -> String {
     let ports = range.len();
     if block_len <= 1 {
         format!(
-            "no free port in {range}: {held} leased by live holders, the rest reserved or \
-             bound by other programs; release ports or widen the range"
+            "no free port in {range}: {held} leased by live holders, {reserved} reserved, the \
+             rest bound by other programs; release or unreserve ports, or widen the range"
         )
     } else if usize::from(block_len) > ports {
         format!(
@@ -594,6 +598,7 @@ mod tests {
             Error::Exhausted {
                 range: PortRange::new(2000, 2009).unwrap(),
                 held: 3,
+                reserved: 0,
                 block_len: 1,
             },
             Error::InvalidName {

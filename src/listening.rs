@@ -16,7 +16,10 @@ const MAX_PAUSE: Duration = Duration::from_millis(100);
 /// Waits until something listens on `port` on this host, for at most `timeout`.
 ///
 /// - TCP: a connection to `127.0.0.1` or `::1` is accepted. The server sees that one
-///   connection, which is closed at once without sending anything.
+///   connection, which is closed at once without sending anything. On Linux, a connection
+///   that is neither accepted nor refused in time counts too when the kernel's socket tables
+///   show a listener bound there (or on all addresses): a busy server whose accept queue
+///   is full.
 /// - UDP: a UDP socket is bound on the port, on any address. UDP has no connection to
 ///   accept, so this is the one sign a server gives without being sent a packet. Linux's
 ///   socket tables (`/proc/net/udp`, `/proc/net/udp6`) tell, without touching the port;
@@ -76,11 +79,27 @@ fn is_listening(port: u16, protocol: Protocol, budget: Duration) -> bool {
         && (!protocol.includes_udp() || udp_bound(port))
 }
 
+/// Both addresses share `budget`, so that the wait does not overrun its deadline. A connection
+/// that is neither accepted nor refused in time is a busy server's whose accept queue is full
+/// (the kernel drops the SYN), or a firewall's: the kernel's socket tables tell which, where
+/// there are some.
 fn tcp_accepts(port: u16, budget: Duration) -> bool {
     let budget = budget.clamp(Duration::from_millis(1), Duration::from_secs(1));
-    [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
-        .into_iter()
-        .any(|ip| TcpStream::connect_timeout(&SocketAddr::new(ip, port), budget).is_ok())
+    let deadline = Instant::now() + budget;
+    let mut unanswered = false;
+    for ip in [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()] {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            unanswered = true;
+            break;
+        }
+        match TcpStream::connect_timeout(&SocketAddr::new(ip, port), left) {
+            Ok(_) => return true,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => unanswered = true,
+            Err(_) => {}
+        }
+    }
+    unanswered && crate::sys::tcp_loopback_listening(port).unwrap_or(false)
 }
 
 /// Read from the kernel's socket tables where there are some: binding the port to find out

@@ -567,15 +567,26 @@ fn detached_lease_of(
 /// range that leases still holding their port hold (dead and expired ones may be left when
 /// the search was skipped, as for a block longer than the range).
 fn exhausted(tx: &mut dyn Tx, env: &Env<'_>, block_len: u16) -> Result<Error> {
-    let held = tx
+    let held: BTreeSet<u16> = tx
         .leases(Some(env.range))?
         .iter()
         .filter(|l| env.state(l).holds_port())
-        .map(|l| l.ports().filter(|p| env.range.contains(*p)).count())
-        .sum();
+        .flat_map(|l| {
+            l.ports()
+                .filter(|p| env.range.contains(*p))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut reserved = 0;
+    for port in env.range.start()..=env.range.end() {
+        if !held.contains(&port) && env.reservation(tx, port)?.is_some() {
+            reserved += 1;
+        }
+    }
     Ok(Error::Exhausted {
         range: env.range,
-        held,
+        held: held.len(),
+        reserved,
         block_len,
     })
 }

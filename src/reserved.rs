@@ -109,7 +109,12 @@ impl PortDaddy {
     ///
     /// A registry error.
     pub fn reserved_ports(&self) -> Result<Vec<PortRange>> {
-        self.read(|tx| Ok(tx.reservations()?.into_iter().map(|(r, _)| r).collect()))
+        self.read(|tx| {
+            Ok(merged(tx.reservations()?)
+                .into_iter()
+                .map(|(r, _)| r)
+                .collect())
+        })
     }
 }
 
@@ -123,7 +128,10 @@ impl RegistryReserved {
         let ranges = match self.0.get() {
             Some(ranges) => ranges,
             None => {
-                let read = tx.reservations()?.into_iter().map(|(r, _)| r).collect();
+                let read = merged(tx.reservations()?)
+                    .into_iter()
+                    .map(|(r, _)| r)
+                    .collect();
                 self.0.get_or_init(|| read)
             }
         };
@@ -144,7 +152,7 @@ fn covering(ranges: &[PortRange], port: u16) -> Option<PortRange> {
 /// (which keep the earliest time any of them was added).
 pub(crate) fn add(tx: &mut dyn Tx, range: PortRange, at: SystemTime) -> Result<()> {
     let (mut start, mut end, mut since) = (range.start(), range.end(), at);
-    for (old, added) in tx.reservations()? {
+    for (old, added) in normalised(tx)? {
         if touches(old, range) {
             tx.delete_reservation(old.start())?;
             start = start.min(old.start());
@@ -160,7 +168,7 @@ pub(crate) fn add(tx: &mut dyn Tx, range: PortRange, at: SystemTime) -> Result<(
 /// the time it was added.
 pub(crate) fn remove(tx: &mut dyn Tx, range: PortRange) -> Result<Vec<PortRange>> {
     let mut removed = Vec::new();
-    for (old, added) in tx.reservations()? {
+    for (old, added) in normalised(tx)? {
         if !old.overlaps(&range) {
             continue;
         }
@@ -172,6 +180,43 @@ pub(crate) fn remove(tx: &mut dyn Tx, range: PortRange) -> Result<Vec<PortRange>
         removed.push(cut);
     }
     Ok(removed)
+}
+
+/// `rows` (ascending by first port) with the ranges that overlap or touch merged into one,
+/// which keeps the earliest time: the store keeps them so, but nothing in its schema stops a
+/// hand edit or another version from writing rows that overlap, and every port of every row
+/// stays reserved.
+fn merged(rows: Vec<(PortRange, SystemTime)>) -> Vec<(PortRange, SystemTime)> {
+    let mut out: Vec<(PortRange, SystemTime)> = Vec::with_capacity(rows.len());
+    for (range, added) in rows {
+        match out.last_mut() {
+            Some((last, since)) if touches(*last, range) => {
+                // Both bounds are ports of the two ranges, in order: always a range.
+                if let Ok(joined) = PortRange::new(last.start(), last.end().max(range.end())) {
+                    *last = joined;
+                }
+                *since = (*since).min(added);
+            }
+            _ => out.push((range, added)),
+        }
+    }
+    out
+}
+
+/// The reserved ranges, after rewriting rows that overlap or touch as one row each, so that
+/// a change by first port touches a range and nothing else.
+fn normalised(tx: &mut dyn Tx) -> Result<Vec<(PortRange, SystemTime)>> {
+    let rows = tx.reservations()?;
+    let merged = merged(rows.clone());
+    if merged.len() != rows.len() {
+        for (old, _) in &rows {
+            tx.delete_reservation(old.start())?;
+        }
+        for (range, added) in &merged {
+            tx.insert_reservation(*range, *added)?;
+        }
+    }
+    Ok(merged)
 }
 
 /// Whether `a` and `b` overlap or are next to each other.

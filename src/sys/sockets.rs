@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::SocketOwner;
 
@@ -110,6 +111,60 @@ pub(crate) fn udp_bound(port: u16) -> Option<bool> {
     read_any.then_some(false)
 }
 
+/// Whether a TCP socket in state LISTEN on `port` takes connections to `127.0.0.1` or `::1`:
+/// one bound on a loopback address of those or on the unspecified one; `None` if the tables
+/// cannot be read.
+pub(crate) fn tcp_loopback_listening(port: u16) -> Option<bool> {
+    let addresses: Vec<String> = [
+        &Ipv4Addr::LOCALHOST.octets()[..],
+        &Ipv4Addr::UNSPECIFIED.octets()[..],
+        &Ipv6Addr::LOCALHOST.octets()[..],
+        &Ipv6Addr::UNSPECIFIED.octets()[..],
+        &Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets()[..],
+    ]
+    .into_iter()
+    .map(proc_hex)
+    .collect();
+    let mut read_any = false;
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        match fs::read_to_string(file) {
+            Ok(text) => {
+                read_any = true;
+                let found = text.lines().skip(1).any(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let (Some(local), Some(state)) = (fields.get(1), fields.get(3)) else {
+                        return false;
+                    };
+                    let Some((address, hex_port)) = local.rsplit_once(':') else {
+                        return false;
+                    };
+                    u16::from_str_radix(hex_port, 16).ok() == Some(port)
+                        && state.eq_ignore_ascii_case(TCP_LISTEN)
+                        && addresses.iter().any(|a| a.eq_ignore_ascii_case(address))
+                });
+                if found {
+                    return Some(true);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(_) => return None,
+        }
+    }
+    read_any.then_some(false)
+}
+
+/// An address as `/proc/net/tcp` writes it: each 32-bit word in the machine's byte order, in
+/// hexadecimal.
+fn proc_hex(octets: &[u8]) -> String {
+    octets
+        .chunks(4)
+        .map(|word| {
+            let word: [u8; 4] = word.try_into().unwrap_or_default();
+            format!("{:08X}", u32::from_ne_bytes(word))
+        })
+        .collect()
+}
+
 /// The inodes of the sockets in one `/proc/net/{tcp,udp}[6]` table bound on `port`: for
 /// TCP only those in state LISTEN.
 fn bound_inodes(table: &str, port: u16, udp: bool) -> Vec<u64> {
@@ -179,6 +234,30 @@ mod tests {
   100: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 777 2 0000000000000000 0
 ";
         assert_eq!(bound_inodes(udp, 8080, true), vec![777]);
+    }
+
+    #[test]
+    fn addresses_are_written_as_proc_net_tcp_writes_them() {
+        if cfg!(target_endian = "little") {
+            assert_eq!(proc_hex(&Ipv4Addr::LOCALHOST.octets()), "0100007F");
+            assert_eq!(
+                proc_hex(&Ipv6Addr::LOCALHOST.octets()),
+                "00000000000000000000000001000000"
+            );
+        }
+    }
+
+    #[test]
+    fn a_listener_on_loopback_takes_loopback_connections_and_one_elsewhere_does_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(tcp_loopback_listening(port), Some(true));
+        drop(listener);
+        let Ok(elsewhere) = std::net::TcpListener::bind(("127.0.0.2", port)) else {
+            return; // the port went to another test meanwhile
+        };
+        assert_eq!(tcp_loopback_listening(port), Some(false));
+        drop(elsewhere);
     }
 
     #[test]

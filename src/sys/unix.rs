@@ -412,6 +412,20 @@ pub(crate) fn udp_port_bound(port: u16) -> Option<bool> {
     }
 }
 
+/// Whether a listening TCP socket on `port` takes connections to `127.0.0.1` or `::1`, from
+/// the kernel's socket tables; `None` where the system cannot tell (no Linux `/proc/net`).
+pub(crate) fn tcp_loopback_listening(port: u16) -> Option<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        super::sockets::tcp_loopback_listening(port)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = port;
+        None
+    }
+}
+
 /// The processes with a listening TCP socket or a UDP socket bound on `port`, or `None`
 /// where the system cannot tell (no Linux `/proc`, or its socket tables cannot be read).
 pub(crate) fn socket_holders(port: u16) -> Option<Vec<super::SocketOwner>> {

@@ -165,6 +165,11 @@ pub(crate) fn udp_port_bound(_: u16) -> Option<bool> {
 }
 
 /// Cannot be told here.
+pub(crate) fn tcp_loopback_listening(_: u16) -> Option<bool> {
+    None
+}
+
+/// Cannot be told here.
 pub(crate) fn socket_holders(_: u16) -> Option<Vec<super::SocketOwner>> {
     None
 }
@@ -193,6 +198,7 @@ mod tests {
         // No claim about who holds a port, or whether a UDP socket is bound on it.
         assert_eq!(socket_holders(80), None);
         assert_eq!(udp_port_bound(80), None);
+        assert_eq!(tcp_loopback_listening(80), None);
         assert!(!is_unlinked(&file).unwrap());
         let anchor = Anchor::at(&path).unwrap();
         assert!(!anchor.is_gone().unwrap());

@@ -19,6 +19,7 @@ mod cli;
 mod cli_first;
 #[cfg(feature = "cli")]
 mod cli_tools;
+mod daily_attack;
 mod durability;
 mod faults;
 mod format;

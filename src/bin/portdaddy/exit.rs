@@ -111,6 +111,13 @@ impl From<Error> for Failure {
                 "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
                  reclaim dead ones, ask for a shorter --block, or widen the range with --range"
             )),
+            Error::Exhausted {
+                range, reserved, ..
+            } if *reserved > 0 => failure.hint(format!(
+                "{reserved} ports of {range} are reserved: `portdaddy reserve` lists the \
+                 registry's reserved ranges and `portdaddy unreserve` frees them; or widen the \
+                 range with --range"
+            )),
             Error::Exhausted { range, held, .. } => failure.hint(format!(
                 "{held} ports of {range} are held by live leases; run `portdaddy reap` to \
                  reclaim dead ones, or widen the range with --range"

@@ -217,8 +217,9 @@ enum Command {
     },
     /// Waits until something listens on PORT; exits 1 if nothing does before the timeout.
     ///
-    /// Exits 0 once a TCP connection to 127.0.0.1 or ::1 is accepted (with --udp: once a UDP
-    /// socket is bound on the port), and 1 once the timeout has passed. Checks at once, then
+    /// Exits 0 once a TCP connection to 127.0.0.1 or ::1 is accepted, or on Linux goes
+    /// unanswered to a listener whose accept queue is full (with --udp: once a UDP socket is
+    /// bound on the port), and 1 once the timeout has passed. Checks at once, then
     /// after pauses that double from 1 ms to 100 ms.
     ///
     /// The TCP server sees one connection that is closed at once. For UDP, which has no

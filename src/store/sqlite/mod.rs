@@ -711,6 +711,7 @@ mod tests {
             Err::<(), _>(Error::Exhausted {
                 range: PortRange::new(2000, 2001).unwrap(),
                 held: 2,
+                reserved: 0,
                 block_len: 1,
             })
         });
