@@ -4,45 +4,32 @@
 //! `PORTDADDY_RANGE` inside that block, and tests that need a full range use one port of
 //! their own in it.
 
-use crate::common;
+use crate::common::cli::{error_line, text, CliRegistry};
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::temp_registry;
 use portdaddy::{Error, PortDaddy};
 use serde_json::Value;
 
 const RANGE: &str = "26000-26499";
 
 /// A temporary registry and the command pointed at it.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    db: PathBuf,
+struct Fixture(CliRegistry);
+
+impl std::ops::Deref for Fixture {
+    type Target = CliRegistry;
+    fn deref(&self) -> &CliRegistry {
+        &self.0
+    }
 }
 
 impl Fixture {
     fn new() -> Self {
-        let (dir, db) = temp_registry();
-        Self { _dir: dir, db }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portdaddy"));
-        cmd.args(args)
-            .env("PORTDADDY_DB", &self.db)
-            .env("PORTDADDY_RANGE", RANGE)
-            // A panic would print a backtrace: the one-line checks below would catch it.
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run portdaddy")
+        Self(CliRegistry::new(RANGE))
     }
 
     /// Runs a command that must succeed; its stdout.
@@ -68,21 +55,6 @@ impl Fixture {
             other => panic!("not an array: {other}"),
         }
     }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The one line a failed command prints, after checking there is exactly one and that it
-/// has the documented prefix, and that the exit code is `code`.
-fn error_line(out: &Output, code: i32) -> String {
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line, no backtrace: {stderr}");
-    assert!(lines[0].starts_with("portdaddy: error: "), "{stderr}");
-    lines[0].to_owned()
 }
 
 fn port_of(stdout: &str) -> u16 {

@@ -7,38 +7,30 @@
 //! their own in it.
 
 use crate::common;
+use crate::common::cli::{text, CliRegistry};
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-use common::temp_registry;
 use portdaddy::PortDaddy;
 use serde_json::Value;
 
 const RANGE: &str = "32750-32799";
 
 /// A temporary registry and the command pointed at it.
-struct Fixture {
-    dir: tempfile::TempDir,
-    db: PathBuf,
+struct Fixture(CliRegistry);
+
+impl std::ops::Deref for Fixture {
+    type Target = CliRegistry;
+    fn deref(&self) -> &CliRegistry {
+        &self.0
+    }
 }
 
 impl Fixture {
     fn new() -> Self {
-        let (dir, db) = temp_registry();
-        Self { dir, db }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_portdaddy"))
-            .args(args)
-            .env("PORTDADDY_DB", &self.db)
-            .env("PORTDADDY_RANGE", RANGE)
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run portdaddy")
+        Self(CliRegistry::new(RANGE))
     }
 
     /// Runs a command that must succeed; its stdout.
@@ -64,12 +56,8 @@ impl Fixture {
 
     /// A path in the fixture's directory.
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.dir().join(name)
     }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn path_str(path: &Path) -> &str {
@@ -79,13 +67,8 @@ fn path_str(path: &Path) -> &str {
 /// The one line a failed `run` prints, after checking there is exactly one with the
 /// documented prefix, that the exit code is `code`, and that nothing went to stdout.
 fn error_line(out: &Output, code: i32) -> String {
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line, no backtrace: {stderr}");
-    assert!(lines[0].starts_with("portdaddy: error: "), "{stderr}");
     assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
-    lines[0].to_owned()
+    common::cli::error_line(out, code)
 }
 
 #[test]

@@ -7,10 +7,10 @@
 //! command gets `PORTDADDY_RANGE` 32900-32949.
 
 use crate::common;
+use crate::common::cli::{error_line, text, CliRegistry};
 
 use std::io::Write;
 use std::net::{TcpListener, UdpSocket};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,29 +25,18 @@ const PORT: &str = "PORTDADDY_TEST_TOOLS_PORT";
 const PROTO: &str = "PORTDADDY_TEST_TOOLS_PROTO";
 
 /// A temporary registry and the command pointed at it.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    db: PathBuf,
+struct Fixture(CliRegistry);
+
+impl std::ops::Deref for Fixture {
+    type Target = CliRegistry;
+    fn deref(&self) -> &CliRegistry {
+        &self.0
+    }
 }
 
 impl Fixture {
     fn new() -> Self {
-        let (dir, db) = common::temp_registry();
-        Self { _dir: dir, db }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_portdaddy"));
-        cmd.args(args)
-            .env("PORTDADDY_DB", &self.db)
-            .env("PORTDADDY_RANGE", RANGE)
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run portdaddy")
+        Self(CliRegistry::new(RANGE))
     }
 
     /// Runs a command that must succeed; its stdout.
@@ -62,21 +51,6 @@ impl Fixture {
         let stdout = self.ok(args);
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
     }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The one line a failed command prints, after checking there is exactly one and that the
-/// exit code is `code`.
-fn error_line(out: &Output, code: i32) -> String {
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line, no backtrace: {stderr}");
-    assert!(lines[0].starts_with("portdaddy: error: "), "{stderr}");
-    lines[0].to_owned()
 }
 
 /// A server in a process of its own: this binary run again, bound on `port` when told

@@ -9,7 +9,7 @@
 //! Ports 26950-26999 and 32560-32569 belong to this file (see `common`).
 #![cfg(unix)]
 
-use crate::common;
+use crate::common::cli::CliRegistry;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -18,25 +18,19 @@ use std::process::{Command, Output, Stdio};
 
 const RANGE: &str = "26950-26999";
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    db: PathBuf,
+/// A temporary registry and the command pointed at it.
+struct Fixture(CliRegistry);
+
+impl std::ops::Deref for Fixture {
+    type Target = CliRegistry;
+    fn deref(&self) -> &CliRegistry {
+        &self.0
+    }
 }
 
 impl Fixture {
     fn new() -> Self {
-        let (dir, db) = common::temp_registry();
-        Self { _dir: dir, db }
-    }
-
-    fn run<S: AsRef<OsStr>>(&self, args: &[S]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_portdaddy"))
-            .args(args)
-            .env("PORTDADDY_DB", &self.db)
-            .env("PORTDADDY_RANGE", RANGE)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run portdaddy")
+        Self(CliRegistry::new(RANGE))
     }
 
     fn ok(&self, args: &[&str]) -> String {

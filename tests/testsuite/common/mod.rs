@@ -54,6 +54,8 @@ macro_rules! sibling_test {
     };
 }
 
+#[cfg(feature = "cli")]
+pub mod cli;
 #[cfg(unix)]
 pub mod users;
 #[cfg(unix)]
