@@ -547,12 +547,13 @@ fn trim_wal(conn: &Connection, real: &Path) {
 /// since a log started over keeps its length and is written over in place. Only a hint of
 /// when to checkpoint: a wrong answer costs a checkpoint or defers one, nothing else.
 fn wal_frames(real: &Path) -> Option<u32> {
+    // Not through a link, and without waiting on a FIFO put in its place.
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    crate::sys::open_flags(&mut options, true, true);
+    let mut shm = options.open(sibling(real, "-shm")).ok()?;
     let mut header = [0u8; 20];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open(sibling(real, "-shm")).ok()?,
-        &mut header,
-    )
-    .ok()?;
+    std::io::Read::read_exact(&mut shm, &mut header).ok()?;
     let field = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().expect("4 bytes"));
     (field(0) == 3_007_000).then(|| field(16))
 }
