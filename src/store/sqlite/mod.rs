@@ -52,9 +52,9 @@
 //! commit wrote is in the log either way, and every process reads it: a crash of any
 //! process loses no committed lease. The log is copied into the file by SQLite's automatic
 //! checkpoint (every 1,000 pages) in a long-lived process, and by an open that finds it
-//! holding more than 64 frames (`trim_wal`, which reads the count from `-shm`): the first
-//! process to open the registry rebuilds the log's index by reading the log's frames since
-//! it was last started over, so their number is what a fresh process pays for.
+//! holding more than 64 frames (`trim_wal`, which reads the log's own frame headers): the
+//! first process to open the registry rebuilds the log's index by reading the log's frames
+//! since it was last started over, so their number is what a fresh process pays for.
 //! Starting the log over writes over the old frames in place: a log that grew past
 //! [`WAL_LIMIT_BYTES`] (a reader held back the checkpoints) is truncated to that length then
 //! (`journal_size_limit`), but the usual log is never cut short, since a log that had to
@@ -532,7 +532,7 @@ fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
 /// write lock, so no claim of ours waits on the copy. A checkpoint that fails or cannot
 /// finish (a reader still needs old frames) changes nothing; the next open tries again.
 fn trim_wal(conn: &Connection, real: &Path) {
-    if wal_frames(real).is_none_or(|frames| frames <= WAL_TRIM_FRAMES) {
+    if !wal_longer_than(real, WAL_TRIM_FRAMES) {
         return;
     }
     if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
@@ -540,22 +540,44 @@ fn trim_wal(conn: &Connection, real: &Path) {
     }
 }
 
-/// How many frames the write-ahead log beside `real` holds since it was last started over,
-/// as its last writer left them in the log's index (`-shm`: the `mxFrame` field of the
-/// wal-index header, in the machine's byte order, after the format version 3007000), or
-/// `None` when the index is missing or not of that format: the log's length would not tell,
-/// since a log started over keeps its length and is written over in place. Only a hint of
-/// when to checkpoint: a wrong answer costs a checkpoint or defers one, nothing else.
-fn wal_frames(real: &Path) -> Option<u32> {
+/// Whether the write-ahead log beside `real` holds more than `frames` frames since it was
+/// last started over: whether frame number `frames` (counting from 0) carries the salt of
+/// the log's header, as every frame written since the restart does and none of an earlier
+/// round does (SQLite's WAL format: a 32-byte header with the page size at bytes 8-11 and
+/// the salt at 16-23, then frames of a 24-byte header, the salt at 8-15, and a page). The
+/// log's length would not tell, since a log started over keeps its length and is written
+/// over in place. Only a hint of when to checkpoint: a wrong answer costs a checkpoint or
+/// defers one, nothing else.
+///
+/// The log is read through a descriptor of its own, never the index (`-shm`): closing a
+/// descriptor drops every POSIX lock this process holds on that file, and SQLite's locks
+/// are on `-shm` and on the registry file, never on the log.
+fn wal_longer_than(real: &Path, frames: u32) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
     // Not through a link, and without waiting on a FIFO put in its place.
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     crate::sys::open_flags(&mut options, true, true);
-    let mut shm = options.open(sibling(real, "-shm")).ok()?;
-    let mut header = [0u8; 20];
-    std::io::Read::read_exact(&mut shm, &mut header).ok()?;
-    let field = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().expect("4 bytes"));
-    (field(0) == 3_007_000).then(|| field(16))
+    let Ok(mut wal) = options.open(sibling(real, "-wal")) else {
+        return false;
+    };
+    let mut header = [0u8; 32];
+    if wal.read_exact(&mut header).is_err() {
+        return false;
+    }
+    let word = |bytes: &[u8], at: usize| {
+        u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+    };
+    if !matches!(word(&header, 0), 0x377f_0682 | 0x377f_0683) {
+        return false;
+    }
+    let page = u64::from(word(&header, 8));
+    let at = 32 + u64::from(frames) * (page + 24);
+    let mut frame = [0u8; 24];
+    if wal.seek(SeekFrom::Start(at)).is_err() || wal.read_exact(&mut frame).is_err() {
+        return false;
+    }
+    frame[8..16] == header[16..24]
 }
 
 /// What is left of `deadline`, as far as SQLite's busy timeout (an `int` of milliseconds)
@@ -850,5 +872,43 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn telling_the_logs_length_keeps_sqlites_locks_on_the_index_and_the_file() {
+        use std::os::unix::fs::MetadataExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite3");
+        let mut store = SqliteStore::open(&path, false, Duration::from_secs(5)).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        store.write(deadline, |tx, _| tx.cursor()).unwrap();
+        let inodes = [
+            std::fs::metadata(&path).unwrap().ino(),
+            std::fs::metadata(sibling(&path, "-shm")).unwrap().ino(),
+        ];
+        let posix_locks = || -> Vec<String> {
+            let pid = format!(" {} ", std::process::id());
+            std::fs::read_to_string("/proc/locks")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("POSIX") && l.contains(&pid))
+                .filter(|l| inodes.iter().any(|ino| l.contains(&format!(":{ino} "))))
+                .map(|l| l.split_once(':').map_or(l, |(_, lock)| lock).to_owned())
+                .collect()
+        };
+        let held = posix_locks();
+        assert!(
+            !held.is_empty(),
+            "SQLite holds a lock on its index while open"
+        );
+        assert!(wal_longer_than(&path, 0), "the log holds a frame");
+        assert!(!wal_longer_than(&path, 10_000));
+        assert_eq!(
+            posix_locks(),
+            held,
+            "reading the log dropped SQLite's locks"
+        );
     }
 }
