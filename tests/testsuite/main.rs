@@ -13,6 +13,7 @@ mod api_freeze;
 mod bad_input;
 mod blocks;
 mod claim_speed;
+mod contention;
 #[cfg(feature = "cli")]
 mod cli;
 #[cfg(feature = "cli")]

@@ -1,5 +1,19 @@
 //! One transaction on the SQLite store: [`SqlTx`], the store's statements, and the write
 //! transaction around it.
+//!
+//! # What a transaction writes
+//!
+//! A write transaction costs others in proportion to the pages it changes: each changed
+//! page is one frame of the write-ahead log, written and checksummed at commit while the
+//! registry's lock is held, and every 1,000 frames SQLite copies the log into the file and
+//! syncs both (two `fsync`s, under the lock too, while every other writer waits). The
+//! common pair, a name getting its own port back and releasing it, changes two pages in
+//! each transaction: the lease's page of `leases`, and `meta`, which holds the counters
+//! (and the search cursor, so a search changes no further page for it). A name's memory is
+//! written again only once a day (see the policy's "Forgotten ports"); a claim that
+//! searches also writes its name's memory: `names` and its index by port. The
+//! `contention` tests hold these counts, so that a statement or an index added to the hot
+//! path shows up as the cost it is.
 
 use std::path::Path;
 use std::time::SystemTime;
