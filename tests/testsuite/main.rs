@@ -13,13 +13,13 @@ mod api_freeze;
 mod bad_input;
 mod blocks;
 mod claim_speed;
-mod contention;
 #[cfg(feature = "cli")]
 mod cli;
 #[cfg(feature = "cli")]
 mod cli_first;
 #[cfg(feature = "cli")]
 mod cli_tools;
+mod contention;
 mod daily_attack;
 mod durability;
 mod faults;
