@@ -14,6 +14,15 @@
 //! searches also writes its name's memory: `names` and its index by port. The
 //! `contention` tests hold these counts, so that a statement or an index added to the hot
 //! path shows up as the cost it is.
+//!
+//! # Counting claims
+//!
+//! So that a claim writes the lease's page alone, `count.acquired` is not written by the
+//! claim: the lease is inserted with `acquire_uncounted = 1`, and its claim is added to the
+//! counter by the transaction that deletes the lease (a release or a reap, which writes
+//! `meta` anyway for its own counter). Reading the counter adds the leases still marked, so
+//! every process reads every committed claim, once. Leases of versions that counted at the
+//! claim carry no mark and are not counted again.
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -47,10 +56,11 @@ const SELECT_LEASES_IN: &str = concat!(
     lease_columns!(),
     " FROM leases WHERE port <= ?2 AND port + block_len > ?1 ORDER BY acquired_at, id"
 );
+/// A new lease, its claim to be counted when it ends (see "Counting claims" above).
 const INSERT_LEASE: &str = concat!(
     "INSERT INTO leases (",
     lease_columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+    ", acquire_uncounted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 1)"
 );
 
 /// The transaction of [`SqliteStore::write`](super::SqliteStore::write), once the lock is
@@ -379,26 +389,20 @@ impl Tx for SqlTx<'_> {
     }
 
     fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool> {
-        let mut stmt = self
-            .tx
-            .prepare_cached("DELETE FROM leases WHERE port = ?1 AND id = ?2")
-            .map_err(|e| self.err(e))?;
-        Ok(stmt
-            .execute(params![port, id as i64])
-            .map_err(|e| self.err(e))?
-            > 0)
+        self.delete_counting(
+            "DELETE FROM leases WHERE port = ?1 AND id = ?2 RETURNING acquire_uncounted",
+            params![port, id as i64],
+        )
     }
 
     fn delete_port(&mut self, port: u16) -> Result<bool> {
-        let mut stmt = self
-            .tx
-            .prepare_cached(
-                "DELETE FROM leases
-                 WHERE port = (SELECT max(port) FROM leases WHERE port <= ?1)
-                   AND port + block_len > ?1",
-            )
-            .map_err(|e| self.err(e))?;
-        Ok(stmt.execute([port]).map_err(|e| self.err(e))? > 0)
+        self.delete_counting(
+            "DELETE FROM leases
+             WHERE port = (SELECT max(port) FROM leases WHERE port <= ?1)
+               AND port + block_len > ?1
+             RETURNING acquire_uncounted",
+            params![port],
+        )
     }
 
     fn detach(&mut self, port: u16, id: u64) -> Result<bool> {
@@ -531,17 +535,12 @@ impl Tx for SqlTx<'_> {
     }
 
     fn count(&mut self, counter: Counter, by: u64) -> Result<()> {
-        let mut stmt = self
-            .tx
-            .prepare_cached(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
-            )
-            .map_err(|e| self.err(e))?;
-        let by = i64::try_from(by).unwrap_or(i64::MAX);
-        stmt.execute(params![counter.key(), by])
-            .map_err(|e| self.err(e))?;
-        Ok(())
+        // Every claim inserts one lease, which counts it when it ends (see "Counting
+        // claims" above).
+        if counter == Counter::Acquired {
+            return Ok(());
+        }
+        self.add_to(counter, by)
     }
 
     fn counter(&mut self, counter: Counter) -> Result<u64> {
@@ -554,7 +553,54 @@ impl Tx for SqlTx<'_> {
             .optional()
             .map_err(|e| self.err(e))?;
         // A negative count can only come from a damaged row; show it as none.
-        Ok(value.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
+        let value = value.map_or(0, |v| u64::try_from(v).unwrap_or(0));
+        if counter != Counter::Acquired {
+            return Ok(value);
+        }
+        // The claims of the leases that are still there.
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT count(*) FROM leases WHERE acquire_uncounted = 1")
+            .map_err(|e| self.err(e))?;
+        let live: i64 = stmt.query_row([], |r| r.get(0)).map_err(|e| self.err(e))?;
+        Ok(value.saturating_add(u64::try_from(live).unwrap_or(0)))
+    }
+}
+
+impl SqlTx<'_> {
+    /// Runs `sql`, a deletion of leases that returns their `acquire_uncounted`, and counts
+    /// the claims of those that carried it; whether a lease was deleted.
+    fn delete_counting(&mut self, sql: &str, params: &[&dyn rusqlite::ToSql]) -> Result<bool> {
+        let mut stmt = self.tx.prepare_cached(sql).map_err(|e| self.err(e))?;
+        let mut rows = stmt.query(params).map_err(|e| self.err(e))?;
+        let (mut deleted, mut uncounted) = (false, 0u64);
+        while let Some(row) = rows.next().map_err(|e| self.err(e))? {
+            deleted = true;
+            if row.get::<_, Option<i64>>(0).map_err(|e| self.err(e))? == Some(1) {
+                uncounted += 1;
+            }
+        }
+        drop(rows);
+        drop(stmt);
+        if uncounted > 0 {
+            self.add_to(Counter::Acquired, uncounted)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Adds `by` to `counter` in `meta`: one statement.
+    fn add_to(&mut self, counter: Counter, by: u64) -> Result<()> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            )
+            .map_err(|e| self.err(e))?;
+        let by = i64::try_from(by).unwrap_or(i64::MAX);
+        stmt.execute(params![counter.key(), by])
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 }
 
