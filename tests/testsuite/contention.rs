@@ -112,6 +112,22 @@ fn every_handle_counts_each_claim_once_while_its_lease_lives_and_after_it_ends()
 }
 
 #[test]
+fn a_claim_that_takes_over_a_detached_lease_counts_both_claims() {
+    let (_dir, path) = common::temp_registry();
+    let registry = open(&path);
+    let request = portdaddy::Request::new("build")
+        .ttl(Duration::from_secs(3600))
+        .reuse_detached();
+    let first = registry.acquire_with(&request).expect("claim").keep();
+    let again = registry.acquire_with(&request).expect("take it over");
+    assert_eq!(again.port(), first.expect("keep").port());
+    // The claim that ended the detached lease counted it, with nothing released.
+    assert_eq!(counts(&open(&path)), [2, 0, 0]);
+    drop(again);
+    assert_eq!(counts(&open(&path)), [2, 1, 0]);
+}
+
+#[test]
 fn a_lease_an_older_version_counted_at_its_claim_is_not_counted_again() {
     let (_dir, path) = common::temp_registry();
     let registry = open(&path);

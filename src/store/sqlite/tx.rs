@@ -19,10 +19,11 @@
 //!
 //! So that a claim writes the lease's page alone, `count.acquired` is not written by the
 //! claim: the lease is inserted with `acquire_uncounted = 1`, and its claim is added to the
-//! counter by the transaction that deletes the lease (a release or a reap, which writes
-//! `meta` anyway for its own counter). Reading the counter adds the leases still marked, so
-//! every process reads every committed claim, once. Leases of versions that counted at the
-//! claim carry no mark and are not counted again.
+//! counter by the transaction that deletes the lease (a release or a reap, in the statement
+//! that bumps its own counter in `meta` anyway; any other transaction just before it
+//! commits). Reading the counter adds the leases still marked, so every process reads every
+//! committed claim, once. Leases of versions that counted at the claim carry no mark and are
+//! not counted again.
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -78,14 +79,10 @@ pub(super) fn run_write<R>(
     let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
     run("BEGIN IMMEDIATE").map_err(sql)?;
     let _open = RollbackUnlessCommitted(conn);
-    let value = f(
-        &mut SqlTx {
-            tx: conn,
-            path,
-            deadline,
-        },
-        opened,
-    )?;
+    let mut tx = SqlTx::new(conn, path, deadline);
+    let value = f(&mut tx, opened)?;
+    // Claims of ended leases that no other count of the transaction took along.
+    tx.flush_uncounted()?;
     run("COMMIT").map_err(sql)?;
     Ok(value)
 }
@@ -145,12 +142,25 @@ impl Drop for RollbackUnlessCommitted<'_> {
 
 /// One transaction: the connection, inside `BEGIN … COMMIT`.
 pub(super) struct SqlTx<'a> {
-    pub(super) tx: &'a Connection,
-    pub(super) path: &'a Path,
-    pub(super) deadline: Deadline,
+    tx: &'a Connection,
+    path: &'a Path,
+    deadline: Deadline,
+    /// Claims of leases this transaction deleted, still to be added to `count.acquired`
+    /// (see "Counting claims" above).
+    uncounted: u64,
 }
 
 impl<'t> SqlTx<'t> {
+    /// A transaction on `tx`, open already; `path` names the registry in errors.
+    pub(super) fn new(tx: &'t Connection, path: &'t Path, deadline: Deadline) -> Self {
+        Self {
+            tx,
+            path,
+            deadline,
+            uncounted: 0,
+        }
+    }
+
     /// The first column of `rows` as ports, read lazily so that a search stops at the first
     /// gap instead of loading every row.
     fn port_column<'a, 'r>(
@@ -390,7 +400,8 @@ impl Tx for SqlTx<'_> {
 
     fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool> {
         self.delete_counting(
-            "DELETE FROM leases WHERE port = ?1 AND id = ?2 RETURNING acquire_uncounted",
+            "DELETE FROM leases WHERE port = ?1 AND id = ?2 AND acquire_uncounted = 1",
+            "DELETE FROM leases WHERE port = ?1 AND id = ?2",
             params![port, id as i64],
         )
     }
@@ -399,8 +410,10 @@ impl Tx for SqlTx<'_> {
         self.delete_counting(
             "DELETE FROM leases
              WHERE port = (SELECT max(port) FROM leases WHERE port <= ?1)
-               AND port + block_len > ?1
-             RETURNING acquire_uncounted",
+               AND port + block_len > ?1 AND acquire_uncounted = 1",
+            "DELETE FROM leases
+             WHERE port = (SELECT max(port) FROM leases WHERE port <= ?1)
+               AND port + block_len > ?1",
             params![port],
         )
     }
@@ -540,7 +553,23 @@ impl Tx for SqlTx<'_> {
         if counter == Counter::Acquired {
             return Ok(());
         }
-        self.add_to(counter, by)
+        if self.uncounted == 0 {
+            return self.add_to(counter, by);
+        }
+        // The claims of the leases the transaction ended go along, in the same statement.
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2), (?3, ?4)
+                 ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            )
+            .map_err(|e| self.err(e))?;
+        let by = i64::try_from(by).unwrap_or(i64::MAX);
+        let claims = i64::try_from(self.uncounted).unwrap_or(i64::MAX);
+        stmt.execute(params![counter.key(), by, Counter::Acquired.key(), claims])
+            .map_err(|e| self.err(e))?;
+        self.uncounted = 0;
+        Ok(())
     }
 
     fn counter(&mut self, counter: Counter) -> Result<u64> {
@@ -568,24 +597,33 @@ impl Tx for SqlTx<'_> {
 }
 
 impl SqlTx<'_> {
-    /// Runs `sql`, a deletion of leases that returns their `acquire_uncounted`, and counts
-    /// the claims of those that carried it; whether a lease was deleted.
-    fn delete_counting(&mut self, sql: &str, params: &[&dyn rusqlite::ToSql]) -> Result<bool> {
-        let mut stmt = self.tx.prepare_cached(sql).map_err(|e| self.err(e))?;
-        let mut rows = stmt.query(params).map_err(|e| self.err(e))?;
-        let (mut deleted, mut uncounted) = (false, 0u64);
-        while let Some(row) = rows.next().map_err(|e| self.err(e))? {
-            deleted = true;
-            if row.get::<_, Option<i64>>(0).map_err(|e| self.err(e))? == Some(1) {
-                uncounted += 1;
-            }
+    /// Deletes leases with `marked`, the deletion of those that carry the mark of a claim
+    /// still to be counted, which most do, and otherwise with `plain`; whether a lease was
+    /// deleted. The claims of marked ones are counted with the transaction's next count, or
+    /// before it commits.
+    fn delete_counting(
+        &mut self,
+        marked: &str,
+        plain: &str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> Result<bool> {
+        let mut stmt = self.tx.prepare_cached(marked).map_err(|e| self.err(e))?;
+        let claims = stmt.execute(params).map_err(|e| self.err(e))?;
+        if claims > 0 {
+            self.uncounted += claims as u64;
+            return Ok(true);
         }
-        drop(rows);
-        drop(stmt);
-        if uncounted > 0 {
-            self.add_to(Counter::Acquired, uncounted)?;
+        let mut stmt = self.tx.prepare_cached(plain).map_err(|e| self.err(e))?;
+        Ok(stmt.execute(params).map_err(|e| self.err(e))? > 0)
+    }
+
+    /// Counts the claims of the leases deleted since the last count.
+    fn flush_uncounted(&mut self) -> Result<()> {
+        let claims = std::mem::take(&mut self.uncounted);
+        if claims > 0 {
+            self.add_to(Counter::Acquired, claims)?;
         }
-        Ok(deleted)
+        Ok(())
     }
 
     /// Adds `by` to `counter` in `meta`: one statement.
@@ -628,11 +666,7 @@ mod tests {
         migrate(&mut conn).unwrap();
         let path = Path::new("memory");
         let deadline = Deadline::after(Duration::from_secs(5));
-        let mut tx = SqlTx {
-            tx: &conn,
-            path,
-            deadline,
-        };
+        let mut tx = SqlTx::new(&conn, path, deadline);
         let old = tx.lease_on(20000).unwrap().unwrap();
         let owner = old.owner().unwrap();
         assert_eq!(
@@ -661,11 +695,7 @@ mod tests {
         assert_eq!(read.owner().unwrap().namespace_parents(), Some(&[][..]));
         conn.execute_batch("UPDATE leases SET owner_ns_parents = '5 x' WHERE port = 20001")
             .unwrap();
-        let mut tx = SqlTx {
-            tx: &conn,
-            path,
-            deadline,
-        };
+        let mut tx = SqlTx::new(&conn, path, deadline);
         assert!(matches!(tx.lease_on(20001), Err(Error::Corrupt { .. })));
     }
 }
