@@ -3,7 +3,9 @@
 //! while the registry's lock is held, and copied into the file at the next checkpoint (two
 //! `fsync`s, also under the lock), so the pages per transaction set both how long the lock
 //! is held and how often a checkpoint stalls every waiting process (see the `tx` module of
-//! the SQLite store, "What a transaction writes").
+//! the SQLite store, "What a transaction writes"). A claim leaves its count to the end of
+//! its lease so as to write one page; the counting tests hold `stats` to counting every
+//! claim once all the same (README "Registry format", schema 7).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
