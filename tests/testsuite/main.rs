@@ -33,6 +33,7 @@ mod limits;
 mod liveness;
 mod logging;
 mod model;
+mod open_cost;
 mod processes;
 mod registry_files;
 mod replaced;
