@@ -122,6 +122,28 @@ pub(crate) fn open_flags(options: &mut OpenOptions, no_follow: bool, non_blockin
     options.custom_flags(flags.bits() as i32);
 }
 
+/// Renames `from` to `to` unless something is at `to` already (`ErrorKind::AlreadyExists`
+/// then, and nothing changes): one atomic step, so that nobody ever sees `to` with two names,
+/// as a hard link followed by an unlink would show it. Where the system or the filesystem
+/// cannot rename without replacing, `ErrorKind::Unsupported`, and nothing changes.
+pub(crate) fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_vendor = "apple"))]
+    {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(()),
+            // A filesystem without the flag (`EINVAL`), or a kernel without the call.
+            Err(Errno::INVAL | Errno::NOSYS) => Err(io::ErrorKind::Unsupported.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
+    {
+        let _ = (from, to);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
 fn errno(error: &io::Error) -> Option<Errno> {
     Errno::from_io_error(error)
 }

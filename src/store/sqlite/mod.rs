@@ -87,6 +87,7 @@
 //! examination), `tx` the transaction, `examine` the read-only examination behind
 //! `PortDaddy::diagnose`; this file the store and its open sequence.
 
+mod create;
 mod examine;
 mod schema;
 mod tx;
@@ -277,7 +278,12 @@ impl SqliteStore {
             paths::check_files(path, &real)?;
             check_existing_file(path, &real, true)?;
             remove_orphaned_side_files(&real).map_err(open_err)?;
-            paths::create_private_file(&real).map_err(open_err)?;
+            // A missing registry is created whole (see `create`); the rest of the sequence
+            // treats it as any existing file.
+            let made_whole = create::create_missing(path, &real)?;
+            if !made_whole {
+                paths::create_private_file(&real).map_err(open_err)?;
+            }
             // Before SQLite locks it: from now on nothing of this process closes it again.
             let in_use = InUse::mark(&real).map_err(open_err)?;
             // A `-wal` made below is empty: SQLite may checkpoint it and remove it on close.
@@ -322,6 +328,9 @@ impl SqliteStore {
                     return Err(e);
                 }
             };
+            if made_whole {
+                create::start_log(&conn, &real).map_err(|e| sql_err(path, deadline, e))?;
+            }
             trim_wal(&conn, &real);
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).

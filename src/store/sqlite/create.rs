@@ -1,0 +1,338 @@
+//! Creating a registry that does not exist yet: made whole before anyone can see it.
+//!
+//! # The rule
+//!
+//! A missing registry file is never created empty and then built in place. Its whole
+//! initial image — every migration, `application_id`, `user_version`, and WAL mode in the
+//! header (bytes 18 and 19 = 2 in SQLite's file format) — is built in an in-memory
+//! database, which touches no file. The image is written to a file of ours in the
+//! registry's directory, `<registry>.n` followed by six random characters (created
+//! `O_CREAT | O_EXCL | O_NOFOLLOW`, mode `0600`), synced once, and put at the registry's
+//! path with a rename that replaces nothing (`renameat2(RENAME_NOREPLACE)`, see
+//! `sys::rename_no_replace`). A file that appeared at the path meanwhile wins: ours is
+//! removed and the open goes on with that file, through the checks of any existing file.
+//! All of it runs under the registry's write lock, which every version of portdaddy takes
+//! before it creates a registry, so an older version creating the same registry at the same
+//! moment waits for this one (or this one for it), and finds a complete registry.
+//!
+//! A crash at any point leaves the path with no registry (before the rename) or a complete
+//! one (after it): never an empty, torn or half-migrated file. The sync comes before the
+//! rename, so after a power loss too the path holds nothing or the complete image. The
+//! directory is not synced: a power loss may forget the rename, which loses no more than
+//! `synchronous=NORMAL` allows to be lost anyway (the last commits).
+//!
+//! # Our file, left behind
+//!
+//! Every error path removes our file (if its name still leads to it). A process killed
+//! between creating it and the rename leaves it behind; the next creation of the same
+//! registry, under the write lock, removes what is provably such a leftover: a name of the
+//! pattern above for this registry, a regular file (not a link), of the effective user, mode
+//! `0600`, one link. Under the lock no creation of this registry is under way, so any such
+//! file is stale. An unnamed `O_TMPFILE` would leave nothing even then, but naming it takes
+//! `linkat` through `/proc/self/fd` (missing in some containers) or `AT_EMPTY_PATH` (which
+//! needs `CAP_DAC_READ_SEARCH`), and it exists on Linux only, and on some filesystems only:
+//! a named file works the same way everywhere, and its leftovers are found by name.
+//!
+//! Where the system or filesystem cannot rename without replacing, a hard link and an unlink
+//! put the file in place instead (the registry has two names for a moment, which an open
+//! then refuses for that moment); where there are no hard links either, the registry is
+//! created empty and built in place as before, which is safe for the same reasons as an
+//! existing empty file.
+//!
+//! # The new log's first commit
+//!
+//! SQLite syncs a log's header when it writes the log's first frame (`syncHeader` in
+//! `sqlite3WalFrames`), and the directory the first time it syncs a log it created. The
+//! header sync guards against a log that is *started over*: the new header (new salts) must
+//! be on disk before new frames overwrite the old ones in place, or frames of the two rounds
+//! could mix after a power loss. A brand-new log has no old frames: after a power loss its
+//! header and frames are there and valid, or the header is missing or does not match (its
+//! checksum, its salts), and the frames after it are not used. Either way the registry file
+//! is the synced image, and what is lost is commits, which `synchronous=NORMAL` allows.
+//! So [`start_log`] makes the first commit to a log that is still empty with
+//! `synchronous=OFF` (it writes `user_version` back unchanged, one page) and switches back
+//! to `NORMAL` at once: every later restart of the log syncs its header as SQLite wants.
+//! A log that is not empty (not ours, or not new) keeps the syncs.
+
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, MAIN_DB};
+
+use super::schema::migrate;
+use crate::error::{Error, Result};
+use crate::paths::sibling;
+
+/// What comes after the registry's file name in the name of our file: `.n`, then
+/// [`RANDOM_LEN`] characters of [`ALPHABET`]; as long as the longest side-file suffix
+/// (`-journal`), which `paths::check_name_length` leaves room for.
+const MARK: &str = ".n";
+const RANDOM_LEN: usize = 6;
+const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+
+/// How many random names are tried before giving up (each taken one is another's file).
+const ATTEMPTS: usize = 16;
+
+/// The page size of a new registry: SQLite's default for a new file here, which the
+/// log's limits in the store assume.
+const PAGE_SIZE: u32 = 4096;
+
+/// Creates the registry at `real` whole if nothing is there, and says whether it did. With
+/// `false`, something was at the path already (or appeared meanwhile), or this system
+/// cannot put a file in place without replacing one: the caller goes on as with an existing
+/// file, creating an empty one if still missing.
+///
+/// The caller holds the write lock. `path` names the registry in errors.
+pub(super) fn create_missing(path: &Path, real: &Path) -> Result<bool> {
+    match fs::symlink_metadata(real) {
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::open(path, e)),
+    }
+    remove_leftovers(real);
+    let image = initial_image().map_err(|e| Error::open(path, e))?;
+    let mut ours = Ours::create(real).map_err(|e| create_err(path, real, e))?;
+    ours.file
+        .write_all(&image)
+        .and_then(|()| ours.file.sync_data())
+        .map_err(|e| create_err(path, &ours.path, e))?;
+    match crate::sys::rename_no_replace(&ours.path, real) {
+        Ok(()) => {
+            ours.placed = true;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => match fs::hard_link(&ours.path, real) {
+            // Removing our name leaves the registry with one.
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Unsupported | io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                tracing::debug!(error = %e, path = %real.display(),
+                    "no way to put a new registry in place whole; creating it in place");
+                Ok(false)
+            }
+            Err(e) => Err(create_err(path, real, e)),
+        },
+        Err(e) => Err(create_err(path, real, e)),
+    }
+}
+
+/// [`Error::Open`] for a failure while creating the registry whole, naming the file.
+fn create_err(path: &Path, file: &Path, e: io::Error) -> Error {
+    Error::Open {
+        path: path.to_owned(),
+        reason: Some(format!(
+            "while creating the new registry as {}",
+            file.display()
+        )),
+        source: Some(e.into()),
+    }
+}
+
+/// The whole initial image of a registry: built in memory, then marked for WAL mode.
+fn initial_image() -> rusqlite::Result<Vec<u8>> {
+    let mut conn = Connection::open_in_memory()?;
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+    migrate(&mut conn)?;
+    let mut image = conn.serialize(MAIN_DB)?.to_vec();
+    // The file format's write and read versions: 2 is WAL mode, which the in-memory
+    // database (journal in memory) cannot be switched to.
+    image[18] = 2;
+    image[19] = 2;
+    Ok(image)
+}
+
+/// Our file beside the registry: removed on drop unless it was put in place, and only while
+/// its name still leads to it.
+struct Ours {
+    path: PathBuf,
+    file: File,
+    placed: bool,
+}
+
+impl Ours {
+    /// Creates our file beside `real` under a random name: never through a link, never a
+    /// file that is there already, mode `0600`.
+    fn create(real: &Path) -> io::Result<Self> {
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let path = sibling(real, &format!("{MARK}{}", random_name()));
+            let mut options = OpenOptions::new();
+            options.write(true).create_new(true);
+            crate::sys::private_file(&mut options);
+            crate::sys::open_flags(&mut options, true, false);
+            match options.open(&path) {
+                Ok(file) => {
+                    return Ok(Self {
+                        path,
+                        file,
+                        placed: false,
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::ErrorKind::AlreadyExists.into()))
+    }
+}
+
+impl Drop for Ours {
+    fn drop(&mut self) {
+        if self.placed {
+            return;
+        }
+        let mine = self
+            .file
+            .metadata()
+            .ok()
+            .and_then(|m| crate::sys::file_id(&m));
+        let still =
+            fs::symlink_metadata(&self.path).is_ok_and(|meta| crate::sys::file_id(&meta) == mine);
+        if !still {
+            return;
+        }
+        if let Err(error) = fs::remove_file(&self.path) {
+            tracing::debug!(file = %self.path.display(), %error,
+                "could not remove the file of a registry being created");
+        }
+    }
+}
+
+/// [`RANDOM_LEN`] characters of [`ALPHABET`], from std's randomly keyed hasher.
+fn random_name() -> String {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    let mut bits = hasher.finish();
+    (0..RANDOM_LEN)
+        .map(|_| {
+            let c = ALPHABET[(bits % ALPHABET.len() as u64) as usize];
+            bits /= ALPHABET.len() as u64;
+            char::from(c)
+        })
+        .collect()
+}
+
+/// Whether `name` is the name of one of our files for the registry named `registry`.
+fn is_our_name(registry: &std::ffi::OsStr, name: &std::ffi::OsStr) -> bool {
+    let (registry, name) = (registry.as_encoded_bytes(), name.as_encoded_bytes());
+    name.strip_prefix(registry)
+        .and_then(|rest| rest.strip_prefix(MARK.as_bytes()))
+        .is_some_and(|random| {
+            random.len() == RANDOM_LEN && random.iter().all(|c| ALPHABET.contains(c))
+        })
+}
+
+/// Removes the files that creations of the registry at `real` killed before their rename
+/// left behind: only names of our pattern that are regular files of the effective user,
+/// mode `0600`, with one link. The caller holds the write lock, so none is in use. A
+/// failure is logged and changes nothing else.
+fn remove_leftovers(real: &Path) {
+    let (Some(dir), Some(registry)) = (real.parent(), real.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        if !is_our_name(registry, &entry.file_name()) {
+            continue;
+        }
+        let file = entry.path();
+        let Ok(meta) = fs::symlink_metadata(&file) else {
+            continue;
+        };
+        let provably_ours = meta.file_type().is_file()
+            && crate::sys::owner(&meta) == crate::sys::euid()
+            && crate::sys::mode(&meta).is_none_or(|mode| mode == 0o600)
+            && crate::sys::links(&meta).is_none_or(|n| n == 1);
+        if !provably_ours {
+            continue;
+        }
+        tracing::warn!(file = %file.display(),
+            "removing what a registry creation that was killed left behind");
+        if let Err(error) = fs::remove_file(&file) {
+            tracing::debug!(file = %file.display(), %error, "could not remove it");
+        }
+    }
+}
+
+/// Makes the first commit to the brand-new, still empty log beside `real` without syncing
+/// it (see "The new log's first commit" above), then sets `synchronous=NORMAL` again. A log
+/// that is not empty is left to SQLite's syncs. The caller holds the write lock and has just
+/// created the registry.
+pub(super) fn start_log(conn: &Connection, real: &Path) -> rusqlite::Result<()> {
+    let empty =
+        fs::symlink_metadata(sibling(real, "-wal")).is_ok_and(|m| m.is_file() && m.len() == 0);
+    if !empty {
+        return Ok(());
+    }
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    conn.pragma_update(None, "synchronous", "OFF")?;
+    // `user_version` written back unchanged: page 1, the smallest write there is.
+    let written = conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; PRAGMA user_version = {version}; COMMIT;"
+    ));
+    if written.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_initial_image_is_a_whole_registry_in_wal_mode() {
+        let image = initial_image().unwrap();
+        assert_eq!(&image[..16], b"SQLite format 3\0");
+        assert_eq!((image[18], image[19]), (2, 2), "WAL mode in the header");
+        assert_eq!(u16::from_be_bytes([image[16], image[17]]), 4096);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("r.sqlite3");
+        fs::write(&file, &image).unwrap();
+        let conn = Connection::open(&file).unwrap();
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, super::super::schema::MIGRATIONS.len() as i64);
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+    }
+
+    #[test]
+    fn only_names_of_our_pattern_for_this_registry_are_ours() {
+        let ours = |name: &str| is_our_name("r.sqlite3".as_ref(), name.as_ref());
+        assert!(ours("r.sqlite3.nab12z9"));
+        assert!(!ours("r.sqlite3.nab12z"), "too short");
+        assert!(!ours("r.sqlite3.nab12z90"), "too long");
+        assert!(!ours("r.sqlite3.nAB12z9"), "not of the alphabet");
+        assert!(!ours("r.sqlite3.lock"));
+        assert!(!ours("x.sqlite3.nab12z9"), "another registry's");
+        let name = random_name();
+        assert!(ours(&format!("r.sqlite3{MARK}{name}")), "{name}");
+    }
+}
