@@ -164,11 +164,7 @@ impl Ours {
         let mut last = None;
         for _ in 0..ATTEMPTS {
             let path = sibling(real, &format!("{MARK}{}", random_name()));
-            let mut options = OpenOptions::new();
-            options.write(true).create_new(true);
-            crate::sys::private_file(&mut options);
-            crate::sys::open_flags(&mut options, true, false);
-            match options.open(&path) {
+            match open_new(&path) {
                 Ok(file) => {
                     return Ok(Self {
                         path,
@@ -182,6 +178,16 @@ impl Ours {
         }
         Err(last.unwrap_or_else(|| io::ErrorKind::AlreadyExists.into()))
     }
+}
+
+/// Creates the file `path` for writing, mode `0600`: never through a symbolic link, never
+/// a file that is there already (`ErrorKind::AlreadyExists` for either).
+fn open_new(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    crate::sys::private_file(&mut options);
+    crate::sys::open_flags(&mut options, true, false);
+    options.open(path)
 }
 
 impl Drop for Ours {
@@ -321,6 +327,22 @@ mod tests {
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();
         assert_eq!(check, "ok");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_planted_at_our_name_is_neither_followed_nor_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        let name = dir.path().join(format!("r.sqlite3{MARK}abc123"));
+        std::os::unix::fs::symlink(&target, &name).unwrap();
+        let err = open_new(&name).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert!(!target.exists(), "the link was followed");
+        assert!(fs::symlink_metadata(&name)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]

@@ -18,7 +18,14 @@
 //!    write, a non-empty file without the SQLite header, or one whose header names another
 //!    application is refused, and nothing is written. (The plainest of these are refused
 //!    even before the lock file is created.)
-//! 2. A missing file is created empty with mode `0600`.
+//! 2. A missing file is created whole (see `create`): its whole initial image (every
+//!    migration, WAL mode in the header) is built in memory, written to a file of ours
+//!    beside it (random name, `O_EXCL | O_NOFOLLOW`, mode `0600`), synced once, and renamed
+//!    into place without replacing anything; a file that appeared meanwhile wins. A crash
+//!    leaves no registry or a complete one. The brand-new log's first commit is made
+//!    without syncing (`create::start_log`), which only a log started over needs. Where no
+//!    rename or link can put a file in place without replacing, the file is created empty
+//!    with mode `0600` and built in place by step 3, as an existing empty file is.
 //! 3. The database is inspected read-only: it must be empty (new) or carry our
 //!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
 //!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
@@ -83,6 +90,7 @@
 //! # Files
 //!
 //! `schema` holds the migrations and the format policy (see its docs: "Registry format"),
+//! `create` the creation of a missing registry in one step,
 //! `vet` the checks of a file before SQLite opens it (shared by the store and the
 //! examination), `tx` the transaction, `examine` the read-only examination behind
 //! `PortDaddy::diagnose`; this file the store and its open sequence.
