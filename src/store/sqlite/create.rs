@@ -5,8 +5,9 @@
 //! A missing registry file is never created empty and then built in place. Its whole
 //! initial image — every migration, `application_id`, `user_version`, and WAL mode in the
 //! header (bytes 18 and 19 = 2 in SQLite's file format) — is [`IMAGE`], built once by
-//! running `schema::MIGRATIONS` in an in-memory database and kept in `new_registry.sqlite3` beside
-//! this file. The image is written to a file of ours in the registry's directory, `<registry>.n` followed by six random characters (created
+//! running `schema::MIGRATIONS` in an in-memory database and kept in `new_registry.sqlite3`
+//! beside this file. The image is written to a file of ours in the registry's directory,
+//! `<registry>.n` followed by six random characters (created
 //! `O_CREAT | O_EXCL | O_NOFOLLOW`, mode `0600`), synced once, and put at the registry's
 //! path with a rename that replaces nothing (`renameat2(RENAME_NOREPLACE)`, see
 //! `sys::rename_no_replace`). A file that appeared at the path meanwhile wins: ours is
@@ -23,9 +24,10 @@
 //!
 //! Running the migrations costs a process about a millisecond of CPU (SQLite parses every
 //! statement, and rewrites the schema for each `ALTER TABLE`), more than the rest of the
-//! creation, so the image is built ahead. A unit test builds it again from `schema::MIGRATIONS`
-//! and fails, saying how to write it anew, when the two differ in anything but the SQLite
-//! version that wrote them: a migration added without the image cannot go unnoticed.
+//! creation, so the image is built ahead. A unit test builds it again from
+//! `schema::MIGRATIONS` and fails, saying how to write it anew, when the two differ in
+//! anything but the SQLite version that wrote them: a migration added without the image
+//! cannot go unnoticed.
 //!
 //! # Our file, left behind
 //!

@@ -19,7 +19,7 @@
 //!    application is refused, and nothing is written. (The plainest of these are refused
 //!    even before the lock file is created.)
 //! 2. A missing file is created whole (see `create`): its whole initial image (every
-//!    migration, WAL mode in the header) is built in memory, written to a file of ours
+//!    migration, WAL mode in the header; kept built ahead) is written to a file of ours
 //!    beside it (random name, `O_EXCL | O_NOFOLLOW`, mode `0600`), synced once, and renamed
 //!    into place without replacing anything; a file that appeared meanwhile wins. A crash
 //!    leaves no registry or a complete one. The brand-new log's first commit is made
