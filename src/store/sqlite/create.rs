@@ -7,20 +7,33 @@
 //! header (bytes 18 and 19 = 2 in SQLite's file format) — is [`IMAGE`], built once by
 //! running `schema::MIGRATIONS` in an in-memory database and kept in `new_registry.sqlite3`
 //! beside this file. The image is written to a file of ours in the registry's directory,
-//! `<registry>.n` followed by six random characters (created
-//! `O_CREAT | O_EXCL | O_NOFOLLOW`, mode `0600`), synced once, and put at the registry's
-//! path with a rename that replaces nothing (`renameat2(RENAME_NOREPLACE)`, see
-//! `sys::rename_no_replace`). A file that appeared at the path meanwhile wins: ours is
-//! removed and the open goes on with that file, through the checks of any existing file.
-//! All of it runs under the registry's write lock, which every version of portdaddy takes
-//! before it creates a registry, so an older version creating the same registry at the same
-//! moment waits for this one (or this one for it), and finds a complete registry.
+//! synced once, and given the registry's path in one step that replaces nothing: a file
+//! that appeared at the path meanwhile wins, ours goes, and the open goes on with that
+//! file through the checks of any existing file. All of it runs under the registry's write
+//! lock, which every version of portdaddy takes before it creates a registry, so an older
+//! version creating the same registry at the same moment waits for this one (or this one
+//! for it), and finds a complete registry.
 //!
-//! A crash at any point leaves the path with no registry (before the rename) or a complete
-//! one (after it): never an empty, torn or half-migrated file. The sync comes before the
-//! rename, so after a power loss too the path holds nothing or the complete image. The
-//! directory is not synced: a power loss may forget the rename, which loses no more than
-//! `synchronous=NORMAL` allows to be lost anyway (the last commits).
+//! - On Linux the file is unnamed (`O_TMPFILE`, mode `0600`): nobody can see, open or plant
+//!   anything at its name, since it has none, and it goes with its descriptor however the
+//!   process ends, so a creator killed at any point leaves nothing. `linkat` names it; it
+//!   fails if the path is taken. Naming it takes `AT_EMPTY_PATH` (allowed to the file's
+//!   opener since Linux 6.10, before that to `CAP_DAC_READ_SEARCH` only) or else
+//!   `/proc/self/fd`.
+//! - Where there are no unnamed files (another system, a filesystem without them, or
+//!   neither way of naming one), the file is `<registry>.n` followed by six random
+//!   characters (created `O_CREAT | O_EXCL | O_NOFOLLOW`, mode `0600`), put in place with
+//!   `renameat2(RENAME_NOREPLACE)` (see `sys::rename_no_replace`), or with a hard link and
+//!   an unlink where that cannot be done (for that moment the registry has two names, which
+//!   an open then refuses); where there are no hard links either, the registry is created
+//!   empty and built in place as before, which is safe for the same reasons as an existing
+//!   empty file.
+//!
+//! A crash at any point leaves the path with no registry (before the link or rename) or a
+//! complete one (after it): never an empty, torn or half-migrated file. The sync comes
+//! before the link, so after a power loss too the path holds nothing or the complete image.
+//! The directory is not synced: a power loss may forget the new name, which loses no more
+//! than `synchronous=NORMAL` allows to be lost anyway (the last commits).
 //!
 //! Running the migrations costs a process about a millisecond of CPU (SQLite parses every
 //! statement, and rewrites the schema for each `ALTER TABLE`), more than the rest of the
@@ -29,23 +42,16 @@
 //! anything but the SQLite version that wrote them: a migration added without the image
 //! cannot go unnoticed.
 //!
-//! # Our file, left behind
+//! # A named file, left behind
 //!
-//! Every error path removes our file (if its name still leads to it). A process killed
-//! between creating it and the rename leaves it behind; the next creation of the same
-//! registry, under the write lock, removes what is provably such a leftover: a name of the
-//! pattern above for this registry, a regular file (not a link), of the effective user, mode
-//! `0600`, one link. Under the lock no creation of this registry is under way, so any such
-//! file is stale. An unnamed `O_TMPFILE` would leave nothing even then, but naming it takes
-//! `linkat` through `/proc/self/fd` (missing in some containers) or `AT_EMPTY_PATH` (which
-//! needs `CAP_DAC_READ_SEARCH`), and it exists on Linux only, and on some filesystems only:
-//! a named file works the same way everywhere, and its leftovers are found by name.
-//!
-//! Where the system or filesystem cannot rename without replacing, a hard link and an unlink
-//! put the file in place instead (the registry has two names for a moment, which an open
-//! then refuses for that moment); where there are no hard links either, the registry is
-//! created empty and built in place as before, which is safe for the same reasons as an
-//! existing empty file.
+//! Every error path removes a named file of ours (if its name still leads to it). A process
+//! killed between creating it and the rename leaves it behind; the next creation through a
+//! named file, under the write lock, removes what is provably such a leftover: a name of
+//! the pattern above for this registry, a regular file (not a link), of the effective user,
+//! mode `0600`, one link. Under the lock no creation of this registry is under way, so any
+//! such file is stale. Finding them takes reading the whole directory, which in a directory
+//! of thousands of files (a shared `/tmp`) costs more than the rest of the creation: one
+//! more reason to prefer an unnamed file, which needs no such search.
 //!
 //! # The new log's first commit
 //!
@@ -99,12 +105,43 @@ pub(super) fn create_missing(path: &Path, real: &Path) -> Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::open(path, e)),
     }
+    if let Some(created) = create_unnamed(path, real)? {
+        return Ok(created);
+    }
+    create_named(path, real)
+}
+
+/// [`create_missing`] through an unnamed file, linked to the registry's path once whole;
+/// `None` where the system or filesystem has no unnamed files (nothing was created then).
+fn create_unnamed(path: &Path, real: &Path) -> Result<Option<bool>> {
+    let dir = directory_of(real);
+    let err = |e| create_err(path, &format!("an unnamed file in {}", dir.display()), e);
+    let mut file = match crate::sys::create_unnamed(dir) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    file.write_all(IMAGE)
+        .and_then(|()| file.sync_data())
+        .map_err(err)?;
+    // Until it is linked, the file goes with its descriptor, however this process ends.
+    match crate::sys::link_unnamed(&file, real) {
+        Ok(()) => Ok(Some(true)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Some(false)),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(None),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// [`create_missing`] through a file of ours with a random name, renamed to the registry's
+/// path once whole.
+fn create_named(path: &Path, real: &Path) -> Result<bool> {
     remove_leftovers(real);
-    let mut ours = Ours::create(real).map_err(|e| create_err(path, real, e))?;
+    let mut ours = Ours::create(real).map_err(|e| create_err(path, &real.display(), e))?;
     ours.file
         .write_all(IMAGE)
         .and_then(|()| ours.file.sync_data())
-        .map_err(|e| create_err(path, &ours.path, e))?;
+        .map_err(|e| create_err(path, &ours.path.display(), e))?;
     match crate::sys::rename_no_replace(&ours.path, real) {
         Ok(()) => {
             ours.placed = true;
@@ -125,20 +162,25 @@ pub(super) fn create_missing(path: &Path, real: &Path) -> Result<bool> {
                     "no way to put a new registry in place whole; creating it in place");
                 Ok(false)
             }
-            Err(e) => Err(create_err(path, real, e)),
+            Err(e) => Err(create_err(path, &real.display(), e)),
         },
-        Err(e) => Err(create_err(path, real, e)),
+        Err(e) => Err(create_err(path, &real.display(), e)),
+    }
+}
+
+/// The directory of the file `real`.
+fn directory_of(real: &Path) -> &Path {
+    match real.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
     }
 }
 
 /// [`Error::Open`] for a failure while creating the registry whole, naming the file.
-fn create_err(path: &Path, file: &Path, e: io::Error) -> Error {
+fn create_err(path: &Path, file: &dyn std::fmt::Display, e: io::Error) -> Error {
     Error::Open {
         path: path.to_owned(),
-        reason: Some(format!(
-            "while creating the new registry as {}",
-            file.display()
-        )),
+        reason: Some(format!("while creating the new registry as {file}")),
         source: Some(e.into()),
     }
 }
@@ -238,15 +280,10 @@ fn is_our_name(registry: &std::ffi::OsStr, name: &std::ffi::OsStr) -> bool {
 /// mode `0600`, with one link. The caller holds the write lock, so none is in use. A
 /// failure is logged and changes nothing else.
 fn remove_leftovers(real: &Path) {
-    let (Some(dir), Some(registry)) = (real.parent(), real.file_name()) else {
+    let Some(registry) = real.file_name() else {
         return;
     };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let Ok(entries) = fs::read_dir(dir) else {
+    let Ok(entries) = fs::read_dir(directory_of(real)) else {
         return;
     };
     for entry in entries.filter_map(|e| e.ok()) {
@@ -364,6 +401,72 @@ mod tests {
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();
         assert_eq!(check, "ok");
+    }
+
+    fn our_names(dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| is_our_name("r.sqlite3".as_ref(), n))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn both_ways_create_a_whole_registry_and_leave_no_file_of_ours() {
+        for named in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let real = dir.path().join("r.sqlite3");
+            let created = if named {
+                create_named(&real, &real).unwrap()
+            } else {
+                // Where the system has no unnamed files, that is said, and nothing is made.
+                match create_unnamed(&real, &real).unwrap() {
+                    Some(created) => created,
+                    None => {
+                        assert!(!real.exists());
+                        continue;
+                    }
+                }
+            };
+            assert!(created, "named: {named}");
+            assert_eq!(fs::read(&real).unwrap(), IMAGE, "named: {named}");
+            assert_eq!(our_names(dir.path()), Vec::<std::ffi::OsString>::new());
+            // A second creation finds the file and leaves it as it is.
+            let second = if named {
+                create_named(&real, &real).unwrap()
+            } else {
+                create_unnamed(&real, &real).unwrap().unwrap()
+            };
+            assert!(!second, "named: {named}");
+            assert_eq!(fs::read(&real).unwrap(), IMAGE);
+            assert_eq!(our_names(dir.path()), Vec::<std::ffi::OsString>::new());
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_named_creation_removes_only_leftovers_that_are_provably_ours() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("r.sqlite3");
+        let at = |name: &str| dir.path().join(format!("r.sqlite3{MARK}{name}"));
+        // What a creator killed before its rename leaves.
+        drop(open_new(&at("dead00")).unwrap());
+        // Not provably ours: a link, a file others may write, another registry's.
+        std::os::unix::fs::symlink(dir.path().join("target"), at("link00")).unwrap();
+        fs::write(at("open00"), b"x").unwrap();
+        fs::set_permissions(at("open00"), fs::Permissions::from_mode(0o666)).unwrap();
+        let other = dir.path().join(format!("x.sqlite3{MARK}dead00"));
+        drop(open_new(&other).unwrap());
+        assert!(create_named(&real, &real).unwrap());
+        assert_eq!(
+            our_names(dir.path()),
+            ["r.sqlite3.nlink00", "r.sqlite3.nopen00"]
+        );
+        assert!(other.exists(), "another registry's file was removed");
+        assert!(!dir.path().join("target").exists());
     }
 
     #[cfg(unix)]

@@ -20,12 +20,13 @@
 //!    even before the lock file is created.)
 //! 2. A missing file is created whole (see `create`): its whole initial image (every
 //!    migration, WAL mode in the header; kept built ahead) is written to a file of ours
-//!    beside it (random name, `O_EXCL | O_NOFOLLOW`, mode `0600`), synced once, and renamed
-//!    into place without replacing anything; a file that appeared meanwhile wins. A crash
-//!    leaves no registry or a complete one. The brand-new log's first commit is made
-//!    without syncing (`create::start_log`), which only a log started over needs. Where no
-//!    rename or link can put a file in place without replacing, the file is created empty
-//!    with mode `0600` and built in place by step 3, as an existing empty file is.
+//!    beside it (unnamed, `O_TMPFILE`, on Linux; else a random name, `O_EXCL |
+//!    O_NOFOLLOW`; mode `0600`), synced once, and given the registry's path without
+//!    replacing anything; a file that appeared meanwhile wins. A crash leaves no registry
+//!    or a complete one. The brand-new log's first commit is made without syncing
+//!    (`create::start_log`), which only a log started over needs. Where no link or rename
+//!    can put a file in place without replacing, the file is created empty with mode
+//!    `0600` and built in place by step 3, as an existing empty file is.
 //! 3. The database is inspected read-only: it must be empty (new) or carry our
 //!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
 //!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
