@@ -342,6 +342,30 @@ fn the_directory_removed_before_the_rename_is_an_open_error() {
     assert_eq!(names_in(tmp.path()), BTreeSet::new());
 }
 
+/// A file put at the registry's path by something that does not take the write lock, while
+/// the creator is about to name its own: that file wins, is refused as what it is, and is
+/// left exactly as it was; the creator leaves nothing of its own.
+#[test]
+fn a_file_planted_at_the_path_before_the_rename_wins_and_is_left_untouched() {
+    let Some(strace) = strace() else { return };
+    let (_dir, path) = common::temp_registry();
+    let mut creator = spawn_creator("creator", &path, |c| {
+        stop_at_rename(c, &strace, "delay_enter")
+    });
+    let pid = expect_pid(&creator);
+    creator.send("go");
+    wait_until("the creator stops at its rename", || at_rename(pid));
+    fs::write(&path, b"planted, not a registry").unwrap();
+    creator.signal(libc::SIGKILL);
+    let result = creator.expect_line("a result", deadline());
+    assert!(result.starts_with("ERR Corrupt "), "{result}");
+    assert_eq!(fs::read(&path).unwrap(), b"planted, not a registry");
+    assert_eq!(
+        names_in(path.parent().unwrap()),
+        BTreeSet::from(["registry.sqlite3".into(), "registry.sqlite3.lock".into()])
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Worker entry
 // ---------------------------------------------------------------------------------------------

@@ -127,7 +127,9 @@ fn create_unnamed(path: &Path, real: &Path) -> Result<Option<bool>> {
     // Until it is linked, the file goes with its descriptor, however this process ends.
     match crate::sys::link_unnamed(&file, real) {
         Ok(()) => Ok(Some(true)),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Some(false)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            lost(path, real).map(|()| Some(false))
+        }
         Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(None),
         Err(e) => Err(err(e)),
     }
@@ -147,11 +149,11 @@ fn create_named(path: &Path, real: &Path) -> Result<bool> {
             ours.placed = true;
             Ok(true)
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => lost(path, real).map(|()| false),
         Err(e) if e.kind() == io::ErrorKind::Unsupported => match fs::hard_link(&ours.path, real) {
             // Removing our name leaves the registry with one.
             Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => lost(path, real).map(|()| false),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -166,6 +168,16 @@ fn create_named(path: &Path, real: &Path) -> Result<bool> {
         },
         Err(e) => Err(create_err(path, &real.display(), e)),
     }
+}
+
+/// A file appeared at `real` while the registry was being created (put there by something
+/// that does not take the write lock): it wins, and is checked as the open checked the path
+/// before, so that SQLite never opens a file that is not ours (and might roll a journal
+/// back into it).
+fn lost(path: &Path, real: &Path) -> Result<()> {
+    tracing::warn!(path = %real.display(),
+        "a file appeared at the registry's path while the registry was being created");
+    super::vet::check_existing_file(path, real, true)
 }
 
 /// The directory of the file `real`.
