@@ -93,22 +93,40 @@ const ATTEMPTS: usize = 16;
 /// WAL mode. See "The rule" above for how it is kept in step with the migrations.
 const IMAGE: &[u8] = include_bytes!("new_registry.sqlite3");
 
-/// Creates the registry at `real` whole if nothing is there, and says whether it did. With
-/// `false`, something was at the path already (or appeared meanwhile), or this system
-/// cannot put a file in place without replacing one: the caller goes on as with an existing
-/// file, creating an empty one if still missing.
+/// What [`create_missing`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Creation {
+    /// The registry was created whole.
+    Whole,
+    /// Something is at the path: it was there, or appeared meanwhile (and was checked then).
+    Found,
+    /// Nothing is at the path, and this system cannot put a file in place without replacing
+    /// one: the caller creates the file empty, to be built in place.
+    Unable,
+}
+
+/// Creates the registry at `real` whole if nothing is there, and says what it did. For an
+/// existing registry (every open but the first), one `stat`.
 ///
 /// The caller holds the write lock. `path` names the registry in errors.
-pub(super) fn create_missing(path: &Path, real: &Path) -> Result<bool> {
+pub(super) fn create_missing(path: &Path, real: &Path) -> Result<Creation> {
     match fs::symlink_metadata(real) {
-        Ok(_) => return Ok(false),
+        Ok(_) => return Ok(Creation::Found),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::open(path, e)),
     }
-    if let Some(created) = create_unnamed(path, real)? {
-        return Ok(created);
-    }
-    create_named(path, real)
+    let created = match create_unnamed(path, real)? {
+        Some(created) => created,
+        None => match create_named(path, real)? {
+            Some(created) => created,
+            None => return Ok(Creation::Unable),
+        },
+    };
+    Ok(if created {
+        Creation::Whole
+    } else {
+        Creation::Found
+    })
 }
 
 /// [`create_missing`] through an unnamed file, linked to the registry's path once whole;
@@ -136,8 +154,9 @@ fn create_unnamed(path: &Path, real: &Path) -> Result<Option<bool>> {
 }
 
 /// [`create_missing`] through a file of ours with a random name, renamed to the registry's
-/// path once whole.
-fn create_named(path: &Path, real: &Path) -> Result<bool> {
+/// path once whole; `None` where neither a rename nor a hard link can put it in place
+/// without replacing (ours is removed then).
+fn create_named(path: &Path, real: &Path) -> Result<Option<bool>> {
     remove_leftovers(real);
     let mut ours = Ours::create(real).map_err(|e| create_err(path, &real.display(), e))?;
     ours.file
@@ -147,13 +166,17 @@ fn create_named(path: &Path, real: &Path) -> Result<bool> {
     match crate::sys::rename_no_replace(&ours.path, real) {
         Ok(()) => {
             ours.placed = true;
-            Ok(true)
+            Ok(Some(true))
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => lost(path, real).map(|()| false),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            lost(path, real).map(|()| Some(false))
+        }
         Err(e) if e.kind() == io::ErrorKind::Unsupported => match fs::hard_link(&ours.path, real) {
             // Removing our name leaves the registry with one.
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => lost(path, real).map(|()| false),
+            Ok(()) => Ok(Some(true)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                lost(path, real).map(|()| Some(false))
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -162,7 +185,7 @@ fn create_named(path: &Path, real: &Path) -> Result<bool> {
             {
                 tracing::debug!(error = %e, path = %real.display(),
                     "no way to put a new registry in place whole; creating it in place");
-                Ok(false)
+                Ok(None)
             }
             Err(e) => Err(create_err(path, &real.display(), e)),
         },
@@ -431,7 +454,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let real = dir.path().join("r.sqlite3");
             let created = if named {
-                create_named(&real, &real).unwrap()
+                create_named(&real, &real).unwrap().unwrap()
             } else {
                 // Where the system has no unnamed files, that is said, and nothing is made.
                 match create_unnamed(&real, &real).unwrap() {
@@ -447,7 +470,7 @@ mod tests {
             assert_eq!(our_names(dir.path()), Vec::<std::ffi::OsString>::new());
             // A second creation finds the file and leaves it as it is.
             let second = if named {
-                create_named(&real, &real).unwrap()
+                create_named(&real, &real).unwrap().unwrap()
             } else {
                 create_unnamed(&real, &real).unwrap().unwrap()
             };
@@ -472,7 +495,7 @@ mod tests {
         fs::set_permissions(at("open00"), fs::Permissions::from_mode(0o666)).unwrap();
         let other = dir.path().join(format!("x.sqlite3{MARK}dead00"));
         drop(open_new(&other).unwrap());
-        assert!(create_named(&real, &real).unwrap());
+        assert_eq!(create_named(&real, &real).unwrap(), Some(true));
         assert_eq!(
             our_names(dir.path()),
             ["r.sqlite3.nlink00", "r.sqlite3.nopen00"]

@@ -289,10 +289,14 @@ impl SqliteStore {
             remove_orphaned_side_files(&real).map_err(open_err)?;
             // A missing registry is created whole (see `create`); the rest of the sequence
             // treats it as any existing file.
-            let made_whole = create::create_missing(path, &real)?;
-            if !made_whole {
-                paths::create_private_file(&real).map_err(open_err)?;
-            }
+            let made_whole = match create::create_missing(path, &real)? {
+                create::Creation::Whole => true,
+                create::Creation::Found => false,
+                create::Creation::Unable => {
+                    paths::create_private_file(&real).map_err(open_err)?;
+                    false
+                }
+            };
             // Before SQLite locks it: from now on nothing of this process closes it again.
             let in_use = InUse::mark(&real).map_err(open_err)?;
             // A `-wal` made below is empty: SQLite may checkpoint it and remove it on close.
