@@ -19,6 +19,8 @@ mod cli;
 mod cli_first;
 #[cfg(feature = "cli")]
 mod cli_tools;
+#[cfg(unix)]
+mod creation;
 mod daily_attack;
 mod durability;
 mod faults;

@@ -18,7 +18,15 @@
 //!    write, a non-empty file without the SQLite header, or one whose header names another
 //!    application is refused, and nothing is written. (The plainest of these are refused
 //!    even before the lock file is created.)
-//! 2. A missing file is created empty with mode `0600`.
+//! 2. A missing file is created whole (see `create`): its whole initial image (every
+//!    migration, WAL mode in the header; kept built ahead) is written to a file of ours
+//!    beside it (unnamed, `O_TMPFILE`, on Linux; else a random name, `O_EXCL |
+//!    O_NOFOLLOW`; mode `0600`), synced once, and given the registry's path without
+//!    replacing anything; a file that appeared meanwhile wins. A crash leaves no registry
+//!    or a complete one. The brand-new log's first commit is made without syncing
+//!    (`create::start_log`), which only a log started over needs. Where no link or rename
+//!    can put a file in place without replacing, the file is created empty with mode
+//!    `0600` and built in place by step 3, as an existing empty file is.
 //! 3. The database is inspected read-only: it must be empty (new) or carry our
 //!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
 //!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
@@ -93,10 +101,12 @@
 //! # Files
 //!
 //! `schema` holds the migrations and the format policy (see its docs: "Registry format"),
+//! `create` the creation of a missing registry in one step,
 //! `vet` the checks of a file before SQLite opens it (shared by the store and the
 //! examination), `tx` the transaction, `examine` the read-only examination behind
 //! `PortDaddy::diagnose`; this file the store and its open sequence.
 
+mod create;
 mod examine;
 mod schema;
 mod tx;
@@ -287,7 +297,16 @@ impl SqliteStore {
             paths::check_files(path, &real)?;
             let vetted = check_existing_file(path, &real, true)?;
             remove_orphaned_side_files(&real).map_err(open_err)?;
-            paths::create_private_file(&real).map_err(open_err)?;
+            // A missing registry is created whole (see `create`); the rest of the sequence
+            // treats it as any existing file.
+            let made_whole = match create::create_missing(path, &real)? {
+                create::Creation::Whole => true,
+                create::Creation::Found => false,
+                create::Creation::Unable => {
+                    paths::create_private_file(&real).map_err(open_err)?;
+                    false
+                }
+            };
             // Before SQLite locks it: from now on nothing of this process closes it again.
             let in_use = InUse::mark(&real).map_err(open_err)?;
             // A `-wal` made below is empty: SQLite may checkpoint it and remove it on close.
@@ -332,6 +351,9 @@ impl SqliteStore {
                     return Err(e);
                 }
             };
+            if made_whole {
+                create::start_log(&conn, &real).map_err(|e| sql_err(path, deadline, e))?;
+            }
             trim_wal(&conn, &real);
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).
