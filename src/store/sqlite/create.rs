@@ -200,7 +200,7 @@ fn create_named(path: &Path, real: &Path) -> Result<Option<bool>> {
 fn lost(path: &Path, real: &Path) -> Result<()> {
     tracing::warn!(path = %real.display(),
         "a file appeared at the registry's path while the registry was being created");
-    super::vet::check_existing_file(path, real, true)
+    super::vet::check_existing_file(path, real, true).map(|_| ())
 }
 
 /// The directory of the file `real`.

@@ -325,7 +325,10 @@ impl SqliteStore {
             } else {
                 (Vec::new(), Vec::new())
             };
-            let opened = open_checked(path, &real, deadline, wal_was_there, vetted.wal)
+            // An image made whole here is in WAL mode already; a file that appeared meanwhile
+            // was not read, and is switched if it needs it.
+            let in_wal = vetted.wal || made_whole;
+            let opened = open_checked(path, &real, deadline, wal_was_there, in_wal)
                 .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
             // In WAL mode no journal is written: ours only kept others from planting one
             // for SQLite's first read.
