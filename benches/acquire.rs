@@ -75,7 +75,54 @@ fn pairs(c: &mut Criterion) {
             black_box(listener.local_addr().expect("addr").port())
         })
     });
+
+    // What any design with a shared SQLite file and a bind probe pays at least: a pair is
+    // two write transactions (the claim, the release) and one probe.
+    let (_floor_dir, conn) = bare_wal_file();
+    let mut id = 0_i64;
+    group.bench_function("floor: two one-row write transactions on a WAL file", |b| {
+        b.iter(|| {
+            id += 1;
+            write_one(&conn, "INSERT INTO t (id, v) VALUES (?1, 'x')", id);
+            write_one(&conn, "DELETE FROM t WHERE id = ?1", id);
+        })
+    });
+    group.bench_function("floor: the bind probe of one TCP port", |b| {
+        let probe = portdaddy::BindProbe;
+        let mut port = *PAIR_RANGE.start();
+        b.iter(|| {
+            port = if port == *PAIR_RANGE.end() {
+                *PAIR_RANGE.start()
+            } else {
+                port + 1
+            };
+            black_box(portdaddy::PortProbe::is_free(&probe, port, Protocol::Tcp))
+        })
+    });
     group.finish();
+}
+
+/// A bare SQLite file set up as the registry sets up its own (WAL, `synchronous=NORMAL`),
+/// holding one table.
+fn bare_wal_file() -> (tempfile::TempDir, rusqlite::Connection) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let conn = rusqlite::Connection::open(dir.path().join("bare.sqlite3")).expect("open");
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+         CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL);",
+    )
+    .expect("set up");
+    (dir, conn)
+}
+
+/// One write transaction (`BEGIN IMMEDIATE`, as the registry's are) of one statement.
+fn write_one(conn: &rusqlite::Connection, sql: &str, id: i64) {
+    conn.execute_batch("BEGIN IMMEDIATE").expect("begin");
+    conn.prepare_cached(sql)
+        .expect("prepare")
+        .execute([id])
+        .expect("write");
+    conn.execute_batch("COMMIT").expect("commit");
 }
 
 /// The time `iters` calls of `f` take, each result dropped outside the measured time.

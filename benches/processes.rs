@@ -20,7 +20,9 @@
 //!   `/bin/true`.
 //! - *cold build* (`--build`): `cargo build --tests --offline` of a new crate with portdaddy
 //!   as a dev-dependency ÷ the same crate with portpicker instead, each with a clean target
-//!   directory and this repository's `Cargo.lock`, so that both use the versions it pins.
+//!   directory and this repository's `Cargo.lock`, so that both use the versions it pins;
+//!   and beside them the floor of any crate built on bundled SQLite: the same crate with only
+//!   `rusqlite` (feature `bundled`) as its dev-dependency.
 //!
 //! It first builds what it runs (`cargo build --release --features cli --example one_claim
 //! --example one_pick --bin portdaddy`). The claims come from ports 40000-59999, as the other
@@ -265,9 +267,10 @@ fn cold_build(dir: &Path) -> Duration {
 
 fn builds(options: &Options) {
     let dir = tempfile::tempdir().unwrap();
-    let (ours, theirs) = (
+    let (ours, theirs, floor) = (
         dir.path().join("with-portdaddy"),
         dir.path().join("with-portpicker"),
+        dir.path().join("with-rusqlite"),
     );
     scratch_crate(
         &ours,
@@ -279,24 +282,35 @@ fn builds(options: &Options) {
         "portpicker = \"0.1\"",
         "let _ = portpicker::pick_unused_port();",
     );
+    // The floor of any crate that keeps its state in bundled SQLite: the same rusqlite, with
+    // the feature portdaddy asks for, and nothing else.
+    scratch_crate(
+        &floor,
+        "rusqlite = { version = \"0.41\", features = [\"bundled\"] }",
+        "let _ = rusqlite::Connection::open_in_memory();",
+    );
     let load_before = load_average();
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..options.build_runs {
         b.push(cold_build(&theirs));
         a.push(cold_build(&ours));
+        c.push(cold_build(&floor));
     }
     let load_after = load_average();
-    let (a, b) = (median(a), median(b));
+    let (a, b, c) = (median(a), median(b), median(c));
     println!(
         "\ncold `cargo build --tests`: {} run(s) each, median; load average {load_before} \
          before, {load_after} after",
         options.build_runs
     );
-    println!("  with portdaddy  {:>7.1} s", a.as_secs_f64());
-    println!("  with portpicker {:>7.1} s", b.as_secs_f64());
+    println!("  with portdaddy         {:>7.1} s", a.as_secs_f64());
+    println!("  with portpicker        {:>7.1} s", b.as_secs_f64());
+    println!("  with rusqlite (bundled) {:>6.1} s", c.as_secs_f64());
     println!(
-        "cold build: portdaddy ÷ portpicker = {:.2}×",
-        a.as_secs_f64() / b.as_secs_f64()
+        "cold build: portdaddy ÷ portpicker = {:.2}×; the floor, rusqlite (bundled) alone ÷ \
+         portpicker = {:.2}×",
+        a.as_secs_f64() / b.as_secs_f64(),
+        c.as_secs_f64() / b.as_secs_f64()
     );
 }
 

@@ -284,13 +284,16 @@ impl Builder {
                 reason: "every port of the range is reserved; widen the range or reserve fewer",
             });
         }
-        let defaults = Settings::defaults();
+        // Not through `Settings::defaults()`, whose default range would read the kernel's
+        // ephemeral range a second time.
         let settings = Settings {
             range,
             reserved: opts.reserved,
-            processes: opts.processes.unwrap_or(defaults.processes),
-            ports: opts.ports.unwrap_or(defaults.ports),
-            clock: opts.clock.unwrap_or(defaults.clock),
+            processes: opts
+                .processes
+                .unwrap_or_else(|| Arc::new(SystemProcessProbe)),
+            ports: opts.ports.unwrap_or_else(|| Arc::new(BindProbe)),
+            clock: opts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         };
         let timeout = opts.lock_timeout.unwrap_or(DEFAULT_LOCK_TIMEOUT);
         match opts.target {

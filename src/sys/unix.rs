@@ -122,6 +122,85 @@ pub(crate) fn open_flags(options: &mut OpenOptions, no_follow: bool, non_blockin
     options.custom_flags(flags.bits() as i32);
 }
 
+/// Renames `from` to `to` unless something is at `to` already (`ErrorKind::AlreadyExists`
+/// then, and nothing changes): one atomic step, so that nobody ever sees `to` with two names,
+/// as a hard link followed by an unlink would show it. Where the system or the filesystem
+/// cannot rename without replacing, `ErrorKind::Unsupported`, and nothing changes.
+pub(crate) fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_vendor = "apple"))]
+    {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(()),
+            // A filesystem without the flag (`EINVAL`), or a kernel without the call.
+            Err(Errno::INVAL | Errno::NOSYS) => Err(io::ErrorKind::Unsupported.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
+    {
+        let _ = (from, to);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Creates an unnamed regular file in the directory `dir`, mode `0600`, open for writing:
+/// no other process can see or open it, and it goes with its last descriptor unless
+/// [`link_unnamed`] names it. Linux only (`O_TMPFILE`); `ErrorKind::Unsupported` where the
+/// system or the directory's filesystem has no unnamed files.
+pub(crate) fn create_unnamed(dir: &Path) -> io::Result<File> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{openat, Mode, CWD};
+        let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+        match openat(CWD, dir, flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => Ok(File::from(fd)),
+            // A kernel without `O_TMPFILE` (`EISDIR`), or a filesystem without it.
+            Err(Errno::ISDIR | Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
+                Err(io::ErrorKind::Unsupported.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = dir;
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Names the unnamed file `file` (from [`create_unnamed`]) `to`, unless something is at `to`
+/// already (`ErrorKind::AlreadyExists`, and nothing changes). Through `AT_EMPTY_PATH`, or
+/// where this process may not use it (a kernel before 6.10 without `CAP_DAC_READ_SEARCH`),
+/// through `/proc/self/fd`; `ErrorKind::Unsupported` where neither is possible.
+pub(crate) fn link_unnamed(file: &File, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+
+        use rustix::fs::{linkat, AtFlags, CWD};
+        match linkat(file, "", CWD, to, AtFlags::EMPTY_PATH) {
+            Ok(()) => return Ok(()),
+            // `ENOENT` also where `AT_EMPTY_PATH` is not allowed to this process.
+            Err(Errno::NOENT | Errno::PERM) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let by_proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+        match linkat(CWD, by_proc.as_str(), CWD, to, AtFlags::SYMLINK_FOLLOW) {
+            Ok(()) => Ok(()),
+            Err(Errno::NOENT) if !Path::new("/proc/self/fd").is_dir() => {
+                Err(io::ErrorKind::Unsupported.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, to);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
 fn errno(error: &io::Error) -> Option<Errno> {
     Errno::from_io_error(error)
 }

@@ -75,6 +75,21 @@ pub(crate) fn private_file(_: &mut OpenOptions) {}
 /// No modes here: the directory gets the platform's default access.
 pub(crate) fn private_dir(_: &mut DirBuilder) {}
 
+/// No unnamed files here: `ErrorKind::Unsupported`.
+pub(crate) fn create_unnamed(_dir: &Path) -> io::Result<File> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// No unnamed files here: `ErrorKind::Unsupported`.
+pub(crate) fn link_unnamed(_file: &File, _to: &Path) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// No rename that refuses to replace here: `ErrorKind::Unsupported`, and nothing changes.
+pub(crate) fn rename_no_replace(_from: &Path, _to: &Path) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 /// No such flags here.
 pub(crate) fn open_flags(_: &mut OpenOptions, _no_follow: bool, _non_blocking: bool) {}
 

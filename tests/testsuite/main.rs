@@ -20,6 +20,8 @@ mod cli_first;
 #[cfg(feature = "cli")]
 mod cli_tools;
 mod contention;
+#[cfg(unix)]
+mod creation;
 mod daily_attack;
 mod durability;
 mod faults;
@@ -34,6 +36,7 @@ mod limits;
 mod liveness;
 mod logging;
 mod model;
+mod open_cost;
 mod processes;
 mod registry_files;
 mod replaced;

@@ -18,13 +18,31 @@
 //!    write, a non-empty file without the SQLite header, or one whose header names another
 //!    application is refused, and nothing is written. (The plainest of these are refused
 //!    even before the lock file is created.)
-//! 2. A missing file is created empty with mode `0600`.
+//! 2. A missing file is created whole (see `create`): its whole initial image (every
+//!    migration, WAL mode in the header; kept built ahead) is written to a file of ours
+//!    beside it (unnamed, `O_TMPFILE`, on Linux; else a random name, `O_EXCL |
+//!    O_NOFOLLOW`; mode `0600`), synced once, and given the registry's path without
+//!    replacing anything; a file that appeared meanwhile wins. A crash leaves no registry
+//!    or a complete one. The brand-new log's first commit is made without syncing
+//!    (`create::start_log`), which only a log started over needs. Where no link or rename
+//!    can put a file in place without replacing, the file is created empty with mode
+//!    `0600` and built in place by step 3, as an existing empty file is.
 //! 3. The database is inspected read-only: it must be empty (new) or carry our
 //!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
 //!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
-//!    anything written: WAL mode, and the pending migrations in one transaction. A registry
-//!    refused for its `min_reader_version` is left as it was, and so is its directory: a
-//!    lock file this open created is removed again.
+//!    anything written, and only what the file needs: WAL mode, unless the file's header
+//!    said so already when step 1 read it under the lock (only a switch, which every
+//!    process of ours makes under the lock, changes it); and the pending migrations in one
+//!    transaction, unless the `user_version` the inspection read is this build's schema or
+//!    a newer one (every version migrates under the lock, so it is still the file's). A
+//!    registry refused for its `min_reader_version` is left as it was, and so is its
+//!    directory: a lock file this open created is removed again.
+//!
+//!    Each statement is parsed once per process, and a fresh process (a test under nextest,
+//!    a call of the command) pays for every one: a registry that needs nothing costs
+//!    `PRAGMA application_id`, `PRAGMA user_version`, the marker's `SELECT` (which loads the
+//!    schema, in which the tables are then looked up without SQL), `PRAGMA quick_check`,
+//!    `synchronous` and `journal_size_limit`.
 //!
 //! # Locking and durability
 //!
@@ -83,10 +101,12 @@
 //! # Files
 //!
 //! `schema` holds the migrations and the format policy (see its docs: "Registry format"),
+//! `create` the creation of a missing registry in one step,
 //! `vet` the checks of a file before SQLite opens it (shared by the store and the
 //! examination), `tx` the transaction, `examine` the read-only examination behind
 //! `PortDaddy::diagnose`; this file the store and its open sequence.
 
+mod create;
 mod examine;
 mod schema;
 mod tx;
@@ -275,9 +295,18 @@ impl SqliteStore {
             // Again under the lock: the files SQLite is about to open are as they were
             // checked, since every process of ours checks under this lock too.
             paths::check_files(path, &real)?;
-            check_existing_file(path, &real, true)?;
+            let vetted = check_existing_file(path, &real, true)?;
             remove_orphaned_side_files(&real).map_err(open_err)?;
-            paths::create_private_file(&real).map_err(open_err)?;
+            // A missing registry is created whole (see `create`); the rest of the sequence
+            // treats it as any existing file.
+            let made_whole = match create::create_missing(path, &real)? {
+                create::Creation::Whole => true,
+                create::Creation::Found => false,
+                create::Creation::Unable => {
+                    paths::create_private_file(&real).map_err(open_err)?;
+                    false
+                }
+            };
             // Before SQLite locks it: from now on nothing of this process closes it again.
             let in_use = InUse::mark(&real).map_err(open_err)?;
             // A `-wal` made below is empty: SQLite may checkpoint it and remove it on close.
@@ -296,7 +325,10 @@ impl SqliteStore {
             } else {
                 (Vec::new(), Vec::new())
             };
-            let opened = open_checked(path, &real, deadline, wal_was_there)
+            // An image made whole here is in WAL mode already; a file that appeared meanwhile
+            // was not read, and is switched if it needs it.
+            let in_wal = vetted.wal || made_whole;
+            let opened = open_checked(path, &real, deadline, wal_was_there, in_wal)
                 .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
             // In WAL mode no journal is written: ours only kept others from planting one
             // for SQLite's first read.
@@ -322,6 +354,9 @@ impl SqliteStore {
                     return Err(e);
                 }
             };
+            if made_whole {
+                create::start_log(&conn, &real).map_err(|e| sql_err(path, deadline, e))?;
+            }
             trim_wal(&conn, &real);
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).
@@ -583,15 +618,17 @@ fn busy_timeout(deadline: Deadline) -> Duration {
     deadline.remaining().map_or(most, |left| left.min(most))
 }
 
-/// Opens the connection, inspects the file read-only, then sets WAL mode and migrates.
-/// The caller holds the write lock.
+/// Opens the connection, inspects the file read-only, then sets WAL mode and migrates,
+/// each only where the file needs it. The caller holds the write lock.
 /// `real` is the registry file with its links resolved; `path` names it in errors.
-/// `wal_was_there` says whether a `-wal` was there before this open made one.
+/// `wal_was_there` says whether a `-wal` was there before this open made one; `in_wal` that
+/// the file's header, read under the lock, says it is in WAL mode already.
 fn open_checked(
     path: &Path,
     real: &Path,
     deadline: Deadline,
     wal_was_there: bool,
+    in_wal: bool,
 ) -> Result<Connection> {
     let sql = |e| open_sql_err(path, deadline, e);
     // The links are resolved: a link in the path now was put there since, and is not
@@ -610,7 +647,7 @@ fn open_checked(
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(sql)?;
     }
-    inspect(&conn, path, deadline)?;
+    let found = inspect(&conn, path, deadline)?;
     // From now on the connection never checkpoints as it closes, so the log and its index
     // stay (see "Write-ahead log" above): not through an index that was removed, nor at
     // every exit of a short-lived process.
@@ -621,15 +658,27 @@ fn open_checked(
     // Before anything is written, so that creating a registry syncs no more than a claim.
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sql)?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-        .map_err(sql)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        tracing::warn!(path = %path.display(), %mode, "the registry could not switch to WAL mode");
+    // A file in WAL mode says so in its header, and SQLite opens it in that mode: the switch
+    // is only for a new file, or one someone switched to a rollback journal. Only a switch
+    // writes the header, and every process of ours switches under the write lock, so what
+    // the header said under the lock holds.
+    if !in_wal {
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(sql)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), %mode,
+                "the registry could not switch to WAL mode");
+        }
     }
     conn.pragma_update(None, "journal_size_limit", WAL_LIMIT_BYTES)
         .map_err(sql)?;
-    migrate(&mut conn).map_err(sql)?;
+    // Every version migrates under the write lock, which this open holds: the schema version
+    // read above is still the file's, and a registry at this build's schema or a newer one
+    // has nothing to migrate (the transaction would only read `user_version` again).
+    if usize::try_from(found).map_or(true, |found| found < schema::MIGRATIONS.len()) {
+        migrate(&mut conn).map_err(sql)?;
+    }
     Ok(conn)
 }
 

@@ -144,15 +144,18 @@ pub(super) fn identify(conn: &Connection, path: &Path, deadline: Deadline) -> Re
         conn.query_row(sql, [], |r| r.get(0))
             .map_err(|e| open_sql_err(path, deadline, e))
     };
-    let tables = query("SELECT count(*) FROM sqlite_schema")?;
     let app_id = query("PRAGMA application_id")?;
     let version = query("PRAGMA user_version")?;
     let corrupt = |detail: String| Error::Corrupt {
         path: path.to_owned(),
         detail,
     };
-    let fresh = tables == 0 && app_id == 0 && version == 0;
-    if !fresh && app_id != i64::from(APPLICATION_ID) {
+    // Only a database without our mark can be a new one: one without any table (counted
+    // only then, as each statement costs a fresh process its parsing).
+    let fresh = || -> Result<bool> {
+        Ok(app_id == 0 && version == 0 && query("SELECT count(*) FROM sqlite_schema")? == 0)
+    };
+    if app_id != i64::from(APPLICATION_ID) && !fresh()? {
         return Err(corrupt(format!(
             "an SQLite database of another application (application_id {app_id:#x})"
         )));
@@ -162,8 +165,8 @@ pub(super) fn identify(conn: &Connection, path: &Path, deadline: Deadline) -> Re
 }
 
 /// Read-only checks: is this an empty database or one of ours, that does not demand a newer
-/// reader, intact?
-pub(super) fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Result<()> {
+/// reader, intact? Returns its schema version (`user_version`).
+pub(super) fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Result<u32> {
     let found = identify(conn, path, deadline)?;
     // A newer `user_version` is no reason to refuse (see "Registry format" above); only the
     // marker is.
@@ -179,7 +182,7 @@ pub(super) fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Res
             detail: format!("integrity check failed: {check}"),
         });
     }
-    Ok(())
+    Ok(found)
 }
 
 /// What a registry of ours (`user_version` above 0) demands of its reader, read-only: its
@@ -187,21 +190,33 @@ pub(super) fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Res
 /// generation. The one test for the store's open and the examination alike, so that the
 /// examination never calls fine what the open refuses.
 pub(super) fn check_demands(conn: &Connection, path: &Path, deadline: Deadline) -> Result<()> {
-    let ours: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM sqlite_schema
-             WHERE type = 'table' AND name IN ('leases', 'names', 'meta')",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(|e| open_sql_err(path, deadline, e))?;
-    if ours != 3 {
-        return Err(Error::Corrupt {
-            path: path.to_owned(),
-            detail: "tables of the registry are missing".into(),
-        });
+    let sql = |e| open_sql_err(path, deadline, e);
+    let missing = || Error::Corrupt {
+        path: path.to_owned(),
+        detail: "tables of the registry are missing".into(),
+    };
+    // The marker first: its statement loads the schema, or fails where `meta` is missing.
+    // Then the tables are looked up in the schema SQLite has loaded, with no statement to
+    // parse (a view by one of their names is no table of ours).
+    let required = match min_reader_version(conn) {
+        Ok(required) => required,
+        Err(e) => {
+            let tables: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM sqlite_schema
+                     WHERE type = 'table' AND name IN ('leases', 'names', 'meta')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql)?;
+            return Err(if tables == 3 { sql(e) } else { missing() });
+        }
+    };
+    for table in ["leases", "names", "meta"] {
+        if !conn.table_exists(Some("main"), table).map_err(sql)? {
+            return Err(missing());
+        }
     }
-    let required = min_reader_version(conn).map_err(|e| open_sql_err(path, deadline, e))?;
     check_reader(path, required)
 }
 

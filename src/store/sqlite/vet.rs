@@ -15,6 +15,15 @@ const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 /// Length of the SQLite file header.
 const HEADER_LEN: usize = 100;
 
+/// What [`check_file`] read of a file it let through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Vetted {
+    /// The file's header says it is in WAL mode (file format versions 2 at bytes 18 and 19).
+    /// `false` where the header was not read: the file is missing, empty, or in use by this
+    /// process.
+    pub(super) wal: bool,
+}
+
 /// Refuses, without letting SQLite touch it, an existing path that is not a regular file
 /// we can read and write, is not SQLite at all, or is plainly another application's database.
 ///
@@ -22,13 +31,13 @@ const HEADER_LEN: usize = 100;
 /// into the file, so a foreign database must be turned away before SQLite opens it.
 /// `locked` says whether the caller holds the write lock: only then can a rollback journal
 /// be told from the transient one of a registry that another process is creating.
-pub(super) fn check_existing_file(path: &Path, real: &Path, locked: bool) -> Result<()> {
+pub(super) fn check_existing_file(path: &Path, real: &Path, locked: bool) -> Result<Vetted> {
     check_file(path, real, locked, true)
 }
 
 /// [`check_existing_file`], opening the file for writing too only when `write`.
 /// `real` is the file with its links resolved; `path` names it in errors.
-pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) -> Result<()> {
+pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) -> Result<Vetted> {
     let open_err = |e: io::Error| Error::open(path, e);
     let corrupt = |detail: String| Error::Corrupt {
         path: path.to_owned(),
@@ -48,7 +57,7 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
         .and_then(|m| file_id(&m))
         .is_some_and(|id| in_use.contains_key(&id))
     {
-        return Ok(());
+        return Ok(Vetted::default());
     }
     let mut options = OpenOptions::new();
     options.read(true).write(write);
@@ -58,7 +67,7 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
     crate::sys::open_flags(&mut options, write, true);
     let file = match options.open(real) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vetted::default()),
         Err(e) => return Err(open_err(e)),
     };
     let meta = file.metadata().map_err(open_err)?;
@@ -66,7 +75,7 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
         // The path was switched to a file in use since it was looked at: keep the
         // descriptor open rather than drop the locks on it.
         std::mem::forget(file);
-        return Ok(());
+        return Ok(Vetted::default());
     }
     if !meta.is_file() {
         return Err(Error::open_because(
@@ -79,7 +88,7 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
         .read_to_end(&mut header)
         .map_err(open_err)?;
     if header.is_empty() {
-        return Ok(());
+        return Ok(Vetted::default());
     }
     if !header.starts_with(SQLITE_MAGIC) {
         return Err(corrupt("the file is not an SQLite database".into()));
@@ -100,5 +109,7 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
             "an SQLite database of another application (it has a rollback journal)".into(),
         ));
     }
-    Ok(())
+    Ok(Vetted {
+        wal: header[18] == 2 && header[19] == 2,
+    })
 }

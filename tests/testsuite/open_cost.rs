@@ -1,0 +1,216 @@
+//! What an open skips on a registry that needs nothing, and that each step it skips still
+//! runs where the file needs it: a registry switched to a rollback journal is switched back
+//! to WAL, one of an older schema is migrated, one missing a table of ours is refused and left
+//! as it was, and one that needs nothing is opened without a write to the file or its log.
+//! (A registry marked as needing a newer reader is refused and left byte for byte as it was:
+//! `format::a_registry_needing_a_newer_reader_is_refused_and_left_byte_identical`.)
+//!
+//! Ports 33250-33299 belong to this file (see `common`).
+
+use crate::common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{fold_wal, open_probing, sibling, temp_registry};
+use portdaddy::{Error, PortDaddy, PortRange};
+
+const FIRST: u16 = 33250;
+const LAST: u16 = 33299;
+
+/// The `user_version` this build writes.
+fn schema_of_this_build() -> u32 {
+    PortDaddy::diagnose(
+        "/nonexistent/portdaddy-open-cost",
+        PortRange::new(FIRST, LAST).unwrap(),
+    )
+    .schema_supported
+}
+
+/// The file format's read and write versions (header bytes 18 and 19): 2 in WAL mode, 1 with
+/// a rollback journal.
+fn format_versions(path: &Path) -> (u8, u8) {
+    let header = fs::read(path).unwrap();
+    (header[18], header[19])
+}
+
+/// Reads one pragma of the registry through plain SQLite.
+fn pragma<T: rusqlite::types::FromSql>(path: &Path, name: &str) -> T {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.pragma_query_value(None, name, |r| r.get(0)).unwrap()
+}
+
+/// The leases' ports and names, sorted.
+fn leases(registry: &PortDaddy) -> Vec<(u16, String)> {
+    let mut leases: Vec<_> = registry
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.port(), l.name().to_owned()))
+        .collect();
+    leases.sort();
+    leases
+}
+
+/// A registry of this build at `path`, holding one lease of this process (`kept`) on a port
+/// of `range`, with no handle left open.
+fn registry_with_a_lease(path: &Path, range: &std::ops::RangeInclusive<u16>) -> (u16, String) {
+    let registry = open_probing(path, range);
+    let lease = registry.acquire("kept").unwrap().keep().unwrap();
+    (lease.port(), lease.name().to_owned())
+}
+
+#[test]
+fn a_registry_switched_to_a_rollback_journal_is_switched_back_to_wal_and_keeps_its_leases() {
+    let (_dir, path) = temp_registry();
+    let range = FIRST..=FIRST + 9;
+    let kept = registry_with_a_lease(&path, &range);
+    // As another SQLite client may leave it: every commit in the file, no log.
+    fold_wal(&path);
+    let mode: String = {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update_and_check(None, "journal_mode", "DELETE", |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(mode, "delete");
+    assert_eq!(
+        format_versions(&path),
+        (1, 1),
+        "the file is in rollback mode"
+    );
+
+    let registry = open_probing(&path, &range);
+    assert_eq!(
+        format_versions(&path),
+        (2, 2),
+        "the open switched it to WAL"
+    );
+    assert_eq!(leases(&registry), vec![kept.clone()]);
+    let other = registry.acquire("other").unwrap();
+    assert_ne!(other.port(), kept.0);
+    assert!(sibling(&path, "-wal").exists(), "the claim wrote no log");
+    other.release().unwrap();
+    drop(registry);
+    assert_eq!(pragma::<String>(&path, "journal_mode"), "wal");
+}
+
+/// The first schema, as the first release wrote it (migration 1).
+const SCHEMA_V1: &str = "CREATE TABLE leases (
+        id          INTEGER PRIMARY KEY,
+        port        INTEGER NOT NULL UNIQUE CHECK (port BETWEEN 1 AND 65535),
+        name        TEXT    NOT NULL,
+        protocol    INTEGER NOT NULL,
+        owner_pid   INTEGER,
+        owner_start INTEGER,
+        owner_boot  TEXT,
+        acquired_at INTEGER NOT NULL,
+        expires_at  INTEGER
+    ) STRICT;
+    CREATE TABLE names (
+        name    TEXT PRIMARY KEY,
+        port    INTEGER NOT NULL,
+        used_at INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX names_port ON names (port);
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;";
+
+#[test]
+fn a_registry_of_the_first_schema_is_still_migrated_at_open() {
+    let (_dir, path) = temp_registry();
+    let range = FIRST + 10..=FIRST + 19;
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA application_id = 1349796985; PRAGMA user_version = 1;
+             INSERT INTO leases (id, port, name, protocol, acquired_at)
+                 VALUES (7, {}, 'detached', 1, 1700000000000);
+             INSERT INTO names (name, port, used_at) VALUES ('sticky', {}, 1700000000000);",
+            FIRST + 10,
+            FIRST + 11
+        ))
+        .unwrap();
+    }
+    assert_eq!(pragma::<u32>(&path, "user_version"), 1);
+
+    let registry = open_probing(&path, &range);
+    assert_eq!(
+        pragma::<u32>(&path, "user_version"),
+        schema_of_this_build(),
+        "the open did not migrate the registry"
+    );
+    assert_eq!(leases(&registry), vec![(FIRST + 10, "detached".to_owned())]);
+    // The remembered name gets its port back, and the detached lease's port is not handed out.
+    let sticky = registry.acquire("sticky").unwrap();
+    assert_eq!(sticky.port(), FIRST + 11);
+    let next = registry.acquire("next").unwrap();
+    assert_ne!(next.port(), FIRST + 10);
+    // Migration 6 made the table of reserved ports, which a reservation writes.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let reserved: i64 = conn
+        .query_row("SELECT count(*) FROM reserved", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(reserved, 0);
+}
+
+#[test]
+fn a_registry_missing_a_table_of_ours_is_refused_and_left_as_it_was() {
+    let cases = [
+        ("names dropped", "DROP TABLE names;"),
+        ("leases dropped", "DROP TABLE leases;"),
+        (
+            "meta a view",
+            "ALTER TABLE meta RENAME TO meta_before;
+             CREATE VIEW meta AS SELECT key, value FROM meta_before;",
+        ),
+        ("meta dropped", "DROP TABLE meta;"),
+    ];
+    for (what, change) in cases {
+        let (_dir, path) = temp_registry();
+        let range = FIRST + 20..=FIRST + 29;
+        registry_with_a_lease(&path, &range);
+        fold_wal(&path);
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(change).unwrap();
+        }
+        fold_wal(&path);
+        let before = fs::read(&path).unwrap();
+
+        let err = PortDaddy::builder()
+            .path(&path)
+            .range(range)
+            .open()
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { detail, .. } if detail.contains("tables of the registry are missing")),
+            "{what}: {err:?}"
+        );
+        assert_eq!(fs::read(&path).unwrap(), before, "{what}: the file changed");
+        let wal = fs::metadata(sibling(&path, "-wal")).map_or(0, |m| m.len());
+        assert_eq!(wal, 0, "{what}: something was written to the log");
+    }
+}
+
+#[test]
+fn a_registry_that_needs_nothing_is_opened_without_a_write_to_the_file_or_its_log() {
+    let (_dir, path) = temp_registry();
+    let range = FIRST + 30..=FIRST + 39;
+    let kept = registry_with_a_lease(&path, &range);
+    let file = fs::read(&path).unwrap();
+    let wal = fs::read(sibling(&path, "-wal")).unwrap();
+    assert!(!wal.is_empty(), "the lease is in the log");
+
+    let registry = open_probing(&path, &range);
+    assert_eq!(leases(&registry), vec![kept]);
+    assert_eq!(fs::read(&path).unwrap(), file, "the open wrote the file");
+    assert_eq!(
+        fs::read(sibling(&path, "-wal")).unwrap(),
+        wal,
+        "the open wrote the log"
+    );
+}
