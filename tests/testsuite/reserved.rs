@@ -219,11 +219,15 @@ fn a_registry_of_the_format_before_gains_the_table_without_locking_older_version
     let registry = open_real(&path, 32824..=32825);
     let lease = registry.acquire("kept").unwrap().keep().unwrap();
     drop(registry);
-    // As the version before reserved ranges wrote it: schema 5, no table.
+    // As the version before reserved ranges wrote it: schema 5, no table (nor the column
+    // that schema 7 adds).
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE reserved; PRAGMA user_version = 5;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP TABLE reserved; ALTER TABLE leases DROP COLUMN acquire_uncounted;
+             PRAGMA user_version = 5;",
+        )
+        .unwrap();
     }
     let registry = open_real(&path, 32824..=32825);
     assert_eq!(registry.list().unwrap(), std::slice::from_ref(&lease));
@@ -233,7 +237,7 @@ fn a_registry_of_the_format_before_gains_the_table_without_locking_older_version
     let version: u32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     // Older versions may go on using the registry: no reader is locked out.
     let marker: i64 = conn
         .query_row(

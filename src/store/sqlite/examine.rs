@@ -83,12 +83,7 @@ pub(crate) fn examine(path: &Path, timeout: Duration) -> Result<Examination> {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Deferred)
             .map_err(sql)?;
-        SqlTx {
-            tx: &tx,
-            path,
-            deadline,
-        }
-        .leases(None)
+        SqlTx::new(&tx, path, deadline).leases(None)
     });
     Ok(Examination {
         schema_found,

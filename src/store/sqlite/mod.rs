@@ -528,11 +528,7 @@ impl SqliteStore {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Deferred)
             .map_err(sql)?;
-        f(&mut SqlTx {
-            tx: &tx,
-            path,
-            deadline,
-        })
+        f(&mut SqlTx::new(&tx, path, deadline))
     }
 }
 

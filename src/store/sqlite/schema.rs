@@ -119,6 +119,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         last_port  INTEGER NOT NULL CHECK (last_port BETWEEN first_port AND 65535),
         added_at   INTEGER NOT NULL
     ) STRICT, WITHOUT ROWID;",
+    // 7: a lease whose claim is still to be added to `count.acquired`: 1 when the claim left
+    // the counter for the lease's end, so that a claim writes the lease's page alone (see
+    // the `tx` module, "What a transaction writes"); NULL (every lease of a version before
+    // this one) when the claim counted it. Additive: a version before this one neither
+    // writes nor reads it, so its `stats` leave out the live leases of this one, and a lease
+    // of this one that it releases or reaps is never counted as acquired.
+    "ALTER TABLE leases ADD COLUMN acquire_uncounted INTEGER;",
 ];
 
 /// The key of the `meta` row that names the oldest format generation that may read and

@@ -1,5 +1,29 @@
 //! One transaction on the SQLite store: [`SqlTx`], the store's statements, and the write
 //! transaction around it.
+//!
+//! # What a transaction writes
+//!
+//! A write transaction costs others in proportion to the pages it changes: each changed
+//! page is one frame of the write-ahead log, written and checksummed at commit while the
+//! registry's lock is held, and every 1,000 frames SQLite copies the log into the file and
+//! syncs both (two `fsync`s, under the lock too, while every other writer waits). The
+//! common pair, a name getting its own port back and releasing it, changes two pages in
+//! each transaction: the lease's page of `leases`, and `meta`, which holds the counters
+//! (and the search cursor, so a search changes no further page for it). A name's memory is
+//! written again only once a day (see the policy's "Forgotten ports"); a claim that
+//! searches also writes its name's memory: `names` and its index by port. The
+//! `contention` tests hold these counts, so that a statement or an index added to the hot
+//! path shows up as the cost it is.
+//!
+//! # Counting claims
+//!
+//! So that a claim writes the lease's page alone, `count.acquired` is not written by the
+//! claim: the lease is inserted with `acquire_uncounted = 1`, and its claim is added to the
+//! counter by the transaction that deletes the lease (a release or a reap, in the statement
+//! that bumps its own counter in `meta` anyway; any other transaction just before it
+//! commits). Reading the counter adds the leases still marked, so every process reads every
+//! committed claim, once. Leases of versions that counted at the claim carry no mark and are
+//! not counted again.
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -33,10 +57,11 @@ const SELECT_LEASES_IN: &str = concat!(
     lease_columns!(),
     " FROM leases WHERE port <= ?2 AND port + block_len > ?1 ORDER BY acquired_at, id"
 );
+/// A new lease, its claim to be counted when it ends (see "Counting claims" above).
 const INSERT_LEASE: &str = concat!(
     "INSERT INTO leases (",
     lease_columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+    ", acquire_uncounted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 1)"
 );
 
 /// The transaction of [`SqliteStore::write`](super::SqliteStore::write), once the lock is
@@ -54,14 +79,10 @@ pub(super) fn run_write<R>(
     let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
     run("BEGIN IMMEDIATE").map_err(sql)?;
     let _open = RollbackUnlessCommitted(conn);
-    let value = f(
-        &mut SqlTx {
-            tx: conn,
-            path,
-            deadline,
-        },
-        opened,
-    )?;
+    let mut tx = SqlTx::new(conn, path, deadline);
+    let value = f(&mut tx, opened)?;
+    // Claims of ended leases that no other count of the transaction took along.
+    tx.flush_uncounted()?;
     run("COMMIT").map_err(sql)?;
     Ok(value)
 }
@@ -121,12 +142,25 @@ impl Drop for RollbackUnlessCommitted<'_> {
 
 /// One transaction: the connection, inside `BEGIN … COMMIT`.
 pub(super) struct SqlTx<'a> {
-    pub(super) tx: &'a Connection,
-    pub(super) path: &'a Path,
-    pub(super) deadline: Deadline,
+    tx: &'a Connection,
+    path: &'a Path,
+    deadline: Deadline,
+    /// Claims of leases this transaction deleted, still to be added to `count.acquired`
+    /// (see "Counting claims" above).
+    uncounted: u64,
 }
 
 impl<'t> SqlTx<'t> {
+    /// A transaction on `tx`, open already; `path` names the registry in errors.
+    pub(super) fn new(tx: &'t Connection, path: &'t Path, deadline: Deadline) -> Self {
+        Self {
+            tx,
+            path,
+            deadline,
+            uncounted: 0,
+        }
+    }
+
     /// The first column of `rows` as ports, read lazily so that a search stops at the first
     /// gap instead of loading every row.
     fn port_column<'a, 'r>(
@@ -365,26 +399,23 @@ impl Tx for SqlTx<'_> {
     }
 
     fn delete_lease(&mut self, port: u16, id: u64) -> Result<bool> {
-        let mut stmt = self
-            .tx
-            .prepare_cached("DELETE FROM leases WHERE port = ?1 AND id = ?2")
-            .map_err(|e| self.err(e))?;
-        Ok(stmt
-            .execute(params![port, id as i64])
-            .map_err(|e| self.err(e))?
-            > 0)
+        self.delete_counting(
+            "DELETE FROM leases WHERE port = ?1 AND id = ?2 AND acquire_uncounted = 1",
+            "DELETE FROM leases WHERE port = ?1 AND id = ?2",
+            params![port, id as i64],
+        )
     }
 
     fn delete_port(&mut self, port: u16) -> Result<bool> {
-        let mut stmt = self
-            .tx
-            .prepare_cached(
-                "DELETE FROM leases
-                 WHERE port = (SELECT max(port) FROM leases WHERE port <= ?1)
-                   AND port + block_len > ?1",
-            )
-            .map_err(|e| self.err(e))?;
-        Ok(stmt.execute([port]).map_err(|e| self.err(e))? > 0)
+        self.delete_counting(
+            "DELETE FROM leases
+             WHERE port = (SELECT max(port) FROM leases WHERE port <= ?1)
+               AND port + block_len > ?1 AND acquire_uncounted = 1",
+            "DELETE FROM leases
+             WHERE port = (SELECT max(port) FROM leases WHERE port <= ?1)
+               AND port + block_len > ?1",
+            params![port],
+        )
     }
 
     fn detach(&mut self, port: u16, id: u64) -> Result<bool> {
@@ -517,16 +548,27 @@ impl Tx for SqlTx<'_> {
     }
 
     fn count(&mut self, counter: Counter, by: u64) -> Result<()> {
+        // Every claim inserts one lease, which counts it when it ends (see "Counting
+        // claims" above).
+        if counter == Counter::Acquired {
+            return Ok(());
+        }
+        if self.uncounted == 0 {
+            return self.add_to(counter, by);
+        }
+        // The claims of the leases the transaction ended go along, in the same statement.
         let mut stmt = self
             .tx
             .prepare_cached(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                "INSERT INTO meta (key, value) VALUES (?1, ?2), (?3, ?4)
                  ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
             )
             .map_err(|e| self.err(e))?;
         let by = i64::try_from(by).unwrap_or(i64::MAX);
-        stmt.execute(params![counter.key(), by])
+        let claims = i64::try_from(self.uncounted).unwrap_or(i64::MAX);
+        stmt.execute(params![counter.key(), by, Counter::Acquired.key(), claims])
             .map_err(|e| self.err(e))?;
+        self.uncounted = 0;
         Ok(())
     }
 
@@ -540,7 +582,63 @@ impl Tx for SqlTx<'_> {
             .optional()
             .map_err(|e| self.err(e))?;
         // A negative count can only come from a damaged row; show it as none.
-        Ok(value.map_or(0, |v| u64::try_from(v).unwrap_or(0)))
+        let value = value.map_or(0, |v| u64::try_from(v).unwrap_or(0));
+        if counter != Counter::Acquired {
+            return Ok(value);
+        }
+        // The claims of the leases that are still there.
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT count(*) FROM leases WHERE acquire_uncounted = 1")
+            .map_err(|e| self.err(e))?;
+        let live: i64 = stmt.query_row([], |r| r.get(0)).map_err(|e| self.err(e))?;
+        Ok(value.saturating_add(u64::try_from(live).unwrap_or(0)))
+    }
+}
+
+impl SqlTx<'_> {
+    /// Deletes leases with `marked`, the deletion of those that carry the mark of a claim
+    /// still to be counted, which most do, and otherwise with `plain`; whether a lease was
+    /// deleted. The claims of marked ones are counted with the transaction's next count, or
+    /// before it commits.
+    fn delete_counting(
+        &mut self,
+        marked: &str,
+        plain: &str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> Result<bool> {
+        let mut stmt = self.tx.prepare_cached(marked).map_err(|e| self.err(e))?;
+        let claims = stmt.execute(params).map_err(|e| self.err(e))?;
+        if claims > 0 {
+            self.uncounted += claims as u64;
+            return Ok(true);
+        }
+        let mut stmt = self.tx.prepare_cached(plain).map_err(|e| self.err(e))?;
+        Ok(stmt.execute(params).map_err(|e| self.err(e))? > 0)
+    }
+
+    /// Counts the claims of the leases deleted since the last count.
+    fn flush_uncounted(&mut self) -> Result<()> {
+        let claims = std::mem::take(&mut self.uncounted);
+        if claims > 0 {
+            self.add_to(Counter::Acquired, claims)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `by` to `counter` in `meta`: one statement.
+    fn add_to(&mut self, counter: Counter, by: u64) -> Result<()> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            )
+            .map_err(|e| self.err(e))?;
+        let by = i64::try_from(by).unwrap_or(i64::MAX);
+        stmt.execute(params![counter.key(), by])
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 }
 
@@ -568,11 +666,7 @@ mod tests {
         migrate(&mut conn).unwrap();
         let path = Path::new("memory");
         let deadline = Deadline::after(Duration::from_secs(5));
-        let mut tx = SqlTx {
-            tx: &conn,
-            path,
-            deadline,
-        };
+        let mut tx = SqlTx::new(&conn, path, deadline);
         let old = tx.lease_on(20000).unwrap().unwrap();
         let owner = old.owner().unwrap();
         assert_eq!(
@@ -601,11 +695,7 @@ mod tests {
         assert_eq!(read.owner().unwrap().namespace_parents(), Some(&[][..]));
         conn.execute_batch("UPDATE leases SET owner_ns_parents = '5 x' WHERE port = 20001")
             .unwrap();
-        let mut tx = SqlTx {
-            tx: &conn,
-            path,
-            deadline,
-        };
+        let mut tx = SqlTx::new(&conn, path, deadline);
         assert!(matches!(tx.lease_on(20001), Err(Error::Corrupt { .. })));
     }
 }
