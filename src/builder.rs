@@ -70,8 +70,13 @@ pub(crate) struct Settings {
 impl Settings {
     /// Every setting at its default.
     pub(crate) fn defaults() -> Self {
+        Self::with_range(PortRange::default_for_host())
+    }
+
+    /// Every setting but the range at its default.
+    fn with_range(range: PortRange) -> Self {
         Settings {
-            range: PortRange::default_for_host(),
+            range,
             reserved: BTreeSet::new(),
             processes: Arc::new(SystemProcessProbe),
             ports: Arc::new(BindProbe),
@@ -286,15 +291,17 @@ impl Builder {
         }
         // Not through `Settings::defaults()`, whose default range would read the kernel's
         // ephemeral range a second time.
-        let settings = Settings {
-            range,
-            reserved: opts.reserved,
-            processes: opts
-                .processes
-                .unwrap_or_else(|| Arc::new(SystemProcessProbe)),
-            ports: opts.ports.unwrap_or_else(|| Arc::new(BindProbe)),
-            clock: opts.clock.unwrap_or_else(|| Arc::new(SystemClock)),
-        };
+        let mut settings = Settings::with_range(range);
+        settings.reserved = opts.reserved;
+        if let Some(processes) = opts.processes {
+            settings.processes = processes;
+        }
+        if let Some(ports) = opts.ports {
+            settings.ports = ports;
+        }
+        if let Some(clock) = opts.clock {
+            settings.clock = clock;
+        }
         let timeout = opts.lock_timeout.unwrap_or(DEFAULT_LOCK_TIMEOUT);
         match opts.target {
             Target::Memory => Ok(PortDaddy::memory(settings)),

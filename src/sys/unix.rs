@@ -132,8 +132,12 @@ pub(crate) fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
         use rustix::fs::{renameat_with, RenameFlags, CWD};
         match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
             Ok(()) => Ok(()),
-            // A filesystem without the flag (`EINVAL`), or a kernel without the call.
+            // A filesystem without the flag (`EINVAL` on Linux, `ENOTSUP` on macOS), or a
+            // kernel without the call.
             Err(Errno::INVAL | Errno::NOSYS) => Err(io::ErrorKind::Unsupported.into()),
+            Err(e) if e == Errno::NOTSUP || e == Errno::OPNOTSUPP => {
+                Err(io::ErrorKind::Unsupported.into())
+            }
             Err(e) => Err(e.into()),
         }
     }

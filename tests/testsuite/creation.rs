@@ -29,7 +29,7 @@ use std::ops::RangeInclusive;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common;
@@ -559,17 +559,28 @@ fn kill(pid: u32) {
     }
 }
 
-/// The path of `strace`, or `None` (with the skip printed) where it is not installed.
+/// The path of `strace`, or `None` (with the skip printed) where it is not installed or
+/// cannot trace here (no `ptrace` in a container, say).
 fn strace() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
+    let Some(found) = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join("strace"))
             .find(|p| p.is_file())
-    });
-    if found.is_none() {
+    }) else {
         println!("skipped: strace is not installed, and it stops the creator at its rename");
+        return None;
+    };
+    let traces = Command::new(&found)
+        .args(["-o", "/dev/null", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !traces {
+        println!("skipped: strace cannot trace a process here, and it stops the creator");
+        return None;
     }
-    found
+    Some(found)
 }
 
 /// Whether a thread of process `pid` is at the step that names the new registry.

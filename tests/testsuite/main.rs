@@ -20,7 +20,7 @@ mod cli_first;
 #[cfg(feature = "cli")]
 mod cli_tools;
 mod contention;
-#[cfg(unix)]
+#[cfg(target_os = "linux")]
 mod creation;
 mod daily_attack;
 mod durability;

@@ -676,7 +676,7 @@ fn open_checked(
     // Every version migrates under the write lock, which this open holds: the schema version
     // read above is still the file's, and a registry at this build's schema or a newer one
     // has nothing to migrate (the transaction would only read `user_version` again).
-    if usize::try_from(found).map_or(true, |found| found < schema::MIGRATIONS.len()) {
+    if found < schema::schema_supported() {
         migrate(&mut conn).map_err(sql)?;
     }
     Ok(conn)
