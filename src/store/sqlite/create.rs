@@ -21,7 +21,7 @@
 //!   opener since Linux 6.10, before that to `CAP_DAC_READ_SEARCH` only) or else
 //!   `/proc/self/fd`.
 //! - Where there are no unnamed files (another system, a filesystem without them, or
-//!   neither way of naming one), the file is `<registry>.n` followed by six random
+//!   neither way of naming one), the file is `<registry>.~` followed by six random
 //!   characters (created `O_CREAT | O_EXCL | O_NOFOLLOW`, mode `0600`), put in place with
 //!   `renameat2(RENAME_NOREPLACE)` (see `sys::rename_no_replace`), or with a hard link and
 //!   an unlink where that cannot be done (for that moment the registry has two names, which
@@ -78,10 +78,11 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 use crate::paths::sibling;
 
-/// What comes after the registry's file name in the name of our file: `.n`, then
+/// What comes after the registry's file name in the name of our file: `.~`, then
 /// [`RANDOM_LEN`] characters of [`ALPHABET`]; as long as the longest side-file suffix
-/// (`-journal`), which `paths::check_name_length` leaves room for.
-const MARK: &str = ".n";
+/// (`-journal`), which `paths::check_name_length` leaves room for. Not a name people give
+/// files, though a name alone proves nothing (see [`remove_leftovers`]).
+const MARK: &str = ".~";
 const RANDOM_LEN: usize = 6;
 const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
@@ -172,8 +173,21 @@ fn create_named(path: &Path, real: &Path) -> Result<Option<bool>> {
             lost(path, real).map(|()| Some(false))
         }
         Err(e) if e.kind() == io::ErrorKind::Unsupported => match fs::hard_link(&ours.path, real) {
-            // Removing our name leaves the registry with one.
-            Ok(()) => Ok(Some(true)),
+            // Removing our name leaves the registry with one: an open refuses a registry
+            // with two. Where it cannot go, neither does the registry stay.
+            Ok(()) => match fs::remove_file(&ours.path) {
+                Ok(()) => {
+                    ours.placed = true;
+                    Ok(Some(true))
+                }
+                Err(e) => {
+                    if let Err(error) = fs::remove_file(real) {
+                        tracing::debug!(path = %real.display(), %error,
+                            "could not remove the registry just linked");
+                    }
+                    Err(create_err(path, &ours.path.display(), e))
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 lost(path, real).map(|()| Some(false))
             }
@@ -312,7 +326,9 @@ fn is_our_name(registry: &std::ffi::OsStr, name: &std::ffi::OsStr) -> bool {
 
 /// Removes the files that creations of the registry at `real` killed before their rename
 /// left behind: only names of our pattern that are regular files of the effective user,
-/// mode `0600`, with one link. The caller holds the write lock, so none is in use. A
+/// mode `0600`, with one link, no side file of a registry beside them (no lock file, log,
+/// index or journal), and nothing in them but the start of [`IMAGE`] (a creator is killed
+/// before, while or after writing it). A leftover of a version whose image differs stays. The caller holds the write lock, so none is in use. A
 /// failure is logged and changes nothing else.
 fn remove_leftovers(real: &Path) {
     let Some(registry) = real.file_name() else {
@@ -329,10 +345,17 @@ fn remove_leftovers(real: &Path) {
         let Ok(meta) = fs::symlink_metadata(&file) else {
             continue;
         };
+        // A registry someone named so looks the same by its metadata, and a new one holds
+        // the image itself (its commits are in its log): its side files tell it apart.
         let provably_ours = meta.file_type().is_file()
             && crate::sys::owner(&meta) == crate::sys::euid()
             && crate::sys::mode(&meta).is_none_or(|mode| mode == 0o600)
-            && crate::sys::links(&meta).is_none_or(|n| n == 1);
+            && crate::sys::links(&meta).is_none_or(|n| n == 1)
+            && meta.len() <= IMAGE.len() as u64
+            && [".lock", "-wal", "-shm", "-journal"]
+                .iter()
+                .all(|suffix| fs::symlink_metadata(sibling(&file, suffix)).is_err())
+            && fs::read(&file).is_ok_and(|bytes| IMAGE.starts_with(&bytes));
         if !provably_ours {
             continue;
         }
@@ -495,10 +518,33 @@ mod tests {
         fs::set_permissions(at("open00"), fs::Permissions::from_mode(0o666)).unwrap();
         let other = dir.path().join(format!("x.sqlite3{MARK}dead00"));
         drop(open_new(&other).unwrap());
+        // Another registry that happens to be named so: a new one holds the image, with its
+        // lock file beside it; one of another application holds other bytes.
+        fs::write(at("live00"), IMAGE).unwrap();
+        fs::set_permissions(at("live00"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(sibling(&at("live00"), ".lock"), b"").unwrap();
+        fs::write(at("else00"), b"SQLite format 3\0 of something else").unwrap();
+        fs::set_permissions(at("else00"), fs::Permissions::from_mode(0o600)).unwrap();
+        // Another user's (only root can make one).
+        let theirs = crate::sys::euid() == Some(0) && {
+            drop(open_new(&at("them00")).unwrap());
+            std::os::unix::fs::chown(at("them00"), Some(65534), Some(65534)).is_ok()
+        };
         assert_eq!(create_named(&real, &real).unwrap(), Some(true));
+        let mut expected = vec![
+            "r.sqlite3.~else00",
+            "r.sqlite3.~link00",
+            "r.sqlite3.~live00",
+        ];
+        expected.push("r.sqlite3.~open00");
+        if theirs {
+            expected.push("r.sqlite3.~them00");
+        }
+        assert_eq!(our_names(dir.path()), expected);
         assert_eq!(
-            our_names(dir.path()),
-            ["r.sqlite3.nlink00", "r.sqlite3.nopen00"]
+            fs::read(at("live00")).unwrap(),
+            IMAGE,
+            "a registry was changed"
         );
         assert!(other.exists(), "another registry's file was removed");
         assert!(!dir.path().join("target").exists());
@@ -523,12 +569,13 @@ mod tests {
     #[test]
     fn only_names_of_our_pattern_for_this_registry_are_ours() {
         let ours = |name: &str| is_our_name("r.sqlite3".as_ref(), name.as_ref());
-        assert!(ours("r.sqlite3.nab12z9"));
-        assert!(!ours("r.sqlite3.nab12z"), "too short");
-        assert!(!ours("r.sqlite3.nab12z90"), "too long");
-        assert!(!ours("r.sqlite3.nAB12z9"), "not of the alphabet");
+        assert!(ours("r.sqlite3.~ab12z9"));
+        assert!(!ours("r.sqlite3.~ab12z"), "too short");
+        assert!(!ours("r.sqlite3.~ab12z90"), "too long");
+        assert!(!ours("r.sqlite3.~AB12z9"), "not of the alphabet");
+        assert!(!ours("r.sqlite3.nightly"), "a name people give files");
         assert!(!ours("r.sqlite3.lock"));
-        assert!(!ours("x.sqlite3.nab12z9"), "another registry's");
+        assert!(!ours("x.sqlite3.~ab12z9"), "another registry's");
         let name = random_name();
         assert!(ours(&format!("r.sqlite3{MARK}{name}")), "{name}");
     }
