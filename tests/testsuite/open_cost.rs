@@ -198,7 +198,7 @@ fn a_registry_missing_a_table_of_ours_is_refused_and_left_as_it_was() {
 
 /// The skipped WAL switch and migration wrote nothing before either (an empty migration
 /// commits no page), so this guards against an open that starts writing, not the statements
-/// it saves; those are counted in the CHANGELOG's figures.
+/// it saves; BENCHMARKS.md counts those (instructions and system calls of a fresh process).
 #[test]
 fn a_registry_that_needs_nothing_is_opened_without_a_write_to_the_file_or_its_log() {
     let (_dir, path) = temp_registry();
