@@ -19,6 +19,7 @@ mod cli;
 mod cli_first;
 #[cfg(feature = "cli")]
 mod cli_tools;
+mod create_attack;
 #[cfg(unix)]
 mod creation;
 mod daily_attack;

@@ -108,9 +108,13 @@ pub(super) enum Creation {
 /// Creates the registry at `real` whole if nothing is there, and says what it did. For an
 /// existing registry (every open but the first), one `stat`.
 ///
-/// The caller holds the write lock. `path` names the registry in errors.
-pub(super) fn create_missing(path: &Path, real: &Path) -> Result<Creation> {
+/// The caller holds the write lock, and has checked the path under it: `was_missing` says
+/// that nothing was there then, so that a file there now appeared since, unchecked, and is
+/// checked as one that appears while the registry is being linked. `path` names the
+/// registry in errors.
+pub(super) fn create_missing(path: &Path, real: &Path, was_missing: bool) -> Result<Creation> {
     match fs::symlink_metadata(real) {
+        Ok(_) if was_missing => return lost(path, real).map(|()| Creation::Found),
         Ok(_) => return Ok(Creation::Found),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::open(path, e)),

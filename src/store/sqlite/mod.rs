@@ -299,7 +299,7 @@ impl SqliteStore {
             remove_orphaned_side_files(&real).map_err(open_err)?;
             // A missing registry is created whole (see `create`); the rest of the sequence
             // treats it as any existing file.
-            let made_whole = match create::create_missing(path, &real)? {
+            let made_whole = match create::create_missing(path, &real, vetted.missing)? {
                 create::Creation::Whole => true,
                 create::Creation::Found => false,
                 create::Creation::Unable => {

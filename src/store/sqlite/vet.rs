@@ -22,6 +22,8 @@ pub(super) struct Vetted {
     /// `false` where the header was not read: the file is missing, empty, or in use by this
     /// process.
     pub(super) wal: bool,
+    /// Nothing was at the path: a file there later appeared since, and was not checked.
+    pub(super) missing: bool,
 }
 
 /// Refuses, without letting SQLite touch it, an existing path that is not a regular file
@@ -67,7 +69,12 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
     crate::sys::open_flags(&mut options, write, true);
     let file = match options.open(real) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vetted::default()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Vetted {
+                missing: true,
+                ..Vetted::default()
+            })
+        }
         Err(e) => return Err(open_err(e)),
     };
     let meta = file.metadata().map_err(open_err)?;
@@ -111,5 +118,6 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
     }
     Ok(Vetted {
         wal: header[18] == 2 && header[19] == 2,
+        missing: false,
     })
 }

@@ -37,6 +37,7 @@
 //! | daily_attack.rs     | 33150-33199   |
 //! | creation.rs         | 33200-33249; binds and probes no port |
 //! | open_cost.rs        | 33250-33299   |
+//! | create_attack.rs    | 33350-33399; binds and probes no port |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
 //! | benches             | 40000-59999 (and `examples/new_names.rs`: 42000-55999; not run in CI) |
