@@ -124,6 +124,78 @@ fn foreign_database_with_hot_journal(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A creation through a named file (no unnamed files on the filesystem)
+// ---------------------------------------------------------------------------------------------
+
+/// Another registry whose name is this one's followed by `.n` and six letters or digits (as
+/// `ports.db.nightly` is `ports.db` followed by `.nightly`) looks like what a creation through
+/// a named file leaves when it is killed: creating this registry through a named file (as
+/// on a filesystem without `O_TMPFILE`, which `strace` makes this one) leaves that registry,
+/// and its leases, as they were.
+#[test]
+fn a_named_creation_leaves_another_registry_whose_name_extends_this_one_alone() {
+    let Some(strace) = strace() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ports.db");
+    let nightly = dir.path().join("ports.db.nightly");
+    let other = common::open_unprobed(&nightly, &RANGE_USED);
+    let held = other.acquire("nightly").unwrap().keep().unwrap().port();
+    drop(other);
+    let log = dir.path().join("strace.log");
+    let mut creator = spawn_creator("creator", &path, |c| {
+        without_unnamed_files(c, &strace, dir.path(), &log)
+    });
+    expect_pid(&creator);
+    creator.send("go");
+    let result = creator.expect_line("a result", deadline());
+    assert!(result.starts_with("PORT "), "{result}");
+    assert!(
+        fs::read_to_string(&log).unwrap().contains("INJECTED"),
+        "the creation did not go through a named file"
+    );
+    assert_whole(&path);
+    assert!(nightly.exists(), "the other registry was removed");
+    let other = common::open_unprobed(&nightly, &RANGE_USED);
+    let listed: Vec<u16> = other.list().unwrap().iter().map(|l| l.port()).collect();
+    assert_eq!(listed, [held], "the other registry lost its lease");
+}
+
+/// What a creator killed after writing its named file leaves is still removed by the next
+/// creation through a named file, and nothing else of our naming pattern is.
+#[test]
+fn a_named_creation_still_removes_what_a_killed_one_left() {
+    let Some(strace) = strace() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.sqlite3");
+    // What a creator killed after its sync and before its rename leaves: the whole image,
+    // mode 0600, and nothing beside it.
+    let (_image_dir, image) = common::temp_registry();
+    drop(common::open_unprobed(&image, &RANGE_USED));
+    let whole = fs::read(&image).unwrap();
+    let left = [
+        common::sibling(&path, ".nkilld1"),
+        common::sibling(&path, ".nkilld2"),
+    ];
+    for (file, len) in left.iter().zip([whole.len(), 4096]) {
+        fs::write(file, &whole[..len]).unwrap();
+        fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let log = dir.path().join("strace.log");
+    let mut creator = spawn_creator("creator", &path, |c| {
+        without_unnamed_files(c, &strace, dir.path(), &log)
+    });
+    expect_pid(&creator);
+    creator.send("go");
+    let result = creator.expect_line("a result", deadline());
+    assert!(result.starts_with("PORT "), "{result}");
+    assert!(fs::read_to_string(&log).unwrap().contains("INJECTED"));
+    assert_whole(&path);
+    for file in &left {
+        assert!(!file.exists(), "{} was left", file.display());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // What a crash or a power loss can leave at the path
 // ---------------------------------------------------------------------------------------------
 
@@ -423,6 +495,30 @@ fn strace() -> Option<PathBuf> {
         println!("skipped: strace is not installed, and it holds the creator at a step");
     }
     found
+}
+
+/// Runs `command` under `strace`, which fails its first `openat` of the directory `dir`
+/// (the one with `O_TMPFILE`) with `EOPNOTSUPP`, as on a filesystem without unnamed files,
+/// and writes what it traced to `log`.
+fn without_unnamed_files(command: &mut Command, strace: &Path, dir: &Path, log: &Path) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let mut wrapped = Command::new(strace);
+    wrapped
+        .args(["-f", "-qq", "-o"])
+        .arg(log)
+        .arg("-P")
+        .arg(dir)
+        .args([
+            "-e",
+            "trace=openat",
+            "-e",
+            "inject=openat:error=EOPNOTSUPP:when=1",
+        ])
+        .arg("--")
+        .arg(program)
+        .args(args);
+    *command = wrapped;
 }
 
 /// Runs `command` under `strace`, which holds the thread making the `nth` `openat` of

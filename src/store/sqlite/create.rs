@@ -48,7 +48,9 @@
 //! killed between creating it and the rename leaves it behind; the next creation through a
 //! named file, under the write lock, removes what is provably such a leftover: a name of
 //! the pattern above for this registry, a regular file (not a link), of the effective user,
-//! mode `0600`, one link. Under the lock no creation of this registry is under way, so any
+//! mode `0600`, one link, holding no more than the start of [`IMAGE`] and with none of the
+//! side files an open makes (`.lock`, `-wal`, `-shm`): a registry whose name merely extends
+//! this one's by the pattern (`ports.db.nightly` beside `ports.db`) is no leftover. Under the lock no creation of this registry is under way, so any
 //! such file is stale. Finding them takes reading the whole directory, which in a directory
 //! of thousands of files (a shared `/tmp`) costs more than the rest of the creation: one
 //! more reason to prefer an unnamed file, which needs no such search.
@@ -70,7 +72,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
@@ -316,7 +318,8 @@ fn is_our_name(registry: &std::ffi::OsStr, name: &std::ffi::OsStr) -> bool {
 
 /// Removes the files that creations of the registry at `real` killed before their rename
 /// left behind: only names of our pattern that are regular files of the effective user,
-/// mode `0600`, with one link. The caller holds the write lock, so none is in use. A
+/// mode `0600`, with one link, holding no more than the start of the image, with no side
+/// file of a registry beside them. The caller holds the write lock, so none is in use. A
 /// failure is logged and changes nothing else.
 fn remove_leftovers(real: &Path) {
     let Some(registry) = real.file_name() else {
@@ -336,7 +339,8 @@ fn remove_leftovers(real: &Path) {
         let provably_ours = meta.file_type().is_file()
             && crate::sys::owner(&meta) == crate::sys::euid()
             && crate::sys::mode(&meta).is_none_or(|mode| mode == 0o600)
-            && crate::sys::links(&meta).is_none_or(|n| n == 1);
+            && crate::sys::links(&meta).is_none_or(|n| n == 1)
+            && holds_only_the_image(&file, &meta);
         if !provably_ours {
             continue;
         }
@@ -346,6 +350,36 @@ fn remove_leftovers(real: &Path) {
             tracing::debug!(file = %file.display(), %error, "could not remove it");
         }
     }
+}
+
+/// Whether `file` (whose metadata is `meta`) holds the start of [`IMAGE`] and nothing else,
+/// and has none of the side files that opening a registry makes (`.lock`, `-wal`, `-shm`),
+/// as a file of ours left before its rename does: a registry whose name only matches our
+/// pattern (`ports.db.nightly` beside `ports.db`) is never taken for one. Read without
+/// following a link or blocking on a FIFO put there since.
+fn holds_only_the_image(file: &Path, meta: &fs::Metadata) -> bool {
+    if meta.len() > IMAGE.len() as u64
+        || [".lock", "-wal", "-shm"]
+            .iter()
+            .any(|side| fs::symlink_metadata(sibling(file, side)).is_ok())
+    {
+        return false;
+    }
+    let mut options = OpenOptions::new();
+    options.read(true);
+    crate::sys::open_flags(&mut options, true, true);
+    let Ok(opened) = options.open(file) else {
+        return false;
+    };
+    let same = opened
+        .metadata()
+        .is_ok_and(|m| m.is_file() && crate::sys::file_id(&m) == crate::sys::file_id(meta));
+    let mut bytes = Vec::with_capacity(IMAGE.len());
+    same && opened
+        .take(IMAGE.len() as u64 + 1)
+        .read_to_end(&mut bytes)
+        .is_ok()
+        && IMAGE.starts_with(&bytes)
 }
 
 /// Makes the first commit to the brand-new, still empty log beside `real` without syncing
@@ -499,10 +533,24 @@ mod tests {
         fs::set_permissions(at("open00"), fs::Permissions::from_mode(0o666)).unwrap();
         let other = dir.path().join(format!("x.sqlite3{MARK}dead00"));
         drop(open_new(&other).unwrap());
+        // A killed creator's file cut short is ours; a registry whose name extends this
+        // one's (its lock file beside it), or a file that is not the image, is not.
+        open_new(&at("half00"))
+            .unwrap()
+            .write_all(&IMAGE[..4096])
+            .unwrap();
+        open_new(&at("regis1")).unwrap().write_all(IMAGE).unwrap();
+        drop(open_new(&sibling(&at("regis1"), ".lock")).unwrap());
+        open_new(&at("notimg")).unwrap().write_all(b"data").unwrap();
         assert_eq!(create_named(&real, &real).unwrap(), Some(true));
         assert_eq!(
             our_names(dir.path()),
-            ["r.sqlite3.nlink00", "r.sqlite3.nopen00"]
+            [
+                "r.sqlite3.nlink00",
+                "r.sqlite3.nnotimg",
+                "r.sqlite3.nopen00",
+                "r.sqlite3.nregis1"
+            ]
         );
         assert!(other.exists(), "another registry's file was removed");
         assert!(!dir.path().join("target").exists());
