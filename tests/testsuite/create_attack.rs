@@ -24,6 +24,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
 use std::ops::RangeInclusive;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -193,6 +194,90 @@ fn a_named_creation_still_removes_what_a_killed_one_left() {
     for file in &left {
         assert!(!file.exists(), "{} was left", file.display());
     }
+}
+
+/// Where a rename cannot refuse to replace (`EINVAL` from `renameat2`, as on NFS), the named
+/// file is put in place by a hard link and an unlink. A creator killed between the two
+/// leaves the registry with a second name of our pattern: the next open removes that name
+/// and uses the registry, where it used to refuse it for good for its two links. A second
+/// name of any other pattern is still refused, and left.
+#[test]
+fn a_creator_killed_between_its_link_and_its_unlink_leaves_a_registry_the_next_uses() {
+    let Some(strace) = strace() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.sqlite3");
+    let log = dir.path().join("strace.log");
+    let mut creator = spawn_creator("creator", &path, |c| {
+        let program = c.get_program().to_owned();
+        let args: Vec<_> = c.get_args().map(|a| a.to_owned()).collect();
+        let mut wrapped = Command::new(&strace);
+        // The third `openat` of the directory or the registry is the one with `O_TMPFILE`
+        // (after the registry's check before the lock and under it).
+        wrapped
+            .args(["-f", "-qq", "-o"])
+            .arg(&log)
+            .arg("-P")
+            .arg(dir.path())
+            .arg("-P")
+            .arg(&path)
+            .args([
+                "-e",
+                "trace=openat,renameat2,linkat",
+                "-e",
+                "inject=openat:error=EOPNOTSUPP:when=3",
+                "-e",
+                "inject=renameat2:error=EINVAL",
+                "-e",
+                "inject=linkat:delay_exit=3600000000",
+            ])
+            .arg("--")
+            .arg(program)
+            .args(args);
+        *c = wrapped;
+    });
+    let pid = expect_pid(&creator);
+    creator.send("go");
+    wait_until("the creator has linked its file", || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains("linkat") && l.contains("DELAYED"))
+    });
+    let names: Vec<_> = names_in(dir.path())
+        .into_iter()
+        .filter(|n| n.to_string_lossy().starts_with("registry.sqlite3.n"))
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    // SAFETY: a plain syscall on a process this test started.
+    unsafe { libc::kill(libc::pid_t::try_from(pid).unwrap(), libc::SIGKILL) };
+    creator.kill();
+    assert_eq!(
+        fs::metadata(&path).unwrap().nlink(),
+        2,
+        "the state to recover from"
+    );
+
+    let registry = common::open_unprobed(&path, &RANGE_USED);
+    let port = registry.acquire("after").unwrap().port();
+    assert!(RANGE_USED.contains(&port));
+    drop(registry);
+    assert_eq!(fs::metadata(&path).unwrap().nlink(), 1);
+    assert!(
+        !dir.path().join(&names[0]).exists(),
+        "the second name stayed"
+    );
+    assert_whole(&path);
+
+    // Any other second name is a registry reached by two names: refused, and left.
+    let backup = dir.path().join("registry.sqlite3.backup");
+    fs::hard_link(&path, &backup).unwrap();
+    let Err(err) = portdaddy::PortDaddy::builder()
+        .path(&path)
+        .range(RANGE_USED)
+        .port_probe(common::all_free)
+        .open()
+    else {
+        panic!("a registry with two names opened");
+    };
+    assert!(matches!(err, Error::Refused { .. }), "{err:?}");
+    assert!(backup.exists());
 }
 
 // ---------------------------------------------------------------------------------------------

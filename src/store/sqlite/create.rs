@@ -25,7 +25,9 @@
 //!   characters (created `O_CREAT | O_EXCL | O_NOFOLLOW`, mode `0600`), put in place with
 //!   `renameat2(RENAME_NOREPLACE)` (see `sys::rename_no_replace`), or with a hard link and
 //!   an unlink where that cannot be done (for that moment the registry has two names, which
-//!   an open then refuses); where there are no hard links either, the registry is created
+//!   an open would refuse: an open that finds the registry refused removes a second name of
+//!   our pattern that leads to the registry's own file, which is also what a creator killed
+//!   between the two leaves; see [`remove_second_name`]); where there are no hard links either, the registry is created
 //!   empty and built in place as before, which is safe for the same reasons as an existing
 //!   empty file.
 //!
@@ -350,6 +352,50 @@ fn remove_leftovers(real: &Path) {
             tracing::debug!(file = %file.display(), %error, "could not remove it");
         }
     }
+}
+
+/// Removes the second name that a creation killed between its hard link and its unlink (see
+/// "The rule": where a rename cannot refuse to replace) left to the registry at `real`: a
+/// name of our pattern for it that leads to the registry's own file, where the registry has
+/// two links. Says whether it removed one. Only the name goes: the file is the registry.
+/// Called only where the registry was refused, so it costs an open nothing otherwise; safe
+/// without the write lock, as a creator still between its link and its unlink finds its
+/// name gone and leaves it so.
+pub(super) fn remove_second_name(real: &Path) -> bool {
+    let Ok(meta) = fs::symlink_metadata(real) else {
+        return false;
+    };
+    let id = crate::sys::file_id(&meta);
+    let Some(registry) = real.file_name() else {
+        return false;
+    };
+    if id.is_none() || !meta.is_file() || crate::sys::links(&meta) != Some(2) {
+        return false;
+    }
+    let Ok(entries) = fs::read_dir(directory_of(real)) else {
+        return false;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        if !is_our_name(registry, &entry.file_name()) {
+            continue;
+        }
+        let file = entry.path();
+        let same =
+            fs::symlink_metadata(&file).is_ok_and(|m| m.is_file() && crate::sys::file_id(&m) == id);
+        if !same {
+            continue;
+        }
+        tracing::warn!(file = %file.display(), registry = %real.display(),
+            "removing the second name a registry creation that was killed left to the registry");
+        return match fs::remove_file(&file) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(file = %file.display(), %error, "could not remove it");
+                false
+            }
+        };
+    }
+    false
 }
 
 /// Whether `file` (whose metadata is `meta`) holds the start of [`IMAGE`] and nothing else,

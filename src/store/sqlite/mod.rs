@@ -276,7 +276,15 @@ impl SqliteStore {
         paths::prepare_dirs(path, &real)?;
         // What a registry being created by another process cannot look like, and files
         // planted by others, are refused at once, without even a lock file beside them.
-        paths::check_files(path, &real)?;
+        paths::check_files(path, &real).or_else(|e| {
+            // A creation killed between its hard link and its unlink left the registry a
+            // second name (see `create`): removed, and the files checked again.
+            if matches!(e, Error::Refused { .. }) && create::remove_second_name(&real) {
+                paths::check_files(path, &real)
+            } else {
+                Err(e)
+            }
+        })?;
         check_existing_file(path, &real, false)?;
         let lock_was_there = std::fs::symlink_metadata(lock_path(&real)).is_ok();
         let mut lock = FileLock::open(&lock_path(&real)).map_err(|e| lock_err(path, e))?;
