@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
 use std::ops::RangeInclusive;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,6 +35,9 @@ use crate::common;
 use crate::common::workers::{parse_range, read_line, say, var, Worker, MODE, RANGE, REGISTRY};
 
 const RANGE_USED: RangeInclusive<u16> = 33350..=33399;
+
+/// A uid that no file of the tests belongs to (`nobody` on most systems).
+const NOBODY: u32 = 65534;
 
 /// How long any wait on a worker or a condition may take.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -82,6 +85,52 @@ fn a_foreign_database_put_at_the_path_after_the_check_is_refused_and_left_as_it_
     assert!(
         fs::read(common::sibling(&path, "-journal")).unwrap() == journal_bytes,
         "the foreign database's journal was changed"
+    );
+}
+
+/// In a sticky directory open to every user (as `/tmp`), another user puts a file that
+/// looks like a registry of ours at the path while the creator is about to link its own:
+/// that file wins the link, is refused as another user's before SQLite opens it, and is
+/// left exactly as it was, with nothing of the creator's beside it but its lock file.
+#[test]
+fn another_users_file_put_at_the_path_in_a_sticky_directory_before_the_link_is_refused() {
+    let Some(strace) = strace() else { return };
+    if !common::is_root() {
+        println!("skipped: needs root to give a file to another user");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sticky");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    let path = dir.join("registry.sqlite3");
+    let (_image_dir, image) = common::temp_registry();
+    drop(common::open_unprobed(&image, &RANGE_USED));
+    let planted = tmp.path().join("planted");
+    fs::copy(&image, &planted).unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&planted, Some(NOBODY), Some(NOBODY)).unwrap();
+    let bytes = fs::read(&planted).unwrap();
+
+    let mut creator = spawn_creator("creator", &path, |c| hold_before_link(c, &strace));
+    let pid = expect_pid(&creator);
+    creator.send("go");
+    wait_until("the creator is held before its link", || {
+        in_syscall(pid, libc::SYS_linkat)
+    });
+    fs::rename(&planted, &path).unwrap();
+    creator.signal(libc::SIGKILL);
+    let result = creator.expect_line("a result", deadline());
+    assert!(result.starts_with("ERR Refused "), "{result}");
+    assert!(result.contains("belongs to"), "{result}");
+    assert!(
+        fs::read(&path).unwrap() == bytes,
+        "the planted file changed"
+    );
+    assert_eq!(fs::metadata(&path).unwrap().uid(), NOBODY);
+    assert_eq!(
+        names_in(&dir),
+        BTreeSet::from(["registry.sqlite3".into(), "registry.sqlite3.lock".into()])
     );
 }
 
@@ -179,7 +228,7 @@ fn a_named_creation_still_removes_what_a_killed_one_left() {
     ];
     for (file, len) in left.iter().zip([whole.len(), 4096]) {
         fs::write(file, &whole[..len]).unwrap();
-        fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        fs::set_permissions(file, fs::Permissions::from_mode(0o600)).unwrap();
     }
     let log = dir.path().join("strace.log");
     let mut creator = spawn_creator("creator", &path, |c| {
@@ -604,6 +653,36 @@ fn without_unnamed_files(command: &mut Command, strace: &Path, dir: &Path, log: 
         .arg(program)
         .args(args);
     *command = wrapped;
+}
+
+/// Runs `command` under `strace`, which holds each thread that calls `linkat` for an hour
+/// before the call.
+fn hold_before_link(command: &mut Command, strace: &Path) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let mut wrapped = Command::new(strace);
+    wrapped
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=linkat", "-e"])
+        .arg("inject=linkat:delay_enter=3600000000")
+        .arg("--")
+        .arg(program)
+        .args(args);
+    *command = wrapped;
+}
+
+/// Whether a thread of process `pid` is in (or held at) system call `nr`.
+fn in_syscall(pid: u32, nr: libc::c_long) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|task| {
+        fs::read_to_string(task.path().join("syscall")).is_ok_and(|s| {
+            s.split(' ')
+                .next()
+                .and_then(|n| n.trim().parse::<libc::c_long>().ok())
+                == Some(nr)
+        })
+    })
 }
 
 /// Runs `command` under `strace`, which holds the thread making the `nth` `openat` of
