@@ -134,6 +134,63 @@ fn another_users_file_put_at_the_path_in_a_sticky_directory_before_the_link_is_r
     );
 }
 
+/// Where no link or rename can put a named file in place without replacing (`renameat2`
+/// fails with `EINVAL`, `linkat` with `EPERM`), the registry is created empty in place; a
+/// database of another program with a hot journal put at the path meanwhile (here while the
+/// creator is held in its failed `linkat`) is checked before SQLite opens it: refused, and
+/// left exactly as it was with its journal.
+#[test]
+fn a_foreign_database_put_at_the_path_before_an_in_place_creation_is_refused_and_left() {
+    let Some(strace) = strace() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.sqlite3");
+    let spare = tempfile::tempdir().unwrap();
+    let (foreign, journal) = foreign_database_with_hot_journal(spare.path());
+    let (foreign_bytes, journal_bytes) = (fs::read(&foreign).unwrap(), fs::read(&journal).unwrap());
+    let log = spare.path().join("strace.log");
+    let mut creator = spawn_creator("creator", &path, |c| {
+        let program = c.get_program().to_owned();
+        let args: Vec<_> = c.get_args().map(|a| a.to_owned()).collect();
+        let mut wrapped = Command::new(&strace);
+        wrapped
+            .args(["-f", "-qq", "-o"])
+            .arg(&log)
+            .arg("-P")
+            .arg(dir.path())
+            .arg("-P")
+            .arg(&path)
+            .args([
+                "-e",
+                "trace=openat,renameat2,linkat",
+                "-e",
+                "inject=openat:error=EOPNOTSUPP:when=3",
+                "-e",
+                "inject=renameat2:error=EINVAL",
+                "-e",
+                "inject=linkat:error=EPERM:delay_exit=3600000000",
+            ])
+            .arg("--")
+            .arg(program)
+            .args(args);
+        *c = wrapped;
+    });
+    expect_pid(&creator);
+    creator.send("go");
+    wait_until("the creator is held in its failed link", || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains("linkat") && l.contains("DELAYED"))
+    });
+    fs::rename(&journal, common::sibling(&path, "-journal")).unwrap();
+    fs::rename(&foreign, &path).unwrap();
+    creator.signal(libc::SIGKILL);
+    let result = creator.expect_line("a result", deadline());
+    assert!(result.starts_with("ERR Corrupt "), "{result}");
+    assert!(
+        fs::read(&path).unwrap() == foreign_bytes,
+        "the foreign database was changed (its journal rolled back into it)"
+    );
+    assert!(fs::read(common::sibling(&path, "-journal")).unwrap() == journal_bytes);
+}
+
 /// A database of another program (no application id) and a copy of its rollback journal
 /// taken in the middle of a transaction that changed the file: a hot journal, which SQLite
 /// rolls back into the file when it next opens it. Returns the two files, in `dir`.

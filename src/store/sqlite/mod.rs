@@ -312,6 +312,9 @@ impl SqliteStore {
                 create::Creation::Found => false,
                 create::Creation::Unable => {
                     paths::create_private_file(&real).map_err(open_err)?;
+                    // A file put there since the path was looked at is not ours: checked
+                    // before SQLite opens it, as one that appears at a link is.
+                    check_existing_file(path, &real, true)?;
                     false
                 }
             };
