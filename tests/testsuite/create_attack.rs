@@ -456,6 +456,65 @@ fn a_new_registry_whose_log_header_is_garbage_is_used_and_stays_intact() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The cheaper open: what the header says, and what SQLite makes of the file
+// ---------------------------------------------------------------------------------------------
+
+/// A registry of ours in rollback-journal mode whose switch to WAL mode was cut short: its
+/// header says WAL already, but a hot journal beside it holds the page 1 from before, which
+/// SQLite rolls back as it first reads the file. The open does not trust the header then,
+/// and switches the registry to WAL mode as any open of a rollback-mode registry does.
+#[test]
+fn a_header_saying_wal_beside_a_hot_journal_does_not_skip_the_switch_to_wal() {
+    let (_dir, path) = common::temp_registry();
+    let registry = common::open_unprobed(&path, &RANGE_USED);
+    let kept = registry.acquire("kept").unwrap().keep().unwrap().port();
+    drop(registry);
+    common::fold_wal(&path);
+    let journal = common::sibling(&path, "-journal");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "DELETE", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete");
+    }
+    let before = fs::read(&path).unwrap();
+    assert_eq!((before[18], before[19]), (1, 1), "rollback mode");
+    // The journal of a transaction that wrote page 1, taken before it ended.
+    let hot = {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA synchronous = OFF; BEGIN IMMEDIATE;
+             UPDATE leases SET name = name; PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        let hot = fs::read(&journal).unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+        hot
+    };
+    // The file as a switch to WAL mode cut short leaves it: the header says WAL.
+    let mut file = before;
+    file[18] = 2;
+    file[19] = 2;
+    fs::write(&path, &file).unwrap();
+    fs::write(&journal, &hot).unwrap();
+
+    let registry = common::open_unprobed(&path, &RANGE_USED);
+    let header = fs::read(&path).unwrap();
+    assert_eq!(
+        (header[18], header[19]),
+        (2, 2),
+        "the registry was left in rollback-journal mode"
+    );
+    assert!(!journal.exists(), "the hot journal was not rolled back");
+    let listed: Vec<u16> = registry.list().unwrap().iter().map(|l| l.port()).collect();
+    assert_eq!(listed, [kept]);
+    assert_ne!(registry.acquire("next").unwrap().port(), kept);
+    drop(registry);
+    assert_eq!(common::integrity_check(&path), "ok");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Many creators at once, some killed; creators short of descriptors
 // ---------------------------------------------------------------------------------------------
 

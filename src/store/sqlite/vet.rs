@@ -18,9 +18,9 @@ const HEADER_LEN: usize = 100;
 /// What [`check_file`] read of a file it let through.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Vetted {
-    /// The file's header says it is in WAL mode (file format versions 2 at bytes 18 and 19).
-    /// `false` where the header was not read: the file is missing, empty, or in use by this
-    /// process.
+    /// The file's header says it is in WAL mode (file format versions 2 at bytes 18 and 19),
+    /// and no rollback journal beside it can change that. `false` where the header was not
+    /// read: the file is missing, empty, or in use by this process.
     pub(super) wal: bool,
     /// Nothing was at the path: a file there later appeared since, and was not checked.
     pub(super) missing: bool,
@@ -117,7 +117,11 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
         ));
     }
     Ok(Vetted {
-        wal: header[18] == 2 && header[19] == 2,
+        // A hot journal beside it is rolled back as SQLite first reads the file, and may
+        // bring back a page 1 that says otherwise (a switch to WAL mode cut short).
+        wal: header[18] == 2
+            && header[19] == 2
+            && std::fs::symlink_metadata(sibling(real, "-journal")).is_err(),
         missing: false,
     })
 }
