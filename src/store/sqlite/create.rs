@@ -369,7 +369,12 @@ pub(super) fn remove_second_name(real: &Path) -> bool {
     let Some(registry) = real.file_name() else {
         return false;
     };
-    if id.is_none() || !meta.is_file() || crate::sys::links(&meta) != Some(2) {
+    // A registry that a creation of ours made: a regular file of the effective user, mode
+    // `0600`. Another user's file, in a directory open to others, is left as it is.
+    let made_by_us = meta.is_file()
+        && crate::sys::owner(&meta) == crate::sys::euid()
+        && crate::sys::mode(&meta).is_none_or(|mode| mode == 0o600);
+    if id.is_none() || !made_by_us || crate::sys::links(&meta) != Some(2) {
         return false;
     }
     let Ok(entries) = fs::read_dir(directory_of(real)) else {
@@ -616,6 +621,39 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_a_second_name_of_our_pattern_to_a_registry_of_ours_is_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("r.sqlite3");
+        let second = dir.path().join(format!("r.sqlite3{MARK}kill01"));
+        let other_name = dir.path().join("r.sqlite3.backup");
+        open_new(&real).unwrap().write_all(IMAGE).unwrap();
+        // Another name, not of our pattern: left.
+        fs::hard_link(&real, &other_name).unwrap();
+        assert!(!remove_second_name(&real));
+        assert!(other_name.exists());
+        fs::remove_file(&other_name).unwrap();
+        // A file others may read (not what a creation makes): left.
+        fs::hard_link(&real, &second).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(!remove_second_name(&real));
+        assert!(second.exists());
+        // Another user's: left.
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o600)).unwrap();
+        if crate::sys::euid() == Some(0) {
+            std::os::unix::fs::chown(&real, Some(65534), None).unwrap();
+            assert!(!remove_second_name(&real));
+            assert!(second.exists());
+            std::os::unix::fs::chown(&real, Some(0), None).unwrap();
+        }
+        // Ours, as a creation killed between its link and its unlink leaves it: removed.
+        assert!(remove_second_name(&real));
+        assert!(!second.exists());
+        assert_eq!(fs::read(&real).unwrap(), IMAGE);
     }
 
     #[test]
