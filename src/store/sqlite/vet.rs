@@ -20,7 +20,8 @@ const HEADER_LEN: usize = 100;
 pub(super) struct Vetted {
     /// The file's header says it is in WAL mode (file format versions 2 at bytes 18 and 19),
     /// and no rollback journal beside it can change that. `false` where the header was not
-    /// read: the file is missing, empty, or in use by this process.
+    /// read (the file is missing, empty, or in use by this process) or not under the write
+    /// lock, where it could change before SQLite reads it.
     pub(super) wal: bool,
     /// Nothing was at the path: a file there later appeared since, and was not checked.
     pub(super) missing: bool,
@@ -119,7 +120,8 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
     Ok(Vetted {
         // A hot journal beside it is rolled back as SQLite first reads the file, and may
         // bring back a page 1 that says otherwise (a switch to WAL mode cut short).
-        wal: header[18] == 2
+        wal: locked
+            && header[18] == 2
             && header[19] == 2
             && std::fs::symlink_metadata(sibling(real, "-journal")).is_err(),
         missing: false,
