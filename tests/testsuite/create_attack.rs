@@ -567,6 +567,40 @@ fn sixteen_creators_at_once_some_killed_leave_one_whole_registry_and_distinct_po
     assert!(left.is_empty(), "left beside the registry: {left:?}");
 }
 
+/// A filesystem with room for the new registry's image but not for the index of its log
+/// (`-shm`), which SQLite reports as a "disk I/O error": the error says what is missing, and
+/// the registry is left whole.
+#[test]
+fn a_filesystem_full_after_the_image_names_the_missing_room_and_leaves_a_whole_registry() {
+    if !common::is_root() {
+        println!("skipped: needs root to mount a small tmpfs");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("small");
+    fs::create_dir(&dir).unwrap();
+    let path = dir.join("registry.sqlite3");
+    let mut creator = spawn_creator("creator on a small tmpfs", &path, |c| {
+        in_new_mount_namespace(c);
+        c.env(SMALL_TMPFS, &dir);
+    });
+    let first = creator
+        .lines
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| "nothing".into());
+    if let Some(why) = first.strip_prefix("SKIP ") {
+        println!("skipped: {why}");
+        return;
+    }
+    assert!(first.starts_with("PID "), "{first}");
+    creator.send("go");
+    let result = creator.expect_line("a result", deadline());
+    assert!(result.starts_with("ERR Open "), "{result}");
+    assert!(result.contains("(-shm)"), "{result}");
+    assert!(result.contains("may be full"), "{result}");
+    assert_eq!(creator.expect_line("WHOLE", deadline()), "WHOLE");
+}
+
 /// A creator with few descriptors left fails with `Error::OutOfDescriptors` naming the
 /// registry, never a panic; what it leaves at the path is nothing or a whole registry, which
 /// the next process uses.
@@ -640,6 +674,17 @@ fn worker_entry() {
 /// Says `PID <pid>`, waits for a line, opens the registry, leases a port and keeps it:
 /// `PORT <port>`, or `ERR <variant> <message>`.
 fn create_worker(path: &Path, range: &RangeInclusive<u16>) {
+    let small = std::env::var_os(SMALL_TMPFS).map(PathBuf::from);
+    if let Some(dir) = &small {
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=40k", "tmpfs"])
+            .arg(dir)
+            .status();
+        if !mounted.as_ref().is_ok_and(|s| s.success()) {
+            say(&format!("SKIP cannot mount a tmpfs: {mounted:?}"));
+            return;
+        }
+    }
     say(&format!("PID {}", std::process::id()));
     if read_line().is_none() {
         return;
@@ -658,7 +703,26 @@ fn create_worker(path: &Path, range: &RangeInclusive<u16>) {
             say(&format!("ERR {variant} {}", common::chain(&e)));
         }
     }
+    if small.is_some() {
+        // Read as an immutable file, which needs no index beside it (there is no room).
+        let immutable = format!("file:{}?immutable=1", path.display());
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let whole = fs::read(path).is_ok_and(|bytes| bytes.len() == 28672)
+            && rusqlite::Connection::open_with_flags(immutable, flags).is_ok_and(|conn| {
+                conn.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
+                    .is_ok_and(|check| check == "ok")
+                    && conn
+                        .query_row("SELECT count(*) FROM leases", [], |r| r.get::<_, i64>(0))
+                        .is_ok()
+            });
+        say(if whole { "WHOLE" } else { "NOT WHOLE" });
+    }
 }
+
+/// Where a worker mounts a 40 KiB tmpfs first, in its own mount namespace: room for the
+/// new registry's image (28 KiB) but not for the index of its log.
+const SMALL_TMPFS: &str = "PORTDADDY_CREATE_ATTACK_SMALL_TMPFS";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -781,6 +845,18 @@ fn hold_before_link(command: &mut Command, strace: &Path) {
         .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=linkat", "-e"])
         .arg("inject=linkat:delay_enter=3600000000")
         .arg("--")
+        .arg(program)
+        .args(args);
+    *command = wrapped;
+}
+
+/// Runs `command` in a mount namespace of its own (`unshare -m`), whose mounts go with it.
+fn in_new_mount_namespace(command: &mut Command) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["-m", "--propagation", "private", "--"])
         .arg(program)
         .args(args);
     *command = wrapped;

@@ -758,6 +758,21 @@ fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
             path: path.to_owned(),
             waited: deadline.elapsed(),
         },
+        // SQLite says "disk I/O error" where it cannot make room for the log's index:
+        // on a full filesystem, as the new registry's image may just have filled it.
+        _ if matches!(&e, rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_IOERR_SHMSIZE) =>
+        {
+            Error::Registry {
+                path: path.to_owned(),
+                reason: Some(
+                    "no room for the index of its write-ahead log (-shm): the filesystem may \
+                     be full"
+                        .into(),
+                ),
+                source: Some(e.into()),
+            }
+        }
         _ => Error::registry(path, e),
     }
 }
