@@ -33,8 +33,8 @@
 //!    anything written, and only what the file needs: WAL mode, unless the file's header
 //!    said so already when step 1 read it under the lock, with no rollback journal beside
 //!    it (only a switch, which every process of ours makes under the lock, changes it, or a
-//!    hot journal that SQLite rolls back as it first reads the file); and the pending migrations in one
-//!    transaction, unless the `user_version` the inspection read is this build's schema or
+//!    hot journal that SQLite rolls back as it first reads the file); and the pending
+//!    migrations in one transaction, unless the `user_version` the inspection read is this build's schema or
 //!    a newer one (every version migrates under the lock, so it is still the file's). A
 //!    registry refused for its `min_reader_version` is left as it was, and so is its
 //!    directory: a lock file this open created is removed again.
