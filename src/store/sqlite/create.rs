@@ -27,9 +27,9 @@
 //!   an unlink where that cannot be done (for that moment the registry has two names, which
 //!   an open would refuse: an open that finds the registry refused removes a second name of
 //!   our pattern that leads to the registry's own file, which is also what a creator killed
-//!   between the two leaves; see [`remove_second_name`]); where there are no hard links either, the registry is created
-//!   empty and built in place as before, which is safe for the same reasons as an existing
-//!   empty file.
+//!   between the two leaves; see [`remove_second_name`]); where there are no hard links
+//!   either, the registry is created empty and built in place as before, which is safe for
+//!   the same reasons as an existing empty file.
 //!
 //! A crash at any point leaves the path with no registry (before the link or rename) or a
 //! complete one (after it): never an empty, torn or half-migrated file. The sync comes
@@ -52,10 +52,11 @@
 //! the pattern above for this registry, a regular file (not a link), of the effective user,
 //! mode `0600`, one link, holding no more than the start of [`IMAGE`] and with none of the
 //! side files an open makes (`.lock`, `-wal`, `-shm`): a registry whose name merely extends
-//! this one's by the pattern (`ports.db.nightly` beside `ports.db`) is no leftover. Under the lock no creation of this registry is under way, so any
-//! such file is stale. Finding them takes reading the whole directory, which in a directory
-//! of thousands of files (a shared `/tmp`) costs more than the rest of the creation: one
-//! more reason to prefer an unnamed file, which needs no such search.
+//! this one's by the pattern (`ports.db.nightly` beside `ports.db`) is no leftover. Under
+//! the lock no creation of this registry is under way, so any such file is stale. Finding
+//! them takes reading the whole directory, which in a directory of thousands of files (a
+//! shared `/tmp`) costs more than the rest of the creation: one more reason to prefer an
+//! unnamed file, which needs no such search.
 //!
 //! # The new log's first commit
 //!

@@ -29,15 +29,15 @@
 //!    `0600` and built in place by step 3, as an existing empty file is.
 //! 3. The database is inspected read-only: it must be empty (new) or carry our
 //!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
-//!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
-//!    anything written, and only what the file needs: WAL mode, unless the file's header
+//!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then
+//!    is anything written, and only what the file needs: WAL mode, unless the file's header
 //!    said so already when step 1 read it under the lock, with no rollback journal beside
 //!    it (only a switch, which every process of ours makes under the lock, changes it, or a
 //!    hot journal that SQLite rolls back as it first reads the file); and the pending
-//!    migrations in one transaction, unless the `user_version` the inspection read is this build's schema or
-//!    a newer one (every version migrates under the lock, so it is still the file's). A
-//!    registry refused for its `min_reader_version` is left as it was, and so is its
-//!    directory: a lock file this open created is removed again.
+//!    migrations in one transaction, unless the `user_version` the inspection read is this
+//!    build's schema or a newer one (every version migrates under the lock, so it is still
+//!    the file's). A registry refused for its `min_reader_version` is left as it was, and
+//!    so is its directory: a lock file this open created is removed again.
 //!
 //!    Each statement is parsed once per process, and a fresh process (a test under nextest,
 //!    a call of the command) pays for every one: a registry that needs nothing costs
