@@ -21,6 +21,8 @@ mod cli_first;
 mod cli_tools;
 mod contention;
 #[cfg(target_os = "linux")]
+mod create_attack;
+#[cfg(target_os = "linux")]
 mod creation;
 mod daily_attack;
 mod durability;

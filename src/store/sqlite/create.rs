@@ -25,9 +25,11 @@
 //!   characters (created `O_CREAT | O_EXCL | O_NOFOLLOW`, mode `0600`), put in place with
 //!   `renameat2(RENAME_NOREPLACE)` (see `sys::rename_no_replace`), or with a hard link and
 //!   an unlink where that cannot be done (for that moment the registry has two names, which
-//!   an open then refuses); where there are no hard links either, the registry is created
-//!   empty and built in place as before, which is safe for the same reasons as an existing
-//!   empty file.
+//!   an open would refuse: an open that finds the registry refused removes a second name of
+//!   our pattern that leads to the registry's own file, which is also what a creator killed
+//!   between the two leaves; see [`remove_second_name`]); where there are no hard links
+//!   either, the registry is created empty and built in place as before, which is safe for
+//!   the same reasons as an existing empty file.
 //!
 //! A crash at any point leaves the path with no registry (before the link or rename) or a
 //! complete one (after it): never an empty, torn or half-migrated file. The sync comes
@@ -48,10 +50,13 @@
 //! killed between creating it and the rename leaves it behind; the next creation through a
 //! named file, under the write lock, removes what is provably such a leftover: a name of
 //! the pattern above for this registry, a regular file (not a link), of the effective user,
-//! mode `0600`, one link. Under the lock no creation of this registry is under way, so any
-//! such file is stale. Finding them takes reading the whole directory, which in a directory
-//! of thousands of files (a shared `/tmp`) costs more than the rest of the creation: one
-//! more reason to prefer an unnamed file, which needs no such search.
+//! mode `0600`, one link, holding no more than the start of [`IMAGE`] and with none of the
+//! side files an open makes (`.lock`, `-wal`, `-shm`): a registry whose name merely extends
+//! this one's by the pattern (`ports.db.~abc123` beside `ports.db`) is no leftover. Under
+//! the lock no creation of this registry is under way, so any such file is stale. Finding
+//! them takes reading the whole directory, which in a directory of thousands of files (a
+//! shared `/tmp`) costs more than the rest of the creation: one more reason to prefer an
+//! unnamed file, which needs no such search.
 //!
 //! # The new log's first commit
 //!
@@ -70,7 +75,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
@@ -109,9 +114,13 @@ pub(super) enum Creation {
 /// Creates the registry at `real` whole if nothing is there, and says what it did. For an
 /// existing registry (every open but the first), one `stat`.
 ///
-/// The caller holds the write lock. `path` names the registry in errors.
-pub(super) fn create_missing(path: &Path, real: &Path) -> Result<Creation> {
+/// The caller holds the write lock, and has checked the path under it: `was_missing` says
+/// that nothing was there then, so that a file there now appeared since, unchecked, and is
+/// checked as one that appears while the registry is being linked. `path` names the
+/// registry in errors.
+pub(super) fn create_missing(path: &Path, real: &Path, was_missing: bool) -> Result<Creation> {
     match fs::symlink_metadata(real) {
+        Ok(_) if was_missing => return lost(path, real).map(|()| Creation::Found),
         Ok(_) => return Ok(Creation::Found),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::open(path, e)),
@@ -326,9 +335,10 @@ fn is_our_name(registry: &std::ffi::OsStr, name: &std::ffi::OsStr) -> bool {
 
 /// Removes the files that creations of the registry at `real` killed before their rename
 /// left behind: only names of our pattern that are regular files of the effective user,
-/// mode `0600`, with one link, no side file of a registry beside them (no lock file, log,
-/// index or journal), and nothing in them but the start of [`IMAGE`] (a creator is killed
-/// before, while or after writing it). A leftover of a version whose image differs stays. The caller holds the write lock, so none is in use. A
+/// mode `0600`, with one link, no side file of a registry beside them (no lock file, log or
+/// index), and nothing in them but the start of [`IMAGE`] (a creator is killed before,
+/// while or after writing it); a leftover of a version whose image differs stays. The
+/// caller holds the write lock, so none is in use. A
 /// failure is logged and changes nothing else.
 fn remove_leftovers(real: &Path) {
     let Some(registry) = real.file_name() else {
@@ -351,11 +361,7 @@ fn remove_leftovers(real: &Path) {
             && crate::sys::owner(&meta) == crate::sys::euid()
             && crate::sys::mode(&meta).is_none_or(|mode| mode == 0o600)
             && crate::sys::links(&meta).is_none_or(|n| n == 1)
-            && meta.len() <= IMAGE.len() as u64
-            && [".lock", "-wal", "-shm", "-journal"]
-                .iter()
-                .all(|suffix| fs::symlink_metadata(sibling(&file, suffix)).is_err())
-            && fs::read(&file).is_ok_and(|bytes| IMAGE.starts_with(&bytes));
+            && holds_only_the_image(&file, &meta);
         if !provably_ours {
             continue;
         }
@@ -365,6 +371,85 @@ fn remove_leftovers(real: &Path) {
             tracing::debug!(file = %file.display(), %error, "could not remove it");
         }
     }
+}
+
+/// Removes the second name that a creation killed between its hard link and its unlink (see
+/// "The rule": where a rename cannot refuse to replace) left to the registry at `real`: a
+/// name of our pattern for it that leads to the registry's own file, where the registry has
+/// two links. Says whether it removed one. Only the name goes: the file is the registry.
+/// Called only where the registry was refused, so it costs an open nothing otherwise; safe
+/// without the write lock, as a creator still between its link and its unlink finds its
+/// name gone and leaves it so.
+pub(super) fn remove_second_name(real: &Path) -> bool {
+    let Ok(meta) = fs::symlink_metadata(real) else {
+        return false;
+    };
+    let id = crate::sys::file_id(&meta);
+    let Some(registry) = real.file_name() else {
+        return false;
+    };
+    // A registry that a creation of ours made: a regular file of the effective user, mode
+    // `0600`. Another user's file, in a directory open to others, is left as it is.
+    let made_by_us = meta.is_file()
+        && crate::sys::owner(&meta) == crate::sys::euid()
+        && crate::sys::mode(&meta).is_none_or(|mode| mode == 0o600);
+    if id.is_none() || !made_by_us || crate::sys::links(&meta) != Some(2) {
+        return false;
+    }
+    let Ok(entries) = fs::read_dir(directory_of(real)) else {
+        return false;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        if !is_our_name(registry, &entry.file_name()) {
+            continue;
+        }
+        let file = entry.path();
+        let same =
+            fs::symlink_metadata(&file).is_ok_and(|m| m.is_file() && crate::sys::file_id(&m) == id);
+        if !same {
+            continue;
+        }
+        tracing::warn!(file = %file.display(), registry = %real.display(),
+            "removing the second name a registry creation that was killed left to the registry");
+        return match fs::remove_file(&file) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(file = %file.display(), %error, "could not remove it");
+                false
+            }
+        };
+    }
+    false
+}
+
+/// Whether `file` (whose metadata is `meta`) holds the start of [`IMAGE`] and nothing else,
+/// and has none of the side files that opening a registry makes (`.lock`, `-wal`, `-shm`),
+/// as a file of ours left before its rename does: a registry whose name only matches our
+/// pattern (`ports.db.~abc123` beside `ports.db`) is never taken for one. Read without
+/// following a link or blocking on a FIFO put there since.
+fn holds_only_the_image(file: &Path, meta: &fs::Metadata) -> bool {
+    if meta.len() > IMAGE.len() as u64
+        || [".lock", "-wal", "-shm"]
+            .iter()
+            .any(|side| fs::symlink_metadata(sibling(file, side)).is_ok())
+    {
+        return false;
+    }
+    let mut options = OpenOptions::new();
+    options.read(true);
+    crate::sys::open_flags(&mut options, true, true);
+    let Ok(opened) = options.open(file) else {
+        return false;
+    };
+    let same = opened
+        .metadata()
+        .is_ok_and(|m| m.is_file() && crate::sys::file_id(&m) == crate::sys::file_id(meta));
+    let mut bytes = Vec::with_capacity(IMAGE.len());
+    same && opened
+        .take(IMAGE.len() as u64 + 1)
+        .read_to_end(&mut bytes)
+        .is_ok()
+        && IMAGE.starts_with(&bytes)
 }
 
 /// Makes the first commit to the brand-new, still empty log beside `real` without syncing
@@ -530,6 +615,11 @@ mod tests {
             drop(open_new(&at("them00")).unwrap());
             std::os::unix::fs::chown(at("them00"), Some(65534), Some(65534)).is_ok()
         };
+        // A killed creator's file cut short is ours.
+        open_new(&at("half00"))
+            .unwrap()
+            .write_all(&IMAGE[..4096])
+            .unwrap();
         assert_eq!(create_named(&real, &real).unwrap(), Some(true));
         let mut expected = vec![
             "r.sqlite3.~else00",
@@ -564,6 +654,39 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_a_second_name_of_our_pattern_to_a_registry_of_ours_is_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("r.sqlite3");
+        let second = dir.path().join(format!("r.sqlite3{MARK}kill01"));
+        let other_name = dir.path().join("r.sqlite3.backup");
+        open_new(&real).unwrap().write_all(IMAGE).unwrap();
+        // Another name, not of our pattern: left.
+        fs::hard_link(&real, &other_name).unwrap();
+        assert!(!remove_second_name(&real));
+        assert!(other_name.exists());
+        fs::remove_file(&other_name).unwrap();
+        // A file others may read (not what a creation makes): left.
+        fs::hard_link(&real, &second).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(!remove_second_name(&real));
+        assert!(second.exists());
+        // Another user's: left.
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o600)).unwrap();
+        if crate::sys::euid() == Some(0) {
+            std::os::unix::fs::chown(&real, Some(65534), None).unwrap();
+            assert!(!remove_second_name(&real));
+            assert!(second.exists());
+            std::os::unix::fs::chown(&real, Some(0), None).unwrap();
+        }
+        // Ours, as a creation killed between its link and its unlink leaves it: removed.
+        assert!(remove_second_name(&real));
+        assert!(!second.exists());
+        assert_eq!(fs::read(&real).unwrap(), IMAGE);
     }
 
     #[test]

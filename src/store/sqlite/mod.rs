@@ -29,14 +29,15 @@
 //!    `0600` and built in place by step 3, as an existing empty file is.
 //! 3. The database is inspected read-only: it must be empty (new) or carry our
 //!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
-//!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then is
-//!    anything written, and only what the file needs: WAL mode, unless the file's header
-//!    said so already when step 1 read it under the lock (only a switch, which every
-//!    process of ours makes under the lock, changes it); and the pending migrations in one
-//!    transaction, unless the `user_version` the inspection read is this build's schema or
-//!    a newer one (every version migrates under the lock, so it is still the file's). A
-//!    registry refused for its `min_reader_version` is left as it was, and so is its
-//!    directory: a lock file this open created is removed again.
+//!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then
+//!    is anything written, and only what the file needs: WAL mode, unless the file's header
+//!    said so already when step 1 read it under the lock, with no rollback journal beside
+//!    it (only a switch, which every process of ours makes under the lock, changes it, or a
+//!    hot journal that SQLite rolls back as it first reads the file); and the pending
+//!    migrations in one transaction, unless the `user_version` the inspection read is this
+//!    build's schema or a newer one (every version migrates under the lock, so it is still
+//!    the file's). A registry refused for its `min_reader_version` is left as it was, and
+//!    so is its directory: a lock file this open created is removed again.
 //!
 //!    Each statement is parsed once per process, and a fresh process (a test under nextest,
 //!    a call of the command) pays for every one: a registry that needs nothing costs
@@ -276,7 +277,15 @@ impl SqliteStore {
         paths::prepare_dirs(path, &real)?;
         // What a registry being created by another process cannot look like, and files
         // planted by others, are refused at once, without even a lock file beside them.
-        paths::check_files(path, &real)?;
+        paths::check_files(path, &real).or_else(|e| {
+            // A creation killed between its hard link and its unlink left the registry a
+            // second name (see `create`): removed, and the files checked again.
+            if matches!(e, Error::Refused { .. }) && create::remove_second_name(&real) {
+                paths::check_files(path, &real)
+            } else {
+                Err(e)
+            }
+        })?;
         check_existing_file(path, &real, false)?;
         let lock_was_there = std::fs::symlink_metadata(lock_path(&real)).is_ok();
         let mut lock = FileLock::open(&lock_path(&real)).map_err(|e| lock_err(path, e))?;
@@ -299,11 +308,14 @@ impl SqliteStore {
             remove_orphaned_side_files(&real).map_err(open_err)?;
             // A missing registry is created whole (see `create`); the rest of the sequence
             // treats it as any existing file.
-            let made_whole = match create::create_missing(path, &real)? {
+            let made_whole = match create::create_missing(path, &real, vetted.missing)? {
                 create::Creation::Whole => true,
                 create::Creation::Found => false,
                 create::Creation::Unable => {
                     paths::create_private_file(&real).map_err(open_err)?;
+                    // A file put there since the path was looked at is not ours: checked
+                    // before SQLite opens it, as one that appears at a link is.
+                    check_existing_file(path, &real, true)?;
                     false
                 }
             };
@@ -742,6 +754,21 @@ fn sql_err(path: &Path, deadline: Deadline, e: rusqlite::Error) -> Error {
             path: path.to_owned(),
             waited: deadline.elapsed(),
         },
+        // SQLite says "disk I/O error" where it cannot make room for the log's index:
+        // on a full filesystem, as the new registry's image may just have filled it.
+        _ if matches!(&e, rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_IOERR_SHMSIZE) =>
+        {
+            Error::Registry {
+                path: path.to_owned(),
+                reason: Some(
+                    "no room for the index of its write-ahead log (-shm): the filesystem may \
+                     be full"
+                        .into(),
+                ),
+                source: Some(e.into()),
+            }
+        }
         _ => Error::registry(path, e),
     }
 }

@@ -18,10 +18,13 @@ const HEADER_LEN: usize = 100;
 /// What [`check_file`] read of a file it let through.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Vetted {
-    /// The file's header says it is in WAL mode (file format versions 2 at bytes 18 and 19).
-    /// `false` where the header was not read: the file is missing, empty, or in use by this
-    /// process.
+    /// The file's header says it is in WAL mode (file format versions 2 at bytes 18 and 19),
+    /// and no rollback journal beside it can change that. `false` where the header was not
+    /// read (the file is missing, empty, or in use by this process) or not under the write
+    /// lock, where it could change before SQLite reads it.
     pub(super) wal: bool,
+    /// Nothing was at the path: a file there later appeared since, and was not checked.
+    pub(super) missing: bool,
 }
 
 /// Refuses, without letting SQLite touch it, an existing path that is not a regular file
@@ -67,7 +70,12 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
     crate::sys::open_flags(&mut options, write, true);
     let file = match options.open(real) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vetted::default()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Vetted {
+                missing: true,
+                ..Vetted::default()
+            })
+        }
         Err(e) => return Err(open_err(e)),
     };
     let meta = file.metadata().map_err(open_err)?;
@@ -110,6 +118,12 @@ pub(super) fn check_file(path: &Path, real: &Path, locked: bool, write: bool) ->
         ));
     }
     Ok(Vetted {
-        wal: header[18] == 2 && header[19] == 2,
+        // A hot journal beside it is rolled back as SQLite first reads the file, and may
+        // bring back a page 1 that says otherwise (a switch to WAL mode cut short).
+        wal: locked
+            && header[18] == 2
+            && header[19] == 2
+            && std::fs::symlink_metadata(sibling(real, "-journal")).is_err(),
+        missing: false,
     })
 }
