@@ -184,8 +184,14 @@ fn create_named(path: &Path, real: &Path) -> Result<Option<bool>> {
         Err(e) if e.kind() == io::ErrorKind::Unsupported => match fs::hard_link(&ours.path, real) {
             // Removing our name leaves the registry with one: an open refuses a registry
             // with two. Where it cannot go, neither does the registry stay.
+            // (Gone already is as good: an open that found the registry with two names
+            // removes ours, see `remove_second_name`.)
             Ok(()) => match fs::remove_file(&ours.path) {
                 Ok(()) => {
+                    ours.placed = true;
+                    Ok(Some(true))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     ours.placed = true;
                     Ok(Some(true))
                 }
