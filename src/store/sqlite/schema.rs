@@ -50,6 +50,11 @@ use crate::lock::Deadline;
 pub(super) const APPLICATION_ID: i32 = 0x5074_4479;
 
 /// The schema, one migration per entry; entry `i` takes `user_version` from `i` to `i + 1`.
+///
+/// A new registry is not built by running these but written from the image kept in
+/// `new_registry.sqlite3` (see `create`): a migration added here is added there with
+/// `cargo test --lib -- --ignored write_the_new_registry_image`, and a unit test fails
+/// until it is.
 pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: leases, the sticky port of each name, and small settings such as the search cursor.
     "CREATE TABLE leases (
