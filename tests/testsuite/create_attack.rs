@@ -21,30 +21,25 @@
 //! free, so that only the registry keeps the workers apart, and no port is bound.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::fs;
 use std::ops::RangeInclusive;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use portdaddy::Error;
 
 use crate::common;
+use crate::common::held::{
+    deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace, wait_until,
+    DEADLINE,
+};
 use crate::common::workers::{parse_range, read_line, say, var, Worker, MODE, RANGE, REGISTRY};
 
 const RANGE_USED: RangeInclusive<u16> = 33350..=33399;
 
 /// A uid that no file of the tests belongs to (`nobody` on most systems).
 const NOBODY: u32 = 65534;
-
-/// How long any wait on a worker or a condition may take.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-fn deadline() -> Instant {
-    Instant::now() + DEADLINE
-}
 
 // ---------------------------------------------------------------------------------------------
 // A file put at the path while a creator holds the lock
@@ -737,20 +732,6 @@ fn spawn_creator(
     Worker::spawn_with(label, "create", path, &RANGE_USED, &[], adjust)
 }
 
-fn expect_pid(worker: &Worker) -> u32 {
-    let line = worker.expect_line("PID", deadline());
-    line.strip_prefix("PID ")
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("{}: expected PID <pid>, got {line:?}", worker.label))
-}
-
-fn names_in(dir: &Path) -> BTreeSet<OsString> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect()
-}
-
 /// The registry at `path` is whole: WAL mode in its header, intact, ours, and at the schema
 /// version this build gives a new registry.
 fn assert_whole(path: &Path) {
@@ -786,29 +767,6 @@ fn with_descriptor_limit(command: &mut Command, limit: u64) {
             Ok(())
         });
     }
-}
-
-/// Polls `condition` until it holds, failing the test at the deadline.
-#[track_caller]
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let give_up = deadline();
-    while !condition() {
-        assert!(Instant::now() < give_up, "{what}: not before the deadline");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// The path of `strace`, or `None` (with the skip printed) where it is not installed.
-fn strace() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("strace"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        println!("skipped: strace is not installed, and it holds the creator at a step");
-    }
-    found
 }
 
 /// Runs `command` under `strace`, which fails its first `openat` of the directory `dir`
@@ -848,33 +806,6 @@ fn hold_before_link(command: &mut Command, strace: &Path) {
         .arg(program)
         .args(args);
     *command = wrapped;
-}
-
-/// Runs `command` in a mount namespace of its own (`unshare -m`), whose mounts go with it.
-fn in_new_mount_namespace(command: &mut Command) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new("unshare");
-    wrapped
-        .args(["-m", "--propagation", "private", "--"])
-        .arg(program)
-        .args(args);
-    *command = wrapped;
-}
-
-/// Whether a thread of process `pid` is in (or held at) system call `nr`.
-fn in_syscall(pid: u32, nr: libc::c_long) -> bool {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.filter_map(Result::ok).any(|task| {
-        fs::read_to_string(task.path().join("syscall")).is_ok_and(|s| {
-            s.split(' ')
-                .next()
-                .and_then(|n| n.trim().parse::<libc::c_long>().ok())
-                == Some(nr)
-        })
-    })
 }
 
 /// Runs `command` under `strace`, which holds the thread making the `nth` `openat` of

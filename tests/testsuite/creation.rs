@@ -29,23 +29,19 @@ use std::ops::RangeInclusive;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use crate::common;
+use crate::common::held::{
+    deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace, wait_until,
+    DEADLINE,
+};
 use crate::common::workers::{parse_range, read_line, say, var, Worker, MODE, RANGE, REGISTRY};
 
 const RANGE_USED: RangeInclusive<u16> = 33200..=33249;
 
-/// How long any wait on a worker or a condition may take.
-const DEADLINE: Duration = Duration::from_secs(60);
-
 /// A uid that no file of the tests belongs to (`nobody` on most systems).
 const NOBODY: u32 = 65534;
-
-fn deadline() -> Instant {
-    Instant::now() + DEADLINE
-}
 
 // ---------------------------------------------------------------------------------------------
 // A registry created by one process, and by several at once
@@ -473,13 +469,6 @@ fn spawn_creator(
     Worker::spawn_with(label, "create", path, &RANGE_USED, &[], adjust)
 }
 
-fn expect_pid(worker: &Worker) -> u32 {
-    let line = worker.expect_line("PID", deadline());
-    line.strip_prefix("PID ")
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("{}: expected PID <pid>, got {line:?}", worker.label))
-}
-
 /// The port of a worker's `PORT <port>` line, after its `PID` line; the worker then exits.
 fn expect_port(worker: &mut Worker) -> u16 {
     let mut line = worker.expect_line("PORT", deadline());
@@ -551,67 +540,11 @@ fn leftovers(path: &Path) -> Vec<OsString> {
     found
 }
 
-fn names_in(dir: &Path) -> BTreeSet<OsString> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect()
-}
-
-/// Polls `condition` until it holds, failing the test at the deadline.
-#[track_caller]
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let give_up = deadline();
-    while !condition() {
-        assert!(Instant::now() < give_up, "{what}: not before the deadline");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Whether a thread of process `pid` is in (or stopped at) system call `nr`.
-fn in_syscall(pid: u32, nr: libc::c_long) -> bool {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.filter_map(Result::ok).any(|task| {
-        fs::read_to_string(task.path().join("syscall")).is_ok_and(|s| {
-            s.split(' ')
-                .next()
-                .and_then(|n| n.trim().parse::<libc::c_long>().ok())
-                == Some(nr)
-        })
-    })
-}
-
 fn kill(pid: u32) {
     // SAFETY: a plain syscall on a process this test started.
     unsafe {
         libc::kill(libc::pid_t::try_from(pid).unwrap(), libc::SIGKILL);
     }
-}
-
-/// The path of `strace`, or `None` (with the skip printed) where it is not installed or
-/// cannot trace here (no `ptrace` in a container, say).
-fn strace() -> Option<PathBuf> {
-    let Some(found) = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("strace"))
-            .find(|p| p.is_file())
-    }) else {
-        println!("skipped: strace is not installed, and it stops the creator at its rename");
-        return None;
-    };
-    let traces = Command::new(&found)
-        .args(["-o", "/dev/null", "true"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success());
-    if !traces {
-        println!("skipped: strace cannot trace a process here, and it stops the creator");
-        return None;
-    }
-    Some(found)
 }
 
 /// Whether a thread of process `pid` is at the step that names the new registry.
@@ -656,18 +589,6 @@ fn trace_syncs(command: &mut Command, strace: &Path, log: &Path) {
             "trace=fsync,fdatasync,syncfs,sync,sync_file_range,msync",
         ])
         .arg("--")
-        .arg(program)
-        .args(args);
-    *command = wrapped;
-}
-
-/// Runs `command` in a mount namespace of its own (`unshare -m`), whose mounts go with it.
-fn in_new_mount_namespace(command: &mut Command) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new("unshare");
-    wrapped
-        .args(["-m", "--propagation", "private", "--"])
         .arg(program)
         .args(args);
     *command = wrapped;

@@ -60,6 +60,8 @@ macro_rules! sibling_test {
 
 #[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(target_os = "linux")]
+pub mod held;
 #[cfg(unix)]
 pub mod users;
 #[cfg(unix)]

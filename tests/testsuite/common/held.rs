@@ -1,0 +1,95 @@
+//! For tests that run a worker under `strace` to hold it at a system call, or in a mount
+//! namespace of its own, and look at what it left in a directory.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::workers::Worker;
+
+/// How long any wait on a worker or a condition may take.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn deadline() -> Instant {
+    Instant::now() + DEADLINE
+}
+
+/// Polls `condition` until it holds, failing the test at the deadline.
+#[track_caller]
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let give_up = deadline();
+    while !condition() {
+        assert!(Instant::now() < give_up, "{what}: not before the deadline");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The names in `dir`.
+pub fn names_in(dir: &Path) -> BTreeSet<OsString> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect()
+}
+
+/// The pid of a worker's `PID <pid>` line.
+pub fn expect_pid(worker: &Worker) -> u32 {
+    let line = worker.expect_line("PID", deadline());
+    line.strip_prefix("PID ")
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("{}: expected PID <pid>, got {line:?}", worker.label))
+}
+
+/// Whether a thread of process `pid` is in (or stopped at) system call `nr`.
+pub fn in_syscall(pid: u32, nr: libc::c_long) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|task| {
+        fs::read_to_string(task.path().join("syscall")).is_ok_and(|s| {
+            s.split(' ')
+                .next()
+                .and_then(|n| n.trim().parse::<libc::c_long>().ok())
+                == Some(nr)
+        })
+    })
+}
+
+/// Runs `command` in a mount namespace of its own (`unshare -m`), whose mounts go with it.
+pub fn in_new_mount_namespace(command: &mut Command) {
+    let program = command.get_program().to_owned();
+    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["-m", "--propagation", "private", "--"])
+        .arg(program)
+        .args(args);
+    *command = wrapped;
+}
+
+/// The path of `strace`, or `None` (with the skip printed) where it is not installed or
+/// cannot trace here (no `ptrace` in a container, say).
+pub fn strace() -> Option<PathBuf> {
+    let Some(found) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("strace"))
+            .find(|p| p.is_file())
+    }) else {
+        println!("skipped: strace is not installed, and it holds the worker at a step");
+        return None;
+    };
+    let traces = Command::new(&found)
+        .args(["-o", "/dev/null", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !traces {
+        println!("skipped: strace cannot trace a process here, and it holds the worker");
+        return None;
+    }
+    Some(found)
+}
