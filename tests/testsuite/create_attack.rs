@@ -21,6 +21,7 @@
 //! free, so that only the registry keeps the workers apart, and no port is bound.
 
 use std::collections::BTreeSet;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::ops::RangeInclusive;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -31,8 +32,8 @@ use portdaddy::Error;
 
 use crate::common;
 use crate::common::held::{
-    deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace, wait_until,
-    DEADLINE,
+    deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace, under_strace,
+    wait_until, DEADLINE,
 };
 use crate::common::workers::{parse_range, read_line, say, var, Worker, MODE, RANGE, REGISTRY};
 
@@ -144,30 +145,14 @@ fn a_foreign_database_put_at_the_path_before_an_in_place_creation_is_refused_and
     let (foreign_bytes, journal_bytes) = (fs::read(&foreign).unwrap(), fs::read(&journal).unwrap());
     let log = spare.path().join("strace.log");
     let mut creator = spawn_creator("creator", &path, |c| {
-        let program = c.get_program().to_owned();
-        let args: Vec<_> = c.get_args().map(|a| a.to_owned()).collect();
-        let mut wrapped = Command::new(&strace);
-        wrapped
-            .args(["-f", "-qq", "-o"])
-            .arg(&log)
-            .arg("-P")
-            .arg(dir.path())
-            .arg("-P")
-            .arg(&path)
-            .args([
-                "-e",
-                "trace=openat,renameat2,linkat",
-                "-e",
-                "inject=openat:error=EOPNOTSUPP:when=3",
-                "-e",
-                "inject=renameat2:error=EINVAL",
-                "-e",
-                "inject=linkat:error=EPERM:delay_exit=3600000000",
-            ])
-            .arg("--")
-            .arg(program)
-            .args(args);
-        *c = wrapped;
+        without_naming_but_by_link(
+            c,
+            &strace,
+            dir.path(),
+            &path,
+            &log,
+            "inject=linkat:error=EPERM:delay_exit=3600000000",
+        );
     });
     expect_pid(&creator);
     creator.send("go");
@@ -309,32 +294,16 @@ fn a_creator_killed_between_its_link_and_its_unlink_leaves_a_registry_the_next_u
     let path = dir.path().join("registry.sqlite3");
     let log = dir.path().join("strace.log");
     let mut creator = spawn_creator("creator", &path, |c| {
-        let program = c.get_program().to_owned();
-        let args: Vec<_> = c.get_args().map(|a| a.to_owned()).collect();
-        let mut wrapped = Command::new(&strace);
         // The third `openat` of the directory or the registry is the one with `O_TMPFILE`
         // (after the registry's check before the lock and under it).
-        wrapped
-            .args(["-f", "-qq", "-o"])
-            .arg(&log)
-            .arg("-P")
-            .arg(dir.path())
-            .arg("-P")
-            .arg(&path)
-            .args([
-                "-e",
-                "trace=openat,renameat2,linkat",
-                "-e",
-                "inject=openat:error=EOPNOTSUPP:when=3",
-                "-e",
-                "inject=renameat2:error=EINVAL",
-                "-e",
-                "inject=linkat:delay_exit=3600000000",
-            ])
-            .arg("--")
-            .arg(program)
-            .args(args);
-        *c = wrapped;
+        without_naming_but_by_link(
+            c,
+            &strace,
+            dir.path(),
+            &path,
+            &log,
+            "inject=linkat:delay_exit=3600000000",
+        );
     });
     let pid = expect_pid(&creator);
     creator.send("go");
@@ -773,57 +742,70 @@ fn with_descriptor_limit(command: &mut Command, limit: u64) {
 /// (the one with `O_TMPFILE`) with `EOPNOTSUPP`, as on a filesystem without unnamed files,
 /// and writes what it traced to `log`.
 fn without_unnamed_files(command: &mut Command, strace: &Path, dir: &Path, log: &Path) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new(strace);
-    wrapped
-        .args(["-f", "-qq", "-o"])
-        .arg(log)
-        .arg("-P")
-        .arg(dir)
-        .args([
-            "-e",
-            "trace=openat",
-            "-e",
-            "inject=openat:error=EOPNOTSUPP:when=1",
-        ])
-        .arg("--")
-        .arg(program)
-        .args(args);
-    *command = wrapped;
+    let args = [
+        "-P".as_ref(),
+        dir.as_os_str(),
+        "-e".as_ref(),
+        "trace=openat".as_ref(),
+        "-e".as_ref(),
+        "inject=openat:error=EOPNOTSUPP:when=1".as_ref(),
+    ];
+    under_strace::<&OsStr>(command, strace, Some(log), args);
+}
+
+/// Runs `command` under `strace` on a filesystem, as it were, with neither unnamed files nor
+/// a rename that refuses to replace: its third `openat` of `dir` or `path` (the one with
+/// `O_TMPFILE`) fails with `EOPNOTSUPP`, every `renameat2` with `EINVAL`, and `linkat`
+/// does what `link` says (`inject=linkat:…`); what it traced goes to `log`.
+fn without_naming_but_by_link(
+    command: &mut Command,
+    strace: &Path,
+    dir: &Path,
+    path: &Path,
+    log: &Path,
+    link: &str,
+) {
+    let args = [
+        "-P".as_ref(),
+        dir.as_os_str(),
+        "-P".as_ref(),
+        path.as_os_str(),
+        "-e".as_ref(),
+        "trace=openat,renameat2,linkat".as_ref(),
+        "-e".as_ref(),
+        "inject=openat:error=EOPNOTSUPP:when=3".as_ref(),
+        "-e".as_ref(),
+        "inject=renameat2:error=EINVAL".as_ref(),
+        "-e".as_ref(),
+        OsStr::new(link),
+    ];
+    under_strace::<&OsStr>(command, strace, Some(log), args);
 }
 
 /// Runs `command` under `strace`, which holds each thread that calls `linkat` for an hour
 /// before the call.
 fn hold_before_link(command: &mut Command, strace: &Path) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new(strace);
-    wrapped
-        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=linkat", "-e"])
-        .arg("inject=linkat:delay_enter=3600000000")
-        .arg("--")
-        .arg(program)
-        .args(args);
-    *command = wrapped;
+    let args = [
+        "-e",
+        "trace=linkat",
+        "-e",
+        "inject=linkat:delay_enter=3600000000",
+    ];
+    under_strace(command, strace, None, args);
 }
 
 /// Runs `command` under `strace`, which holds the thread making the `nth` `openat` of
 /// `path` for an hour right after the call returned, and writes what it traced to `log`
 /// (the held call is marked `DELAYED` there as soon as it is held).
 fn hold_at_open_of(command: &mut Command, strace: &Path, path: &Path, nth: u32, log: &Path) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new(strace);
-    wrapped
-        .args(["-f", "-qq", "-o"])
-        .arg(log)
-        .arg("-P")
-        .arg(path)
-        .args(["-e", "trace=openat", "-e"])
-        .arg(format!("inject=openat:delay_exit=3600000000:when={nth}"))
-        .arg("--")
-        .arg(program)
-        .args(args);
-    *command = wrapped;
+    let inject = OsString::from(format!("inject=openat:delay_exit=3600000000:when={nth}"));
+    let args = [
+        "-P".as_ref(),
+        path.as_os_str(),
+        "-e".as_ref(),
+        "trace=openat".as_ref(),
+        "-e".as_ref(),
+        inject.as_os_str(),
+    ];
+    under_strace::<&OsStr>(command, strace, Some(log), args);
 }

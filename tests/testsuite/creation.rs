@@ -33,8 +33,8 @@ use std::process::Command;
 
 use crate::common;
 use crate::common::held::{
-    deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace, wait_until,
-    DEADLINE,
+    deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace, under_strace,
+    wait_until, DEADLINE,
 };
 use crate::common::workers::{parse_range, read_line, say, var, Worker, MODE, RANGE, REGISTRY};
 
@@ -556,42 +556,19 @@ fn at_rename(pid: u32) -> bool {
 /// `renameat2` there for an hour: before it (`delay_enter`) or right after it
 /// (`delay_exit`).
 fn stop_at_rename(command: &mut Command, strace: &Path, when: &str) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new(strace);
-    wrapped
-        .args([
-            "-f",
-            "-qq",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=linkat,renameat2",
-            "-e",
-        ])
-        .arg(format!("inject=linkat,renameat2:{when}=3600000000"))
-        .arg("--")
-        .arg(program)
-        .args(args);
-    *command = wrapped;
+    let inject = format!("inject=linkat,renameat2:{when}=3600000000");
+    under_strace(
+        command,
+        strace,
+        None,
+        ["-e", "trace=linkat,renameat2", "-e", &inject],
+    );
 }
 
 /// Runs `command` under `strace`, which writes every call that syncs a file to `log`.
 fn trace_syncs(command: &mut Command, strace: &Path, log: &Path) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new(strace);
-    wrapped
-        .args(["-f", "-qq", "-o"])
-        .arg(log)
-        .args([
-            "-e",
-            "trace=fsync,fdatasync,syncfs,sync,sync_file_range,msync",
-        ])
-        .arg("--")
-        .arg(program)
-        .args(args);
-    *command = wrapped;
+    let syncs = "trace=fsync,fdatasync,syncfs,sync,sync_file_range,msync";
+    under_strace(command, strace, Some(log), ["-e", syncs]);
 }
 
 /// Makes `command` run as [`NOBODY`], without supplementary groups.

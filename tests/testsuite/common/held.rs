@@ -2,7 +2,7 @@
 //! namespace of its own, and look at what it left in a directory.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -60,14 +60,22 @@ pub fn in_syscall(pid: u32, nr: libc::c_long) -> bool {
 
 /// Runs `command` in a mount namespace of its own (`unshare -m`), whose mounts go with it.
 pub fn in_new_mount_namespace(command: &mut Command) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = Command::new("unshare");
-    wrapped
-        .args(["-m", "--propagation", "private", "--"])
-        .arg(program)
-        .args(args);
-    *command = wrapped;
+    super::run_through(command, "unshare", ["-m", "--propagation", "private"]);
+}
+
+/// Runs `command` under `strace` (found by [`strace`]) with `args`, following its threads
+/// and children, writing what it traces to `log` (or nowhere).
+pub fn under_strace<S: AsRef<OsStr>>(
+    command: &mut Command,
+    strace: &Path,
+    log: Option<&Path>,
+    args: impl IntoIterator<Item = S>,
+) {
+    let log = log.map_or_else(|| OsString::from("/dev/null"), |l| l.as_os_str().to_owned());
+    let mut all: Vec<OsString> = ["-f", "-qq", "-o"].iter().map(OsString::from).collect();
+    all.push(log);
+    all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+    super::run_through(command, strace, all);
 }
 
 /// The path of `strace`, or `None` (with the skip printed) where it is not installed or

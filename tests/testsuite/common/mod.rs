@@ -227,17 +227,27 @@ pub fn integrity_check(path: &std::path::Path) -> String {
     rows.join("; ")
 }
 
+/// Makes `command` run its program through `wrapper`: `wrapper ARGS… -- PROGRAM ITS-ARGS…`.
+pub fn run_through<S: AsRef<std::ffi::OsStr>>(
+    command: &mut std::process::Command,
+    wrapper: impl AsRef<std::ffi::OsStr>,
+    args: impl IntoIterator<Item = S>,
+) {
+    let program = command.get_program().to_owned();
+    let own: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+    let mut wrapped = std::process::Command::new(wrapper);
+    wrapped.args(args).arg("--").arg(program).args(own);
+    *command = wrapped;
+}
+
 /// Makes `command` run its program in a new PID namespace (with its own `/proc`) as the
 /// namespace's first process; killing `unshare` kills it.
 pub fn in_new_pid_namespace(command: &mut std::process::Command) {
-    let program = command.get_program().to_owned();
-    let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-    let mut wrapped = std::process::Command::new("unshare");
-    wrapped
-        .args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
-        .arg(program)
-        .args(args);
-    *command = wrapped;
+    run_through(
+        command,
+        "unshare",
+        ["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"],
+    );
 }
 
 /// Kills the process with this pid (one the test started) when dropped.
