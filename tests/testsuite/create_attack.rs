@@ -32,10 +32,10 @@ use portdaddy::Error;
 
 use crate::common;
 use crate::common::held::{
-    deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace, under_strace,
-    wait_until, DEADLINE,
+    create_and_say, deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace,
+    under_strace, wait_until, DEADLINE,
 };
-use crate::common::workers::{parse_range, read_line, say, var, Worker, MODE, RANGE, REGISTRY};
+use crate::common::workers::{parse_range, say, var, Worker, MODE, RANGE, REGISTRY};
 
 const RANGE_USED: RangeInclusive<u16> = 33350..=33399;
 
@@ -635,38 +635,12 @@ fn worker_entry() {
     }
 }
 
-/// Says `PID <pid>`, waits for a line, opens the registry, leases a port and keeps it:
-/// `PORT <port>`, or `ERR <variant> <message>`.
+/// Creates or uses the registry as `held::create_and_say` does; on a small tmpfs it then says
+/// whether the file at the path is a whole registry: `WHOLE` or `NOT WHOLE`.
 fn create_worker(path: &Path, range: &RangeInclusive<u16>) {
-    let small = std::env::var_os(SMALL_TMPFS).map(PathBuf::from);
-    if let Some(dir) = &small {
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=40k", "tmpfs"])
-            .arg(dir)
-            .status();
-        if !mounted.as_ref().is_ok_and(|s| s.success()) {
-            say(&format!("SKIP cannot mount a tmpfs: {mounted:?}"));
-            return;
-        }
-    }
-    say(&format!("PID {}", std::process::id()));
-    if read_line().is_none() {
+    let Some(small) = create_and_say(path, range, SMALL_TMPFS, "40k") else {
         return;
-    }
-    let result = portdaddy::PortDaddy::builder()
-        .path(path)
-        .range(range.clone())
-        .port_probe(common::all_free)
-        .open()
-        .and_then(|registry| Ok(registry.acquire("created")?.keep()?.port()));
-    match result {
-        Ok(port) => say(&format!("PORT {port}")),
-        Err(e) => {
-            let variant = format!("{e:?}");
-            let variant = variant.split([' ', '{', '(']).next().unwrap_or_default();
-            say(&format!("ERR {variant} {}", common::chain(&e)));
-        }
-    }
+    };
     if small.is_some() {
         // Read as an immutable file, which needs no index beside it (there is no room).
         let immutable = format!("file:{}?immutable=1", path.display());

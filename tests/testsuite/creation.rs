@@ -33,10 +33,10 @@ use std::process::Command;
 
 use crate::common;
 use crate::common::held::{
-    deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace, under_strace,
-    wait_until, DEADLINE,
+    create_and_say, deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace,
+    under_strace, wait_until, DEADLINE,
 };
-use crate::common::workers::{parse_range, read_line, say, var, Worker, MODE, RANGE, REGISTRY};
+use crate::common::workers::{parse_range, say, var, Worker, MODE, RANGE, REGISTRY};
 
 const RANGE_USED: RangeInclusive<u16> = 33200..=33249;
 
@@ -414,41 +414,11 @@ fn worker_entry() {
 /// Where a worker mounts a small tmpfs first, in its own mount namespace.
 const SMALL_TMPFS: &str = "PORTDADDY_CREATION_SMALL_TMPFS";
 
-/// Says `PID <pid>`, waits for a line, opens the registry, leases a port and keeps it:
-/// `PORT <port>`, or `ERR <variant> <message>`. On a small tmpfs it then lists what is left
-/// in the registry's directory: `LEFT <names>`.
+/// Creates or uses the registry as `held::create_and_say` does; on a small tmpfs it then
+/// lists what is left in the registry's directory: `LEFT <names>`.
 fn create_worker(path: &Path, range: &RangeInclusive<u16>) {
-    let small = std::env::var_os(SMALL_TMPFS).map(PathBuf::from);
-    if let Some(dir) = &small {
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8k", "tmpfs"])
-            .arg(dir)
-            .status();
-        if !mounted.as_ref().is_ok_and(|s| s.success()) {
-            say(&format!("SKIP cannot mount a tmpfs: {mounted:?}"));
-            return;
-        }
-    }
-    say(&format!("PID {}", std::process::id()));
-    if read_line().is_none() {
-        return;
-    }
-    let result = portdaddy::PortDaddy::builder()
-        .path(path)
-        .range(range.clone())
-        .port_probe(common::all_free)
-        .open()
-        .and_then(|registry| Ok(registry.acquire("created")?.keep()?.port()));
-    match result {
-        Ok(port) => say(&format!("PORT {port}")),
-        Err(e) => {
-            let variant = format!("{e:?}");
-            let variant = variant.split([' ', '{', '(']).next().unwrap_or_default();
-            say(&format!("ERR {variant} {}", common::chain(&e)));
-        }
-    }
-    if let Some(dir) = &small {
-        let names: Vec<String> = names_in(dir)
+    if let Some(Some(dir)) = create_and_say(path, range, SMALL_TMPFS, "8k") {
+        let names: Vec<String> = names_in(&dir)
             .into_iter()
             .map(|n| n.to_string_lossy().into_owned())
             .collect();

@@ -101,3 +101,48 @@ pub fn strace() -> Option<PathBuf> {
     }
     Some(found)
 }
+
+/// The body of a creating worker: mounts a tmpfs of `tmpfs_size` at the directory named by
+/// the environment variable `small_tmpfs` if it is set (saying `SKIP …` and returning
+/// `None` where that fails), says `PID <pid>`, waits for a line, opens the registry at
+/// `path` (a probe that binds nothing), leases a port and keeps it: `PORT <port>`, or
+/// `ERR <variant> <message>`. Returns the tmpfs directory, if any, for the caller to report
+/// on, or `None` also when the parent went away before its line.
+pub fn create_and_say(
+    path: &Path,
+    range: &std::ops::RangeInclusive<u16>,
+    small_tmpfs: &str,
+    tmpfs_size: &str,
+) -> Option<Option<PathBuf>> {
+    use super::workers::{read_line, say};
+    let small = std::env::var_os(small_tmpfs).map(PathBuf::from);
+    if let Some(dir) = &small {
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={tmpfs_size}"))
+            .arg("tmpfs")
+            .arg(dir)
+            .status();
+        if !mounted.as_ref().is_ok_and(|s| s.success()) {
+            say(&format!("SKIP cannot mount a tmpfs: {mounted:?}"));
+            return None;
+        }
+    }
+    say(&format!("PID {}", std::process::id()));
+    read_line()?;
+    let result = portdaddy::PortDaddy::builder()
+        .path(path)
+        .range(range.clone())
+        .port_probe(super::all_free)
+        .open()
+        .and_then(|registry| Ok(registry.acquire("created")?.keep()?.port()));
+    match result {
+        Ok(port) => say(&format!("PORT {port}")),
+        Err(e) => {
+            let variant = format!("{e:?}");
+            let variant = variant.split([' ', '{', '(']).next().unwrap_or_default();
+            say(&format!("ERR {variant} {}", super::chain(&e)));
+        }
+    }
+    Some(small)
+}
