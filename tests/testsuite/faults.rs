@@ -626,30 +626,6 @@ const MIXED_RANGE: RangeInclusive<u16> = 26700..=26799;
 const MIXED_WORKERS: usize = 4;
 const MIXED_CLAIMS: usize = 25;
 
-/// The first schema, as the first release wrote it (migration 1; migrations are append-only,
-/// so this text never changes).
-const SCHEMA_V1: &str = "CREATE TABLE leases (
-        id          INTEGER PRIMARY KEY,
-        port        INTEGER NOT NULL UNIQUE CHECK (port BETWEEN 1 AND 65535),
-        name        TEXT    NOT NULL,
-        protocol    INTEGER NOT NULL,
-        owner_pid   INTEGER,
-        owner_start INTEGER,
-        owner_boot  TEXT,
-        acquired_at INTEGER NOT NULL,
-        expires_at  INTEGER
-    ) STRICT;
-    CREATE TABLE names (
-        name    TEXT PRIMARY KEY,
-        port    INTEGER NOT NULL,
-        used_at INTEGER NOT NULL
-    ) STRICT, WITHOUT ROWID;
-    CREATE INDEX names_port ON names (port);
-    CREATE TABLE meta (
-        key   TEXT PRIMARY KEY,
-        value INTEGER NOT NULL
-    ) STRICT, WITHOUT ROWID;";
-
 /// A registry written by the first schema, with leases of a live owner, detached leases and
 /// remembered names, is opened by four processes at once that claim as soon as they have it
 /// open. Whichever migrates it, every lease and every remembered name survives: the live
@@ -901,7 +877,7 @@ fn write_first_schema_registry(path: &Path) {
     let at = 1_700_000_000_000i64;
     let conn = rusqlite::Connection::open(path).unwrap();
     conn.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
-    conn.execute_batch(SCHEMA_V1).unwrap();
+    conn.execute_batch(common::SCHEMA_V1).unwrap();
     conn.execute_batch("PRAGMA application_id = 1349796985; PRAGMA user_version = 1;")
         .unwrap();
     let mut insert = conn

@@ -94,29 +94,6 @@ fn a_registry_switched_to_a_rollback_journal_is_switched_back_to_wal_and_keeps_i
     assert_eq!(pragma::<String>(&path, "journal_mode"), "wal");
 }
 
-/// The first schema, as the first release wrote it (migration 1).
-const SCHEMA_V1: &str = "CREATE TABLE leases (
-        id          INTEGER PRIMARY KEY,
-        port        INTEGER NOT NULL UNIQUE CHECK (port BETWEEN 1 AND 65535),
-        name        TEXT    NOT NULL,
-        protocol    INTEGER NOT NULL,
-        owner_pid   INTEGER,
-        owner_start INTEGER,
-        owner_boot  TEXT,
-        acquired_at INTEGER NOT NULL,
-        expires_at  INTEGER
-    ) STRICT;
-    CREATE TABLE names (
-        name    TEXT PRIMARY KEY,
-        port    INTEGER NOT NULL,
-        used_at INTEGER NOT NULL
-    ) STRICT, WITHOUT ROWID;
-    CREATE INDEX names_port ON names (port);
-    CREATE TABLE meta (
-        key   TEXT PRIMARY KEY,
-        value INTEGER NOT NULL
-    ) STRICT, WITHOUT ROWID;";
-
 #[test]
 fn a_registry_of_the_first_schema_is_still_migrated_at_open() {
     let (_dir, path) = temp_registry();
@@ -124,7 +101,7 @@ fn a_registry_of_the_first_schema_is_still_migrated_at_open() {
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
-        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute_batch(common::SCHEMA_V1).unwrap();
         conn.execute_batch(&format!(
             "PRAGMA application_id = 1349796985; PRAGMA user_version = 1;
              INSERT INTO leases (id, port, name, protocol, acquired_at)

@@ -227,6 +227,31 @@ pub fn integrity_check(path: &std::path::Path) -> String {
     rows.join("; ")
 }
 
+/// The first schema, as the first release wrote it (migration 1; migrations are append-only,
+/// so this text never changes). Pinned here rather than taken from the crate: a test of an
+/// old format must not be built by the code it tests.
+pub const SCHEMA_V1: &str = "CREATE TABLE leases (
+        id          INTEGER PRIMARY KEY,
+        port        INTEGER NOT NULL UNIQUE CHECK (port BETWEEN 1 AND 65535),
+        name        TEXT    NOT NULL,
+        protocol    INTEGER NOT NULL,
+        owner_pid   INTEGER,
+        owner_start INTEGER,
+        owner_boot  TEXT,
+        acquired_at INTEGER NOT NULL,
+        expires_at  INTEGER
+    ) STRICT;
+    CREATE TABLE names (
+        name    TEXT PRIMARY KEY,
+        port    INTEGER NOT NULL,
+        used_at INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX names_port ON names (port);
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;";
+
 /// Makes `command` run its program through `wrapper`: `wrapper ARGS… -- PROGRAM ITS-ARGS…`.
 pub fn run_through<S: AsRef<std::ffi::OsStr>>(
     command: &mut std::process::Command,
