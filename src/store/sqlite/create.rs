@@ -186,12 +186,11 @@ fn create_named(path: &Path, real: &Path) -> Result<Option<bool>> {
             // with two. Where it cannot go, neither does the registry stay.
             // (Gone already is as good: an open that found the registry with two names
             // removes ours, see `remove_second_name`.)
-            Ok(()) => match fs::remove_file(&ours.path) {
+            Ok(()) => match fs::remove_file(&ours.path).or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }) {
                 Ok(()) => {
-                    ours.placed = true;
-                    Ok(Some(true))
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     ours.placed = true;
                     Ok(Some(true))
                 }
