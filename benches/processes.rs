@@ -13,11 +13,14 @@
 //!
 //! - *per process*: `examples/one_claim.rs` (calls `portdaddy::acquire` once and drops the
 //!   guard) ÷ `examples/one_pick.rs` (calls `portpicker::pick_unused_port()` once), both on a
-//!   registry that exists.
+//!   registry that exists; and beside it the floor of any design that keeps its leases in a
+//!   shared SQLite file and probes the port: `examples/one_sqlite.rs` (opens such a file,
+//!   binds one port, and commits one one-row insert and one delete) ÷ `one_pick`.
 //! - *new registry*: `one_claim` where the registry does not exist yet (a new path for each
 //!   process) ÷ `one_claim` where it does.
 //! - *command line*: `portdaddy acquire NAME` and `portdaddy release NAME`, each minus
-//!   `/bin/true`.
+//!   `/bin/true`; and beside them `one_sqlite` minus `/bin/true`, the floor of a command that
+//!   would do nothing but that.
 //! - *cold build* (`--build`): `cargo build --tests --offline` of a new crate with portdaddy
 //!   as a dev-dependency ÷ the same crate with portpicker instead, each with a clean target
 //!   directory and this repository's `Cargo.lock`, so that both use the versions it pins;
@@ -25,7 +28,7 @@
 //!   `rusqlite` (feature `bundled`) as its dev-dependency.
 //!
 //! It first builds what it runs (`cargo build --release --features cli --example one_claim
-//! --example one_pick --bin portdaddy`). The claims come from ports 40000-59999, as the other
+//! --example one_pick --example one_sqlite --bin portdaddy`). The claims come from ports 40000-59999, as the other
 //! benches' do; the registries live in a temporary directory.
 
 use std::path::{Path, PathBuf};
@@ -110,11 +113,17 @@ fn build_programs() {
         .current_dir(MANIFEST_DIR)
         .args(["build", "--release", "--features", "cli"])
         .args(["--example", "one_claim", "--example", "one_pick"])
+        .args(["--example", "one_sqlite"])
         .args(["--bin", "portdaddy"])
         .status()
         .expect("run cargo build");
     assert!(status.success(), "cargo build failed");
 }
+
+/// Where `processes` lists the floor and the command's two verbs.
+const FLOOR: usize = 4;
+const ACQUIRE: usize = 5;
+const RELEASE: usize = 6;
 
 /// A program measured: its name and how to start one process of it (`i` numbers the
 /// processes of the run, for programs that need a new registry each time).
@@ -128,9 +137,15 @@ fn processes(options: &Options) {
     let bin = release_dir();
     let dir = tempfile::tempdir().unwrap();
     let warm = dir.path().join("warm.sqlite3");
+    let floor_db = dir.path().join("floor.sqlite3");
     let fresh = dir.path().join("fresh");
     std::fs::create_dir(&fresh).unwrap();
     let one_claim = bin.join("examples").join("one_claim");
+    let floor = || {
+        let mut c = Command::new(bin.join("examples").join("one_sqlite"));
+        c.arg(&floor_db);
+        c
+    };
     let claim = |db: &Path| {
         let mut c = Command::new(&one_claim);
         c.env("PORTDADDY_DB", db).env("PORTDADDY_RANGE", RANGE);
@@ -161,6 +176,10 @@ fn processes(options: &Options) {
             command: Box::new(|_| Command::new("/bin/true")),
         },
         Program {
+            name: "one_sqlite (floor)",
+            command: Box::new(|_| floor()),
+        },
+        Program {
             name: "portdaddy acquire",
             command: Box::new(|_| cli("acquire")),
         },
@@ -169,8 +188,10 @@ fn processes(options: &Options) {
             command: Box::new(|_| cli("release")),
         },
     ];
-    // The registry that exists: created, and its claim made once, before timing.
+    // The registry that exists, and the floor's file: created, and a claim made once on each,
+    // before timing.
     time(&mut claim(&warm));
+    time(&mut floor());
     let load_before = load_average();
     let mut means: Vec<Vec<Duration>> = vec![Vec::new(); programs.len()];
     let mut serial = 0;
@@ -190,11 +211,11 @@ fn processes(options: &Options) {
         }
         let (mut acquire, mut release) = (Duration::ZERO, Duration::ZERO);
         for _ in 0..options.batch {
-            acquire += time(&mut (programs[4].command)(0));
-            release += time(&mut (programs[5].command)(0));
+            acquire += time(&mut (programs[ACQUIRE].command)(0));
+            release += time(&mut (programs[RELEASE].command)(0));
         }
-        means[4].push(acquire / options.batch as u32);
-        means[5].push(release / options.batch as u32);
+        means[ACQUIRE].push(acquire / options.batch as u32);
+        means[RELEASE].push(release / options.batch as u32);
     }
     let load_after = load_average();
     let medians: Vec<Duration> = means.into_iter().map(median).collect();
@@ -208,17 +229,20 @@ fn processes(options: &Options) {
     }
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
     println!(
-        "per process: one_claim ÷ one_pick = {:.2}×",
-        ratio(medians[1], medians[0])
+        "per process: one_claim ÷ one_pick = {:.2}×; the floor, one_sqlite ÷ one_pick = {:.2}×",
+        ratio(medians[1], medians[0]),
+        ratio(medians[FLOOR], medians[0])
     );
     println!(
         "new registry: one_claim on a new registry ÷ on one that exists = {:.2}×",
         ratio(medians[2], medians[1])
     );
     println!(
-        "command line: acquire − /bin/true = {:.3} ms, release − /bin/true = {:.3} ms",
-        ms(medians[4].saturating_sub(medians[3])),
-        ms(medians[5].saturating_sub(medians[3])),
+        "command line: acquire − /bin/true = {:.3} ms, release − /bin/true = {:.3} ms; the \
+         floor, one_sqlite − /bin/true = {:.3} ms",
+        ms(medians[ACQUIRE].saturating_sub(medians[3])),
+        ms(medians[RELEASE].saturating_sub(medians[3])),
+        ms(medians[FLOOR].saturating_sub(medians[3])),
     );
 }
 

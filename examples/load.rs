@@ -9,7 +9,8 @@
 //! (default 28000-29999), `--registry PATH` (default: a fresh temporary file), `--no-probe`
 //! (the registry's port probe binds nothing: what the claims cost with the bind probe out of
 //! the registry's lock altogether, an upper bound for any design that moves it out; the
-//! workers' own binds still catch a port held twice).
+//! workers' own binds still catch a port held twice), `--floor` (no portdaddy at all: the
+//! floor of any design that keeps its leases in one shared SQLite file, see [`Floor`]).
 //!
 //! Each worker binds `127.0.0.1:<port>` for every port it gets (a second holder would fail
 //! with "address in use") and appends one line per cycle to a file of its own:
@@ -26,7 +27,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use portdaddy::{Error, PortDaddy};
+use fd_lock::RwLock;
+use portdaddy::{Error, PortDaddy, PortGuard};
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 struct Options {
     procs: usize,
@@ -34,6 +38,7 @@ struct Options {
     range: (u16, u16),
     registry: Option<PathBuf>,
     no_probe: bool,
+    floor: bool,
     worker: Option<(usize, PathBuf)>,
 }
 
@@ -43,7 +48,8 @@ fn main() -> ExitCode {
         Err(message) => {
             eprintln!("load: {message}");
             eprintln!(
-                "usage: load [--procs N] [--ops N] [--range A-B] [--registry PATH] [--no-probe]"
+                "usage: load [--procs N] [--ops N] [--range A-B] [--registry PATH] \
+                 [--no-probe | --floor]"
             );
             return ExitCode::from(2);
         }
@@ -68,6 +74,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
         range: (28000, 29999),
         registry: None,
         no_probe: false,
+        floor: false,
         worker: None,
     };
     let mut worker_id = None;
@@ -75,6 +82,10 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     while let Some(flag) = args.next() {
         if flag == "--no-probe" {
             options.no_probe = true;
+            continue;
+        }
+        if flag == "--floor" {
+            options.floor = true;
             continue;
         }
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
@@ -100,6 +111,12 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     if options.procs == 0 || options.ops == 0 {
         return Err("--procs and --ops must be at least 1".into());
     }
+    if options.no_probe && options.floor {
+        return Err("--no-probe is an option of the registry, not of --floor".into());
+    }
+    if options.range.0 > options.range.1 {
+        return Err("--range wants A-B with A no greater than B".into());
+    }
     if let (Some(id), Some(out)) = (worker_id, out) {
         options.worker = Some((id, out));
     }
@@ -112,12 +129,170 @@ fn epoch_nanos() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
-/// One worker: open the registry, wait for the start signal on stdin, run the cycles.
+/// Why one acquire or release of a worker did not happen.
+enum Failure {
+    /// The lock was not had in time: counted apart, as a wait, not an error.
+    LockWait,
+    Other(String),
+}
+
+/// What a worker claims its ports from: the registry, or the floor.
+trait Claims {
+    /// A port held, until given back to `release`.
+    type Held;
+    fn acquire(&mut self) -> Result<Self::Held, Failure>;
+    fn port(held: &Self::Held) -> u16;
+    fn release(&mut self, held: Self::Held) -> Result<(), Failure>;
+}
+
+/// The registry, as users open it.
+struct Registry {
+    registry: PortDaddy,
+    name: String,
+}
+
+impl Claims for Registry {
+    type Held = PortGuard;
+
+    fn acquire(&mut self) -> Result<PortGuard, Failure> {
+        self.registry.acquire(&self.name).map_err(|e| match e {
+            Error::LockTimeout { .. } => Failure::LockWait,
+            e => Failure::Other(format!("acquire: {e}")),
+        })
+    }
+
+    fn port(held: &PortGuard) -> u16 {
+        held.port()
+    }
+
+    fn release(&mut self, held: PortGuard) -> Result<(), Failure> {
+        held.release().map_err(|e| match e.error() {
+            Error::LockTimeout { .. } => Failure::LockWait,
+            _ => Failure::Other(format!("release: {}", e.error())),
+        })
+    }
+}
+
+/// The floor: the least any design pays that keeps its leases in one SQLite file shared by
+/// processes and makes sure of a port by binding it, with nothing of portdaddy in it. The
+/// file is set up as the registry is (write-ahead log, `synchronous=NORMAL`, SQLite's
+/// automatic checkpoint, none on close); writers queue on a blocking `flock` of a lock file
+/// beside it, as the registry's do. A claim is one transaction under that lock: the next
+/// port after a cursor that no row holds and that binds (the probe, under the lock), one row
+/// inserted and the cursor moved; a release deletes the row. No owners, names, reserved
+/// ports, expiry or checks of the files.
+struct Floor {
+    conn: Connection,
+    lock: RwLock<File>,
+    range: (u16, u16),
+}
+
+impl Floor {
+    const SCHEMA: &'static str = "
+        PRAGMA journal_mode = WAL;
+        CREATE TABLE IF NOT EXISTS leases (port INTEGER PRIMARY KEY, owner INTEGER NOT NULL);
+        CREATE TABLE IF NOT EXISTS cursor (next INTEGER NOT NULL);
+        INSERT INTO cursor (next) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM cursor);";
+
+    fn open(path: &Path, range: (u16, u16)) -> Result<Self, String> {
+        let err = |e: rusqlite::Error| format!("{}: {e}", path.display());
+        let conn = Connection::open(path).map_err(err)?;
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(err)?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL;")
+            .map_err(err)?;
+        conn.execute_batch(Self::SCHEMA).map_err(err)?;
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", Path::new(&lock_path).display()))?;
+        Ok(Self {
+            conn,
+            lock: RwLock::new(lock),
+            range,
+        })
+    }
+
+    /// Runs `f` in one write transaction under the lock.
+    fn write<R>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<R>,
+    ) -> Result<R, Failure> {
+        let _held = self
+            .lock
+            .write()
+            .map_err(|e| Failure::Other(format!("lock: {e}")))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| Failure::Other(e.to_string()))?;
+        let out = f(&tx).map_err(|e| Failure::Other(e.to_string()))?;
+        tx.commit().map_err(|e| Failure::Other(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+impl Claims for Floor {
+    type Held = u16;
+
+    fn acquire(&mut self) -> Result<u16, Failure> {
+        let (lo, hi) = self.range;
+        let len = u32::from(hi - lo) + 1;
+        let owner = std::process::id();
+        let port = self.write(|tx| {
+            let next: u32 = tx
+                .prepare_cached("SELECT next FROM cursor")?
+                .query_row([], |r| r.get(0))?;
+            for step in 0..len {
+                let port = lo + ((next + step) % len) as u16;
+                let held = tx
+                    .prepare_cached("SELECT 1 FROM leases WHERE port = ?1")?
+                    .query_row([port], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                if held || TcpListener::bind(("::", port)).is_err() {
+                    continue;
+                }
+                tx.prepare_cached("INSERT INTO leases (port, owner) VALUES (?1, ?2)")?
+                    .execute((port, owner))?;
+                tx.prepare_cached("UPDATE cursor SET next = ?1")?
+                    .execute([(next + step + 1) % len])?;
+                return Ok(Some(port));
+            }
+            Ok(None)
+        })?;
+        port.ok_or_else(|| Failure::Other("acquire: every port of the range is held".into()))
+    }
+
+    fn port(held: &u16) -> u16 {
+        *held
+    }
+
+    fn release(&mut self, held: u16) -> Result<(), Failure> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM leases WHERE port = ?1")?
+                .execute([held])
+        })
+        .map(drop)
+    }
+}
+
+/// One worker: open the registry (or the floor), wait for the start signal on stdin, run
+/// the cycles.
 fn worker(options: &Options, id: usize, out: &Path) -> Result<ExitCode, String> {
     let path = options
         .registry
         .as_ref()
         .ok_or("a worker needs --registry")?;
+    if options.floor {
+        let floor = Floor::open(path, options.range).map_err(|e| format!("worker {id}: {e}"))?;
+        return cycles(floor, options, id, out);
+    }
     let mut builder = PortDaddy::builder()
         .path(path)
         .range(options.range.0..=options.range.1);
@@ -125,8 +300,18 @@ fn worker(options: &Options, id: usize, out: &Path) -> Result<ExitCode, String> 
         builder = builder.port_probe(|_: u16, _: portdaddy::Protocol| true);
     }
     let registry = builder.open().map_err(|e| format!("worker {id}: {e}"))?;
-    let mut file = BufWriter::new(File::create(out).map_err(|e| e.to_string())?);
     let name = format!("worker-{id}");
+    cycles(Registry { registry, name }, options, id, out)
+}
+
+/// The worker's cycles, timed, and written to `out` (see the top of this file).
+fn cycles<C: Claims>(
+    mut claims: C,
+    options: &Options,
+    id: usize,
+    out: &Path,
+) -> Result<ExitCode, String> {
+    let mut file = BufWriter::new(File::create(out).map_err(|e| e.to_string())?);
     let mut go = [0u8; 1];
     std::io::stdin()
         .read_exact(&mut go)
@@ -135,21 +320,21 @@ fn worker(options: &Options, id: usize, out: &Path) -> Result<ExitCode, String> 
     let started = epoch_nanos();
     for _ in 0..options.ops {
         let t0 = Instant::now();
-        let guard = match registry.acquire(&name) {
-            Ok(guard) => guard,
-            Err(Error::LockTimeout { .. }) => {
+        let held = match claims.acquire() {
+            Ok(held) => held,
+            Err(Failure::LockWait) => {
                 lock_waits += 1;
                 continue;
             }
-            Err(e) => {
-                eprintln!("worker {id}: acquire: {e}");
+            Err(Failure::Other(e)) => {
+                eprintln!("worker {id}: {e}");
                 errors += 1;
                 continue;
             }
         };
         let acquire_latency = t0.elapsed();
         let acquired = epoch_nanos();
-        let port = guard.port();
+        let port = C::port(&held);
         match TcpListener::bind(("127.0.0.1", port)) {
             Ok(listener) => drop(listener),
             Err(e) => {
@@ -159,11 +344,11 @@ fn worker(options: &Options, id: usize, out: &Path) -> Result<ExitCode, String> 
         }
         let released = epoch_nanos();
         let t1 = Instant::now();
-        match guard.release() {
+        match claims.release(held) {
             Ok(()) => {}
-            Err(e) if matches!(e.error(), Error::LockTimeout { .. }) => lock_waits += 1,
-            Err(e) => {
-                eprintln!("worker {id}: release: {e}");
+            Err(Failure::LockWait) => lock_waits += 1,
+            Err(Failure::Other(e)) => {
+                eprintln!("worker {id}: {e}");
                 errors += 1;
             }
         }
@@ -205,14 +390,19 @@ fn parent(options: &Options) -> Result<ExitCode, String> {
         .registry
         .clone()
         .unwrap_or_else(|| dir.path().join("registry.sqlite3"));
-    // Create the registry once, so the workers do not all create it at the same moment.
-    drop(
-        PortDaddy::builder()
-            .path(&registry)
-            .range(options.range.0..=options.range.1)
-            .open()
-            .map_err(|e| e.to_string())?,
-    );
+    // Create the registry (or the floor's file) once, so the workers do not all create it
+    // at the same moment.
+    if options.floor {
+        drop(Floor::open(&registry, options.range)?);
+    } else {
+        drop(
+            PortDaddy::builder()
+                .path(&registry)
+                .range(options.range.0..=options.range.1)
+                .open()
+                .map_err(|e| e.to_string())?,
+        );
+    }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut children = Vec::new();
     for id in 0..options.procs {
@@ -224,6 +414,7 @@ fn parent(options: &Options) -> Result<ExitCode, String> {
             .arg(&registry)
             .args(["--ops", &options.ops.to_string()])
             .args(options.no_probe.then_some("--no-probe"))
+            .args(options.floor.then_some("--floor"))
             .args([
                 "--range",
                 &format!("{}-{}", options.range.0, options.range.1),
@@ -343,9 +534,11 @@ fn print_table(options: &Options, totals: &mut Totals, wall: Duration, overlaps:
     };
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     println!(
-        "portdaddy load: {} processes × {} acquire/bind/release cycles on one registry file{}",
+        "{} load: {} processes × {} acquire/bind/release cycles on one {} file{}",
+        if options.floor { "floor" } else { "portdaddy" },
         options.procs,
         options.ops,
+        if options.floor { "SQLite" } else { "registry" },
         if options.no_probe {
             ", port probe off"
         } else {
