@@ -96,6 +96,13 @@ pub(crate) struct Held<'a> {
     file: &'a File,
 }
 
+impl Held<'_> {
+    /// The lock file, as locked: what is written in it is read and written under the lock.
+    pub(crate) fn file(&self) -> &File {
+        self.file
+    }
+}
+
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Err(error) = self.file.unlock() {

@@ -43,6 +43,17 @@ pub(crate) fn file_id(meta: &fs::Metadata) -> Option<(u64, u64)> {
     Some((meta.dev(), meta.ino()))
 }
 
+/// When a file's content and its inode last changed: `mtime` and `ctime`, each in seconds and
+/// nanoseconds. Any write to the file moves its `ctime`, which no program can set back.
+pub(crate) fn change_times(meta: &fs::Metadata) -> Option<[i64; 4]> {
+    Some([
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    ])
+}
+
 /// Whether the file `file` has open was deleted (it has no links left). One `fstat`.
 pub(crate) fn is_unlinked(file: &File) -> io::Result<bool> {
     Ok(rustix::fs::fstat(file)?.st_nlink == 0)

@@ -38,6 +38,11 @@ pub(crate) fn file_id(_: &fs::Metadata) -> Option<(u64, u64)> {
     None
 }
 
+/// Not known here.
+pub(crate) fn change_times(_: &fs::Metadata) -> Option<[i64; 4]> {
+    None
+}
+
 /// Cannot be told here: a file counts as still linked.
 pub(crate) fn is_unlinked(_: &File) -> io::Result<bool> {
     Ok(false)

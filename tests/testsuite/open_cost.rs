@@ -194,3 +194,99 @@ fn a_registry_that_needs_nothing_is_opened_without_a_write_to_the_file_or_its_lo
         "the open wrote the log"
     );
 }
+
+/// What opening the registry at `path` logged at `DEBUG`, with the handle or the error.
+fn open_logged(
+    path: &Path,
+    range: &std::ops::RangeInclusive<u16>,
+) -> (String, Result<PortDaddy, Error>) {
+    let mut opened = None;
+    let logs = common::logs_at(tracing::Level::DEBUG, || {
+        opened = Some(PortDaddy::builder().path(path).range(range.clone()).open());
+    });
+    (logs, opened.expect("the open ran"))
+}
+
+/// What an open logs when it does not check the file's integrity again.
+const NOT_CHECKED: &str = "not checked again";
+
+#[test]
+fn a_registry_as_its_last_check_left_it_is_not_checked_again() {
+    let (_dir, path) = temp_registry();
+    let range = FIRST + 40..=FIRST + 42;
+    let kept = registry_with_a_lease(&path, &range);
+    let record = fs::read_to_string(sibling(&path, ".lock")).unwrap();
+    assert!(
+        record.starts_with("portdaddy-checked 1 "),
+        "the lock file records the check: {record:?}"
+    );
+
+    let (logs, opened) = open_logged(&path, &range);
+    assert_eq!(leases(&opened.unwrap()), vec![kept]);
+    assert!(logs.contains(NOT_CHECKED), "{logs}");
+}
+
+#[test]
+fn a_registry_written_since_its_last_check_is_checked_in_full_and_refused_when_damaged() {
+    let (_dir, path) = temp_registry();
+    let range = FIRST + 43..=FIRST + 45;
+    registry_with_a_lease(&path, &range);
+    // Another SQLite client writes the file: every commit copied into it.
+    fold_wal(&path);
+    let index_page: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT rootpage FROM sqlite_schema WHERE name = 'names_port'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let (logs, opened) = open_logged(&path, &range);
+    drop(opened.unwrap());
+    assert!(!logs.contains(NOT_CHECKED), "the file was written: {logs}");
+
+    // Damage that neither an open nor a claim reads: the page of an index that only the
+    // full check walks, made no b-tree page at all. Written in place, as a stray write would.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let at = u64::try_from(index_page - 1).unwrap() * 4096;
+        file.seek(SeekFrom::Start(at)).unwrap();
+        file.write_all(&[0x01]).unwrap();
+    }
+    let damaged = fs::read(&path).unwrap();
+    let (logs, opened) = open_logged(&path, &range);
+    assert!(!logs.contains(NOT_CHECKED), "{logs}");
+    match opened {
+        Err(Error::Corrupt { detail, .. }) => {
+            assert!(detail.contains("integrity check failed"), "{detail}");
+        }
+        Err(other) => panic!("expected Error::Corrupt, got {other}"),
+        Ok(_) => panic!("a damaged registry was opened"),
+    }
+    assert_eq!(fs::read(&path).unwrap(), damaged, "left as it was");
+}
+
+#[test]
+fn what_is_not_a_record_in_the_lock_file_is_no_record() {
+    let (_dir, path) = temp_registry();
+    let range = FIRST + 46..=FIRST + 48;
+    let kept = registry_with_a_lease(&path, &range);
+    let lock = sibling(&path, ".lock");
+    let record = fs::read_to_string(&lock).unwrap();
+    for garbage in [
+        b"\x00\xffnot a record at all".to_vec(),
+        record.replace("checked 1", "checked 9").into_bytes(),
+        vec![b'7'; 4096],
+    ] {
+        fs::write(&lock, &garbage).unwrap();
+        let (logs, opened) = open_logged(&path, &range);
+        assert_eq!(leases(&opened.unwrap()), vec![kept.clone()]);
+        assert!(!logs.contains(NOT_CHECKED), "{logs}");
+        assert_eq!(
+            fs::read_to_string(&lock).unwrap(),
+            record,
+            "the record is written anew"
+        );
+    }
+}

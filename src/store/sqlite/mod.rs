@@ -107,6 +107,7 @@
 //! examination), `tx` the transaction, `examine` the read-only examination behind
 //! `PortDaddy::diagnose`; this file the store and its open sequence.
 
+mod checked;
 mod create;
 mod examine;
 mod schema;
@@ -128,7 +129,7 @@ use crate::paths::{self, sibling};
 
 pub(crate) use examine::examine;
 pub(crate) use schema::schema_supported;
-use schema::{inspect, migrate};
+use schema::{inspect, migrate, Integrity};
 use tx::{run_write, SqlTx};
 use vet::check_existing_file;
 
@@ -294,7 +295,7 @@ impl SqliteStore {
             // registry that another is still creating or migrating.
             // The lock file may be opened again there (if it was replaced meanwhile), with
             // the same refusals.
-            let _held = lock
+            let held = lock
                 .lock(deadline)
                 .map_err(|e| lock_err(path, e))?
                 .ok_or_else(|| Error::LockTimeout {
@@ -340,7 +341,13 @@ impl SqliteStore {
             // An image made whole here is in WAL mode already; a file that appeared meanwhile
             // was not read, and is switched if it needs it.
             let in_wal = vetted.wal || made_whole;
-            let opened = open_checked(path, &real, deadline, wal_was_there, in_wal)
+            // A file as the last integrity check left it is not checked again (see `checked`).
+            let last_checked = checked::recorded(held.file());
+            let integrity = match checked::FileState::of(&real) {
+                Some(now) if last_checked == Some(now) => Integrity::AsLastChecked,
+                _ => Integrity::Check,
+            };
+            let opened = open_checked(path, &real, deadline, wal_was_there, in_wal, integrity)
                 .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
             // In WAL mode no journal is written: ours only kept others from planting one
             // for SQLite's first read.
@@ -370,6 +377,12 @@ impl SqliteStore {
                 create::start_log(&conn, &real).map_err(|e| sql_err(path, deadline, e))?;
             }
             trim_wal(&conn, &real);
+            // Checked, or as last checked, and written since only by SQLite under the lock.
+            if let Some(now) = checked::FileState::of(&real) {
+                if last_checked != Some(now) {
+                    checked::record(held.file(), now, path);
+                }
+            }
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).
             let anchor = Anchor::at(&real).map_err(open_err)?;
@@ -634,13 +647,15 @@ fn busy_timeout(deadline: Deadline) -> Duration {
 /// each only where the file needs it. The caller holds the write lock.
 /// `real` is the registry file with its links resolved; `path` names it in errors.
 /// `wal_was_there` says whether a `-wal` was there before this open made one; `in_wal` that
-/// the file's header, read under the lock, says it is in WAL mode already.
+/// the file's header, read under the lock, says it is in WAL mode already; `integrity`
+/// whether to check the file's integrity (see `checked`).
 fn open_checked(
     path: &Path,
     real: &Path,
     deadline: Deadline,
     wal_was_there: bool,
     in_wal: bool,
+    integrity: Integrity,
 ) -> Result<Connection> {
     let sql = |e| open_sql_err(path, deadline, e);
     // The links are resolved: a link in the path now was put there since, and is not
@@ -659,7 +674,7 @@ fn open_checked(
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(sql)?;
     }
-    let found = inspect(&conn, path, deadline)?;
+    let found = inspect(&conn, path, deadline, integrity)?;
     // From now on the connection never checkpoints as it closes, so the log and its index
     // stay (see "Write-ahead log" above): not through an index that was removed, nor at
     // every exit of a short-lived process.

@@ -171,12 +171,22 @@ pub(super) fn identify(conn: &Connection, path: &Path, deadline: Deadline) -> Re
 
 /// Read-only checks: is this an empty database or one of ours, that does not demand a newer
 /// reader, intact? Returns its schema version (`user_version`).
-pub(super) fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Result<u32> {
+pub(super) fn inspect(
+    conn: &Connection,
+    path: &Path,
+    deadline: Deadline,
+    integrity: Integrity,
+) -> Result<u32> {
     let found = identify(conn, path, deadline)?;
     // A newer `user_version` is no reason to refuse (see "Registry format" above); only the
     // marker is.
     if found > 0 {
         check_demands(conn, path, deadline)?;
+    }
+    if integrity == Integrity::AsLastChecked {
+        tracing::debug!(path = %path.display(),
+            "the registry file is as its last integrity check left it: not checked again");
+        return Ok(found);
     }
     let check: String = conn
         .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
@@ -194,6 +204,15 @@ pub(super) fn inspect(conn: &Connection, path: &Path, deadline: Deadline) -> Res
 /// tables must be there, and its `min_reader_version` must not be above this build's
 /// generation. The one test for the store's open and the examination alike, so that the
 /// examination never calls fine what the open refuses.
+/// Whether [`inspect`] checks the file's integrity (see `checked`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Integrity {
+    /// `PRAGMA quick_check`, which reads every page of the file.
+    Check,
+    /// Nothing wrote the file since an open checked it: not again.
+    AsLastChecked,
+}
+
 pub(super) fn check_demands(conn: &Connection, path: &Path, deadline: Deadline) -> Result<()> {
     let sql = |e| open_sql_err(path, deadline, e);
     let missing = || Error::Corrupt {
@@ -335,7 +354,7 @@ mod tests {
         let newer = MIGRATIONS.len() as i64 + 3;
         conn.pragma_update(None, "user_version", newer).unwrap();
         let deadline = Deadline::after(Duration::from_secs(5));
-        inspect(&conn, Path::new("memory"), deadline).unwrap();
+        inspect(&conn, Path::new("memory"), deadline, Integrity::Check).unwrap();
         migrate(&mut conn).unwrap();
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -355,7 +374,7 @@ mod tests {
                 params![MIN_READER_KEY, generation],
             )
             .unwrap();
-            inspect(&conn, Path::new("memory"), deadline)
+            inspect(&conn, Path::new("memory"), deadline, Integrity::Check)
         };
         mark(i64::from(READER_GENERATION)).unwrap();
         let err = mark(i64::from(READER_GENERATION) + 1).unwrap_err();
