@@ -29,7 +29,9 @@
 //!    `0600` and built in place by step 3, as an existing empty file is.
 //! 3. The database is inspected read-only: it must be empty (new) or carry our
 //!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
-//!    be above the generation this build reads; `PRAGMA quick_check` must pass. Only then
+//!    be above the generation this build reads; `PRAGMA quick_check` must pass, unless the
+//!    file is as the last open that checked it left it (see `checked`: the lock file records
+//!    the file's identity, size and change times, and any write moves them). Only then
 //!    is anything written, and only what the file needs: WAL mode, unless the file's header
 //!    said so already when step 1 read it under the lock, with no rollback journal beside
 //!    it (only a switch, which every process of ours makes under the lock, changes it, or a
@@ -42,8 +44,9 @@
 //!    Each statement is parsed once per process, and a fresh process (a test under nextest,
 //!    a call of the command) pays for every one: a registry that needs nothing costs
 //!    `PRAGMA application_id`, `PRAGMA user_version`, the marker's `SELECT` (which loads the
-//!    schema, in which the tables are then looked up without SQL), `PRAGMA quick_check`,
-//!    `synchronous` and `journal_size_limit`.
+//!    schema, in which the tables are then looked up without SQL), `synchronous` and
+//!    `journal_size_limit`; and `PRAGMA quick_check`, which reads every page of the file,
+//!    once after each change of the file.
 //!
 //! # Locking and durability
 //!
@@ -102,7 +105,8 @@
 //! # Files
 //!
 //! `schema` holds the migrations and the format policy (see its docs: "Registry format"),
-//! `create` the creation of a missing registry in one step,
+//! `checked` the record of the last integrity check, `create` the creation of a missing
+//! registry in one step,
 //! `vet` the checks of a file before SQLite opens it (shared by the store and the
 //! examination), `tx` the transaction, `examine` the read-only examination behind
 //! `PortDaddy::diagnose`; this file the store and its open sequence.
