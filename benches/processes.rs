@@ -18,6 +18,9 @@
 //!   binds one port, and commits one one-row insert and one delete) ÷ `one_pick`.
 //! - *new registry*: `one_claim` where the registry does not exist yet (a new path for each
 //!   process) ÷ `one_claim` where it does.
+//! - *long-lived registry*: `one_claim` on a registry whose names remember each of 14,000
+//!   ports (42000-55999, as a per-user registry does once tests have named their ports for
+//!   long enough; filled once, before timing) ÷ `one_claim` on the registry that exists.
 //! - *command line*: `portdaddy acquire NAME` and `portdaddy release NAME`, each minus
 //!   `/bin/true`; and beside them `one_sqlite` minus `/bin/true`, the floor of a command that
 //!   would do nothing but that.
@@ -120,10 +123,15 @@ fn build_programs() {
     assert!(status.success(), "cargo build failed");
 }
 
-/// Where `processes` lists the floor and the command's two verbs.
-const FLOOR: usize = 4;
-const ACQUIRE: usize = 5;
-const RELEASE: usize = 6;
+/// Where `processes` lists its programs, for the figures that compare them.
+const PICK: usize = 0;
+const CLAIM: usize = 1;
+const NEW: usize = 2;
+const LONG_LIVED: usize = 3;
+const TRUE: usize = 4;
+const FLOOR: usize = 5;
+const ACQUIRE: usize = 6;
+const RELEASE: usize = 7;
 
 /// A program measured: its name and how to start one process of it (`i` numbers the
 /// processes of the run, for programs that need a new registry each time).
@@ -138,6 +146,8 @@ fn processes(options: &Options) {
     let dir = tempfile::tempdir().unwrap();
     let warm = dir.path().join("warm.sqlite3");
     let floor_db = dir.path().join("floor.sqlite3");
+    let long_lived = dir.path().join("long-lived.sqlite3");
+    fill_long_lived(&long_lived);
     let fresh = dir.path().join("fresh");
     std::fs::create_dir(&fresh).unwrap();
     let one_claim = bin.join("examples").join("one_claim");
@@ -172,6 +182,10 @@ fn processes(options: &Options) {
             command: Box::new(|i| claim(&fresh.join(format!("r{i}.sqlite3")))),
         },
         Program {
+            name: "one_claim, long-lived",
+            command: Box::new(|_| claim(&long_lived)),
+        },
+        Program {
             name: "/bin/true",
             command: Box::new(|_| Command::new("/bin/true")),
         },
@@ -192,6 +206,7 @@ fn processes(options: &Options) {
     // before timing.
     time(&mut claim(&warm));
     time(&mut floor());
+    time(&mut claim(&long_lived));
     let load_before = load_average();
     let mut means: Vec<Vec<Duration>> = vec![Vec::new(); programs.len()];
     let mut serial = 0;
@@ -230,20 +245,44 @@ fn processes(options: &Options) {
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
     println!(
         "per process: one_claim ÷ one_pick = {:.2}×; the floor, one_sqlite ÷ one_pick = {:.2}×",
-        ratio(medians[1], medians[0]),
-        ratio(medians[FLOOR], medians[0])
+        ratio(medians[CLAIM], medians[PICK]),
+        ratio(medians[FLOOR], medians[PICK])
     );
     println!(
         "new registry: one_claim on a new registry ÷ on one that exists = {:.2}×",
-        ratio(medians[2], medians[1])
+        ratio(medians[NEW], medians[CLAIM])
+    );
+    println!(
+        "long-lived registry: one_claim where 14,000 ports are remembered ÷ on the registry \
+         that exists = {:.2}×",
+        ratio(medians[LONG_LIVED], medians[CLAIM])
     );
     println!(
         "command line: acquire − /bin/true = {:.3} ms, release − /bin/true = {:.3} ms; the \
          floor, one_sqlite − /bin/true = {:.3} ms",
-        ms(medians[ACQUIRE].saturating_sub(medians[3])),
-        ms(medians[RELEASE].saturating_sub(medians[3])),
-        ms(medians[FLOOR].saturating_sub(medians[3])),
+        ms(medians[ACQUIRE].saturating_sub(medians[TRUE])),
+        ms(medians[RELEASE].saturating_sub(medians[TRUE])),
+        ms(medians[FLOOR].saturating_sub(medians[TRUE])),
     );
+}
+
+/// A registry at `path` whose names remember each port of 42000-55999, filled through a
+/// handle whose probe binds nothing; no lease is left in it.
+fn fill_long_lived(path: &Path) {
+    let filler = portdaddy::PortDaddy::builder()
+        .path(path)
+        .range(42000..=55999)
+        .port_probe(|_: u16, _: portdaddy::Protocol| true)
+        .open()
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let names: Vec<String> = (0..14_000).map(|i| format!("old-{i:05}")).collect();
+    for chunk in names.chunks(1000) {
+        drop(
+            filler
+                .acquire_many(chunk)
+                .expect("fill the long-lived registry"),
+        );
+    }
 }
 
 fn ms(d: Duration) -> f64 {
