@@ -30,7 +30,7 @@
 //! 3. The database is inspected read-only: it must be empty (new) or carry our
 //!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
 //!    be above the generation this build reads; `PRAGMA quick_check` must pass, unless the
-//!    file is as the last open that checked it left it (see `checked`: the lock file records
+//!    file is as the last open that checked it left it (see `last_check`: the lock file records
 //!    the file's identity, size and change times, and any write moves them). Only then
 //!    is anything written, and only what the file needs: WAL mode, unless the file's header
 //!    said so already when step 1 read it under the lock, with no rollback journal beside
@@ -105,15 +105,15 @@
 //! # Files
 //!
 //! `schema` holds the migrations and the format policy (see its docs: "Registry format"),
-//! `checked` the record of the last integrity check, `create` the creation of a missing
+//! `last_check` the record of the last integrity check, `create` the creation of a missing
 //! registry in one step,
 //! `vet` the checks of a file before SQLite opens it (shared by the store and the
 //! examination), `tx` the transaction, `examine` the read-only examination behind
 //! `PortDaddy::diagnose`; this file the store and its open sequence.
 
-mod checked;
 mod create;
 mod examine;
+mod last_check;
 mod schema;
 mod tx;
 mod vet;
@@ -132,6 +132,7 @@ use crate::lock::{Anchor, Deadline, FileLock};
 use crate::paths::{self, sibling};
 
 pub(crate) use examine::examine;
+use last_check::{FileStamp, LastCheck};
 pub(crate) use schema::schema_supported;
 use schema::{inspect, migrate, Integrity};
 use tx::{run_write, SqlTx};
@@ -345,14 +346,19 @@ impl SqliteStore {
             // An image made whole here is in WAL mode already; a file that appeared meanwhile
             // was not read, and is switched if it needs it.
             let in_wal = vetted.wal || made_whole;
-            // A file as the last integrity check left it is not checked again (see `checked`).
-            let last_checked = checked::recorded(held.file());
-            let integrity = match checked::FileState::of(&real) {
-                Some(now) if last_checked == Some(now) => Integrity::AsLastChecked,
-                _ => Integrity::Check,
+            // A file as the last integrity check left it is not checked again (see
+            // `last_check`).
+            let last = LastCheck::read(held.file());
+            let before = FileStamp::of(&real);
+            let integrity = if last.covers(before) {
+                Integrity::AsLastChecked
+            } else {
+                Integrity::Check
             };
             let opened = open_checked(path, &real, deadline, wal_was_there, in_wal, integrity)
                 .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
+            // Whether anything wrote the file while it was checked (or found as checked).
+            let unchanged = before.is_some() && FileStamp::of(&real) == before;
             // In WAL mode no journal is written: ours only kept others from planting one
             // for SQLite's first read.
             paths::remove_created(journal);
@@ -380,11 +386,17 @@ impl SqliteStore {
             if made_whole {
                 create::start_log(&conn, &real).map_err(|e| sql_err(path, deadline, e))?;
             }
-            trim_wal(&conn, &real);
-            // Checked, or as last checked, and written since only by SQLite under the lock.
-            if let Some(now) = checked::FileState::of(&real) {
-                if last_checked != Some(now) {
-                    checked::record(held.file(), now, path);
+            let trimmed = trim_wal(&conn, &real);
+            // The file as checked, or as this open's own checkpoint left it; nothing where
+            // something else wrote it meanwhile, so that the next open checks.
+            let leaves = if trimmed {
+                FileStamp::of(&real)
+            } else {
+                before
+            };
+            if let Some(stamp) = leaves.filter(|_| unchanged) {
+                if !last.covers(Some(stamp)) {
+                    last_check::record(held.file(), stamp, path);
                 }
             }
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
@@ -588,16 +600,18 @@ fn remove_orphaned_side_files(path: &Path) -> io::Result<()> {
 }
 
 /// Checkpoints the write-ahead log beside `real` when it holds more than [`WAL_TRIM_FRAMES`]
-/// frames, so that the next writer starts it over from its first frame. The caller holds the
-/// write lock, so no claim of ours waits on the copy. A checkpoint that fails or cannot
-/// finish (a reader still needs old frames) changes nothing; the next open tries again.
-fn trim_wal(conn: &Connection, real: &Path) {
+/// frames, so that the next writer starts it over from its first frame; whether it tried. The
+/// caller holds the write lock, so no claim of ours waits on the copy. A checkpoint that
+/// fails or cannot finish (a reader still needs old frames) changes nothing; the next open
+/// tries again.
+fn trim_wal(conn: &Connection, real: &Path) -> bool {
     if !wal_longer_than(real, WAL_TRIM_FRAMES) {
-        return;
+        return false;
     }
     if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
         tracing::debug!(path = %real.display(), %error, "could not checkpoint the registry");
     }
+    true
 }
 
 /// Whether the write-ahead log beside `real` holds more than `frames` frames since it was
@@ -652,7 +666,7 @@ fn busy_timeout(deadline: Deadline) -> Duration {
 /// `real` is the registry file with its links resolved; `path` names it in errors.
 /// `wal_was_there` says whether a `-wal` was there before this open made one; `in_wal` that
 /// the file's header, read under the lock, says it is in WAL mode already; `integrity`
-/// whether to check the file's integrity (see `checked`).
+/// whether to check the file's integrity (see `last_check`).
 fn open_checked(
     path: &Path,
     real: &Path,

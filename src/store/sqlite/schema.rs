@@ -188,6 +188,7 @@ pub(super) fn inspect(
             "the registry file is as its last integrity check left it: not checked again");
         return Ok(found);
     }
+    tracing::debug!(path = %path.display(), "checking the integrity of the registry file in full");
     let check: String = conn
         .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
         .map_err(|e| open_sql_err(path, deadline, e))?;
@@ -200,11 +201,7 @@ pub(super) fn inspect(
     Ok(found)
 }
 
-/// What a registry of ours (`user_version` above 0) demands of its reader, read-only: its
-/// tables must be there, and its `min_reader_version` must not be above this build's
-/// generation. The one test for the store's open and the examination alike, so that the
-/// examination never calls fine what the open refuses.
-/// Whether [`inspect`] checks the file's integrity (see `checked`).
+/// Whether [`inspect`] checks the file's integrity (see `last_check`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Integrity {
     /// `PRAGMA quick_check`, which reads every page of the file.
@@ -213,6 +210,10 @@ pub(super) enum Integrity {
     AsLastChecked,
 }
 
+/// What a registry of ours (`user_version` above 0) demands of its reader, read-only: its
+/// tables must be there, and its `min_reader_version` must not be above this build's
+/// generation. The one test for the store's open and the examination alike, so that the
+/// examination never calls fine what the open refuses.
 pub(super) fn check_demands(conn: &Connection, path: &Path, deadline: Deadline) -> Result<()> {
     let sql = |e| open_sql_err(path, deadline, e);
     let missing = || Error::Corrupt {

@@ -222,6 +222,33 @@ pub fn logs_at(level: tracing::Level, f: impl FnOnce()) -> String {
     String::from_utf8(bytes).unwrap()
 }
 
+/// Waits until the file clock of the directory holding `path` has moved past the last change
+/// of `path` (its `ctime`): a file written beside it from then on gets a later time, as it
+/// would not within one tick of a coarse clock (Linux before 6.13). Writes a scratch file
+/// beside `path` until its time is later, and removes it. Panics after 5 seconds.
+#[cfg(unix)]
+pub fn wait_for_file_clock_past(path: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let changed = |p: &std::path::Path| {
+        let meta = std::fs::metadata(p).unwrap();
+        (meta.ctime(), meta.ctime_nsec())
+    };
+    let last = changed(path);
+    let scratch = sibling(path, ".clock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        std::fs::write(&scratch, b"tick").unwrap();
+        if changed(&scratch) > last {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file clock did not move past {last:?} in 5 s"
+        );
+    }
+    std::fs::remove_file(&scratch).unwrap();
+}
+
 /// Copies the write-ahead log of the registry at `path` into its file and removes `-wal` and
 /// `-shm`, as a plain SQLite client closing last does (portdaddy's connections leave them
 /// in place): for tests that need every lease in the file itself. No handle may be open.

@@ -1,0 +1,230 @@
+//! The record of the last integrity check of a registry file, so that an open does not
+//! check again a file that nothing has written since.
+//!
+//! `PRAGMA quick_check` reads every page of the file. On a long-lived registry, whose names
+//! table remembers a port for thousands of names, that costs a fresh process (a test under
+//! nextest, a call of the command) more than everything else it does, and every such process
+//! used to pay it. What it found stays true while the file stays as it was: in WAL mode
+//! SQLite writes the registry file only when it checkpoints, and every commit since it was
+//! checked went to the log, through SQLite.
+//!
+//! So an open that checked the file, or found it as last checked, records the file as it
+//! leaves it ([`FileStamp`]: device, inode, size, modification and change times) in the
+//! registry's lock file, under the write lock; the next open that finds the file so, under
+//! the same lock, skips the check. A write to the file moves its change time, which no
+//! program can set back: a checkpoint by another program, a copy over it, damage by anything
+//! that is not SQLite. The next open then checks it in full again. What the open itself did
+//! to the file after its check (its own checkpoint of a long log) was SQLite's work under the
+//! lock, and is recorded with it; an open during which the file changed otherwise records
+//! nothing, and a long-lived process's automatic checkpoints are not recorded, so the next
+//! open after either checks in full.
+//!
+//! A clock that moves only every few milliseconds (file times on Linux before 6.13, or on
+//! filesystems with coarse times) leaves a write in the same tick as the last change without
+//! a new time. So a record counts only for a file that last changed strictly before the
+//! record was written, by the lock file's own modification time, as git does for its index:
+//! a write after the record then falls in a later tick, or in the record's own, which makes
+//! the record too recent to count and the next open checks in full.
+//!
+//! The record is one line of text, [`TAG`] then the numbers; anything else in the lock file
+//! (older versions leave it empty, and never read it) counts as no record. Writing it is
+//! best effort: a failure costs the next open a check, nothing else. Where files have no
+//! identity or change times, every open checks.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+/// The first words of a record, with its format's version.
+const TAG: &str = "portdaddy-checked 1";
+
+/// The most a record takes, with room to spare; more in the file is no record.
+const MAX_LEN: u64 = 160;
+
+/// What tells a file apart from itself after a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    id: (u64, u64),
+    size: u64,
+    /// `mtime` and `ctime`, each in seconds and nanoseconds.
+    times: [i64; 4],
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path` (not through a link); `None` where it cannot be read,
+    /// or the platform does not tell.
+    pub(super) fn of(path: &Path) -> Option<Self> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        Some(Self {
+            id: crate::sys::file_id(&meta)?,
+            size: meta.len(),
+            times: crate::sys::change_times(&meta)?,
+        })
+    }
+
+    /// When the file last changed, content or inode.
+    fn changed(&self) -> (i64, i64) {
+        (self.times[2], self.times[3])
+    }
+
+    fn to_line(self) -> String {
+        let [ms, mns, cs, cns] = self.times;
+        format!(
+            "{TAG} {} {} {} {ms} {mns} {cs} {cns}\n",
+            self.id.0, self.id.1, self.size
+        )
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let rest = text.strip_prefix(TAG)?.strip_suffix('\n')?;
+        let mut words = rest.split(' ');
+        if !words.next()?.is_empty() {
+            return None;
+        }
+        let mut unsigned = || words.next()?.parse::<u64>().ok();
+        let (dev, ino, size) = (unsigned()?, unsigned()?, unsigned()?);
+        let mut times = [0i64; 4];
+        for time in &mut times {
+            *time = words.next()?.parse().ok()?;
+        }
+        words.next().is_none().then_some(Self {
+            id: (dev, ino),
+            size,
+            times,
+        })
+    }
+}
+
+/// What the lock file says of the last check: the file as it was left, and when that was
+/// written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct LastCheck {
+    record: Option<FileStamp>,
+    /// The lock file's modification time, in seconds and nanoseconds.
+    written: Option<(i64, i64)>,
+}
+
+impl LastCheck {
+    /// Reads the record in the lock file `lock` (held); no record if it holds anything else.
+    pub(super) fn read(lock: &File) -> Self {
+        let mut reader = lock;
+        let mut text = String::new();
+        let read = reader
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| reader.take(MAX_LEN + 1).read_to_string(&mut text));
+        let Some(record) = read.ok().and_then(|_| FileStamp::parse(&text)) else {
+            return Self::default();
+        };
+        let written = lock
+            .metadata()
+            .ok()
+            .and_then(|meta| crate::sys::change_times(&meta))
+            .map(|[s, ns, ..]| (s, ns));
+        Self {
+            record: Some(record),
+            written,
+        }
+    }
+
+    /// Whether a file whose stamp is `now` is as the last check left it: the stamp is the
+    /// one recorded, and the file last changed before the record was written.
+    pub(super) fn covers(&self, now: Option<FileStamp>) -> bool {
+        match (now, self.record, self.written) {
+            (Some(now), Some(record), Some(written)) => now == record && now.changed() < written,
+            _ => false,
+        }
+    }
+}
+
+/// Records `stamp` in the lock file `lock` (held), in place of what it held.
+pub(super) fn record(lock: &File, stamp: FileStamp, path: &Path) {
+    let line = stamp.to_line();
+    let mut writer = lock;
+    let written = writer
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| writer.write_all(line.as_bytes()))
+        .and_then(|()| lock.set_len(line.len() as u64));
+    if let Err(error) = written {
+        tracing::debug!(path = %path.display(), %error,
+            "could not record the integrity check in the lock file; the next open checks again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp() -> FileStamp {
+        FileStamp {
+            id: (2049, 1_234_567),
+            size: 28_672,
+            times: [1_764_700_000, 123_456_789, 1_764_700_001, 987_654_321],
+        }
+    }
+
+    #[test]
+    fn a_record_reads_back_as_written() {
+        let line = stamp().to_line();
+        assert!(line.len() as u64 <= MAX_LEN, "{line}");
+        assert_eq!(FileStamp::parse(&line), Some(stamp()));
+    }
+
+    #[test]
+    fn anything_but_a_whole_record_is_no_record() {
+        let line = stamp().to_line();
+        for bad in [
+            String::new(),
+            "\n".into(),
+            line.trim_end().to_owned(),
+            line.replace("checked 1", "checked 2"),
+            line.replacen(' ', "  ", 3),
+            line.replace('\n', " 7\n"),
+            line.replace("28672", "-28672"),
+            line.replace("28672", "x"),
+            format!("{line}{line}"),
+            line[..line.len() / 2].to_owned(),
+        ] {
+            assert_eq!(FileStamp::parse(&bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_record_covers_only_its_file_changed_before_it_was_written() {
+        let written = |record: Option<FileStamp>, written| LastCheck {
+            record,
+            written: Some(written),
+        };
+        let (s, ns) = stamp().changed();
+        let after = written(Some(stamp()), (s, ns + 1));
+        assert!(after.covers(Some(stamp())));
+        // Changed in the tick the record was written, or after: a write may hide there.
+        assert!(!written(Some(stamp()), (s, ns)).covers(Some(stamp())));
+        assert!(!written(Some(stamp()), (s - 1, 999_999_999)).covers(Some(stamp())));
+        let other = FileStamp {
+            size: 4096,
+            ..stamp()
+        };
+        assert!(!after.covers(Some(other)));
+        assert!(!after.covers(None));
+        assert!(!written(None, (s + 1, 0)).covers(Some(stamp())));
+        assert!(!LastCheck::default().covers(Some(stamp())));
+    }
+
+    #[test]
+    fn the_lock_file_holds_the_last_record_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.lock");
+        std::fs::write(&path, vec![b'x'; 500]).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        assert_eq!(LastCheck::read(&file).record, None, "garbage is no record");
+        record(&file, stamp(), &path);
+        assert_eq!(LastCheck::read(&file).record, Some(stamp()));
+        let newer = FileStamp {
+            size: 4096,
+            ..stamp()
+        };
+        record(&file, newer, &path);
+        assert_eq!(LastCheck::read(&file).record, Some(newer));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), newer.to_line());
+    }
+}
