@@ -31,8 +31,8 @@
 //!   `rusqlite` (feature `bundled`) as its dev-dependency.
 //!
 //! It first builds what it runs (`cargo build --release --features cli --example one_claim
-//! --example one_pick --example one_sqlite --bin portdaddy`). The claims come from ports 40000-59999, as the other
-//! benches' do; the registries live in a temporary directory.
+//! --example one_pick --example one_sqlite --bin portdaddy`). The claims come from ports
+//! 40000-59999, as the other benches' do; the registries live in a temporary directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -123,7 +123,7 @@ fn build_programs() {
     assert!(status.success(), "cargo build failed");
 }
 
-/// Where `processes` lists its programs, for the figures that compare them.
+// Where `processes` lists its programs, for the figures that compare them.
 const PICK: usize = 0;
 const CLAIM: usize = 1;
 const NEW: usize = 2;

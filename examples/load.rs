@@ -21,8 +21,9 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::ErrorKind;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -114,6 +115,10 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     if options.no_probe && options.floor {
         return Err("--no-probe is an option of the registry, not of --floor".into());
     }
+    // The floor's tables have no place in a registry: it keeps a file of its own.
+    if options.floor && options.registry.is_some() && worker_id.is_none() {
+        return Err("--floor keeps a temporary file of its own; drop --registry".into());
+    }
     if options.range.0 > options.range.1 {
         return Err("--range wants A-B with A no greater than B".into());
     }
@@ -176,11 +181,12 @@ impl Claims for Registry {
 /// The floor: the least any design pays that keeps its leases in one SQLite file shared by
 /// processes and makes sure of a port by binding it, with nothing of portdaddy in it. The
 /// file is set up as the registry is (write-ahead log, `synchronous=NORMAL`, SQLite's
-/// automatic checkpoint, none on close); writers queue on a blocking `flock` of a lock file
-/// beside it, as the registry's do. A claim is one transaction under that lock: the next
-/// port after a cursor that no row holds and that binds (the probe, under the lock), one row
-/// inserted and the cursor moved; a release deletes the row. No owners, names, reserved
-/// ports, expiry or checks of the files.
+/// automatic checkpoint, none on close); writers, the set-up among them, queue on a blocking
+/// `flock` of a lock file beside it, as the registry's do. A claim is one transaction under
+/// that lock: the next port after a cursor that no row holds and that binds on `[::]` (on
+/// `0.0.0.0` where there is no IPv6; the probe, under the lock), one row inserted and the
+/// cursor moved; a release deletes the row. No owners, names, reserved ports, expiry or
+/// checks of the files.
 struct Floor {
     conn: Connection,
     lock: RwLock<File>,
@@ -201,7 +207,6 @@ impl Floor {
             .map_err(err)?;
         conn.execute_batch("PRAGMA synchronous = NORMAL;")
             .map_err(err)?;
-        conn.execute_batch(Self::SCHEMA).map_err(err)?;
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".lock");
         let lock = File::options()
@@ -211,11 +216,12 @@ impl Floor {
             .truncate(false)
             .open(&lock_path)
             .map_err(|e| format!("{}: {e}", Path::new(&lock_path).display()))?;
-        Ok(Self {
-            conn,
-            lock: RwLock::new(lock),
-            range,
-        })
+        let mut lock = RwLock::new(lock);
+        {
+            let _held = lock.write().map_err(|e| format!("lock: {e}"))?;
+            conn.execute_batch(Self::SCHEMA).map_err(err)?;
+        }
+        Ok(Self { conn, lock, range })
     }
 
     /// Runs `f` in one write transaction under the lock.
@@ -255,7 +261,7 @@ impl Claims for Floor {
                     .query_row([port], |_| Ok(()))
                     .optional()?
                     .is_some();
-                if held || TcpListener::bind(("::", port)).is_err() {
+                if held || !binds(port) {
                     continue;
                 }
                 tx.prepare_cached("INSERT INTO leases (port, owner) VALUES (?1, ?2)")?
@@ -279,6 +285,15 @@ impl Claims for Floor {
                 .execute([held])
         })
         .map(drop)
+    }
+}
+
+/// Whether `port` binds on `[::]`, or on `0.0.0.0` where there is no IPv6.
+fn binds(port: u16) -> bool {
+    match TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)) {
+        Ok(_) => true,
+        Err(e) if matches!(e.kind(), ErrorKind::AddrInUse | ErrorKind::PermissionDenied) => false,
+        Err(_) => TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok(),
     }
 }
 

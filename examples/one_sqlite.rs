@@ -1,8 +1,9 @@
 //! The floor of `one_claim`: the least a fresh process pays that keeps its lease in a shared
 //! SQLite file and makes sure of the port, with nothing of portdaddy in it. It opens the
 //! file (bundled SQLite, write-ahead log, `synchronous=NORMAL`, as the registry), binds one
-//! TCP port, records it in one one-row write transaction and removes it in another, then
-//! exits. `benches/processes.rs` times it beside `one_claim` and `one_pick`.
+//! TCP port on `[::]` (on `0.0.0.0` where there is no IPv6), records it in one one-row
+//! write transaction and removes it in another, then exits. `benches/processes.rs` times it
+//! beside `one_claim` and `one_pick`.
 //!
 //! ```text
 //! cargo run --release --example one_sqlite -- /tmp/floor.sqlite3
@@ -12,7 +13,7 @@
 //! checkpoints when it closes, so that no process pays for a log that grew without bound, or
 //! for creating it again.
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, TransactionBehavior};
@@ -27,15 +28,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "PRAGMA synchronous = NORMAL;
          PRAGMA wal_autocheckpoint = 64;",
     )?;
-    // Only the first process finds a file to set up; the others pay one lookup.
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
-    if mode != "wal" {
+    // Only the first process finds a file to set up (or one whose set-up was cut short); the
+    // others pay one lookup.
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == 0 {
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
-             CREATE TABLE IF NOT EXISTS leases (port INTEGER PRIMARY KEY, name TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS leases (port INTEGER PRIMARY KEY, name TEXT NOT NULL);
+             PRAGMA user_version = 1;",
         )?;
     }
-    let probe = TcpListener::bind("[::]:0")?;
+    let probe = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0))
+        .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
     let port = probe.local_addr()?.port();
     drop(probe);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
