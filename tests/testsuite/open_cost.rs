@@ -275,7 +275,7 @@ fn a_registry_written_since_its_last_check_is_checked_in_full_and_refused_when_d
 }
 
 #[test]
-fn what_is_not_a_record_in_the_lock_file_is_no_record() {
+fn what_is_not_a_record_in_the_lock_file_is_no_record_and_left_as_it_was() {
     let (_dir, path) = temp_registry();
     let range = FIRST + 46..=FIRST + 48;
     let kept = registry_with_a_lease(&path, &range);
@@ -283,17 +283,79 @@ fn what_is_not_a_record_in_the_lock_file_is_no_record() {
     let record = fs::read_to_string(&lock).unwrap();
     for garbage in [
         b"\x00\xffnot a record at all".to_vec(),
-        record.replace("checked 1", "checked 9").into_bytes(),
+        record.replace("portdaddy", "someone").into_bytes(),
         vec![b'7'; 4096],
     ] {
         fs::write(&lock, &garbage).unwrap();
-        let (logs, opened) = open_logged(&path, &range);
-        assert_eq!(leases(&opened.unwrap()), vec![kept.clone()]);
-        assert!(logs.contains(CHECKED), "{logs}");
-        assert_eq!(
-            fs::read_to_string(&lock).unwrap(),
-            record,
-            "the record is written anew"
-        );
+        for _ in 0..2 {
+            let (logs, opened) = open_logged(&path, &range);
+            assert_eq!(leases(&opened.unwrap()), vec![kept.clone()]);
+            assert!(logs.contains(CHECKED), "{logs}");
+            assert_eq!(fs::read(&lock).unwrap(), garbage, "not ours to write over");
+        }
     }
+    // A record of another version of the format is ours: written over with this one's.
+    fs::write(&lock, record.replace("checked 1", "checked 9")).unwrap();
+    let (logs, opened) = open_logged(&path, &range);
+    drop(opened.unwrap());
+    assert!(logs.contains(CHECKED), "{logs}");
+    assert_eq!(fs::read_to_string(&lock).unwrap(), record);
+}
+
+/// Damage that no write reports (the disk's own, or a disk image put back) leaves the file's
+/// times as they were. Made here by writing the damage, then a record that matches the file
+/// as it is now, written after its last change.
+#[cfg(unix)]
+#[test]
+fn damage_to_the_leases_that_the_record_cannot_see_is_still_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let (_dir, path) = temp_registry();
+    let range = FIRST + 49..=FIRST + 49;
+    registry_with_a_lease(&path, &range);
+    fold_wal(&path);
+    let leases_page: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT rootpage FROM sqlite_schema WHERE name = 'leases'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(open_probing(&path, &range));
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let at = u64::try_from(leases_page - 1).unwrap() * 4096;
+        file.seek(SeekFrom::Start(at)).unwrap();
+        file.write_all(&[0x01]).unwrap();
+    }
+    let meta = fs::metadata(&path).unwrap();
+    common::wait_for_file_clock_past(&path);
+    let lock = sibling(&path, ".lock");
+    fs::write(
+        &lock,
+        format!(
+            "portdaddy-checked 1 {} {} {} {} {} {} {}\n",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec()
+        ),
+    )
+    .unwrap();
+    let damaged = fs::read(&path).unwrap();
+
+    let (logs, opened) = open_logged(&path, &range);
+    assert!(logs.contains(NOT_CHECKED), "the record counts: {logs}");
+    match opened {
+        Err(Error::Corrupt { detail, .. }) => {
+            assert!(detail.contains("integrity check failed"), "{detail}");
+        }
+        Err(other) => panic!("expected Error::Corrupt, got {other}"),
+        Ok(_) => panic!("a registry with damaged leases was opened"),
+    }
+    assert_eq!(fs::read(&path).unwrap(), damaged, "left as it was");
 }

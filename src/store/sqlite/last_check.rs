@@ -11,13 +11,18 @@
 //! So an open that checked the file, or found it as last checked, records the file as it
 //! leaves it ([`FileStamp`]: device, inode, size, modification and change times) in the
 //! registry's lock file, under the write lock; the next open that finds the file so, under
-//! the same lock, skips the check. A write to the file moves its change time, which no
+//! the same lock, checks only the tables of leases and reserved ports, which are small and
+//! are what keeps a port from two holders (damage that no write reports, the disk's own,
+//! shows there before a claim reads it). A write to the file moves its change time, which no
 //! program can set back: a checkpoint by another program, a copy over it, damage by anything
 //! that is not SQLite. The next open then checks it in full again. What the open itself did
-//! to the file after its check (its own checkpoint of a long log) was SQLite's work under the
-//! lock, and is recorded with it; an open during which the file changed otherwise records
-//! nothing, and a long-lived process's automatic checkpoints are not recorded, so the next
-//! open after either checks in full.
+//! to the file after a full check (its own checkpoint of the log it checked) was SQLite's
+//! work under the lock, and is recorded with it; an open during which the file changed
+//! otherwise, or that copied into it a log it did not check, records nothing, and a
+//! long-lived process's automatic checkpoints are not recorded, so the next open after any
+//! of these checks in full. What a program of the user commits through SQLite is not
+//! damage the record sees, as it never was: such a program can free any port with a valid
+//! `DELETE`.
 //!
 //! A clock that moves only every few milliseconds (file times on Linux before 6.13, or on
 //! filesystems with coarse times) leaves a write in the same tick as the last change without
@@ -27,13 +32,18 @@
 //! the record too recent to count and the next open checks in full.
 //!
 //! The record is one line of text, [`TAG`] then the numbers; anything else in the lock file
-//! (older versions leave it empty, and never read it) counts as no record. Writing it is
-//! best effort: a failure costs the next open a check, nothing else. Where files have no
-//! identity or change times, every open checks.
+//! (older versions leave it empty, and never read it) counts as no record. It is written only
+//! over nothing or over a record (of any version, or cut short): a lock file that holds
+//! anything else, or that has another name too (a hard link), is left as it is, and every
+//! open checks in full. Writing it is best effort: a failure costs the next open a check,
+//! nothing else. Where files have no identity or change times, every open checks.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
+
+/// The first word of a record of any version of its format: what this module may write over.
+const OURS: &str = "portdaddy-checked ";
 
 /// The first words of a record, with its format's version.
 const TAG: &str = "portdaddy-checked 1";
@@ -96,33 +106,42 @@ impl FileStamp {
 }
 
 /// What the lock file says of the last check: the file as it was left, and when that was
-/// written.
+/// written; and whether a record may be written there.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct LastCheck {
     record: Option<FileStamp>,
     /// The lock file's modification time, in seconds and nanoseconds.
     written: Option<(i64, i64)>,
+    /// The lock file has no other name, and holds nothing or what a record left: a file
+    /// that is also another (a hard link) or holds something else is never written.
+    writable: bool,
 }
 
 impl LastCheck {
-    /// Reads the record in the lock file `lock` (held); no record if it holds anything else.
+    /// Reads the record in the lock file `lock` (held); no record if it holds anything else,
+    /// or has another name.
     pub(super) fn read(lock: &File) -> Self {
+        let Ok(meta) = lock.metadata() else {
+            return Self::default();
+        };
+        if crate::sys::links(&meta) != Some(1) {
+            return Self::default();
+        }
         let mut reader = lock;
         let mut text = String::new();
         let read = reader
             .seek(SeekFrom::Start(0))
             .and_then(|_| reader.take(MAX_LEN + 1).read_to_string(&mut text));
-        let Some(record) = read.ok().and_then(|_| FileStamp::parse(&text)) else {
+        if read.is_err() {
             return Self::default();
-        };
-        let written = lock
-            .metadata()
-            .ok()
-            .and_then(|meta| crate::sys::change_times(&meta))
-            .map(|[s, ns, ..]| (s, ns));
+        }
+        // A record cut short (a process killed as it wrote), or of another version of the
+        // format, is ours to write over.
+        let writable = text.is_empty() || text.starts_with(OURS);
         Self {
-            record: Some(record),
-            written,
+            record: FileStamp::parse(&text),
+            written: crate::sys::change_times(&meta).map(|[s, ns, ..]| (s, ns)),
+            writable,
         }
     }
 
@@ -134,10 +153,18 @@ impl LastCheck {
             _ => false,
         }
     }
+
+    /// Records `stamp` in the lock file `lock` (held, the one read), in place of the last
+    /// record, unless that record counts for it already or the file is not to be written.
+    pub(super) fn record(&self, lock: &File, stamp: FileStamp, path: &Path) {
+        if self.writable && !self.covers(Some(stamp)) {
+            write(lock, stamp, path);
+        }
+    }
 }
 
-/// Records `stamp` in the lock file `lock` (held), in place of what it held.
-pub(super) fn record(lock: &File, stamp: FileStamp, path: &Path) {
+/// Writes `stamp` in the lock file `lock` (held), in place of what it held.
+fn write(lock: &File, stamp: FileStamp, path: &Path) {
     let line = stamp.to_line();
     let mut writer = lock;
     let written = writer
@@ -193,6 +220,7 @@ mod tests {
         let written = |record: Option<FileStamp>, written| LastCheck {
             record,
             written: Some(written),
+            writable: true,
         };
         let (s, ns) = stamp().changed();
         let after = written(Some(stamp()), (s, ns + 1));
@@ -217,14 +245,46 @@ mod tests {
         std::fs::write(&path, vec![b'x'; 500]).unwrap();
         let file = File::options().read(true).write(true).open(&path).unwrap();
         assert_eq!(LastCheck::read(&file).record, None, "garbage is no record");
-        record(&file, stamp(), &path);
+        LastCheck::read(&file).record(&file, stamp(), &path);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            vec![b'x'; 500],
+            "not ours to write"
+        );
+
+        std::fs::write(&path, b"").unwrap();
+        LastCheck::read(&file).record(&file, stamp(), &path);
         assert_eq!(LastCheck::read(&file).record, Some(stamp()));
         let newer = FileStamp {
             size: 4096,
             ..stamp()
         };
-        record(&file, newer, &path);
+        LastCheck::read(&file).record(&file, newer, &path);
         assert_eq!(LastCheck::read(&file).record, Some(newer));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), newer.to_line());
+
+        // Cut short, as by a process killed while it wrote: written over.
+        let line = stamp().to_line();
+        std::fs::write(&path, &line[..line.len() / 2]).unwrap();
+        assert_eq!(LastCheck::read(&file).record, None);
+        LastCheck::read(&file).record(&file, stamp(), &path);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), line);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_with_another_name_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("notes.txt");
+        std::fs::write(&other, b"").unwrap();
+        let path = dir.path().join("r.lock");
+        std::fs::hard_link(&other, &path).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        LastCheck::read(&file).record(&file, stamp(), &path);
+        assert_eq!(
+            std::fs::read(&other).unwrap(),
+            b"",
+            "the other name's file was written"
+        );
     }
 }

@@ -387,17 +387,16 @@ impl SqliteStore {
                 create::start_log(&conn, &real).map_err(|e| sql_err(path, deadline, e))?;
             }
             let trimmed = trim_wal(&conn, &real);
-            // The file as checked, or as this open's own checkpoint left it; nothing where
-            // something else wrote it meanwhile, so that the next open checks.
-            let leaves = if trimmed {
-                FileStamp::of(&real)
-            } else {
-                before
+            // The file as checked, or as this open's own checkpoint left it after checking the
+            // log it copied; nothing where something else wrote it meanwhile, or the log was
+            // not checked, so that the next open checks.
+            let leaves = match (trimmed, integrity) {
+                (false, _) => before,
+                (true, Integrity::Check) => FileStamp::of(&real),
+                (true, Integrity::AsLastChecked) => None,
             };
             if let Some(stamp) = leaves.filter(|_| unchanged) {
-                if !last.covers(Some(stamp)) {
-                    last_check::record(held.file(), stamp, path);
-                }
+                last.record(held.file(), stamp, path);
             }
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).
