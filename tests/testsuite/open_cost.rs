@@ -359,3 +359,79 @@ fn damage_to_the_leases_that_the_record_cannot_see_is_still_refused() {
     }
     assert_eq!(fs::read(&path).unwrap(), damaged, "left as it was");
 }
+
+/// A record written in the tick of the file's last change does not count: a write in that
+/// tick of a coarse file clock (one second on some file systems) would not have moved the
+/// file's times. Made here by giving the lock file, once the record is in it, the very time
+/// of the file's last change, after damage the record cannot see.
+#[cfg(unix)]
+#[test]
+fn a_record_no_later_than_the_files_last_change_does_not_count() {
+    use std::os::unix::fs::MetadataExt;
+    let (_dir, path) = temp_registry();
+    let range = FIRST + 49..=FIRST + 49;
+    drop(common::open_unprobed(&path, &range));
+    fold_wal(&path);
+    let index_page: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT rootpage FROM sqlite_schema WHERE name = 'names_port'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(common::open_unprobed(&path, &range));
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let at = u64::try_from(index_page - 1).unwrap() * 4096;
+        file.seek(SeekFrom::Start(at)).unwrap();
+        file.write_all(&[0x01]).unwrap();
+    }
+    let meta = fs::metadata(&path).unwrap();
+    let lock = sibling(&path, ".lock");
+    fs::write(
+        &lock,
+        format!(
+            "portdaddy-checked 1 {} {} {} {} {} {} {}\n",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec()
+        ),
+    )
+    .unwrap();
+    let changed = std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(meta.ctime()).unwrap(),
+            u32::try_from(meta.ctime_nsec()).unwrap(),
+        );
+    fs::File::options()
+        .write(true)
+        .open(&lock)
+        .unwrap()
+        .set_modified(changed)
+        .unwrap();
+    let damaged = fs::read(&path).unwrap();
+
+    let mut opened = None;
+    let logs = common::logs_at(tracing::Level::DEBUG, || {
+        opened = Some(
+            PortDaddy::builder()
+                .path(&path)
+                .range(range.clone())
+                .port_probe(common::all_free)
+                .open(),
+        );
+    });
+    assert!(logs.contains(CHECKED), "{logs}");
+    match opened.expect("the open ran") {
+        Err(Error::Corrupt { .. }) => {}
+        Err(other) => panic!("expected Error::Corrupt, got {other}"),
+        Ok(_) => panic!("a damaged registry was opened on a record too recent to count"),
+    }
+    assert_eq!(fs::read(&path).unwrap(), damaged, "left as it was");
+}
