@@ -207,6 +207,51 @@ fn open_logged(
     (logs, opened.expect("the open ran"))
 }
 
+/// The first page of the table or index `name` of the registry at `path` (folded, so that
+/// the page is in the file itself), read through plain SQLite.
+fn root_page(path: &Path, name: &str) -> u64 {
+    let page: i64 = rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(
+            "SELECT rootpage FROM sqlite_schema WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .unwrap();
+    u64::try_from(page).unwrap()
+}
+
+/// Makes page `page` of the file at `path` no b-tree page at all (its type byte 1), written
+/// in place as a stray write would; the file's bytes after.
+fn spoil_page(path: &Path, page: u64) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.seek(SeekFrom::Start((page - 1) * 4096)).unwrap();
+    file.write_all(&[0x01]).unwrap();
+    drop(file);
+    fs::read(path).unwrap()
+}
+
+/// Writes into the lock file of the registry at `path` a record of the file as it is now,
+/// as an open that checked it would; the file's metadata.
+#[cfg(unix)]
+fn forge_record(path: &Path) -> fs::Metadata {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).unwrap();
+    let record = format!(
+        "portdaddy-checked 1 {} {} {} {} {} {} {}\n",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    fs::write(sibling(path, ".lock"), record).unwrap();
+    meta
+}
+
 /// What an open logs when it does not check the file's integrity again, and when it does.
 const NOT_CHECKED: &str = "not checked again";
 const CHECKED: &str = "checking the integrity of the registry file in full";
@@ -240,28 +285,14 @@ fn a_registry_written_since_its_last_check_is_checked_in_full_and_refused_when_d
     registry_with_a_lease(&path, &range);
     // Another SQLite client writes the file: every commit copied into it.
     fold_wal(&path);
-    let index_page: i64 = rusqlite::Connection::open(&path)
-        .unwrap()
-        .query_row(
-            "SELECT rootpage FROM sqlite_schema WHERE name = 'names_port'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let index_page = root_page(&path, "names_port");
     let (logs, opened) = open_logged(&path, &range);
     drop(opened.unwrap());
     assert!(logs.contains(CHECKED), "the file was written: {logs}");
 
     // Damage that neither an open nor a claim reads: the page of an index that only the
-    // full check walks, made no b-tree page at all. Written in place, as a stray write would.
-    {
-        use std::io::{Seek, SeekFrom, Write};
-        let mut file = fs::OpenOptions::new().write(true).open(&path).unwrap();
-        let at = u64::try_from(index_page - 1).unwrap() * 4096;
-        file.seek(SeekFrom::Start(at)).unwrap();
-        file.write_all(&[0x01]).unwrap();
-    }
-    let damaged = fs::read(&path).unwrap();
+    // full check walks.
+    let damaged = spoil_page(&path, index_page);
     let (logs, opened) = open_logged(&path, &range);
     assert!(logs.contains(CHECKED), "{logs}");
     match opened {
@@ -308,45 +339,15 @@ fn what_is_not_a_record_in_the_lock_file_is_no_record_and_left_as_it_was() {
 #[cfg(unix)]
 #[test]
 fn damage_to_the_leases_that_the_record_cannot_see_is_still_refused() {
-    use std::os::unix::fs::MetadataExt;
     let (_dir, path) = temp_registry();
     let range = FIRST + 49..=FIRST + 49;
     registry_with_a_lease(&path, &range);
     fold_wal(&path);
-    let leases_page: i64 = rusqlite::Connection::open(&path)
-        .unwrap()
-        .query_row(
-            "SELECT rootpage FROM sqlite_schema WHERE name = 'leases'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let leases_page = root_page(&path, "leases");
     drop(open_probing(&path, &range));
-    {
-        use std::io::{Seek, SeekFrom, Write};
-        let mut file = fs::OpenOptions::new().write(true).open(&path).unwrap();
-        let at = u64::try_from(leases_page - 1).unwrap() * 4096;
-        file.seek(SeekFrom::Start(at)).unwrap();
-        file.write_all(&[0x01]).unwrap();
-    }
-    let meta = fs::metadata(&path).unwrap();
+    let damaged = spoil_page(&path, leases_page);
     common::wait_for_file_clock_past(&path);
-    let lock = sibling(&path, ".lock");
-    fs::write(
-        &lock,
-        format!(
-            "portdaddy-checked 1 {} {} {} {} {} {} {}\n",
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-            meta.ctime(),
-            meta.ctime_nsec()
-        ),
-    )
-    .unwrap();
-    let damaged = fs::read(&path).unwrap();
+    forge_record(&path);
 
     let (logs, opened) = open_logged(&path, &range);
     assert!(logs.contains(NOT_CHECKED), "the record counts: {logs}");
@@ -372,38 +373,10 @@ fn a_record_no_later_than_the_files_last_change_does_not_count() {
     let range = FIRST + 49..=FIRST + 49;
     drop(common::open_unprobed(&path, &range));
     fold_wal(&path);
-    let index_page: i64 = rusqlite::Connection::open(&path)
-        .unwrap()
-        .query_row(
-            "SELECT rootpage FROM sqlite_schema WHERE name = 'names_port'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let index_page = root_page(&path, "names_port");
     drop(common::open_unprobed(&path, &range));
-    {
-        use std::io::{Seek, SeekFrom, Write};
-        let mut file = fs::OpenOptions::new().write(true).open(&path).unwrap();
-        let at = u64::try_from(index_page - 1).unwrap() * 4096;
-        file.seek(SeekFrom::Start(at)).unwrap();
-        file.write_all(&[0x01]).unwrap();
-    }
-    let meta = fs::metadata(&path).unwrap();
-    let lock = sibling(&path, ".lock");
-    fs::write(
-        &lock,
-        format!(
-            "portdaddy-checked 1 {} {} {} {} {} {} {}\n",
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-            meta.ctime(),
-            meta.ctime_nsec()
-        ),
-    )
-    .unwrap();
+    let damaged = spoil_page(&path, index_page);
+    let meta = forge_record(&path);
     let changed = std::time::UNIX_EPOCH
         + std::time::Duration::new(
             u64::try_from(meta.ctime()).unwrap(),
@@ -411,11 +384,10 @@ fn a_record_no_later_than_the_files_last_change_does_not_count() {
         );
     fs::File::options()
         .write(true)
-        .open(&lock)
+        .open(sibling(&path, ".lock"))
         .unwrap()
         .set_modified(changed)
         .unwrap();
-    let damaged = fs::read(&path).unwrap();
 
     let mut opened = None;
     let logs = common::logs_at(tracing::Level::DEBUG, || {
