@@ -364,8 +364,8 @@ impl PortDaddy {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidName`](crate::Error::InvalidName),
-    /// [`Error::Exhausted`](crate::Error::Exhausted), or a registry error.
+    /// [`Error::InvalidName`],
+    /// [`Error::Exhausted`], or a registry error.
     pub fn acquire(&self, name: &str) -> Result<PortGuard> {
         self.acquire_with(&Request::new(name))
     }
@@ -375,8 +375,8 @@ impl PortDaddy {
     /// # Errors
     ///
     /// As [`acquire`](Self::acquire), plus
-    /// [`Error::PortUnavailable`](crate::Error::PortUnavailable) for a required port that is
-    /// taken and [`Error::InvalidRequest`](crate::Error::InvalidRequest).
+    /// [`Error::PortUnavailable`] for a required port that is
+    /// taken and [`Error::InvalidRequest`].
     pub fn acquire_with(&self, request: &Request) -> Result<PortGuard> {
         self.check_request(request)?;
         let (lease, choice, sockets) = self
@@ -662,7 +662,7 @@ impl PortDaddy {
     ///
     /// # Errors
     ///
-    /// [`Error::ForkedHandle`](crate::Error::ForkedHandle) in a child made by `fork` without
+    /// [`Error::ForkedHandle`] in a child made by `fork` without
     /// `exec`, where this handle's lock is the parent's; a registry error if a removed lock
     /// file cannot be replaced, or the descriptor cannot be duplicated. Spawning the command
     /// fails if its descriptor cannot be kept open across `exec`.

@@ -163,7 +163,7 @@ pub(crate) struct SqliteStore {
     /// Tells whether the registry file the connection has open was deleted or replaced.
     anchor: Anchor,
     /// Tells whether the `-shm` index of the write-ahead log that the connection has mapped
-    /// was deleted or replaced (see [`shm_removed`](Self::shm_removed)); `None` if there was
+    /// was deleted or replaced (see [`shm_gone`]); `None` if there was
     /// none to anchor.
     shm: Option<Anchor>,
     /// How the store was opened, to open the path again if its file is replaced.
