@@ -44,7 +44,8 @@ pub(crate) fn file_id(meta: &fs::Metadata) -> Option<(u64, u64)> {
 }
 
 /// When a file's content and its inode last changed: `mtime` and `ctime`, each in seconds and
-/// nanoseconds. Any write to the file moves its `ctime`, which no program can set back.
+/// nanoseconds, as the file system's clock gave them (which may move only every few
+/// milliseconds, or every second).
 pub(crate) fn change_times(meta: &fs::Metadata) -> Option<[i64; 4]> {
     Some([
         meta.mtime(),
@@ -52,6 +53,23 @@ pub(crate) fn change_times(meta: &fs::Metadata) -> Option<[i64; 4]> {
         meta.ctime(),
         meta.ctime_nsec(),
     ])
+}
+
+/// Sets the modification time of `file` to now by the file system's own clock (`futimens`
+/// with `UTIME_NOW`): the time a write at this moment would get.
+pub(crate) fn touch(file: &File) -> io::Result<()> {
+    use rustix::fs::{futimens, Timespec, Timestamps, UTIME_NOW, UTIME_OMIT};
+    let times = Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_NOW,
+        },
+    };
+    Ok(futimens(file, &times)?)
 }
 
 /// Whether the file `file` has open was deleted (it has no links left). One `fstat`.

@@ -8,31 +8,34 @@
 //! SQLite writes the registry file only when it checkpoints, and every commit since it was
 //! checked went to the log, through SQLite.
 //!
-//! So an open that checked the file, or found it as last checked, records the file as it
-//! leaves it ([`FileStamp`]: device, inode, size, modification and change times) in the
-//! registry's lock file, under the write lock; the next open that finds the file so, under
-//! the same lock, checks only the tables of leases and reserved ports, which are small and
-//! are what keeps a port from two holders (damage that no write reports, the disk's own,
-//! shows there before a claim reads it). A write to the file moves its change time, which no
-//! program can set back: a checkpoint by another program, a copy over it, damage by anything
-//! that is not SQLite. The next open then checks it in full again. What the open itself did
-//! to the file after a full check (its own checkpoint of the log it checked) was SQLite's
-//! work under the lock, and is recorded with it; an open during which the file changed
-//! otherwise, or that copied into it a log it did not check, records nothing, and a
-//! long-lived process's automatic checkpoints are not recorded, so the next open after any
-//! of these checks in full. What a program of the user commits through SQLite is not
-//! damage the record sees, as it never was: such a program can free any port with a valid
-//! `DELETE`.
+//! So an open that checked the file in full records the file as it was checked
+//! ([`FileStamp`]: device, inode, size, modification and change times) in the registry's
+//! lock file, under the write lock; the next open that finds the file so, under the same
+//! lock, checks only the tables of leases and reserved ports, which are small and are what
+//! keeps a port from two holders (damage that no write reports, the disk's own, shows there
+//! before a claim reads it). A write to the file moves its change time, which no program can
+//! set back: a checkpoint by another program, a copy over it, damage by anything that is not
+//! SQLite. The next open then checks it in full again. An open during which the file changed,
+//! or that checkpointed the log into it, records nothing, and neither do a long-lived
+//! process's automatic checkpoints, so the next open after any of these checks in full. What
+//! a program of the user commits through SQLite is not damage the record sees, as it never
+//! was: such a program can free any port with a valid `DELETE`.
 //!
-//! A clock that moves only every few milliseconds (file times on Linux before 6.13, or on
-//! filesystems with coarse times) leaves a write in the same tick as the last change without
-//! a new time. So a record counts only for a file that last changed strictly before the
-//! record was written, by the lock file's own modification time, as git does for its index:
-//! a write after the record then falls in a later tick, or in the record's own, which makes
-//! the record too recent to count and the next open checks in full.
+//! A file clock that moves only every few milliseconds, or every second (Linux before 6.13,
+//! file systems with coarse times, and on later kernels a file whose times nobody asked for
+//! since it last changed), gives a write in the tick of the file's last change no new time.
+//! Two rules keep such a write from hiding behind a stamp, as git's rule for its index does:
+//! - a full check first removes the record and reads the file clock (it touches the lock
+//!   file), then stamps the file; it records the stamp only if the file last changed
+//!   strictly before that reading, so that a write during the check, after the stamp, falls
+//!   in a later tick and moves the file's times;
+//! - a record counts only for a file that last changed strictly before the record was
+//!   written (the lock file's own modification time).
 //!
 //! The record is one line of text, [`TAG`] then the numbers; anything else in the lock file
-//! (older versions leave it empty, and never read it) counts as no record. It is written only
+//! (older versions leave it empty, and never read it) counts as no record. So the first full
+//! check after a change of the file often records nothing (the change and the check share a
+//! tick), and the one after it does. It is written only
 //! over nothing or over a record (of any version, or cut short): a lock file that holds
 //! anything else, or that has another name too (a hard link), is left as it is, and every
 //! open checks in full. Writing it is best effort: a failure costs the next open a check,
@@ -115,7 +118,13 @@ pub(super) struct LastCheck {
     /// The lock file has no other name, and holds nothing or what a record left: a file
     /// that is also another (a hard link) or holds something else is never written.
     writable: bool,
+    /// The lock file holds nothing.
+    empty: bool,
 }
+
+/// The file system's time when a full check began, by the lock file's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct CheckStart((i64, i64));
 
 impl LastCheck {
     /// Reads the record in the lock file `lock` (held); no record if it holds anything else,
@@ -142,6 +151,7 @@ impl LastCheck {
             record: FileStamp::parse(&text),
             written: crate::sys::change_times(&meta).map(|[s, ns, ..]| (s, ns)),
             writable,
+            empty: text.is_empty(),
         }
     }
 
@@ -154,10 +164,28 @@ impl LastCheck {
         }
     }
 
-    /// Records `stamp` in the lock file `lock` (held, the one read), in place of the last
-    /// record, unless that record counts for it already or the file is not to be written.
-    pub(super) fn record(&self, lock: &File, stamp: FileStamp, path: &Path) {
-        if self.writable && !self.covers(Some(stamp)) {
+    /// Before a full check, and before the file is stamped for it: removes the record, so
+    /// that none counts if the check fails or the process dies, and reads the file system's
+    /// clock by touching the lock file (`lock`, held, the one read). `None` where no record
+    /// is to be written.
+    pub(super) fn begin_check(&self, lock: &File) -> Option<CheckStart> {
+        if !self.writable {
+            return None;
+        }
+        if !self.empty {
+            lock.set_len(0).ok()?;
+        }
+        crate::sys::touch(lock).ok()?;
+        let [s, ns, ..] = crate::sys::change_times(&lock.metadata().ok()?)?;
+        Some(CheckStart((s, ns)))
+    }
+
+    /// After a full check that began at `start` and passed, on a file stamped `stamp` just
+    /// after `start` and found so after the check: records it in the lock file `lock` (held).
+    /// Only if the file last changed before the check began: a write in the tick of `start`
+    /// or later, during the check, would otherwise hide behind the stamp.
+    pub(super) fn record(&self, lock: &File, stamp: FileStamp, start: CheckStart, path: &Path) {
+        if stamp.changed() < start.0 {
             write(lock, stamp, path);
         }
     }
@@ -221,6 +249,7 @@ mod tests {
             record,
             written: Some(written),
             writable: true,
+            empty: false,
         };
         let (s, ns) = stamp().changed();
         let after = written(Some(stamp()), (s, ns + 1));
@@ -238,6 +267,14 @@ mod tests {
         assert!(!LastCheck::default().covers(Some(stamp())));
     }
 
+    /// Begins a check on the lock file `file` and records `stamp` after it, as an open does.
+    fn check_and_record(file: &File, stamp: FileStamp, path: &Path) {
+        let last = LastCheck::read(file);
+        if let Some(start) = last.begin_check(file) {
+            last.record(file, stamp, start, path);
+        }
+    }
+
     #[test]
     fn the_lock_file_holds_the_last_record_alone() {
         let dir = tempfile::tempdir().unwrap();
@@ -245,7 +282,7 @@ mod tests {
         std::fs::write(&path, vec![b'x'; 500]).unwrap();
         let file = File::options().read(true).write(true).open(&path).unwrap();
         assert_eq!(LastCheck::read(&file).record, None, "garbage is no record");
-        LastCheck::read(&file).record(&file, stamp(), &path);
+        check_and_record(&file, stamp(), &path);
         assert_eq!(
             std::fs::read(&path).unwrap(),
             vec![b'x'; 500],
@@ -253,13 +290,13 @@ mod tests {
         );
 
         std::fs::write(&path, b"").unwrap();
-        LastCheck::read(&file).record(&file, stamp(), &path);
+        check_and_record(&file, stamp(), &path);
         assert_eq!(LastCheck::read(&file).record, Some(stamp()));
         let newer = FileStamp {
             size: 4096,
             ..stamp()
         };
-        LastCheck::read(&file).record(&file, newer, &path);
+        check_and_record(&file, newer, &path);
         assert_eq!(LastCheck::read(&file).record, Some(newer));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), newer.to_line());
 
@@ -267,8 +304,36 @@ mod tests {
         let line = stamp().to_line();
         std::fs::write(&path, &line[..line.len() / 2]).unwrap();
         assert_eq!(LastCheck::read(&file).record, None);
-        LastCheck::read(&file).record(&file, stamp(), &path);
+        check_and_record(&file, stamp(), &path);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), line);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_check_removes_the_record_and_records_only_a_file_changed_before_it_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.lock");
+        std::fs::write(&path, stamp().to_line()).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        let last = LastCheck::read(&file);
+        let start = last.begin_check(&file).expect("a lock file of ours");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"",
+            "no record while checking"
+        );
+        let during = FileStamp {
+            times: [start.0 .0, start.0 .1, start.0 .0, start.0 .1],
+            ..stamp()
+        };
+        last.record(&file, during, start, &path);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"",
+            "changed as the check began"
+        );
+        last.record(&file, stamp(), start, &path);
+        assert_eq!(LastCheck::read(&file).record, Some(stamp()));
     }
 
     #[cfg(unix)]
@@ -280,7 +345,7 @@ mod tests {
         let path = dir.path().join("r.lock");
         std::fs::hard_link(&other, &path).unwrap();
         let file = File::options().read(true).write(true).open(&path).unwrap();
-        LastCheck::read(&file).record(&file, stamp(), &path);
+        check_and_record(&file, stamp(), &path);
         assert_eq!(
             std::fs::read(&other).unwrap(),
             b"",

@@ -349,11 +349,14 @@ impl SqliteStore {
             // A file as the last integrity check left it is not checked again (see
             // `last_check`).
             let last = LastCheck::read(held.file());
-            let before = FileStamp::of(&real);
-            let integrity = if last.covers(before) {
-                Integrity::AsLastChecked
+            let found = FileStamp::of(&real);
+            let (integrity, start, before) = if last.covers(found) {
+                (Integrity::AsLastChecked, None, found)
             } else {
-                Integrity::Check
+                // The file system's clock read before the file is stamped, so that a write
+                // after the stamp shows in the file's times or in the clock's.
+                let start = last.begin_check(held.file());
+                (Integrity::Check, start, FileStamp::of(&real))
             };
             let opened = open_checked(path, &real, deadline, wal_was_there, in_wal, integrity)
                 .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
@@ -386,17 +389,11 @@ impl SqliteStore {
             if made_whole {
                 create::start_log(&conn, &real).map_err(|e| sql_err(path, deadline, e))?;
             }
+            // The file as it was checked in full, if nothing wrote it meanwhile; not after a
+            // checkpoint, which the next open's full check records.
             let trimmed = trim_wal(&conn, &real);
-            // The file as checked, or as this open's own checkpoint left it after checking the
-            // log it copied; nothing where something else wrote it meanwhile, or the log was
-            // not checked, so that the next open checks.
-            let leaves = match (trimmed, integrity) {
-                (false, _) => before,
-                (true, Integrity::Check) => FileStamp::of(&real),
-                (true, Integrity::AsLastChecked) => None,
-            };
-            if let Some(stamp) = leaves.filter(|_| unchanged) {
-                last.record(held.file(), stamp, path);
+            if let (Some(start), Some(stamp), true, false) = (start, before, unchanged, trimmed) {
+                last.record(held.file(), stamp, start, path);
             }
             // The file SQLite has open, anchored by path under the lock (see `Anchor` for why
             // that is no ordinary descriptor).
