@@ -411,3 +411,39 @@ fn a_record_no_later_than_the_files_last_change_does_not_count() {
     }
     assert_eq!(fs::read(&path).unwrap(), damaged, "left as it was");
 }
+
+/// A registry refused for needing a newer reader is left as this open found it, and so is
+/// the record a newer version keeps in its lock file: the integrity check, and the record's
+/// removal before it, come only once the file is known to be one this build may use.
+#[test]
+fn the_lock_file_beside_a_registry_for_newer_versions_is_left_as_it_was() {
+    let (_dir, path) = temp_registry();
+    let range = FIRST + 49..=FIRST + 49;
+    drop(common::open_unprobed(&path, &range));
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("INSERT INTO meta (key, value) VALUES ('min_reader_version', 2);")
+            .unwrap();
+    }
+    let lock = sibling(&path, ".lock");
+    fs::write(&lock, "portdaddy-checked 2 a record of a newer version\n").unwrap();
+    let before = (
+        fs::read(&lock).unwrap(),
+        fs::metadata(&lock).unwrap().modified().unwrap(),
+    );
+    let file = fs::read(&path).unwrap();
+
+    let err = PortDaddy::builder()
+        .path(&path)
+        .range(range)
+        .port_probe(common::all_free)
+        .open()
+        .unwrap_err();
+    assert!(matches!(err, Error::SchemaTooNew { .. }), "{err}");
+    let after = (
+        fs::read(&lock).unwrap(),
+        fs::metadata(&lock).unwrap().modified().unwrap(),
+    );
+    assert_eq!(after, before, "the lock file was written");
+    assert_eq!(fs::read(&path).unwrap(), file);
+}

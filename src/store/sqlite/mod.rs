@@ -346,17 +346,22 @@ impl SqliteStore {
             // An image made whole here is in WAL mode already; a file that appeared meanwhile
             // was not read, and is switched if it needs it.
             let in_wal = vetted.wal || made_whole;
-            // A file as the last integrity check left it is not checked again (see
-            // `last_check`).
+            // A file as the last integrity check left it is not checked again in full (see
+            // `last_check`); decided once the file is known to be a registry this build may
+            // use, so that the lock file beside one it refuses is left as it was.
             let last = LastCheck::read(held.file());
-            let found = FileStamp::of(&real);
-            let (integrity, start, before) = if last.covers(found) {
-                (Integrity::AsLastChecked, None, found)
-            } else {
+            let (mut start, mut before) = (None, None);
+            let integrity = || {
+                let found = FileStamp::of(&real);
+                if last.covers(found) {
+                    before = found;
+                    return Integrity::AsLastChecked;
+                }
                 // The file system's clock read before the file is stamped, so that a write
                 // after the stamp shows in the file's times or in the clock's.
-                let start = last.begin_check(held.file());
-                (Integrity::Check, start, FileStamp::of(&real))
+                start = last.begin_check(held.file());
+                before = FileStamp::of(&real);
+                Integrity::Check
             };
             let opened = open_checked(path, &real, deadline, wal_was_there, in_wal, integrity)
                 .and_then(|conn| paths::check_files(path, &real).map(|()| conn));
@@ -661,15 +666,15 @@ fn busy_timeout(deadline: Deadline) -> Duration {
 /// each only where the file needs it. The caller holds the write lock.
 /// `real` is the registry file with its links resolved; `path` names it in errors.
 /// `wal_was_there` says whether a `-wal` was there before this open made one; `in_wal` that
-/// the file's header, read under the lock, says it is in WAL mode already; `integrity`
-/// whether to check the file's integrity (see `last_check`).
+/// the file's header, read under the lock, says it is in WAL mode already; `integrity` is
+/// asked whether to check the file's integrity in full (see `last_check`).
 fn open_checked(
     path: &Path,
     real: &Path,
     deadline: Deadline,
     wal_was_there: bool,
     in_wal: bool,
-    integrity: Integrity,
+    integrity: impl FnOnce() -> Integrity,
 ) -> Result<Connection> {
     let sql = |e| open_sql_err(path, deadline, e);
     // The links are resolved: a link in the path now was put there since, and is not

@@ -170,12 +170,13 @@ pub(super) fn identify(conn: &Connection, path: &Path, deadline: Deadline) -> Re
 }
 
 /// Read-only checks: is this an empty database or one of ours, that does not demand a newer
-/// reader, intact? Returns its schema version (`user_version`).
+/// reader, intact? Returns its schema version (`user_version`). `integrity` is asked how far
+/// to check the integrity once the file is known to be one this build may use.
 pub(super) fn inspect(
     conn: &Connection,
     path: &Path,
     deadline: Deadline,
-    integrity: Integrity,
+    integrity: impl FnOnce() -> Integrity,
 ) -> Result<u32> {
     let found = identify(conn, path, deadline)?;
     // A newer `user_version` is no reason to refuse (see "Registry format" above); only the
@@ -183,7 +184,9 @@ pub(super) fn inspect(
     if found > 0 {
         check_demands(conn, path, deadline)?;
     }
-    let checks: &[&str] = match integrity {
+    // Asked only of a registry of ours that this build may use: one refused above is left
+    // as it was, its lock file too.
+    let checks: &[&str] = match integrity() {
         Integrity::Check => {
             tracing::debug!(path = %path.display(),
                 "checking the integrity of the registry file in full");
@@ -375,7 +378,7 @@ mod tests {
         let newer = MIGRATIONS.len() as i64 + 3;
         conn.pragma_update(None, "user_version", newer).unwrap();
         let deadline = Deadline::after(Duration::from_secs(5));
-        inspect(&conn, Path::new("memory"), deadline, Integrity::Check).unwrap();
+        inspect(&conn, Path::new("memory"), deadline, || Integrity::Check).unwrap();
         migrate(&mut conn).unwrap();
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -395,7 +398,7 @@ mod tests {
                 params![MIN_READER_KEY, generation],
             )
             .unwrap();
-            inspect(&conn, Path::new("memory"), deadline, Integrity::Check)
+            inspect(&conn, Path::new("memory"), deadline, || Integrity::Check)
         };
         mark(i64::from(READER_GENERATION)).unwrap();
         let err = mark(i64::from(READER_GENERATION) + 1).unwrap_err();
