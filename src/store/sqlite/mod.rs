@@ -29,9 +29,10 @@
 //!    `0600` and built in place by step 3, as an existing empty file is.
 //! 3. The database is inspected read-only: it must be empty (new) or carry our
 //!    `application_id`; its `min_reader_version` (see `schema`: "Registry format") must not
-//!    be above the generation this build reads; `PRAGMA quick_check` must pass, unless the
-//!    file is as the last open that checked it left it (see `last_check`: the lock file records
-//!    the file's identity, size and change times, and any write moves them). Only then
+//!    be above the generation this build reads; `PRAGMA quick_check` must pass, or only its
+//!    check of the tables of leases and reserved ports where the file is as the last full
+//!    check found it (see `last_check`: the lock file records the file's identity, size and
+//!    change times, and any write moves them). Only then
 //!    is anything written, and only what the file needs: WAL mode, unless the file's header
 //!    said so already when step 1 read it under the lock, with no rollback journal beside
 //!    it (only a switch, which every process of ours makes under the lock, changes it, or a
@@ -106,10 +107,9 @@
 //!
 //! `schema` holds the migrations and the format policy (see its docs: "Registry format"),
 //! `last_check` the record of the last integrity check, `create` the creation of a missing
-//! registry in one step,
-//! `vet` the checks of a file before SQLite opens it (shared by the store and the
-//! examination), `tx` the transaction, `examine` the read-only examination behind
-//! `PortDaddy::diagnose`; this file the store and its open sequence.
+//! registry in one step, `vet` the checks of a file before SQLite opens it (shared by the
+//! store and the examination), `tx` the transaction, `examine` the read-only examination
+//! behind `PortDaddy::diagnose`; this file the store and its open sequence.
 
 mod create;
 mod examine;
@@ -163,8 +163,7 @@ pub(crate) struct SqliteStore {
     /// Tells whether the registry file the connection has open was deleted or replaced.
     anchor: Anchor,
     /// Tells whether the `-shm` index of the write-ahead log that the connection has mapped
-    /// was deleted or replaced (see [`shm_gone`]); `None` if there was
-    /// none to anchor.
+    /// was deleted or replaced (see [`shm_gone`]); `None` if there was none to anchor.
     shm: Option<Anchor>,
     /// How the store was opened, to open the path again if its file is replaced.
     shared_tmp: bool,
