@@ -33,8 +33,8 @@ use std::process::Command;
 
 use crate::common;
 use crate::common::held::{
-    create_and_say, deadline, expect_pid, in_new_mount_namespace, in_syscall, names_in, strace,
-    under_strace, wait_until, DEADLINE,
+    create_and_say, deadline, expect_pid, in_syscall, names_in, on_small_tmpfs, small_tmpfs_dir,
+    started, strace, under_strace, wait_until, DEADLINE,
 };
 use crate::common::workers::{parse_range, say, var, Worker, MODE, RANGE, REGISTRY};
 
@@ -315,27 +315,17 @@ fn creating_in_a_read_only_directory_is_an_open_error_and_leaves_nothing() {
 /// but the lock file. A small `tmpfs` mounted in a mount namespace of the worker's own.
 #[test]
 fn creating_on_a_full_filesystem_is_an_open_error_and_leaves_nothing() {
-    if !common::is_root() {
-        println!("skipped: needs root to mount a small tmpfs");
+    let Some((_tmp, dir, path)) = small_tmpfs_dir() else {
+        return;
+    };
+    let mut creator = spawn_creator(
+        "creator on a full tmpfs",
+        &path,
+        on_small_tmpfs(SMALL_TMPFS, &dir),
+    );
+    if !started(&creator) {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("small");
-    fs::create_dir(&dir).unwrap();
-    let path = dir.join("registry.sqlite3");
-    let mut creator = spawn_creator("creator on a full tmpfs", &path, |c| {
-        in_new_mount_namespace(c);
-        c.env(SMALL_TMPFS, &dir);
-    });
-    let first = creator
-        .lines
-        .recv_timeout(DEADLINE)
-        .unwrap_or_else(|_| "nothing".into());
-    if let Some(why) = first.strip_prefix("SKIP ") {
-        println!("skipped: {why}");
-        return;
-    }
-    assert!(first.starts_with("PID "), "{first}");
     creator.send("go");
     let result = creator.expect_line("a result", deadline());
     assert!(result.starts_with("ERR Open "), "{result}");

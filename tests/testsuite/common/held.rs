@@ -63,6 +63,45 @@ pub fn in_new_mount_namespace(command: &mut Command) {
     super::run_through(command, "unshare", ["-m", "--propagation", "private"]);
 }
 
+/// A directory for a small tmpfs that a worker mounts over it (see [`create_and_say`]), in a
+/// temporary directory, and the registry path in it; `None`, saying so, where this process
+/// is not root and so cannot mount one.
+pub fn small_tmpfs_dir() -> Option<(tempfile::TempDir, PathBuf, PathBuf)> {
+    if !super::is_root() {
+        println!("skipped: needs root to mount a small tmpfs");
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("small");
+    fs::create_dir(&dir).unwrap();
+    let path = dir.join("registry.sqlite3");
+    Some((tmp, dir, path))
+}
+
+/// What makes a worker of [`create_and_say`] mount its small tmpfs at `dir` first, in a mount
+/// namespace of its own: `small_tmpfs` is the worker's variable that names the directory.
+pub fn on_small_tmpfs<'a>(small_tmpfs: &'a str, dir: &'a Path) -> impl FnOnce(&mut Command) + 'a {
+    move |command| {
+        in_new_mount_namespace(command);
+        command.env(small_tmpfs, dir);
+    }
+}
+
+/// Whether a worker of [`create_and_say`] started: its first line is `PID <pid>`. `false`,
+/// saying why, when it could not mount its tmpfs (`SKIP …`).
+pub fn started(worker: &Worker) -> bool {
+    let first = worker
+        .lines
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| "nothing".into());
+    if let Some(why) = first.strip_prefix("SKIP ") {
+        println!("skipped: {why}");
+        return false;
+    }
+    assert!(first.starts_with("PID "), "{first}");
+    true
+}
+
 /// Runs `command` under `strace` (found by [`strace`]) with `args`, following its threads
 /// and children, writing what it traces to `log` (or nowhere).
 pub fn under_strace<S: AsRef<OsStr>>(
