@@ -33,14 +33,11 @@ use portdaddy::Error;
 use crate::common;
 use crate::common::held::{
     create_and_say, deadline, expect_pid, in_syscall, names_in, on_small_tmpfs, small_tmpfs_dir,
-    started, strace, under_strace, wait_until, DEADLINE,
+    started, strace, under_strace, wait_until, DEADLINE, NOBODY,
 };
 use crate::common::workers::{parse_range, say, var, Worker, MODE, RANGE, REGISTRY};
 
 const RANGE_USED: RangeInclusive<u16> = 33350..=33399;
-
-/// A uid that no file of the tests belongs to (`nobody` on most systems).
-const NOBODY: u32 = 65534;
 
 // ---------------------------------------------------------------------------------------------
 // A file put at the path while a creator holds the lock

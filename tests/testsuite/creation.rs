@@ -34,14 +34,11 @@ use std::process::Command;
 use crate::common;
 use crate::common::held::{
     create_and_say, deadline, expect_pid, in_syscall, names_in, on_small_tmpfs, small_tmpfs_dir,
-    started, strace, under_strace, wait_until, DEADLINE,
+    started, strace, under_strace, wait_until, DEADLINE, NOBODY,
 };
 use crate::common::workers::{parse_range, say, var, Worker, MODE, RANGE, REGISTRY};
 
 const RANGE_USED: RangeInclusive<u16> = 33200..=33249;
-
-/// A uid that no file of the tests belongs to (`nobody` on most systems).
-const NOBODY: u32 = 65534;
 
 // ---------------------------------------------------------------------------------------------
 // A registry created by one process, and by several at once
@@ -168,12 +165,7 @@ fn a_creator_waits_for_an_older_version_creating_under_the_lock_and_uses_its_fil
 fn a_creator_killed_before_its_rename_leaves_no_registry_and_the_next_cleans_up() {
     let Some(strace) = strace() else { return };
     let (_dir, path) = common::temp_registry();
-    let mut creator = spawn_creator("creator", &path, |c| {
-        stop_at_rename(c, &strace, "delay_enter")
-    });
-    let pid = expect_pid(&creator);
-    creator.send("go");
-    wait_until("the creator stops at its rename", || at_rename(pid));
+    let (mut creator, pid) = stopped_at_rename(&path, &strace);
     // Its file, written and synced: unnamed (on Linux), or named and left behind.
     let left = leftovers(&path);
     assert!(left.len() <= 1, "{left:?}");
@@ -343,12 +335,7 @@ fn the_directory_removed_before_the_rename_is_an_open_error() {
     let dir = tmp.path().join("going");
     fs::create_dir(&dir).unwrap();
     let path = dir.join("registry.sqlite3");
-    let mut creator = spawn_creator("creator", &path, |c| {
-        stop_at_rename(c, &strace, "delay_enter")
-    });
-    let pid = expect_pid(&creator);
-    creator.send("go");
-    wait_until("the creator stops at its rename", || at_rename(pid));
+    let (creator, _) = stopped_at_rename(&path, &strace);
     fs::remove_dir_all(&dir).unwrap();
     // Killing strace lets the creator go on with its rename.
     creator.signal(libc::SIGKILL);
@@ -366,12 +353,7 @@ fn the_directory_removed_before_the_rename_is_an_open_error() {
 fn a_file_planted_at_the_path_before_the_rename_wins_and_is_left_untouched() {
     let Some(strace) = strace() else { return };
     let (_dir, path) = common::temp_registry();
-    let mut creator = spawn_creator("creator", &path, |c| {
-        stop_at_rename(c, &strace, "delay_enter")
-    });
-    let pid = expect_pid(&creator);
-    creator.send("go");
-    wait_until("the creator stops at its rename", || at_rename(pid));
+    let (creator, _) = stopped_at_rename(&path, &strace);
     fs::write(&path, b"planted, not a registry").unwrap();
     creator.signal(libc::SIGKILL);
     let result = creator.expect_line("a result", deadline());
@@ -505,6 +487,19 @@ fn kill(pid: u32) {
     unsafe {
         libc::kill(libc::pid_t::try_from(pid).unwrap(), libc::SIGKILL);
     }
+}
+
+/// A creator of the registry at `path`, let go and held by `strace` just before the step
+/// that names the new registry (see [`stop_at_rename`]), with its pid.
+#[track_caller]
+fn stopped_at_rename(path: &Path, strace: &Path) -> (Worker, u32) {
+    let mut creator = spawn_creator("creator", path, |c| {
+        stop_at_rename(c, strace, "delay_enter")
+    });
+    let pid = expect_pid(&creator);
+    creator.send("go");
+    wait_until("the creator stops at its rename", || at_rename(pid));
+    (creator, pid)
 }
 
 /// Whether a thread of process `pid` is at the step that names the new registry.

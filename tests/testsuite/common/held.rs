@@ -13,6 +13,9 @@ use super::workers::Worker;
 /// How long any wait on a worker or a condition may take.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// A uid that no file of the tests belongs to (`nobody` on most systems).
+pub const NOBODY: u32 = 65534;
+
 pub fn deadline() -> Instant {
     Instant::now() + DEADLINE
 }
