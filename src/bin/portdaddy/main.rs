@@ -85,6 +85,9 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// A call is a process of its own, often one per port: only the subcommand given has its
+// arguments built before parsing (help and completions build them all).
+#[command(defer = true)]
 enum Command {
     /// Leases a port and prints it. The lease belongs to the calling process (the shell or
     /// script that runs this command), or to --pid, and ends when that process exits.
