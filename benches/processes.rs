@@ -29,6 +29,11 @@
 //!   directory and this repository's `Cargo.lock`, so that both use the versions it pins;
 //!   and beside them the floor of any crate built on bundled SQLite: the same crate with only
 //!   `rusqlite` (feature `bundled`) as its dev-dependency.
+//! - *test process* (`--build`): the test those builds made, run as nextest runs each test
+//!   (`<test binary> --exact port`, a process of its own) with the dev profile they were
+//!   built with, portdaddy's ÷ portpicker's: what a test that takes a port pays in a crate
+//!   that uses either, unoptimised as a test build is. Timed as the whole processes are,
+//!   after the last builds.
 //!
 //! It first builds what it runs (`cargo build --release --features cli --example one_claim
 //! --example one_pick --example one_sqlite --bin portdaddy`). The claims come from ports
@@ -315,17 +320,34 @@ fn scratch_crate(dir: &Path, dependency: &str, use_it: &str) {
     .unwrap();
 }
 
+/// A clean `cargo build --tests` of the scratch crate at `dir`; how long it took. What it
+/// built stays until the next build of the crate (see [`test_binary`]).
 fn cold_build(dir: &Path) -> Duration {
     let target = dir.join("target");
     let _ = std::fs::remove_dir_all(&target);
-    let took = time(
+    time(
         cargo()
             .current_dir(dir)
             .env("CARGO_TARGET_DIR", &target)
             .args(["build", "--tests", "--offline", "--quiet"]),
-    );
-    let _ = std::fs::remove_dir_all(&target);
-    took
+    )
+}
+
+/// The test binary of `tests/port.rs` that the last [`cold_build`] of the scratch crate at
+/// `dir` made (`target/debug/deps/port-<hash>`).
+fn test_binary(dir: &Path) -> PathBuf {
+    let deps = dir.join("target").join("debug").join("deps");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&deps)
+        .unwrap_or_else(|e| panic!("read {}: {e}", deps.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("port-") && !n.contains('.'))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one test binary in {}", deps.display());
+    found.pop().unwrap()
 }
 
 fn builds(options: &Options) {
@@ -374,6 +396,51 @@ fn builds(options: &Options) {
          portpicker = {:.2}×",
         a.as_secs_f64() / b.as_secs_f64(),
         c.as_secs_f64() / b.as_secs_f64()
+    );
+    test_processes(
+        options,
+        &test_binary(&ours),
+        &test_binary(&theirs),
+        dir.path(),
+    );
+}
+
+/// Times the scratch crates' tests as nextest runs them, one process per test, portdaddy's
+/// and portpicker's batches in turn.
+fn test_processes(options: &Options, ours: &Path, theirs: &Path, dir: &Path) {
+    let db = dir.join("tests.sqlite3");
+    let run = |binary: &Path| {
+        let mut c = Command::new(binary);
+        c.args(["--exact", "port"])
+            .env("PORTDADDY_DB", &db)
+            .env("PORTDADDY_RANGE", RANGE);
+        c
+    };
+    // The registry is created, and its claim made once, before timing.
+    time(&mut run(ours));
+    let load_before = load_average();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..options.runs {
+        for (binary, means) in [(theirs, &mut b), (ours, &mut a)] {
+            let mut total = Duration::ZERO;
+            for _ in 0..options.batch {
+                total += time(&mut run(binary));
+            }
+            means.push(total / options.batch as u32);
+        }
+    }
+    let load_after = load_average();
+    let (a, b) = (median(a), median(b));
+    println!(
+        "\ntest processes (dev profile, `<test binary> --exact port`): {} runs of {} in a row \
+         each, median of the runs' means; load average {load_before} before, {load_after} after",
+        options.runs, options.batch
+    );
+    println!("  with portdaddy         {:>9.3} ms", ms(a));
+    println!("  with portpicker        {:>9.3} ms", ms(b));
+    println!(
+        "test process: portdaddy's ÷ portpicker's = {:.2}×",
+        a.as_secs_f64() / b.as_secs_f64()
     );
 }
 
