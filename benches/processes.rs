@@ -9,7 +9,10 @@
 //!
 //! Options: `--runs N` (default 7) batches of `--batch N` (default 50) processes in a row for
 //! each program; the figure is the median over the runs of a batch's mean. `--build-runs N`
-//! (default 1) clean builds of each scratch crate for `--build`.
+//! (default 1) clean builds of each scratch crate for `--build`. `--config KEY=VALUE`
+//! (repeatable) is passed to cargo for the build of the crate with portdaddy only, to weigh
+//! what a user's own profile settings trade between the build and each test, e.g.
+//! `--config profile.dev.package.libsqlite3-sys.opt-level=2`.
 //!
 //! - *per process*: `examples/one_claim.rs` (calls `portdaddy::acquire` once and drops the
 //!   guard) ÷ `examples/one_pick.rs` (calls `portpicker::pick_unused_port()` once), both on a
@@ -51,6 +54,8 @@ struct Options {
     batch: usize,
     build: bool,
     build_runs: usize,
+    /// `--config` arguments for cargo, for the scratch crate with portdaddy.
+    configs: Vec<String>,
 }
 
 fn options() -> Options {
@@ -59,6 +64,7 @@ fn options() -> Options {
         batch: 50,
         build: false,
         build_runs: 1,
+        configs: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -73,6 +79,10 @@ fn options() -> Options {
             "--batch" => options.batch = number("--batch"),
             "--build-runs" => options.build_runs = number("--build-runs"),
             "--build" => options.build = true,
+            "--config" => options.configs.push(
+                args.next()
+                    .unwrap_or_else(|| panic!("--config takes KEY=VALUE, as cargo's does")),
+            ),
             // What `cargo bench` passes to every bench.
             "--bench" => {}
             other => panic!("unknown option {other:?}; see benches/processes.rs"),
@@ -320,17 +330,21 @@ fn scratch_crate(dir: &Path, dependency: &str, use_it: &str) {
     .unwrap();
 }
 
-/// A clean `cargo build --tests` of the scratch crate at `dir`; how long it took. What it
-/// built stays until the next build of the crate (see [`test_binary`]).
-fn cold_build(dir: &Path) -> Duration {
+/// A clean `cargo build --tests` of the scratch crate at `dir`, with `configs` as cargo
+/// `--config` arguments; how long it took. What it built stays until the next build of the
+/// crate (see [`test_binary`]).
+fn cold_build(dir: &Path, configs: &[String]) -> Duration {
     let target = dir.join("target");
     let _ = std::fs::remove_dir_all(&target);
-    time(
-        cargo()
-            .current_dir(dir)
-            .env("CARGO_TARGET_DIR", &target)
-            .args(["build", "--tests", "--offline", "--quiet"]),
-    )
+    let mut command = cargo();
+    command
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .args(["build", "--tests", "--offline", "--quiet"]);
+    for config in configs {
+        command.args(["--config", config]);
+    }
+    time(&mut command)
 }
 
 /// The test binary of `tests/port.rs` that the last [`cold_build`] of the scratch crate at
@@ -377,9 +391,9 @@ fn builds(options: &Options) {
     let load_before = load_average();
     let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..options.build_runs {
-        b.push(cold_build(&theirs));
-        a.push(cold_build(&ours));
-        c.push(cold_build(&floor));
+        b.push(cold_build(&theirs, &[]));
+        a.push(cold_build(&ours, &options.configs));
+        c.push(cold_build(&floor, &[]));
     }
     let load_after = load_average();
     let (a, b, c) = (median(a), median(b), median(c));
@@ -388,6 +402,9 @@ fn builds(options: &Options) {
          before, {load_after} after",
         options.build_runs
     );
+    for config in &options.configs {
+        println!("  (the crate with portdaddy built with --config {config})");
+    }
     println!("  with portdaddy         {:>7.1} s", a.as_secs_f64());
     println!("  with portpicker        {:>7.1} s", b.as_secs_f64());
     println!("  with rusqlite (bundled) {:>6.1} s", c.as_secs_f64());
