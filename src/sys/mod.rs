@@ -11,6 +11,9 @@
 //! - `sockets.rs`: Linux only, which processes have a socket bound on a port, read from
 //!   `/proc` (plain file reads); elsewhere [`socket_holders`] says it cannot tell.
 //! - `portable.rs`: the process query through `sysinfo`, for every platform but Linux.
+//! - `wal_index.rs`: Linux only, the blocks of SQLite's mapped index of the write-ahead log
+//!   (`-shm`) allocated before SQLite stores into them, through SQLite's C interface;
+//!   elsewhere [`allocate_wal_index`] leaves the connection as it is.
 //! - `unsupported.rs`: every other platform. It compiles everywhere and gives the answer
 //!   that keeps the rest safe: no evidence (`None`) where a question cannot be asked, which
 //!   the liveness rule turns into "keep the lease", or an [`io::ErrorKind::Unsupported`]
@@ -54,6 +57,18 @@ pub(crate) struct SocketOwner {
     pub(crate) pid: Option<u32>,
     /// Its command line, where it can be read.
     pub(crate) command: Option<String>,
+}
+
+#[cfg(target_os = "linux")]
+mod wal_index;
+#[cfg(target_os = "linux")]
+pub(crate) use wal_index::allocate_wal_index;
+
+/// Elsewhere SQLite's index of the write-ahead log is mapped as SQLite maps it (see
+/// `wal_index.rs`): `false`, the connection left as it is.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn allocate_wal_index(_conn: &rusqlite::Connection) -> bool {
+    false
 }
 
 // Processes where there is no Linux `/proc`: `sysinfo`, which Linux builds need not compile.

@@ -43,4 +43,6 @@ mod processes;
 mod registry_files;
 mod replaced;
 mod reserved;
+#[cfg(all(target_os = "linux", feature = "cli"))]
+mod small_blocks;
 mod sys;

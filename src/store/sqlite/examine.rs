@@ -50,6 +50,8 @@ pub(crate) fn examine(path: &Path, timeout: Duration) -> Result<Examination> {
     let in_use = sibling(path, "-wal").exists();
     let uri = uri_of(path, !in_use);
     let mut conn = Connection::open_with_flags(&uri, flags).map_err(sql)?;
+    // As the store's open does: a full disk fails the examination, it kills no process.
+    crate::sys::allocate_wal_index(&conn);
     conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
     let schema_found = identify(&conn, path, deadline)?;
     let journal_mode: String = if in_use {

@@ -682,6 +682,9 @@ fn open_checked(
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_NOFOLLOW;
     let mut conn = Connection::open_with_flags(real, flags).map_err(sql)?;
+    // Before SQLite first maps the index of the log: on a full disk a map fails with an
+    // error rather than a `SIGBUS` (see `sys::allocate_wal_index`).
+    crate::sys::allocate_wal_index(&conn);
     conn.busy_timeout(busy_timeout(deadline)).map_err(sql)?;
     // Closing a connection checkpoints the log into the file: not before the file is known
     // to be ours. An empty `-wal` this open made (in a directory open to others) has nothing

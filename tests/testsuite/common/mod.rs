@@ -39,6 +39,7 @@
 //! | open_cost.rs        | 33250-33299   |
 //! | contention.rs       | 33300-33349; binds and probes no port |
 //! | create_attack.rs    | 33350-33399; binds and probes no port |
+//! | small_blocks.rs     | 33400-33449   |
 //! | default_registry.rs | the default range (15000-32767 on a stock Linux); one port |
 //! | other examples      | the default range (15000-32767 on a stock Linux), in temp registries or the per-user default one; CI runs them before the tests |
 //! | benches             | 40000-59999 (and `examples/new_names.rs`: 42000-55999; not run in CI) |
